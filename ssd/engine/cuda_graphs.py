@@ -1,0 +1,68 @@
+"""CUDA graphs of the model forward, one per (batch bucket, tokens per row), captured once at start-up.
+
+Rows beyond the real batch are ghost rows: they compute on free slots (the scheduler keeps the
+live sequences in the leading slots) and their outputs are ignored."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ssd.engine.model_runner import ModelRunner
+    from ssd.engine.runner_config import RunnerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CapturedForward:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor   # [Bb, T]
+    positions: torch.Tensor   # [Bb, T]
+    logits: torch.Tensor      # [Bb, T, V]
+
+
+class GraphPool:
+    def __init__(self, runner: "ModelRunner", cfg: "RunnerConfig"):
+        self.runner = runner
+        self.buckets = sorted(b for b in cfg.graph_batch_sizes if b <= cfg.num_slots)
+        self.widths = sorted({1, *cfg.window_sizes})
+        self.pool = None
+        self.graphs: dict[tuple[int, int], CapturedForward] = {}
+        for width in self.widths:
+            for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
+                self.graphs[bucket, width] = self._capture(bucket, width)
+        log.info("captured %d CUDA graphs (batch buckets %s, widths %s)", len(self.graphs), self.buckets, self.widths)
+
+    def bucket_for(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def has(self, batch: int, width: int) -> bool:
+        bucket = self.bucket_for(batch)
+        return bucket is not None and (bucket, width) in self.graphs
+
+    @torch.inference_mode()
+    def _capture(self, bucket: int, width: int) -> CapturedForward:
+        device = self.runner.device
+        ids = torch.zeros((bucket, width), dtype=torch.int64, device=device)
+        pos = torch.arange(width, device=device).expand(bucket, width).contiguous()
+        for _ in range(2):  # warm-up (also triggers torch.compile) on a side stream, as capture requires
+            self.runner.run_forward(ids, pos, None)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.runner.run_forward(ids, pos, None)
+        self.pool = graph.pool()
+        return CapturedForward(graph, ids, pos, logits)
+
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        batch, width = input_ids.shape
+        g = self.graphs[self.bucket_for(batch), width]
+        g.input_ids[:batch].copy_(input_ids)
+        g.positions[:batch].copy_(positions)
+        g.positions[batch:].zero_()
+        g.graph.replay()
+        return g.logits[:batch]

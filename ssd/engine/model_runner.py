@@ -1,0 +1,128 @@
+"""Runs one model shard: builds it, owns its KV cache, executes forwards (eager or CUDA-graph replay).
+
+In a tensor-parallel group, rank 0 calls the public methods; every call is first broadcast as a
+small command so the other ranks (in `serve_commands`) execute the same forward in lockstep."""
+from __future__ import annotations
+
+import logging
+import torch
+
+from ssd.distributed.tp_group import TPGroup
+from ssd.engine.cuda_graphs import GraphPool
+from ssd.engine.kv_cache import KVCache
+from ssd.engine.runner_config import RunnerConfig
+from ssd.layers.attention import ForwardContext, causal_mask
+from ssd.loading.checkpoint import load_checkpoint
+from ssd.loading.random_weights import init_random_weights
+from ssd.models.decoder import CausalLM
+from ssd.models.model_config import ModelArch
+from ssd.models.presets import is_preset, preset_arch
+
+log = logging.getLogger(__name__)
+
+OP_FORWARD, OP_MOVE_SLOT, OP_STOP = 1, 2, 3
+HEADER_LEN = 5
+
+
+def load_arch(cfg: RunnerConfig) -> ModelArch:
+    return preset_arch(cfg.model) if is_preset(cfg.model) else ModelArch.from_checkpoint(cfg.model)
+
+
+def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
+    with torch.device(device), _default_dtype(cfg.dtype):
+        model = CausalLM(arch, tp, max_positions=cfg.max_len)
+    if cfg.random_weights or is_preset(cfg.model):
+        init_random_weights(model, cfg.seed, tp.rank)
+    else:
+        load_checkpoint(model, cfg.model)
+    return model.eval()
+
+
+class _default_dtype:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.saved = dtype, None
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.saved)
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig, tp: TPGroup):
+        self.cfg, self.tp = cfg, tp
+        self.device = cfg.device_for(tp.rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.arch = load_arch(cfg)
+        self.arch.check_tensor_parallel(tp.size)
+        self.model = build_model(cfg, self.arch, tp, self.device)
+        self.kv = KVCache(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype, self.device)
+        self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self.graphs = GraphPool(self, cfg) if cfg.use_cuda_graphs else None
+
+    # ---- the forward itself (identical on every rank) ----
+    @torch.inference_mode()
+    def run_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                    logits_index: torch.Tensor | None, first_slot: int = 0) -> torch.Tensor:
+        """input_ids/positions [B, T] for slots first_slot..first_slot+B-1; logits_index [B] picks
+        one position per row (None: all). Returns logits [B, V] or [B, T, V] (float32)."""
+        ctx = ForwardContext(positions, causal_mask(positions, self.cfg.max_len), self.kv.k, self.kv.v,
+                             first_slot)
+        hidden = self.model(input_ids, ctx)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
+        return self.model.compute_logits(hidden).float()
+
+    def _forward_any(self, input_ids, positions, logits_index, first_slot):
+        if (self.graphs is not None and logits_index is None and first_slot == 0
+                and self.graphs.has(*input_ids.shape)):
+            return self.graphs.replay(input_ids, positions)
+        return self.run_forward(input_ids, positions, logits_index, first_slot)
+
+    # ---- rank-0 API ----
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                logits_index: torch.Tensor | None = None, first_slot: int = 0) -> torch.Tensor:
+        input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+        if logits_index is not None:
+            logits_index = logits_index.to(self.device)
+        self._announce(OP_FORWARD, *input_ids.shape, int(logits_index is not None), first_slot)
+        self._share(input_ids, positions, logits_index)
+        return self._forward_any(input_ids, positions, logits_index, first_slot)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self._announce(OP_MOVE_SLOT, src, dst, length)
+        self.kv.move_slot(src, dst, length)
+
+    def stop_workers(self) -> None:
+        self._announce(OP_STOP)
+
+    # ---- command broadcast ----
+    def _announce(self, op: int, *args: int) -> None:
+        if self.tp.size == 1:
+            return
+        values = [op, *args] + [0] * (HEADER_LEN - 1 - len(args))
+        self.header.copy_(torch.tensor(values, dtype=torch.int64))
+        self.tp.broadcast_from_first(self.header)
+
+    def _share(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None:
+                self.tp.broadcast_from_first(t)
+
+    def serve_commands(self) -> None:
+        """Loop of ranks > 0: execute rank 0's commands until OP_STOP."""
+        while True:
+            op, a, b, c, d = self.tp.broadcast_from_first(self.header).tolist()
+            if op == OP_STOP:
+                return
+            if op == OP_MOVE_SLOT:
+                self.kv.move_slot(a, b, c)
+                continue
+            ids = torch.empty((a, b), dtype=torch.int64, device=self.device)
+            pos = torch.empty_like(ids)
+            index = torch.empty(a, dtype=torch.int64, device=self.device) if c else None
+            self._share(ids, pos, index)
+            self._forward_any(ids, pos, index, d)

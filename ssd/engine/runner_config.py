@@ -1,0 +1,39 @@
+"""Everything a model-runner process needs to build its shard (picklable, sent whole to every rank)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class RunnerConfig:
+    model: str                        # checkpoint directory or random-weights preset name
+    random_weights: bool = False
+    device_type: str = "cpu"          # "cpu" | "cuda"
+    first_gpu: int = 0                # rank r uses cuda:(first_gpu + r)
+    tp_size: int = 1
+    dtype: torch.dtype = torch.float32
+    num_slots: int = 16               # max sequences resident at once
+    max_len: int = 2048               # per-sequence KV capacity (prompt + output + speculation slack)
+    window_sizes: tuple[int, ...] = ()  # multi-token forward widths to capture (1+K for verification)
+    enforce_eager: bool = False
+    compile: bool = True
+    seed: int = 0
+    timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
+    graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
+
+    def __post_init__(self):
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device_type!r}")
+        if self.tp_size < 1:
+            raise ValueError("tensor parallel size must be >= 1")
+        if self.num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+
+    def device_for(self, rank: int) -> torch.device:
+        return torch.device("cuda", self.first_gpu + rank) if self.device_type == "cuda" else torch.device("cpu")
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.device_type == "cuda" and not self.enforce_eager

@@ -1,0 +1,38 @@
+"""Tiny random Hugging Face models of each supported family, saved as real checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              bos_token_id=1, eos_token_id=2)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON, head_dim=16, rope_theta=500000.0, tie_word_embeddings=False,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 64}),
+    "qwen2": lambda: Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=True),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+
+
+def make_checkpoint(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    cfg = FAMILIES[family]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # HF zero-inits some biases/norms; randomise so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
+            else:
+                p.normal_(0, 0.5 * p.shape[-1] ** -0.5 * 4)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
