@@ -10,20 +10,20 @@ COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               bos_token_id=1, eos_token_id=2)
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
 FAMILIES = {
-    "llama": lambda: LlamaConfig(**COMMON, head_dim=16, rope_theta=500000.0, tie_word_embeddings=False,
-                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 64}),
-    "qwen2": lambda: Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=True),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=False),
+    "llama": (LlamaConfig, dict(head_dim=16, rope_theta=500000.0, tie_word_embeddings=False,
+                                rope_scaling=LLAMA3_SCALING)),
+    "qwen2": (Qwen2Config, dict(rope_theta=10000.0, tie_word_embeddings=True)),
+    "qwen3": (Qwen3Config, dict(head_dim=16, rope_theta=1000000.0, tie_word_embeddings=False)),
 }
 
 
 def make_checkpoint(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
-    cfg = FAMILIES[family]()
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+    config_class, family_kwargs = FAMILIES[family]
+    cfg = config_class(**{**COMMON, **family_kwargs, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # HF zero-inits some biases/norms; randomise so every weight matters

@@ -52,6 +52,11 @@ def init_with_store(host: str, port: int, rank: int, size: int, device_type: str
     return TPGroup(rank, size, None)
 
 
+def share_cpu_threads(group_size: int) -> None:
+    """Ranks on one host split its cores: oversubscribed OpenMP threads spin and crawl."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // group_size))
+
+
 @dataclass
 class SpawnedGroup:
     """Rank 0's handle on the group it started: its own TPGroup plus the worker processes."""
@@ -76,6 +81,7 @@ def spawn_group(size: int, device_type: str, timeout_s: float,
     """Spawn ranks 1..size-1 running worker_main(tp, *worker_args); rank 0 (caller) joins the group."""
     if size == 1:
         return SpawnedGroup(TPGroup())
+    share_cpu_threads(size)
     host = "127.0.0.1"
     store = dist.TCPStore(host, 0, size, is_master=True, timeout=timedelta(seconds=timeout_s),
                           wait_for_workers=False)
@@ -92,7 +98,7 @@ def spawn_group(size: int, device_type: str, timeout_s: float,
 
 def _worker_entry(host, port, rank, size, device_type, timeout_s, worker_main, worker_args) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [tp{rank}] %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    share_cpu_threads(size)
     tp = init_with_store(host, port, rank, size, device_type, timeout_s)
     try:
         worker_main(tp, *worker_args)

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(8, limit.bit_length() + 1)] + [limit]
+
+
 @dataclass
 class CapturedForward:
     graph: torch.cuda.CUDAGraph
@@ -30,37 +34,40 @@ class GraphPool:
         self.runner = runner
         self.buckets = sorted(b for b in cfg.graph_batch_sizes if b <= cfg.num_slots)
         self.widths = sorted({1, *cfg.window_sizes})
+        self.attend_lens = sorted({runner.attend_bucket(n) for n in _powers_of_two(runner.max_len)})
         self.pool = None
-        self.graphs: dict[tuple[int, int], CapturedForward] = {}
-        for width in self.widths:
-            for bucket in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
-                self.graphs[bucket, width] = self._capture(bucket, width)
-        log.info("captured %d CUDA graphs (batch buckets %s, widths %s)", len(self.graphs), self.buckets, self.widths)
+        self.graphs: dict[tuple[int, int, int], CapturedForward] = {}
+        for attend_len in reversed(self.attend_lens):  # largest first: smaller graphs reuse its memory
+            for width in reversed(self.widths):
+                for bucket in reversed(self.buckets):
+                    self.graphs[bucket, width, attend_len] = self._capture(bucket, width, attend_len)
+        log.info("captured %d CUDA graphs (batch buckets %s, widths %s, attention lengths %s)",
+                 len(self.graphs), self.buckets, self.widths, self.attend_lens)
 
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def has(self, batch: int, width: int) -> bool:
+    def has(self, batch: int, width: int, attend_len: int) -> bool:
         bucket = self.bucket_for(batch)
-        return bucket is not None and (bucket, width) in self.graphs
+        return bucket is not None and (bucket, width, attend_len) in self.graphs
 
     @torch.inference_mode()
-    def _capture(self, bucket: int, width: int) -> CapturedForward:
+    def _capture(self, bucket: int, width: int, attend_len: int) -> CapturedForward:
         device = self.runner.device
         ids = torch.zeros((bucket, width), dtype=torch.int64, device=device)
         pos = torch.arange(width, device=device).expand(bucket, width).contiguous()
-        for _ in range(2):  # warm-up (also triggers torch.compile) on a side stream, as capture requires
-            self.runner.run_forward(ids, pos, None)
+        for _ in range(2):  # warm-up (also triggers torch.compile) before capture
+            self.runner.run_forward(ids, pos, None, 0, attend_len)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.runner.run_forward(ids, pos, None)
+            logits = self.runner.run_forward(ids, pos, None, 0, attend_len)
         self.pool = graph.pool()
         return CapturedForward(graph, ids, pos, logits)
 
-    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, attend_len: int) -> torch.Tensor:
         batch, width = input_ids.shape
-        g = self.graphs[self.bucket_for(batch), width]
+        g = self.graphs[self.bucket_for(batch), width, attend_len]
         g.input_ids[:batch].copy_(input_ids)
         g.positions[:batch].copy_(positions)
         g.positions[batch:].zero_()

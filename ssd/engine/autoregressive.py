@@ -1,0 +1,92 @@
+"""Autoregressive decoding with continuous batching: admit (prefill) → decode step → retire."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.sampler import SamplingTensors, sample
+from ssd.engine.sequence import Sequence
+from ssd.engine.stats import GenerationStats
+
+
+def pad_prompts(seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt batch: ids [n, T], positions [n, T], index of each last prompt token [n]."""
+    width = max(len(s.prompt_token_ids) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s.prompt_token_ids)] = torch.tensor(s.prompt_token_ids)
+    positions = torch.arange(width).expand(len(seqs), width).contiguous()
+    last = torch.tensor([len(s.prompt_token_ids) - 1 for s in seqs])
+    return ids, positions, last
+
+
+class AutoregressiveDecoder:
+    def __init__(self, runner: ModelRunner, stats: GenerationStats, engine_seed: int,
+                 on_finish: Callable[[Sequence], None] = lambda s: None):
+        self.runner, self.stats, self.engine_seed = runner, stats, engine_seed
+        self.on_finish = on_finish
+        self.sampling: SamplingTensors | None = None
+
+    def run(self, seqs: list[Sequence]) -> None:
+        waiting, running = deque(seqs), []
+        while waiting or running:
+            self.admit(waiting, running)
+            if running:
+                self.decode_step(running)
+            self.retire(running)
+
+    def admit(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
+        fresh = []
+        while waiting and len(running) + len(fresh) < self.runner.cfg.num_slots:
+            fresh.append(waiting.popleft())
+        if not fresh:
+            return
+        start = time.perf_counter()
+        ids, positions, last = pad_prompts(fresh)
+        logits = self.runner.forward(ids, positions, int(positions.max()), logits_index=last,
+                                     first_slot=len(running))
+        self.append_sampled(fresh, logits)
+        running.extend(fresh)
+        self.sampling = None
+        self.stats.prefill_time_s += time.perf_counter() - start
+        self.stats.prefill_tokens += sum(len(s.prompt_token_ids) for s in fresh)
+
+    def decode_step(self, running: list[Sequence]) -> None:
+        start = time.perf_counter()
+        ids = torch.tensor([[s.last_token] for s in running])
+        positions = torch.tensor([[s.num_tokens - 1] for s in running])
+        logits = self.runner.forward(ids, positions, int(positions.max()))[:, -1]
+        self.stats.decode_tokens += self.append_sampled(running, logits)
+        self.stats.num_rounds += 1
+        self.stats.decode_time_s += time.perf_counter() - start
+
+    def append_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> int:
+        """Sample one token per row of logits [n, V] (n = len(seqs)) and append it."""
+        sampling = self.sampling_for(seqs, logits.device)
+        counter = torch.tensor([s.num_tokens for s in seqs], device=logits.device)
+        tokens = sample(logits, sampling, counter).tolist()
+        return sum(s.append([t]) for s, t in zip(seqs, tokens))
+
+    def sampling_for(self, seqs: list[Sequence], device: torch.device) -> SamplingTensors:
+        if self.sampling is None or self.sampling.temperature.shape[0] != len(seqs):
+            return SamplingTensors.from_params([s.params for s in seqs], device, self.engine_seed,
+                                               request_ids=[s.index for s in seqs])
+        return self.sampling
+
+    def retire(self, running: list[Sequence]) -> None:
+        """Drop finished sequences, moving the last running sequence's KV into the freed slot."""
+        i = 0
+        while i < len(running):
+            if not running[i].finished:
+                i += 1
+                continue
+            self.on_finish(running[i])
+            last = running.pop()
+            if i < len(running):
+                self.runner.move_slot(len(running), i, last.num_tokens)
+                running[i] = last
+            self.sampling = None

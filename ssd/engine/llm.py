@@ -1,0 +1,181 @@
+"""The user-facing engine: `LLM(model).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ssd.distributed.launch import SpawnedGroup, init_from_environment, launched_externally, spawn_group
+from ssd.engine.autoregressive import AutoregressiveDecoder
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.runner_config import RunnerConfig
+from ssd.engine.sequence import RequestOutput, Sequence
+from ssd.engine.stats import GenerationStats
+from ssd.loading.generation_info import eos_token_ids, load_tokenizer
+from ssd.models.presets import is_preset
+from ssd.sampling_params import SamplingParams
+from ssd.target_worker.serve import serve_target_rank
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> str:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_checkpoint(model: str) -> Path | None:
+    """None for a random-weights preset; the checkpoint directory otherwise (checked to exist)."""
+    if is_preset(model):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {model!r} is neither a checkpoint directory nor a random-weights preset "
+            f"(presets: llama-3.1-70b, llama-3.1-8b, llama-3.2-1b, qwen3-32b, qwen3-0.6b)")
+    return path
+
+
+class LLM:
+    def __init__(self, model: str, *, tensor_parallel_size: int = 1, device: str | None = None,
+                 dtype: str | torch.dtype | None = None, random_weights: bool = False,
+                 max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
+                 seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
+                 window_sizes: tuple[int, ...] = ()):
+        device_type = resolve_device(device)
+        self.checkpoint = resolve_checkpoint(model)
+        self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
+                                device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
+                                dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
+                                max_len=max_model_len or 2048, window_sizes=window_sizes,
+                                enforce_eager=enforce_eager, seed=seed, timeout_s=timeout_s)
+        self.seed = seed
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        self.last_run_stats = GenerationStats()
+        self._closed = True
+        self.group = self._start_group()
+        try:
+            self.runner = ModelRunner(self.cfg, self.group.tp)
+        except BaseException:
+            self._abort_group()
+            raise
+        self._closed = False
+        self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
+
+    def _start_group(self) -> SpawnedGroup:
+        if launched_externally():
+            tp = init_from_environment(self.cfg.device_type, self.cfg.timeout_s)
+            if tp.rank > 0:  # torchrun/srun: ranks > 0 serve rank 0 and leave when it stops
+                serve_target_rank(tp, self.cfg)
+                raise SystemExit(0)
+            return SpawnedGroup(tp)
+        return spawn_group(self.cfg.tp_size, self.cfg.device_type, self.cfg.timeout_s,
+                           serve_target_rank, (self.cfg,))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_len
+
+    # ---- generation ----
+    def generate(self, prompts: list[str] | list[list[int]] | str,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        seqs = self.make_sequences(prompts, sampling_params)
+        self.last_run_stats = GenerationStats()
+        with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            decoder = AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed,
+                                            on_finish=lambda s: bar.update(1))
+            decoder.run(seqs)
+        return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
+
+    def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
+        prompts = self._as_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        return [Sequence(i, self.encode(p), sp, self.eos_ids) for i, (p, sp) in
+                enumerate(zip(prompts, params)) if self.check_fits(i, self.encode(p), sp)]
+
+    @staticmethod
+    def _as_list(prompts) -> list:
+        return [prompts] if isinstance(prompts, str) else list(prompts)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (random-weights preset): pass token-id prompts")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.runner.arch.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.runner.arch.vocab_size})")
+        return ids
+
+    def check_fits(self, index: int, ids: list[int], params: SamplingParams) -> bool:
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        needed = len(ids) + params.max_tokens + self.reserved_tokens
+        if needed > self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; with max_tokens={params.max_tokens} it "
+                             f"needs {needed} positions but max_model_len is {self.max_model_len}")
+        return True
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV positions beyond max_tokens a sequence may touch (speculation windows write ahead)."""
+        return max(self.cfg.window_sizes, default=1)
+
+    def to_output(self, seq: Sequence, prompt) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None
+        return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
+                             list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics)
+
+    # ---- lifecycle ----
+    def _abort_group(self) -> None:
+        """Rank 0 failed to build: the other ranks cannot be told to stop, so end them."""
+        for p in self.group.processes:
+            p.kill()
+        self.group.join(timeout_s=10)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.group.processes:
+            if not self.group.dead_workers():
+                self.runner.stop_workers()
+            self.group.join(timeout_s=30)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            try:
+                self.shutdown()
+            except Exception:  # interpreter teardown: best effort only
+                pass

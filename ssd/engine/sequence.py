@@ -1,0 +1,83 @@
+"""Per-request state while it is being generated, and what a finished request returns."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ssd.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_generated: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.finish_time is None or self.first_token_time is None or self.num_generated < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_generated - 1)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (an EOS id) | "length" (max_tokens)
+    metrics: RequestMetrics
+
+
+@dataclass(slots=True)
+class Sequence:
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_token_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, tokens: list[int]) -> int:
+        """Append generated tokens, stopping at EOS / max_tokens. Returns how many were kept."""
+        kept = 0
+        for token in tokens:
+            if self.finished:
+                break
+            self.output_ids.append(token)
+            kept += 1
+            if token in self.eos_ids and not self.params.ignore_eos:
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens:
+                self.finish_reason = "length"
+        now = time.perf_counter()
+        if self.metrics.first_token_time is None and kept:
+            self.metrics.first_token_time = now
+        self.metrics.num_generated = len(self.output_ids)
+        if self.finished:
+            self.metrics.finish_time = now
+        return kept

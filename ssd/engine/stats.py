@@ -1,0 +1,43 @@
+"""Counters of one generate() call (decode throughput excludes prefill)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    num_rounds: int = 0
+    # speculative decoding (None for autoregressive runs)
+    num_drafts: int = 0
+    num_accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    cache_hit_rate: float | None = None
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_time_s if self.decode_time_s else 0.0
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Mean tokens per round including the bonus/recovered token (vLLM: 1 + accepted / drafts)."""
+        return 1 + self.num_accepted / self.num_drafts if self.num_drafts else None
+
+    @property
+    def per_position_acceptance(self) -> list[float] | None:
+        if not self.num_drafts:
+            return None
+        return [n / self.num_drafts for n in self.accepted_per_position]
+
+    @property
+    def draft_round_ms(self) -> float | None:
+        return 1000 * self.draft_time_s / self.num_rounds if self.num_drafts and self.num_rounds else None
+
+    @property
+    def verify_ms(self) -> float | None:
+        return 1000 * self.verify_time_s / self.num_rounds if self.num_drafts and self.num_rounds else None

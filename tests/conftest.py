@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint per supported family (llama has llama3 rope scaling)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_checkpoint(family, root / family) for family in ("llama", "qwen2", "qwen3")}

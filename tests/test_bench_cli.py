@@ -1,0 +1,163 @@
+"""Benchmark command line: refusals, --help, model resolution, defaults."""
+from __future__ import annotations
+
+import pytest
+
+from ssd.benchmark import cli
+from ssd.benchmark.cli import SIZE_PRESETS, build_parser, parse_args
+
+CPU = ["--device", "cpu"]
+CUDA = ["--device", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def no_visible_gpus(monkeypatch):
+    """Make CUDA-flag tests independent of the GPUs of the machine running them."""
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 0)
+
+
+def refusal(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (CPU + ["--async"], "--async needs --spec"),
+    (["--device", "cuda", "--gpus", "1", "--spec", "--async"], "needs a draft GPU"),
+    (CUDA + ["--ab", "sync,async"], "needs a draft GPU"),
+    (CPU + ["--spec", "--k", "3", "--flh", "1,2,3"], "K+1 = 4 entries"),
+    (CPU + ["--spec", "--k", "2", "--flm", "1", "2"], "K+1 = 3 entries"),
+    (CPU + ["--spec", "--flh", "1,-2,3"], "non-negative integers"),
+    (CPU + ["--x", "0"], "--x must be in (0, 1]"),
+    (CPU + ["--x", "1.5"], "--x must be in (0, 1]"),
+    (CPU + ["--spec", "--k", "0"], "--k must be at least 1"),
+    (CPU + ["--spec", "--f", "-1"], "--f must be non-negative"),
+    (CPU + ["--ab", "sync,turbo"], "unknown arm(s) turbo"),
+    (CPU + ["--ab", "sync"], "at least two distinct arms"),
+    (CPU + ["--ab", "ar,ar"], "at least two distinct arms"),
+    (CPU + ["--profile", "humaneval", "--spec"], "--profile replays acceptance over random weights"),
+    (CPU + ["--random-weights", "--profile", "humaneval"], "needs --spec"),
+    (CPU + ["--b", "0"], "--b (batch size) must be at least 1"),
+    (CPU + ["--dtemp", "0.5"], "--dtemp (draft temperature) needs --spec"),
+    (CPU + ["--size", "32"], "add --qwen"),
+    (CPU + ["--qwen", "--size", "8"], "not a qwen size"),
+    (CPU + ["--target", "/no/such/model"], "no such directory"),
+    (CPU + ["--size", "8", "--target", "llama-3.1-8b"], "either --target or --size"),
+    (CPU + ["--spec", "--draft", "42"], "neither a llama size"),
+    (CPU + ["--spec", "--draft", "1"], "give --draft-path"),  # preset draft for the real default target
+    (CPU + ["--random", "--gsm"], "cannot be mixed"),
+    (CPU + ["--random-weights", "--chat_template"], "needs a tokenizer"),
+    (CPU + ["--gpus", "0"], "--gpus must be at least 1"),
+])
+def test_refusals_exit_2_with_a_helpful_message(argv, phrase, capsys):
+    assert phrase in refusal(argv, capsys)
+
+
+def test_spec_with_a_target_path_and_no_draft_is_refused(tmp_path, capsys):
+    assert "give --draft-path" in refusal(CPU + ["--target", str(tmp_path), "--spec"], capsys)
+
+
+def test_ab_arm_needing_spec_without_a_draft_is_refused(tmp_path, capsys):
+    err = refusal(CPU + ["--target", str(tmp_path), "--ab", "ar,sync"], capsys)
+    assert "needs a draft" in err
+
+
+def test_help_works_and_mentions_every_flag(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    flags = ["--llama", "--qwen", "--size", "--draft", "--gpus", "--spec", "--async", "--k", "--f",
+             "--flh", "--flm", "--fanout", "--backup", "--x", "--b", "--numseqs", "--output_len",
+             "--temp", "--dtemp", "--eager", "--all", "--humaneval", "--alpaca", "--gsm",
+             "--ultrafeedback", "--random", "--chat_template", "--target", "--draft-path",
+             "--random-weights", "--device", "--dataset", "--data-dir", "--json", "--ab",
+             "--profile", "--seed", "--warmup"]
+    for flag in flags:
+        assert f"{flag} " in text or f"{flag}\n" in text, flag
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("family, size, preset", [
+    ("--llama", "70", "llama-3.1-70b"), ("--llama", "8", "llama-3.1-8b"),
+    ("--llama", "1", "llama-3.2-1b"), ("--qwen", "32", "qwen3-32b"), ("--qwen", "0.6", "qwen3-0.6b"),
+])
+def test_size_resolves_to_a_preset_with_random_weights(family, size, preset):
+    config = parse_args(CPU + [family, "--size", size])
+    assert config.target.name == preset and config.target.kind == "preset"
+    assert config.random_weights
+
+
+def test_presets_exist_in_the_engine():
+    from ssd.models.presets import PRESETS
+    assert {p for sizes in SIZE_PRESETS.values() for p in sizes.values()} <= set(PRESETS)
+
+
+def test_spec_defaults_the_draft_to_the_family_small_model():
+    assert parse_args(CUDA + ["--size", "70", "--spec"]).draft.name == "llama-3.2-1b"
+    assert parse_args(CPU + ["--qwen", "--size", "32", "--spec", "--draft", "0.6"]).draft.name == "qwen3-0.6b"
+
+
+def test_default_cpu_run_is_the_offline_real_pair_and_small():
+    config = parse_args(CPU + ["--spec"])
+    assert (config.target.name, config.target.kind) == ("qwen2.5-coder-1.5b", "offline")
+    assert (config.draft.name, config.draft.kind) == ("qwen2.5-coder-0.5b", "offline")
+    assert not config.random_weights
+    assert config.output_len <= 64 and config.numseqs <= 8 and config.warmup == 0
+
+
+def test_default_cuda_run_is_llama_preset_with_reference_sizes():
+    config = parse_args(CUDA)
+    assert config.target.name == "llama-3.1-8b" and config.family == "llama"
+    assert (config.numseqs, config.output_len, config.temp, config.k, config.f) == (128, 512, 0.0, 6, 3)
+
+
+def test_async_on_cuda_gives_one_gpu_to_the_draft():
+    config = parse_args(CUDA + ["--size", "70", "--gpus", "5", "--spec", "--async"])
+    assert config.target_tp_size == 4 and config.arms[0].async_spec
+    assert parse_args(CUDA + ["--gpus", "4", "--spec"]).target_tp_size == 4
+
+
+def test_ab_arms_and_per_arm_tp():
+    config = parse_args(CUDA + ["--gpus", "2", "--ab", "ar,sync,async"])
+    assert config.ab and [a.name for a in config.arms] == ["ar", "sync", "async"]
+    assert [a.tp_size for a in config.arms] == [2, 2, 1]
+    assert config.draft is not None
+    assert [a.name for a in parse_args(CPU + ["--ab"]).arms] == ["sync", "async"]
+
+
+def test_fan_out_lists_accept_commas_and_spaces():
+    config = parse_args(CPU + ["--spec", "--async", "--k", "2", "--flh", "3,", "2,", "1", "--flm", "0 0 1"])
+    assert config.flh == (3, 2, 1) and config.flm == (0, 0, 1)
+
+
+def test_target_path_and_draft_path(tmp_path):
+    target, draft = tmp_path / "t", tmp_path / "d"
+    target.mkdir(), draft.mkdir()
+    config = parse_args(CPU + ["--target", str(target), "--draft-path", str(draft), "--spec"])
+    assert config.target.kind == config.draft.kind == "path"
+    assert not config.random_weights
+
+
+def test_datasets_and_data_dir(monkeypatch):
+    monkeypatch.setenv("SSD_DATA_DIR", "/data/sets")
+    config = parse_args(CPU + ["--all", "--dataset", "my.jsonl"])
+    assert config.datasets == ("humaneval", "alpaca", "gsm", "ultrafeedback", "my.jsonl")
+    assert config.data_dir == "/data/sets"
+    assert parse_args(CPU + ["--data-dir", "x"]).data_dir == "x"
+
+
+def test_profile_with_random_weights_marks_simulated():
+    config = parse_args(CPU + ["--random-weights", "--spec", "--profile", "humaneval"])
+    assert config.simulated_acceptance and config.target.name == "llama-3.2-1b"
+
+
+def test_more_gpus_than_visible_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 2)
+    assert "only 2 CUDA device(s) are visible" in refusal(CUDA + ["--gpus", "4"], capsys)
