@@ -58,14 +58,14 @@ class LLM:
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
                  max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
-                 window_sizes: tuple[int, ...] = ()):
+                 window_sizes: tuple[int, ...] = (), compile: bool = True):
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
                                 max_len=max_model_len or 2048, window_sizes=window_sizes,
-                                enforce_eager=enforce_eager, seed=seed, timeout_s=timeout_s)
+                                enforce_eager=enforce_eager, compile=compile, seed=seed, timeout_s=timeout_s)
         self.seed = seed
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.last_run_stats = GenerationStats()

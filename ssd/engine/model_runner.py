@@ -12,6 +12,7 @@ from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, causal_mask
+from ssd.layers.kernels import EAGER, Kernels
 from ssd.loading.checkpoint import load_checkpoint
 from ssd.loading.random_weights import init_random_weights
 from ssd.models.decoder import CausalLM
@@ -29,8 +30,9 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
+    kernels = Kernels.compiled() if cfg.use_cuda_graphs and cfg.compile else EAGER
     with torch.device(device), _default_dtype(cfg.dtype):
-        model = CausalLM(arch, tp, max_positions=cfg.max_len)
+        model = CausalLM(arch, tp, max_positions=cfg.max_len, kernels=kernels)
     if cfg.random_weights or is_preset(cfg.model):
         init_random_weights(model, cfg.seed, tp.rank)
     else:

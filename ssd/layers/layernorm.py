@@ -18,12 +18,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, kernels=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.norm_fn = kernels.rms_norm if kernels else rms_norm
+        self.add_norm_fn = kernels.add_rms_norm if kernels else add_rms_norm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return self.norm_fn(x, self.weight, self.eps)
+        return self.add_norm_fn(x, residual, self.weight, self.eps)

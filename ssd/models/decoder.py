@@ -2,30 +2,31 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssd.distributed.tp_group import TPGroup
 from ssd.layers.attention import ForwardContext, cached_attention
 from ssd.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.layernorm import RMSNorm
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ssd.layers.rotary import RotaryEmbedding, apply_rotary
+from ssd.layers.rotary import RotaryEmbedding
 from ssd.models.model_config import ModelArch
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, layer: int, tp: TPGroup):
+    def __init__(self, arch: ModelArch, layer: int, tp: TPGroup, kernels: Kernels):
         super().__init__()
         self.layer = layer
+        self.kernels = kernels
         self.head_dim = arch.head_dim
         self.num_heads = arch.num_heads // tp.size
         self.num_kv_heads = arch.num_kv_heads // tp.size
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         self.qkv_proj = ColumnParallelLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.qkv_bias, tp)
         self.o_proj = RowParallelLinear(q_size, arch.hidden_size, False, tp)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
         batch, seq = x.shape[:2]
@@ -35,30 +36,30 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = self.kernels.rotary_qk(q, k, *rope)
         out = cached_attention(q, k, v, self.layer, ctx, self.head_dim ** -0.5)
         return self.o_proj(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup):
+    def __init__(self, arch: ModelArch, tp: TPGroup, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         f = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [f, f], False, tp)
         self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer: int, tp: TPGroup):
+    def __init__(self, arch: ModelArch, layer: int, tp: TPGroup, kernels: Kernels):
         super().__init__()
-        self.self_attn = Attention(arch, layer, tp)
-        self.mlp = MLP(arch, tp)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, layer, tp, kernels)
+        self.mlp = MLP(arch, tp, kernels)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
 
     def forward(self, x, residual, rope, ctx: ForwardContext):
         if residual is None:
@@ -71,11 +72,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int):
+    def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int, kernels: Kernels):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, tp) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, tp, kernels) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
         self.rotary = RotaryEmbedding(arch.hf_config, max_positions)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -92,10 +93,10 @@ class CausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int):
+    def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int, kernels: Kernels = EAGER):
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch, tp, max_positions)
+        self.model = DecoderModel(arch, tp, max_positions, kernels)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
