@@ -36,20 +36,23 @@ def external_rank_and_size() -> tuple[int, int]:
     return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
 
 
-def init_from_environment(device_type: str, timeout_s: float) -> TPGroup:
+def make_tp_group(rank: int, tp_size: int, world_size: int) -> TPGroup:
+    """The target's TP group is world ranks 0..tp_size-1; a draft rank (if any) comes after them.
+    Every world rank must call this (group creation is collective)."""
+    if world_size == tp_size:
+        return TPGroup(rank, tp_size, None)
+    group = dist.new_group(list(range(tp_size))) if tp_size > 1 else None
+    return TPGroup(rank, tp_size, group) if rank < tp_size else TPGroup()
+
+
+def init_from_environment(device_type: str, timeout_s: float, tp_size: int) -> tuple[int, TPGroup]:
+    """Returns (world rank, this rank's TP group)."""
     rank, size = external_rank_and_size()
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(size))
     dist.init_process_group(backend_for(device_type), init_method="env://", rank=rank, world_size=size,
                             timeout=timedelta(seconds=timeout_s))
-    return TPGroup(rank, size, None)
-
-
-def init_with_store(host: str, port: int, rank: int, size: int, device_type: str, timeout_s: float) -> TPGroup:
-    store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=timeout_s))
-    dist.init_process_group(backend_for(device_type), store=store, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
-    return TPGroup(rank, size, None)
+    return rank, make_tp_group(rank, tp_size, size)
 
 
 def share_cpu_threads(group_size: int) -> None:
@@ -76,31 +79,42 @@ class SpawnedGroup:
                 p.join(5)
 
 
-def spawn_group(size: int, device_type: str, timeout_s: float,
-                worker_main: Callable, worker_args: tuple) -> SpawnedGroup:
-    """Spawn ranks 1..size-1 running worker_main(tp, *worker_args); rank 0 (caller) joins the group."""
-    if size == 1:
+@dataclass(frozen=True)
+class Role:
+    """What a spawned rank runs: main(tp_group, *args)."""
+    name: str
+    main: Callable
+    args: tuple
+
+
+def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Role]) -> SpawnedGroup:
+    """Spawn world ranks 1..len(roles) (roles[i] runs on rank i+1); the caller becomes rank 0."""
+    world_size = 1 + len(roles)
+    if world_size == 1:
         return SpawnedGroup(TPGroup())
-    share_cpu_threads(size)
+    share_cpu_threads(world_size)
     host = "127.0.0.1"
-    store = dist.TCPStore(host, 0, size, is_master=True, timeout=timedelta(seconds=timeout_s),
+    store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ssd-tp{rank}",
-                         args=(host, store.port, rank, size, device_type, timeout_s, worker_main, worker_args))
-             for rank in range(1, size)]
+    procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ssd-{role.name}",
+                         args=(host, store.port, rank, world_size, tp_size, device_type, timeout_s, role))
+             for rank, role in enumerate(roles, start=1)]
     for p in procs:
         p.start()
-    dist.init_process_group(backend_for(device_type), store=store, rank=0, world_size=size,
+    dist.init_process_group(backend_for(device_type), store=store, rank=0, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
-    return SpawnedGroup(TPGroup(0, size, None), procs, store)
+    return SpawnedGroup(make_tp_group(0, tp_size, world_size), procs, store)
 
 
-def _worker_entry(host, port, rank, size, device_type, timeout_s, worker_main, worker_args) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [tp{rank}] %(levelname)s %(name)s: %(message)s")
-    share_cpu_threads(size)
-    tp = init_with_store(host, port, rank, size, device_type, timeout_s)
+def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s [{role.name}] %(levelname)s %(name)s: %(message)s")
+    share_cpu_threads(world_size)
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend_for(device_type), store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
     try:
-        worker_main(tp, *worker_args)
+        role.main(make_tp_group(rank, tp_size, world_size), *role.args)
     finally:
         dist.destroy_process_group()

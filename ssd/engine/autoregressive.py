@@ -46,36 +46,42 @@ class AutoregressiveDecoder:
         if not fresh:
             return
         start = time.perf_counter()
-        ids, positions, last = pad_prompts(fresh)
-        logits = self.runner.forward(ids, positions, int(positions.max()), logits_index=last,
-                                     first_slot=len(running))
-        self.append_sampled(fresh, logits)
+        self.prefill(fresh, first_slot=len(running))
         running.extend(fresh)
-        self.sampling = None
         self.stats.prefill_time_s += time.perf_counter() - start
         self.stats.prefill_tokens += sum(len(s.prompt_token_ids) for s in fresh)
+
+    def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
+        ids, positions, last = pad_prompts(fresh)
+        logits = self.runner.forward(ids, positions, int(positions.max()), logits_index=last,
+                                     first_slot=first_slot)
+        self.append_sampled(fresh, logits, self.build_sampling(fresh, logits.device))
+        self.sampling = None  # the running batch changes
 
     def decode_step(self, running: list[Sequence]) -> None:
         start = time.perf_counter()
         ids = torch.tensor([[s.last_token] for s in running])
         positions = torch.tensor([[s.num_tokens - 1] for s in running])
         logits = self.runner.forward(ids, positions, int(positions.max()))[:, -1]
-        self.stats.decode_tokens += self.append_sampled(running, logits)
+        self.stats.decode_tokens += self.append_sampled(running, logits, self.sampling_for(running, logits.device))
         self.stats.num_rounds += 1
         self.stats.decode_time_s += time.perf_counter() - start
 
-    def append_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> int:
+    def append_sampled(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingTensors) -> int:
         """Sample one token per row of logits [n, V] (n = len(seqs)) and append it."""
-        sampling = self.sampling_for(seqs, logits.device)
         counter = torch.tensor([s.num_tokens for s in seqs], device=logits.device)
         tokens = sample(logits, sampling, counter).tolist()
         return sum(s.append([t]) for s, t in zip(seqs, tokens))
 
     def sampling_for(self, seqs: list[Sequence], device: torch.device) -> SamplingTensors:
-        if self.sampling is None or self.sampling.temperature.shape[0] != len(seqs):
-            return SamplingTensors.from_params([s.params for s in seqs], device, self.engine_seed,
-                                               request_ids=[s.index for s in seqs])
+        """Cached while the running batch is unchanged (admit/retire reset it)."""
+        if self.sampling is None or self.sampling.batch_size != len(seqs):
+            self.sampling = self.build_sampling(seqs, device)
         return self.sampling
+
+    def build_sampling(self, seqs: list[Sequence], device: torch.device) -> SamplingTensors:
+        return SamplingTensors.from_params([s.params for s in seqs], device, self.engine_seed,
+                                           request_ids=[s.index for s in seqs])
 
     def retire(self, running: list[Sequence]) -> None:
         """Drop finished sequences, moving the last running sequence's KV into the freed slot."""
@@ -87,6 +93,9 @@ class AutoregressiveDecoder:
             self.on_finish(running[i])
             last = running.pop()
             if i < len(running):
-                self.runner.move_slot(len(running), i, last.num_tokens)
+                self.move_slot(len(running), i, last.num_tokens)
                 running[i] = last
             self.sampling = None
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.runner.move_slot(src, dst, length)

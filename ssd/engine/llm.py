@@ -7,15 +7,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ssd.distributed.launch import SpawnedGroup, init_from_environment, launched_externally, spawn_group
+from ssd.distributed.launch import Role, SpawnedGroup, init_from_environment, launched_externally, spawn_group
+from ssd.distributed.tp_group import TPGroup
+from ssd.draft_worker.proposer import DraftProposer
+from ssd.draft_worker.remote import RemoteDraft
+from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
-from ssd.engine.model_runner import ModelRunner
+from ssd.engine.model_runner import ModelRunner, load_arch
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence
 from ssd.engine.stats import GenerationStats
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
+from ssd.spec.spec_config import SpecConfig
+from ssd.spec.sync_decoder import SpeculativeDecoder
 from ssd.target_worker.serve import serve_target_rank
 
 log = logging.getLogger(__name__)
@@ -58,36 +64,68 @@ class LLM:
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
                  max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
-                 window_sizes: tuple[int, ...] = (), compile: bool = True):
+                 window_sizes: tuple[int, ...] = (), compile: bool = True,
+                 draft: str | None = None, num_speculative_tokens: int = 0,
+                 draft_temperature: float | None = None, draft_colocated: bool = False):
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
+        self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
+        window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
         self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
                                 max_len=max_model_len or 2048, window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, seed=seed, timeout_s=timeout_s)
+        self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft)) if self.spec else None
         self.seed = seed
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.last_run_stats = GenerationStats()
         self._closed = True
+        self.check_draft_compatible()
         self.group = self._start_group()
         try:
             self.runner = ModelRunner(self.cfg, self.group.tp)
+            self.draft = self._connect_draft()
         except BaseException:
             self._abort_group()
             raise
         self._closed = False
         self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
 
+    def check_draft_compatible(self) -> None:
+        if self.draft_cfg is None:
+            return
+        target_vocab, draft_vocab = load_arch(self.cfg).vocab_size, load_arch(self.draft_cfg).vocab_size
+        if target_vocab != draft_vocab:
+            raise ValueError(f"draft vocabulary ({draft_vocab}) differs from the target's ({target_vocab}); "
+                             "speculative decoding needs a draft with the target's tokenizer")
+
+    @property
+    def has_remote_draft(self) -> bool:
+        return self.spec is not None and not self.spec.colocated
+
+    def roles(self) -> list[Role]:
+        roles = [Role(f"tp{r}", serve_target_rank, (self.cfg,)) for r in range(1, self.cfg.tp_size)]
+        if self.has_remote_draft:
+            roles.append(Role("draft", serve_draft, (self.draft_cfg, self.spec.k)))
+        return roles
+
     def _start_group(self) -> SpawnedGroup:
-        if launched_externally():
-            tp = init_from_environment(self.cfg.device_type, self.cfg.timeout_s)
-            if tp.rank > 0:  # torchrun/srun: ranks > 0 serve rank 0 and leave when it stops
-                serve_target_rank(tp, self.cfg)
-                raise SystemExit(0)
-            return SpawnedGroup(tp)
-        return spawn_group(self.cfg.tp_size, self.cfg.device_type, self.cfg.timeout_s,
-                           serve_target_rank, (self.cfg,))
+        if not launched_externally():
+            return spawn_group(self.cfg.tp_size, self.cfg.device_type, self.cfg.timeout_s, self.roles())
+        rank, tp = init_from_environment(self.cfg.device_type, self.cfg.timeout_s, self.cfg.tp_size)
+        if rank > 0:  # torchrun/srun: other ranks serve rank 0 and leave when it stops
+            role = self.roles()[rank - 1]
+            role.main(tp, *role.args)
+            raise SystemExit(0)
+        return SpawnedGroup(tp)
+
+    def _connect_draft(self):
+        if self.spec is None:
+            return None
+        if self.spec.colocated:
+            return DraftProposer(ModelRunner(self.draft_cfg, TPGroup()), self.spec.k)
+        return RemoteDraft(self.cfg.tp_size, self.runner.device, self.spec.k, self.runner.arch.vocab_size)
 
     @property
     def max_model_len(self) -> int:
@@ -100,10 +138,14 @@ class LLM:
         seqs = self.make_sequences(prompts, sampling_params)
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            decoder = AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed,
-                                            on_finish=lambda s: bar.update(1))
-            decoder.run(seqs)
+            self.decoder(on_finish=lambda s: bar.update(1)).run(seqs)
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
+
+    def decoder(self, on_finish) -> AutoregressiveDecoder:
+        if self.spec is None:
+            return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
+        return SpeculativeDecoder(self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
+                                  self.spec.draft_temperature, on_finish)
 
     def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
         prompts = self._as_list(prompts)
@@ -162,6 +204,8 @@ class LLM:
         self._closed = True
         if self.group.processes:
             if not self.group.dead_workers():
+                if self.has_remote_draft:
+                    self.draft.stop()
                 self.runner.stop_workers()
             self.group.join(timeout_s=30)
         if torch.distributed.is_initialized():

@@ -58,6 +58,10 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_token_ids[-1]
 
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_ids[position - n]
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -1,0 +1,61 @@
+"""The draft model's side of a speculation round: K autoregressive proposals per sequence."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.random import RandomStream
+from ssd.engine.sampler import SamplingTensors, sample_with_probs
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor         # [B, K] int64
+    probs: torch.Tensor | None   # [B, K, V] float32: the distribution each token was drawn from
+
+
+class DraftProposer:
+    """Runs on the draft's device (own process, or co-located with target rank 0).
+
+    KV invariant: before a round, the draft's cache holds every committed token except the last two
+    (`prev`, `last`); the round's first forward (width 2) rewrites `prev` — harmless, same values —
+    so that the case "all K accepted" (whose last draft token was never fed) needs no special path."""
+
+    def __init__(self, runner: ModelRunner, k: int):
+        self.runner, self.k = runner, k
+        self.sampling: SamplingTensors | None = None
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
+        last = torch.zeros(ids.shape[0], dtype=torch.int64)  # logits unused: cheapest single position
+        self.runner.forward(ids, positions, int(positions.max()), logits_index=last, first_slot=first_slot)
+
+    def set_sampling(self, sampling: SamplingTensors) -> None:
+        self.sampling = sampling
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.runner.move_slot(src, dst, length)
+
+    @torch.inference_mode()
+    def propose(self, prev: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, max_length: int,
+                want_probs: bool) -> Proposal:
+        """prev/last/lengths [B]: the two newest committed tokens and the committed length."""
+        device = self.runner.device
+        prev, last, lengths = prev.to(device), last.to(device), lengths.to(device)
+        horizon = max_length + self.k  # one attention bucket for the whole round
+        logits = self.runner.forward(torch.stack([prev, last], 1), torch.stack([lengths - 2, lengths - 1], 1),
+                                     horizon)[:, -1]
+        tokens, probs = [], []
+        for i in range(self.k):
+            token, p = self.pick(logits, lengths + i, want_probs)
+            tokens.append(token)
+            probs.append(p)
+            if i + 1 < self.k:
+                logits = self.runner.forward(token[:, None], (lengths + i)[:, None], horizon)[:, -1]
+        return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if want_probs else None)
+
+    def pick(self, logits: torch.Tensor, counter: torch.Tensor, want_probs: bool):
+        if not want_probs:
+            return logits.argmax(-1), None
+        return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT)

@@ -1,0 +1,17 @@
+"""Commands from target rank 0 to a draft worker in its own process (torch.distributed p2p).
+
+Every command starts with a fixed-size int64 header; the tensors that follow have shapes the
+header determines, so both sides allocate them without further negotiation."""
+from __future__ import annotations
+
+from enum import IntEnum
+
+HEADER_LEN = 6
+
+
+class DraftOp(IntEnum):
+    PREFILL = 1       # header: B, T, first_slot      then ids [B,T], positions [B,T]
+    SET_SAMPLING = 2  # header: B                      then temperature [B] f32, top_p [B] f32, top_k [B], seed [B], flags
+    PROPOSE = 3       # header: B, max_length, want_probs   then prev/last/lengths [3, B]; reply tokens [B,K] (+probs [B,K,V])
+    MOVE_SLOT = 4     # header: src, dst, length
+    STOP = 5

@@ -1,0 +1,62 @@
+"""Entry point of a draft worker process: build the draft model, then follow target rank 0's commands."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from ssd.distributed.tp_group import TPGroup
+from ssd.draft_worker.proposer import DraftProposer
+from ssd.draft_worker.protocol import HEADER_LEN, DraftOp
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.runner_config import RunnerConfig
+from ssd.engine.sampler import SamplingTensors
+
+log = logging.getLogger(__name__)
+
+TARGET_RANK0 = 0
+
+
+class DraftServer:
+    def __init__(self, proposer: DraftProposer):
+        self.proposer = proposer
+        self.device = proposer.runner.device
+        self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+
+    def recv(self, shape, dtype=torch.int64) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(t, TARGET_RANK0)
+        return t
+
+    def serve(self) -> None:
+        while True:
+            dist.recv(self.header, TARGET_RANK0)
+            op, a, b, c, d, _ = self.header.tolist()
+            if op == DraftOp.STOP:
+                return
+            self.handle(DraftOp(op), a, b, c)
+
+    def handle(self, op: DraftOp, a: int, b: int, c: int) -> None:
+        if op == DraftOp.PREFILL:
+            self.proposer.prefill(self.recv((a, b)), self.recv((a, b)), c)
+        elif op == DraftOp.SET_SAMPLING:
+            temperature, top_p = self.recv(a, torch.float32), self.recv(a, torch.float32)
+            top_k, seed = self.recv(a), self.recv(a)
+            self.proposer.set_sampling(SamplingTensors(temperature, top_k, top_p, seed, bool(b)))
+        elif op == DraftOp.MOVE_SLOT:
+            self.proposer.move_slot(a, b, c)
+        elif op == DraftOp.PROPOSE:
+            prev, last, lengths = self.recv((3, a))
+            proposal = self.proposer.propose(prev, last, lengths, b, bool(c))
+            dist.send(proposal.tokens.contiguous(), TARGET_RANK0)
+            if proposal.probs is not None:
+                dist.send(proposal.probs.contiguous(), TARGET_RANK0)
+
+
+def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int) -> None:
+    """`tp` is the draft's own (single-rank) group; the world group carries the p2p traffic."""
+    proposer = DraftProposer(ModelRunner(cfg, tp), k)
+    log.info("draft worker ready on %s", proposer.runner.device)
+    DraftServer(proposer).serve()
+    log.info("draft worker stopping")

@@ -1,0 +1,187 @@
+"""Batched sampling: temperature, top-k, top-p and seeded sampling as pure tensor ops.
+
+Nothing here synchronises with the host or has data-dependent shapes, so it can
+run inside CUDA-graph-captured code. Rows with temperature < GREEDY_TEMPERATURE_EPS
+are greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ssd.engine.random import RandomStream, uniform_from_counters
+from ssd.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+
+_UINT64_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _UINT64_MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64_MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _UINT64_MASK
+    return x ^ (x >> 31)
+
+
+def _as_int64(x: int) -> int:
+    """Wrap any Python int to the int64 with the same low 64 bits."""
+    return ((x + (1 << 63)) & _UINT64_MASK) - (1 << 63)
+
+
+def derive_seed(engine_seed: int, request_index: int) -> int:
+    """A deterministic per-request seed for requests that did not give one."""
+    return _as_int64(_splitmix64(_splitmix64(engine_seed & _UINT64_MASK) ^ (request_index & _UINT64_MASK)))
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters on device.
+
+    apply_filters=False skips the top-k/top-p sort entirely (a host-side decision
+    made from the Python params; code captured in a CUDA graph that may see
+    filtered rows must be captured with True).
+    """
+
+    temperature: torch.Tensor  # [B] float32; < GREEDY_TEMPERATURE_EPS means greedy
+    top_k: torch.Tensor  # [B] int64; <= 0 or >= vocab means off
+    top_p: torch.Tensor  # [B] float32; 1 means off
+    seed: torch.Tensor  # [B] int64
+    apply_filters: bool = True
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        device: torch.device | str,
+        default_seed: int,
+        request_ids: Sequence[int] | None = None,
+    ) -> SamplingTensors:
+        """Rows without a seed get derive_seed(default_seed, request id).
+
+        request_ids defaults to the row index; pass stable request ids so an
+        unseeded request keeps its random stream when the batch changes.
+        """
+        if request_ids is None:
+            request_ids = range(len(params))
+        if len(request_ids) != len(params):
+            raise ValueError(f"got {len(params)} params but {len(request_ids)} request ids")
+        temperature = [0.0 if p.greedy else float(p.temperature) for p in params]
+        top_k = [max(p.top_k, 0) for p in params]
+        top_p = [float(p.top_p) for p in params]
+        seed = [
+            _as_int64(p.seed) if p.seed is not None else derive_seed(default_seed, rid)
+            for p, rid in zip(params, request_ids)
+        ]
+        return cls(
+            temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            seed=torch.tensor(seed, dtype=torch.int64, device=device),
+            apply_filters=any(k > 0 or p < 1.0 for k, p in zip(top_k, top_p)),
+        )
+
+    def select_rows(self, rows: torch.Tensor) -> SamplingTensors:
+        """The parameters of the given rows (int64 [R]), e.g. after the batch changed."""
+        return SamplingTensors(
+            temperature=self.temperature[rows],
+            top_k=self.top_k[rows],
+            top_p=self.top_p[rows],
+            seed=self.seed[rows],
+            apply_filters=self.apply_filters,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def is_greedy(self) -> torch.Tensor:
+        return self.temperature < GREEDY_TEMPERATURE_EPS  # [B] bool
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a [B] tensor as [B, 1, ..., 1] to broadcast against `like` ([B, ..., V])."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set filtered-out logits to -inf. logits [..., V]; top_k, top_p broadcastable [..., 1]."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True, stable=True)  # [..., V]
+
+    k = torch.where((top_k <= 0) | (top_k > vocab_size), vocab_size, top_k)
+    k = k.expand(*logits.shape[:-1], 1)  # [..., 1]
+    kth_largest = sorted_logits.gather(-1, k - 1)  # [..., 1]
+    # Compare values, not ranks, so tokens tied with the k-th are all kept.
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive cumsum, [..., V]
+    # The top token has mass_before 0 < top_p, so it always survives.
+    drop = (mass_before >= top_p) & (top_p < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+
+    return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    one_hot = torch.zeros_like(logits)
+    return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+
+
+def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """Filtered, renormalised float32 probabilities from logits [B, V] or [B, T, V].
+
+    Order: temperature, top-k, top-p. Greedy rows return one-hot argmax. Use this
+    for both draft (q) and target (p) so they are filtered the same way.
+    """
+    logits = logits.float()
+    temperature = _per_row(st.temperature, logits)
+    greedy = temperature < GREEDY_TEMPERATURE_EPS
+    scaled = logits / torch.where(greedy, 1.0, temperature)
+    if st.apply_filters:
+        scaled = _mask_top_k_top_p(scaled, _per_row(st.top_k, logits), _per_row(st.top_p, logits))
+    return torch.where(greedy, _one_hot_argmax(logits), scaled.softmax(dim=-1))
+
+
+def sample_from_weights(
+    weights: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, salt: int
+) -> torch.Tensor:
+    """Draw one index per row of non-negative weights [..., V] (need not sum to 1).
+
+    Exponential race: argmax(w / E) with E ~ Exp(1) picks index i with
+    probability w_i / sum(w), and never picks a zero-weight index.
+    seed, counter broadcast to weights.shape[:-1]. Returns int64 [...].
+    """
+    uniforms = uniform_from_counters(seed, counter, salt, weights.shape[-1])  # [..., V]
+    exponentials = -torch.log(uniforms)
+    return (weights / exponentials).argmax(dim=-1)
+
+
+def sample_with_probs(
+    logits: torch.Tensor,
+    st: SamplingTensors,
+    counter: torch.Tensor,
+    salt: int = RandomStream.SAMPLE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample tokens [B] int64 from logits [B, V]; also return the probs [B, V] used.
+
+    A draft model should call this with salt=RandomStream.DRAFT and hand the
+    probs to the verifier as draft_probs.
+    """
+    probs = probs_from_logits(logits, st)  # [B, V]
+    sampled = sample_from_weights(probs, st.seed, counter, salt)  # [B]
+    tokens = torch.where(st.is_greedy, logits.argmax(dim=-1), sampled)
+    return tokens, probs
+
+
+def sample(
+    logits: torch.Tensor,
+    st: SamplingTensors,
+    counter: torch.Tensor,
+    salt: int = RandomStream.SAMPLE,
+) -> torch.Tensor:
+    """Sample tokens [B] int64 from logits [B, V]; greedy rows take the argmax."""
+    return sample_with_probs(logits, st, counter, salt)[0]
