@@ -129,11 +129,13 @@ class FakeLLM:
         self.kwargs = kwargs
         self.last_run_stats = None
         self.shut = False
+        self.tokenizer = object()
+        self.runner = type("Runner", (), {"arch": type("Arch", (), {"vocab_size": 1000})})()
 
-    def generate(self, prompts, sampling_params, use_tqdm=True):
+    def generate(self, prompts, sampling_params, use_tqdm=True, mode=None):
         outs = [fake_output(len(p), [len(p) + i for i in range(sp.max_tokens)], 0.01, 0.001, 0.02)
                 for p, sp in zip(prompts, sampling_params)]
-        spec = self.kwargs.get("num_speculative_tokens", 0) > 0
+        spec = mode != "ar" and self.kwargs.get("num_speculative_tokens", 0) > 0
         decode_tokens = sum(sp.max_tokens - 1 for sp in sampling_params)
         self.last_run_stats = FakeStats(0.01, 0.1 if spec else 0.2, decode_tokens, 4,
                                         2.5 if spec else None, [0.8, 0.6] if spec else [])
@@ -157,7 +159,7 @@ def test_run_benchmark_with_a_fake_engine(monkeypatch, tmp_path):
     config = parse_args(["--device", "cpu", "--random", "--input_len", "8", "--numseqs", "5", "--b", "2",
                          "--output_len", "6", "--ab", "ar,sync", "--json", str(tmp_path / "r.json")])
     result = runner.run_benchmark(config)
-    assert all(llm.shut for llm in built) and len(built) == 2
+    assert all(llm.shut for llm in built) and len(built) == 1  # one engine serves every arm
     assert built[1].kwargs["num_speculative_tokens"] == 6 and "fan_out" not in built[1].kwargs
     assert result["arms"]["ar"]["metrics"]["num_requests"] == 5
     assert result["ab"]["greedy_identical"] is True

@@ -10,9 +10,9 @@ What this expects from the engine (ssd.LLM):
   random-weight presets);
 - ``last_run_stats`` describing the latest generate() call; ``shutdown()``.
 
-One LLM is built per arm and all arms' LLMs stay alive together, so that A/B batches can be
-interleaved without reloading: an A/B run needs the memory of every arm at once. When the
-engine can switch speculation per call, the ar/sync arms could share one LLM instead.
+One LLM (target + draft when any arm speculates) serves every arm: `generate(..., mode=arm)`
+switches between autoregressive, sync and async decoding on the same loaded models, so A/B
+batches interleave without reloading and compare like with like.
 """
 from __future__ import annotations
 
@@ -57,16 +57,17 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
 def _run_with_llms(config: BenchConfig, target: str, prompts: list[Prompt], params: list,
                    batches: list[list[int]]) -> list[BatchRun]:
-    llms: dict[str, Any] = {}
+    draft = resolve_model(config.draft) if config.uses_spec else None
+    layout = next((arm for arm in config.arms if arm.async_spec), None) or \
+        next((arm for arm in config.arms if arm.spec), config.arms[0])
+    llm = build_llm(config, layout, target, draft)
+    prompts = engine_prompts(prompts, llm)
     try:
-        draft = resolve_model(config.draft) if config.uses_spec else None
-        for arm in config.arms:
-            llms[arm.name] = build_llm(config, arm, target, draft)
-        warm_up(llms, prompts, params, batches[0], config.warmup)
-        return run_schedule(llms, prompts, params, batches)
+        arms = {arm.name: llm for arm in config.arms}
+        warm_up(arms, prompts, params, batches[0], config.warmup)
+        return run_schedule(arms, prompts, params, batches)
     finally:
-        for llm in llms.values():
-            llm.shutdown()
+        llm.shutdown()
 
 
 def _finish(config: BenchConfig, runs: list[BatchRun]) -> dict[str, Any]:
@@ -98,6 +99,16 @@ def prepare_prompts(config: BenchConfig, target: str) -> list[Prompt]:
     if config.chat_template and isinstance(prompts[0], str):
         prompts = apply_chat_template(prompts, target)
     return prompts
+
+
+def engine_prompts(prompts: list[Prompt], llm: Any) -> list[Prompt]:
+    """Token-id prompts folded into the model's vocabulary; text for a tokenizer-less random-weights
+    preset becomes UTF-8 byte ids (realistic lengths; the content is irrelevant to random weights)."""
+    vocab = llm.runner.arch.vocab_size
+    if getattr(llm, "tokenizer", None) is None and prompts and isinstance(prompts[0], str):
+        logger.info("no tokenizer (random-weights preset): prompts encoded as UTF-8 bytes")
+        prompts = [list(p.encode("utf-8")) for p in prompts]
+    return [[t % vocab for t in p] if not isinstance(p, str) else p for p in prompts]
 
 
 def prompt_batches(num_prompts: int, batch_size: int) -> list[list[int]]:
@@ -139,9 +150,9 @@ def build_llm(config: BenchConfig, arm: Arm, target: str, draft: str | None) -> 
     return LLM(target, **kwargs)
 
 
-def timed_generate(llm: Any, prompts: Sequence[Prompt], params: Sequence) -> tuple[list, Any, float]:
+def timed_generate(llm: Any, prompts: Sequence[Prompt], params: Sequence, mode: str) -> tuple[list, Any, float]:
     start = time.perf_counter()
-    outputs = llm.generate(list(prompts), list(params), use_tqdm=False)
+    outputs = llm.generate(list(prompts), list(params), use_tqdm=False, mode=mode)
     wall_s = time.perf_counter() - start
     return outputs, copy.deepcopy(llm.last_run_stats), wall_s
 
@@ -150,7 +161,7 @@ def warm_up(llms: dict[str, Any], prompts: list[Prompt], params: list, batch: li
     for name, llm in llms.items():
         for _ in range(times):
             logger.info("warmup: arm %s", name)
-            llm.generate([prompts[i] for i in batch], [params[i] for i in batch], use_tqdm=False)
+            llm.generate([prompts[i] for i in batch], [params[i] for i in batch], use_tqdm=False, mode=name)
 
 
 def run_schedule(llms: dict[str, Any], prompts: list[Prompt], params: list,
@@ -161,7 +172,7 @@ def run_schedule(llms: dict[str, Any], prompts: list[Prompt], params: list,
     for batch_index, arm in tqdm(schedule, desc="benchmark", unit="batch"):
         batch = batches[batch_index]
         outputs, stats, wall_s = timed_generate(llms[arm], [prompts[i] for i in batch],
-                                                [params[i] for i in batch])
+                                                [params[i] for i in batch], mode=arm)
         runs.append(BatchRun(arm, batch_index, batch, list(outputs), stats, wall_s))
     return runs
 

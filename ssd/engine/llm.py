@@ -66,7 +66,12 @@ class LLM:
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
                  window_sizes: tuple[int, ...] = (), compile: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
-                 draft_temperature: float | None = None, draft_colocated: bool = False):
+                 draft_temperature: float | None = None, draft_colocated: bool = False,
+                 async_spec: bool = False, **async_options):
+        if async_spec or async_options:
+            raise NotImplementedError(
+                "asynchronous speculation (--async and its fan-out/backup/--x/profile options) is not "
+                f"implemented yet; got async_spec={async_spec}, options={sorted(async_options)}")
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
@@ -134,15 +139,27 @@ class LLM:
     # ---- generation ----
     def generate(self, prompts: list[str] | list[list[int]] | str,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, mode: str | None = None) -> list[RequestOutput]:
+        """mode: "ar" | "sync" (default with a draft) — one loaded engine serves both for A/B runs."""
+        decoder_mode = self.check_mode(mode)
         seqs = self.make_sequences(prompts, sampling_params)
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            self.decoder(on_finish=lambda s: bar.update(1)).run(seqs)
+            self.decoder(decoder_mode, on_finish=lambda s: bar.update(1)).run(seqs)
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
 
-    def decoder(self, on_finish) -> AutoregressiveDecoder:
-        if self.spec is None:
+    def check_mode(self, mode: str | None) -> str:
+        mode = mode or ("sync" if self.spec else "ar")
+        if mode not in ("ar", "sync", "async"):
+            raise ValueError(f"unknown decoding mode {mode!r}; use 'ar', 'sync' or 'async'")
+        if mode != "ar" and self.spec is None:
+            raise ValueError(f"mode {mode!r} needs a draft model (LLM(..., draft=...))")
+        if mode == "async":
+            raise NotImplementedError("asynchronous speculation is not implemented yet")
+        return mode
+
+    def decoder(self, mode: str, on_finish) -> AutoregressiveDecoder:
+        if mode == "ar":
             return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
         return SpeculativeDecoder(self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
                                   self.spec.draft_temperature, on_finish)
