@@ -160,7 +160,7 @@ def test_run_benchmark_with_a_fake_engine(monkeypatch, tmp_path):
                          "--output_len", "6", "--ab", "ar,sync", "--json", str(tmp_path / "r.json")])
     result = runner.run_benchmark(config)
     assert all(llm.shut for llm in built) and len(built) == 1  # one engine serves every arm
-    assert built[1].kwargs["num_speculative_tokens"] == 6 and "fan_out" not in built[1].kwargs
+    assert built[0].kwargs["num_speculative_tokens"] == 6 and "fan_out" not in built[0].kwargs
     assert result["arms"]["ar"]["metrics"]["num_requests"] == 5
     assert result["ab"]["greedy_identical"] is True
     assert result["ab"]["comparisons"]["sync/ar"]["decode"]["ratio"] == pytest.approx(2.0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ssd.engine.random import RandomStream, _mul_mod32, uniform_from_counters
+from ssd.engine.random import RandomStream, _mul_mod32, _row_hash, uniform_from_counters
 from ssd.engine.sampler import (
     SamplingTensors,
     derive_seed,
@@ -56,6 +56,14 @@ def test_mul_mod32_matches_python_integers() -> None:
     for constant in (0x7FEB352D, 0x846CA68B, 0x9E3779B9, 2**32 - 1):
         got = _mul_mod32(torch.tensor(xs, dtype=torch.int64), constant)
         assert got.tolist() == [(x * constant) % 2**32 for x in xs]
+
+
+def test_positions_of_one_stream_never_share_a_state() -> None:
+    counter = torch.arange(2**20, dtype=torch.int64) + 2**31
+    for seed in (0, -1, 2**40 + 3):
+        states = _row_hash(torch.full_like(counter, seed), counter, RandomStream.ACCEPT)
+        assert states.unique().numel() == counter.numel()
+        assert states.min() >= 0 and states.max() < 2**32
 
 
 def test_uniforms_are_float32_strictly_inside_unit_interval() -> None:

@@ -57,9 +57,16 @@ def _low_high_words(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _row_hash(seed: torch.Tensor, counter: torch.Tensor, salt: int) -> torch.Tensor:
-    """Absorb salt, seed and counter into one 32-bit state per element."""
+    """Absorb salt, seed and counter into one 32-bit state per element.
+
+    The counter's low word goes in last through a bijection, so for one (seed,
+    salt) the counters 0 .. 2**32 - 1 all get distinct states (no two positions
+    of a request ever share their random numbers).
+    """
+    seed_low, seed_high = _low_high_words(seed)
+    counter_low, counter_high = _low_high_words(counter)
     state = _mix32((salt & _MASK32) ^ _GOLDEN32)
-    for word in (*_low_high_words(seed), *_low_high_words(counter)):
+    for word in (seed_low, seed_high, counter_high, counter_low):
         state = _mix32(state ^ word)
     return state
 
