@@ -118,16 +118,25 @@ def test_default_cuda_run_is_llama_preset_with_reference_sizes():
     assert (config.numseqs, config.output_len, config.temp, config.k, config.f) == (128, 512, 0.0, 6, 3)
 
 
-def test_async_on_cuda_gives_one_gpu_to_the_draft():
+def test_spec_on_cuda_gives_the_draft_its_own_gpu_unless_colocated():
     config = parse_args(CUDA + ["--size", "70", "--gpus", "5", "--spec", "--async"])
     assert config.target_tp_size == 4 and config.arms[0].async_spec
-    assert parse_args(CUDA + ["--gpus", "4", "--spec"]).target_tp_size == 4
+    assert parse_args(CUDA + ["--gpus", "4", "--spec"]).target_tp_size == 3
+    colocated = parse_args(CUDA + ["--gpus", "4", "--spec", "--colocate"])
+    assert colocated.target_tp_size == 4 and colocated.arms[0].colocated
+    single = parse_args(CUDA + ["--gpus", "1", "--spec"])  # sync SD on one GPU: necessarily co-located
+    assert single.target_tp_size == 1 and single.arms[0].colocated
+
+
+def test_colocate_refused_for_async():
+    with pytest.raises(SystemExit):
+        parse_args(CUDA + ["--gpus", "2", "--spec", "--async", "--colocate"])
 
 
 def test_ab_arms_and_per_arm_tp():
     config = parse_args(CUDA + ["--gpus", "2", "--ab", "ar,sync,async"])
     assert config.ab and [a.name for a in config.arms] == ["ar", "sync", "async"]
-    assert [a.tp_size for a in config.arms] == [2, 2, 1]
+    assert [a.tp_size for a in config.arms] == [2, 1, 1]
     assert config.draft is not None
     assert [a.name for a in parse_args(CPU + ["--ab"]).arms] == ["sync", "async"]
 

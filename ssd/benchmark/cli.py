@@ -48,6 +48,7 @@ class Arm:
     spec: bool
     async_spec: bool
     tp_size: int  # target tensor-parallel size
+    colocated: bool = False  # draft on the target's first device, in target rank 0's process
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                        help="Total GPUs. Async mode on CUDA uses N-1 for the tensor-parallel "
                             "target and 1 for the draft; otherwise the target gets all N. "
                             "On CPU: tensor-parallel ranks of the target.")
+    group.add_argument("--colocate", action="store_true",
+                       help="Put the draft on the target's first GPU, in its process (the usual "
+                            "speculative-decoding layout) instead of a GPU of its own. Sync only.")
     group.add_argument("--eager", action="store_true", help="Disable CUDA graphs.")
     group.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="Weight/activation dtype; default: the engine's choice for the device.")
@@ -260,7 +264,7 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
     numseqs, output_len, warmup = DEVICE_DEFAULTS[device]
     return BenchConfig(
         target=target, draft=draft, family=family, device=device, gpus=ns.gpus,
-        arms=tuple(_make_arm(name, ns.gpus, device) for name in arm_names), ab=ns.ab is not None,
+        arms=tuple(_make_arm(name, ns.gpus, device, ns.colocate) for name in arm_names), ab=ns.ab is not None,
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp, eager=ns.eager,
@@ -301,10 +305,13 @@ def _arm_names(ns: argparse.Namespace) -> tuple[str, ...]:
     return names
 
 
-def _make_arm(name: str, gpus: int, device: str) -> Arm:
-    async_spec = name == "async"
-    draft_gpu = 1 if async_spec and device == "cuda" else 0
-    return Arm(name=name, spec=name != "ar", async_spec=async_spec, tp_size=gpus - draft_gpu)
+def _make_arm(name: str, gpus: int, device: str, colocate: bool) -> Arm:
+    """On CUDA a draft gets its own GPU (the one after the target's) unless co-located on the
+    target's first GPU: by --colocate, or necessarily for sync SD with --gpus 1."""
+    spec, async_spec = name != "ar", name == "async"
+    colocated = spec and (colocate or (device == "cuda" and gpus == 1 and not async_spec))
+    draft_gpu = 1 if spec and device == "cuda" and not colocated else 0
+    return Arm(name=name, spec=spec, async_spec=async_spec, tp_size=gpus - draft_gpu, colocated=colocated)
 
 
 # ---------------------------------------------------------------- checks
@@ -335,6 +342,8 @@ def _check_counts(ns: argparse.Namespace) -> None:
 
 
 def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str) -> None:
+    if ns.colocate and ns.async_spec:
+        raise ValueError("--colocate is for sync speculation: async needs the draft on its own GPU")
     if ns.async_spec and not ns.spec:
         raise ValueError("--async needs --spec (async is a mode of speculative decoding)")
     uses_spec = any(name != "ar" for name in arm_names)

@@ -132,7 +132,7 @@ def llm_kwargs(config: BenchConfig, arm: Arm, draft: str | None) -> dict[str, An
                   max_model_len=config.max_model_len, enforce_eager=config.eager, seed=config.seed)
     if arm.spec:
         kwargs.update(draft=draft, num_speculative_tokens=config.k, async_spec=arm.async_spec,
-                      **spec_options(config, arm))
+                      draft_colocated=arm.colocated, **spec_options(config, arm))
     return kwargs
 
 
