@@ -26,7 +26,7 @@ class RemoteDraft:
         self._send(ids, positions)
 
     def set_sampling(self, st: SamplingTensors) -> None:
-        self._command(DraftOp.SET_SAMPLING, st.batch_size, int(st.apply_filters))
+        self._command(DraftOp.SET_SAMPLING, st.batch_size, int(st.apply_filters) | 2 * int(st.all_greedy))
         self._send(st.temperature, st.top_p, st.top_k, st.seed)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:

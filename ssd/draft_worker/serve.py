@@ -29,6 +29,7 @@ class DraftServer:
         dist.recv(t, TARGET_RANK0)
         return t
 
+    @torch.inference_mode()
     def serve(self) -> None:
         while True:
             dist.recv(self.header, TARGET_RANK0)
@@ -43,7 +44,7 @@ class DraftServer:
         elif op == DraftOp.SET_SAMPLING:
             temperature, top_p = self.recv(a, torch.float32), self.recv(a, torch.float32)
             top_k, seed = self.recv(a), self.recv(a)
-            self.proposer.set_sampling(SamplingTensors(temperature, top_k, top_p, seed, bool(b)))
+            self.proposer.set_sampling(SamplingTensors(temperature, top_k, top_p, seed, bool(b & 1), bool(b & 2)))
         elif op == DraftOp.MOVE_SLOT:
             self.proposer.move_slot(a, b, c)
         elif op == DraftOp.PROPOSE:

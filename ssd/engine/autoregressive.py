@@ -30,6 +30,8 @@ class AutoregressiveDecoder:
         self.runner, self.stats, self.engine_seed = runner, stats, engine_seed
         self.on_finish = on_finish
         self.sampling: SamplingTensors | None = None
+        self.next_ids: torch.Tensor | None = None    # [B, 1] device-resident decode inputs,
+        self.positions: torch.Tensor | None = None   # [B, 1] valid while the batch is unchanged
 
     def run(self, seqs: list[Sequence]) -> None:
         waiting, running = deque(seqs), []
@@ -60,10 +62,15 @@ class AutoregressiveDecoder:
 
     def decode_step(self, running: list[Sequence]) -> None:
         start = time.perf_counter()
-        ids = torch.tensor([[s.last_token] for s in running])
-        positions = torch.tensor([[s.num_tokens - 1] for s in running])
-        logits = self.runner.forward(ids, positions, int(positions.max()))[:, -1]
-        self.stats.decode_tokens += self.append_sampled(running, logits, self.sampling_for(running, logits.device))
+        sampling = self.sampling_for(running, self.runner.device)
+        if self.next_ids is None:  # batch changed: rebuild the device-resident inputs once
+            self.next_ids = torch.tensor([[s.last_token] for s in running], device=self.runner.device)
+            self.positions = torch.tensor([[s.num_tokens - 1] for s in running], device=self.runner.device)
+        max_position = max(s.num_tokens for s in running) - 1
+        logits = self.runner.forward(self.next_ids, self.positions, max_position)[:, -1]
+        tokens = sample(logits, sampling, self.positions[:, 0] + 1)
+        self.next_ids, self.positions = tokens[:, None], self.positions + 1
+        self.stats.decode_tokens += sum(s.append([t]) for s, t in zip(running, tokens.tolist()))
         self.stats.num_rounds += 1
         self.stats.decode_time_s += time.perf_counter() - start
 
@@ -77,6 +84,7 @@ class AutoregressiveDecoder:
         """Cached while the running batch is unchanged (admit/retire reset it)."""
         if self.sampling is None or self.sampling.batch_size != len(seqs):
             self.sampling = self.build_sampling(seqs, device)
+            self.next_ids = None
         return self.sampling
 
     def build_sampling(self, seqs: list[Sequence], device: torch.device) -> SamplingTensors:

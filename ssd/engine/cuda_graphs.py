@@ -70,6 +70,7 @@ class GraphPool:
         g = self.graphs[self.bucket_for(batch), width, attend_len]
         g.input_ids[:batch].copy_(input_ids)
         g.positions[:batch].copy_(positions)
-        g.positions[batch:].zero_()
+        if batch < g.positions.shape[0]:
+            g.positions[batch:].zero_()
         g.graph.replay()
         return g.logits[:batch]

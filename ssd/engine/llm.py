@@ -137,6 +137,7 @@ class LLM:
         return self.runner.max_len
 
     # ---- generation ----
+    @torch.inference_mode()
     def generate(self, prompts: list[str] | list[list[int]] | str,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, mode: str | None = None) -> list[RequestOutput]:

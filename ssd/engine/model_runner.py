@@ -90,6 +90,7 @@ class ModelRunner:
         return self.run_forward(input_ids, positions, logits_index, first_slot, attend_len)
 
     # ---- rank-0 API ----
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int,
                 logits_index: torch.Tensor | None = None, first_slot: int = 0) -> torch.Tensor:
         """max_position: the largest entry of positions (known on the host by the caller)."""
@@ -102,6 +103,7 @@ class ModelRunner:
         self._share(input_ids, positions, logits_index)
         return self._forward_any(input_ids, positions, logits_index, first_slot, attend_len)
 
+    @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self._announce(OP_MOVE_SLOT, src, dst, length)
         self.kv.move_slot(src, dst, length)
@@ -122,6 +124,7 @@ class ModelRunner:
             if t is not None:
                 self.tp.broadcast_from_first(t)
 
+    @torch.inference_mode()
     def serve_commands(self) -> None:
         """Loop of ranks > 0: execute rank 0's commands until OP_STOP."""
         while True:

@@ -49,6 +49,7 @@ class SamplingTensors:
     top_p: torch.Tensor  # [B] float32; 1 means off
     seed: torch.Tensor  # [B] int64
     apply_filters: bool = True
+    all_greedy: bool = False  # host-side fact from the params: sampling reduces to argmax
 
     @classmethod
     def from_params(
@@ -80,6 +81,7 @@ class SamplingTensors:
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
             seed=torch.tensor(seed, dtype=torch.int64, device=device),
             apply_filters=any(k > 0 or p < 1.0 for k, p in zip(top_k, top_p)),
+            all_greedy=all(t == 0.0 for t in temperature),
         )
 
     def select_rows(self, rows: torch.Tensor) -> SamplingTensors:
@@ -90,6 +92,7 @@ class SamplingTensors:
             top_p=self.top_p[rows],
             seed=self.seed[rows],
             apply_filters=self.apply_filters,
+            all_greedy=self.all_greedy,
         )
 
     @property
@@ -184,4 +187,6 @@ def sample(
     salt: int = RandomStream.SAMPLE,
 ) -> torch.Tensor:
     """Sample tokens [B] int64 from logits [B, V]; greedy rows take the argmax."""
+    if st.all_greedy:
+        return logits.argmax(dim=-1)
     return sample_with_probs(logits, st, counter, salt)[0]

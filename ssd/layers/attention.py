@@ -33,8 +33,35 @@ def write_kv(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) ->
     cache[rows, :, positions] = new
 
 
+GROUPED_MAX_QUERIES = 16  # decode / verification windows; longer (prefill) goes to SDPA
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention for a few queries per sequence with grouped-query heads, as two batched matmuls:
+    no K/V head expansion and no fallback kernel (SDPA has none fast for GQA + mask).
+    q [B, T, Hq, D]; keys/values [B, Hkv, L, D]; mask [B, 1, T, L] -> [B, T, Hq*D]."""
+    batch, seq, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    q = q.view(batch, seq, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * seq, dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale          # [B, Hkv, G*T, L]
+    scores = scores.view(batch, kv_heads, group, seq, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, kv_heads, group * seq, -1)
+    out = torch.matmul(probs, values)                                          # [B, Hkv, G*T, D]
+    return out.view(batch, kv_heads, group, seq, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
+
+
+def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    batch, seq = q.shape[:2]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).reshape(batch, seq, -1)
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                     ctx: ForwardContext, scale: float) -> torch.Tensor:
+                     ctx: ForwardContext, scale: float, grouped=grouped_attention) -> torch.Tensor:
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq*D]."""
     batch, seq = q.shape[:2]
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
@@ -43,6 +70,5 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
     write_kv(v_cache, v, ctx.positions)
     keys = k_cache[:, :, : ctx.attended_len]
     values = v_cache[:, :, : ctx.attended_len]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.attn_mask,
-                                         scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).reshape(batch, seq, -1)
+    attend = grouped if seq <= GROUPED_MAX_QUERIES else sdpa_attention
+    return attend(q, keys, values, ctx.attn_mask, scale)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ssd.layers.attention import grouped_attention
 from ssd.layers.layernorm import add_rms_norm, rms_norm
 from ssd.layers.rotary import apply_rotary
 
@@ -29,11 +30,13 @@ class Kernels:
     add_rms_norm: Callable = add_rms_norm
     rotary_qk: Callable = rotary_qk
     silu_and_mul: Callable = silu_and_mul
+    grouped_attention: Callable = grouped_attention
 
     @classmethod
     def compiled(cls) -> "Kernels":
         fuse = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)  # noqa: E731
-        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rotary_qk), fuse(silu_and_mul))
+        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rotary_qk), fuse(silu_and_mul),
+                   fuse(grouped_attention))
 
 
 EAGER = Kernels()

@@ -37,7 +37,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.kernels.rotary_qk(q, k, *rope)
-        out = cached_attention(q, k, v, self.layer, ctx, self.head_dim ** -0.5)
+        out = cached_attention(q, k, v, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention)
         return self.o_proj(out)
 
 
