@@ -156,3 +156,13 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 
 def _at(tokens: Sequence[int], position: int) -> int | None:
     return int(tokens[position]) if position < len(tokens) else None
+
+
+def greedy_prefix_match_rate(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
+    """Share of the reference's tokens produced identically before the first divergence.
+    In bf16 on GPU a window forward and a one-token step round differently, so near-tied argmaxes
+    can flip; this is the number to report there (CPU fp32 runs must be exactly 1.0)."""
+    total = sum(len(a) for a in reference)
+    same = sum(_first_difference(list(a), list(b)) if _first_difference(list(a), list(b)) is not None
+               else len(a) for a, b in zip(reference, other))
+    return same / total if total else 1.0

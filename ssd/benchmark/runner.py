@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ssd.benchmark.ab import (compare_arms, first_output_mismatch, interleaved_schedule,
-                              per_batch_throughput)
+from ssd.benchmark.ab import (compare_arms, first_output_mismatch, greedy_prefix_match_rate,
+                              interleaved_schedule, per_batch_throughput)
 from ssd.benchmark.cli import Arm, BenchConfig, ModelRef
 from ssd.benchmark.datasets import Prompt, apply_chat_template, load_prompts
 from ssd.benchmark.results import (ArmResult, BatchRun, build_result, compute_metrics,
@@ -76,7 +76,8 @@ def _finish(config: BenchConfig, runs: list[BatchRun]) -> dict[str, Any]:
     logger.info("\n%s", format_summary({arm.name: arm.metrics for arm in arms},
                                        simulated=config.simulated_acceptance,
                                        comparisons=ab["comparisons"] if ab else None,
-                                       greedy_identical=ab["greedy_identical"] if ab else None))
+                                       greedy_identical=ab["greedy_identical"] if ab else None,
+                                       match_rates=ab["greedy_prefix_match_rate"] if ab else None))
     if config.json_path:
         logger.info("wrote %s", write_result_json(result, config.json_path))
     return result
@@ -198,5 +199,8 @@ def ab_report(config: BenchConfig, runs_by_arm: dict[str, list[BatchRun]],
         "comparisons": compare_arms(runs_by_arm, seed=config.seed),
         "per_batch_decode_tok_s": per_batch_throughput(runs_by_arm, "decode"),
         "greedy_identical": (mismatch is None) if checkable else None,
+        "greedy_prefix_match_rate": {arm.name: greedy_prefix_match_rate(
+            [o["token_ids"] for o in arms[0].outputs], [o["token_ids"] for o in arm.outputs])
+            for arm in arms[1:]} if checkable else None,
         "first_mismatch": asdict(mismatch) if checkable and mismatch else None,
     }

@@ -43,7 +43,8 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 
 def format_summary(arm_metrics: Mapping[str, Mapping[str, Any]], *, simulated: bool = False,
                    comparisons: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
-                   greedy_identical: bool | None = None, title: str = "SSD benchmark") -> str:
+                   greedy_identical: bool | None = None, title: str = "SSD benchmark",
+                   match_rates: dict[str, float] | None = None) -> str:
     """The table, then A/B ratio lines and the greedy-identity verdict when given."""
     heading = f"{title} (simulated acceptance)" if simulated else title
     table = _table(arm_metrics)
@@ -52,6 +53,8 @@ def format_summary(arm_metrics: Mapping[str, Mapping[str, Any]], *, simulated: b
     lines += _comparison_lines(comparisons or {})
     if greedy_identical is not None:
         lines.append(f"greedy outputs identical across arms: {'yes' if greedy_identical else 'NO'}")
+    for arm, rate in (match_rates or {}).items():
+        lines.append(f"greedy token match rate of {arm} vs the first arm (prefix before divergence): {rate:.3f}")
     return "\n".join(lines)
 
 

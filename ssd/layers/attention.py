@@ -27,12 +27,6 @@ def causal_mask(positions: torch.Tensor, attended_len: int) -> torch.Tensor:
     return (key_pos <= positions.unsqueeze(-1)).unsqueeze(1)
 
 
-def write_kv(cache: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
-    # cache [B, H, L, D] (this batch's slots); new [B, T, H, D]; positions [B, T]
-    rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
-    cache[rows, :, positions] = new
-
-
 GROUPED_MAX_QUERIES = 16  # decode / verification windows; longer (prefill) goes to SDPA
 
 
@@ -60,15 +54,12 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                     ctx: ForwardContext, scale: float, grouped=grouped_attention) -> torch.Tensor:
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq*D]."""
+def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
+                     grouped=grouped_attention) -> torch.Tensor:
+    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D]."""
     batch, seq = q.shape[:2]
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
-    k_cache, v_cache = ctx.k_caches[layer][rows], ctx.v_caches[layer][rows]
-    write_kv(k_cache, k, ctx.positions)
-    write_kv(v_cache, v, ctx.positions)
-    keys = k_cache[:, :, : ctx.attended_len]
-    values = v_cache[:, :, : ctx.attended_len]
+    keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
+    values = ctx.v_caches[layer][rows, :, : ctx.attended_len]
     attend = grouped if seq <= GROUPED_MAX_QUERIES else sdpa_attention
     return attend(q, keys, values, ctx.attn_mask, scale)

@@ -20,22 +20,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotary_qk(q, k, cos, sin):
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, first_slot: int, positions):
+    """Rotate q/k and write k/v into the full caches at their true positions; one fused kernel
+    when compiled. q [B,T,Hq,D]; k/v [B,T,Hkv,D]; caches [S,Hkv,L,D]; positions [B,T]."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    rows = first_slot + torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+    return q
 
 
 @dataclass(frozen=True)
 class Kernels:
     rms_norm: Callable = rms_norm
     add_rms_norm: Callable = add_rms_norm
-    rotary_qk: Callable = rotary_qk
+    rope_and_cache: Callable = rope_and_cache
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
 
     @classmethod
     def compiled(cls) -> "Kernels":
-        fuse = lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)  # noqa: E731
-        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rotary_qk), fuse(silu_and_mul),
+        # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
+        # capture: allow that many specialisations instead of falling back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        fuse = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731
+        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
                    fuse(grouped_attention))
 
 

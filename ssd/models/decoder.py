@@ -36,8 +36,9 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.kernels.rotary_qk(q, k, *rope)
-        out = cached_attention(q, k, v, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention)
+        q = self.kernels.rope_and_cache(q, k, v, *rope, ctx.k_caches[self.layer], ctx.v_caches[self.layer],
+                                        ctx.first_slot, ctx.positions)
+        out = cached_attention(q, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention)
         return self.o_proj(out)
 
 

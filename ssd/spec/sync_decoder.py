@@ -6,7 +6,9 @@ import time
 
 import torch
 
+from ssd.draft_worker.proposer import DraftProposer
 from ssd.engine.autoregressive import AutoregressiveDecoder, pad_prompts
+from ssd.engine.phase_clock import PhaseClock
 from ssd.engine.sampler import SamplingTensors
 from ssd.engine.sequence import Sequence
 from ssd.spec.verifier import verify
@@ -40,17 +42,21 @@ class SpeculativeDecoder(AutoregressiveDecoder):
     def decode_step(self, running: list[Sequence]) -> None:
         """One round: speculate → verify → commit."""
         start = time.perf_counter()
+        clock = PhaseClock(self.runner.device, use_events=isinstance(self.draft, DraftProposer))
+        clock.mark()
         target_sampling = self.sampling_for(running, self.runner.device)
         want_probs = self.sync_draft_sampling(running, target_sampling)
         lengths = torch.tensor([s.num_tokens for s in running])
         last = torch.tensor([s.last_token for s in running])
         prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
         proposal = self.draft.propose(prev, last, lengths, int(lengths.max()), want_probs)
-        drafted = time.perf_counter()
+        clock.mark()
         accepted, emitted = self.verify(running, proposal, last, lengths, target_sampling)
+        clock.mark()
         self.commit(running, accepted, emitted)
-        self.stats.draft_time_s += drafted - start
-        self.stats.verify_time_s += time.perf_counter() - drafted
+        draft_s, verify_s = clock.durations_s()
+        self.stats.draft_time_s += draft_s
+        self.stats.verify_time_s += verify_s
         self.stats.decode_time_s += time.perf_counter() - start
         self.stats.num_rounds += 1
 
