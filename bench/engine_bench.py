@@ -5,9 +5,10 @@
 Per preset (random bf16 weights at the real shapes) and per variant (compile / nocompile / eager):
 forward timing with CUDA events (decode T=1 and window T=8 at batch 1..16, context ~512), end-to-end
 greedy `generate` at B=1 and B=16, plus reference points: device copy bandwidth, a CUDA graph of the
-preset's plain linears (the cuBLAS GEMV streaming bound) and the SDPA backends for the engine's
-attention call. Every case is recorded (ok / error / skipped) and the JSON is rewritten after each one,
-so a run cut short still leaves its results. Cases are skipped once --budget-s is spent.
+preset's plain linears (the cuBLAS GEMV streaming bound) and one layer's attention (the engine's
+grouped-matmul path, eager and compiled, against SDPA's backends). Every case is recorded
+(ok / error / skipped) and the JSON is rewritten after each one, so a run cut short still leaves its
+results. Cases are skipped once --budget-s is spent.
 """
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ SCHEMA = "ssd-engine-bench/1"
 NOMINAL_BANDWIDTH = (("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
                      ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12))
 SDPA_BACKENDS = ("default", "MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION")
-SDPA_CELLS = ((1, 1), (16, 1), (1, 8), (16, 8))  # (batch, width)
-KERNEL_FUNCTIONS = ("rms_norm", "add_rms_norm", "rotary_qk", "silu_and_mul")
+ATTENTION_CELLS = ((1, 1), (16, 1), (1, 8), (16, 8))  # (batch, width)
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 Timer = Callable[[Callable[[], Any], int, int], list]  # (fn, warmup, iters) -> per-iteration ms
@@ -310,10 +310,15 @@ def make_timers(device: str) -> Timers:
 
 
 def free_device_memory() -> None:
+    """Best effort: after a sticky CUDA error even synchronize raises, and the run must go on."""
     gc.collect()
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    try:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    except Exception as exc:
+        log.warning("freeing device memory failed: %s: %s", type(exc).__name__, exc)
 
 
 def memory_snapshot() -> dict:
@@ -371,17 +376,32 @@ def linears_only(arch, batches: tuple[int, ...], device: str, dtype: torch.dtype
     return {"num_linears": len(shapes), "bytes": total, "per_batch": per_batch}
 
 
-def sdpa_call(arch, batch: int, width: int, attend_len: int, max_len: int, device: str, dtype: torch.dtype):
-    """The engine's attention call (ssd/layers/attention.py) on one layer, with its exact layouts."""
+def attention_inputs(arch, batch: int, width: int, attend_len: int, max_len: int, device: str,
+                     dtype: torch.dtype) -> dict:
+    """One layer's attention inputs with the engine's layouts: q [B,T,Hq,D]; keys/values sliced from a
+    slot cache [B,Hkv,max_len,D] to attend_len; causal mask [B,1,T,L] for positions near attend_len/2."""
     from ssd.layers.attention import causal_mask
     hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    q = torch.randn(batch, width, hq, d, dtype=dtype, device=device).transpose(1, 2)
     k_cache = torch.randn(batch, hkv, max_len, d, dtype=dtype, device=device)
     v_cache = torch.randn_like(k_cache)
     positions = (attend_len // 2 + torch.arange(width, device=device)).expand(batch, width)
-    mask = causal_mask(positions, attend_len)
-    keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
-    return lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
+    return {"q": torch.randn(batch, width, hq, d, dtype=dtype, device=device),
+            "keys": k_cache[:, :, :attend_len], "values": v_cache[:, :, :attend_len],
+            "mask": causal_mask(positions, attend_len), "scale": d ** -0.5}
+
+
+def attention_calls(inputs: dict, compiled_grouped) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (call, context): the engine's grouped-matmul path (eager and compiled) and SDPA with
+    enable_gqa + bool mask under each backend (the engine's prefill path)."""
+    from ssd.layers.attention import grouped_attention
+    q, keys, values, mask, scale = (inputs[k] for k in ("q", "keys", "values", "mask", "scale"))
+    sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,  # noqa: E731
+                                                  scale=scale, enable_gqa=True)
+    calls = {"grouped_eager": (lambda: grouped_attention(q, keys, values, mask, scale), contextlib.nullcontext),
+             "grouped_compiled": (lambda: compiled_grouped(q, keys, values, mask, scale), contextlib.nullcontext)}
+    for name in SDPA_BACKENDS:
+        calls[f"sdpa_{name}"] = (sdpa, lambda name=name: sdpa_backend_context(name))
+    return calls
 
 
 def sdpa_backend_context(name: str):
@@ -392,16 +412,18 @@ def sdpa_backend_context(name: str):
 
 
 @torch.inference_mode()
-def sdpa_probe(arch, cfg: BenchConfig, dtype: torch.dtype, timer: Timer) -> dict:
-    """Per cell and backend: one layer's attention time and x num_layers (per forward step)."""
+def attention_probe(arch, cfg: BenchConfig, dtype: torch.dtype, timer: Timer) -> dict:
+    """Per (batch, width) cell and implementation: one layer's attention ms and x num_layers (per step)."""
+    from ssd.layers.attention import grouped_attention
+    compiled_grouped = torch.compile(grouped_attention, dynamic=True)
     out = {}
-    for batch, width in SDPA_CELLS:
+    for batch, width in ATTENTION_CELLS:
         attend_len = attend_bucket(cfg.context + width, cfg.max_model_len)
-        call = sdpa_call(arch, batch, width, attend_len, cfg.max_model_len, cfg.device, dtype)
+        inputs = attention_inputs(arch, batch, width, attend_len, cfg.max_model_len, cfg.device, dtype)
         cell = {"attend_len": attend_len}
-        for name in SDPA_BACKENDS:
+        for name, (call, context) in attention_calls(inputs, compiled_grouped).items():
             try:
-                with sdpa_backend_context(name):
+                with context():
                     ms = summarize_ms(timer(call, 3, 20))["median_ms"]
                 cell[name] = {"ms": ms, "per_step_ms": ms * arch.num_layers}
             except Exception as exc:  # a backend that rejects these inputs is a result, not a failure
@@ -436,14 +458,14 @@ def build_llm(model: str, variant: Variant, cfg: BenchConfig):
 
 
 def dynamo_cache_entries() -> dict:
-    """Compiled variants per fused kernel (torch.compile fullgraph=True fails hard past the recompile limit)."""
+    """Compiled variants held per fused kernel of ssd.layers.kernels.Kernels (informative)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        from ssd.layers import kernels
-        return {name: len(_debug_get_cache_entry_list(getattr(kernels, name).__code__))
-                for name in KERNEL_FUNCTIONS}
-    except Exception as exc:  # private API: informative only
+        from ssd.layers.kernels import Kernels
+        return {f.name: len(_debug_get_cache_entry_list(f.default.__code__))
+                for f in dataclasses.fields(Kernels) if hasattr(f.default, "__code__")}
+    except Exception as exc:  # private API
         return {"error": repr(exc)}
 
 
@@ -573,18 +595,20 @@ def bench_variant(rec: Recorder, model: str, variant: Variant, cfg: BenchConfig,
         if llm is not None:
             model_cases(rec, llm, variant, cfg, timers, refs, labels)
     finally:
-        if llm is not None:
-            llm.shutdown()
+        with contextlib.suppress(Exception):
+            if llm is not None:
+                llm.shutdown()
         del llm
         release_model_state()
         rec.run("teardown", memory_snapshot, **labels)
 
 
 def release_model_state() -> None:
-    """Free the model's memory and drop torch.compile caches: the fused kernels are shared code objects,
-    so a second model's variants would count against the first's recompile limit."""
+    """Free the model's memory and drop torch.compile caches: the fused kernels are code objects shared
+    by every model, so without this the next model reuses (and adds to) the previous one's variants."""
     free_device_memory()
-    torch._dynamo.reset()
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
 
 
 def preset_reference(rec: Recorder, model: str, cfg: BenchConfig, timers: Timers, refs: Refs) -> None:
@@ -597,8 +621,8 @@ def preset_reference(rec: Recorder, model: str, cfg: BenchConfig, timers: Timers
     rec.run("linears_only", lambda: linears_only(model_arch, cfg.linear_batches, cfg.device, dtype,
                                                  timers.device, refs), preset=model)
     free_device_memory()
-    rec.run("sdpa_probe", lambda: sdpa_probe(model_arch, cfg, dtype, timers.device), preset=model)
-    free_device_memory()
+    rec.run("attention_probe", lambda: attention_probe(model_arch, cfg, dtype, timers.device), preset=model)
+    release_model_state()
 
 
 # ---------------------------------------------------------------- environment
@@ -662,16 +686,18 @@ def run_benchmark(cfg: BenchConfig, rec: Recorder) -> dict:
     timers = make_timers(cfg.device)
     rec.result.update(started=now_iso(), config=dataclasses.asdict(cfg), env=env_info(cfg.device))
     rec.write()
-    refs = device_refs(rec, cfg, timers)
-    for model in cfg.presets:
-        preset_reference(rec, model, cfg, timers, refs)
-    variants = {v.name: v for v in VARIANTS}
-    for name in cfg.variants:  # variant-major: the default variant of every preset comes first
+    try:
+        refs = device_refs(rec, cfg, timers)
         for model in cfg.presets:
-            bench_variant(rec, model, variants[name], cfg, timers, refs)
-    rec.result.update(summary=summarize_cases(rec.result["cases"], cfg.window), finished=now_iso(),
-                      total_s=round(rec.budget.elapsed(), 1))
-    rec.write()
+            preset_reference(rec, model, cfg, timers, refs)
+        variants = {v.name: v for v in VARIANTS}
+        for name in cfg.variants:  # variant-major: the default variant of every preset comes first
+            for model in cfg.presets:
+                bench_variant(rec, model, variants[name], cfg, timers, refs)
+    finally:  # whatever happened, leave a summary of what was measured
+        rec.result.update(summary=summarize_cases(rec.result["cases"], cfg.window), finished=now_iso(),
+                          total_s=round(rec.budget.elapsed(), 1))
+        rec.write()
     return rec.result
 
 

@@ -25,9 +25,10 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 class KVCache:
     def __init__(self, arch: ModelArch, tp_size: int, num_slots: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.num_slots, self.max_len = num_slots, max_len
-        shape = (num_slots, arch.num_kv_heads // tp_size, max_len, arch.head_dim)
+                 dtype: torch.dtype, device: torch.device, scratch_len: int = 0):
+        """Per slot: max_len committed positions, then scratch_len entries for tree branches."""
+        self.num_slots, self.max_len, self.scratch_len = num_slots, max_len, scratch_len
+        shape = (num_slots, arch.num_kv_heads // tp_size, max_len + scratch_len, arch.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
         log.info("KV cache: %d slots x %d tokens (%.2f GiB)", num_slots, max_len,

@@ -11,7 +11,7 @@ from ssd.distributed.tp_group import TPGroup
 from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
-from ssd.layers.attention import ForwardContext, causal_mask
+from ssd.layers.attention import ForwardContext, TreeContext, causal_mask
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.loading.checkpoint import load_checkpoint
 from ssd.loading.random_weights import init_random_weights
@@ -31,8 +31,10 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
     kernels = Kernels.compiled() if cfg.use_cuda_graphs and cfg.compile else EAGER
+    # tree branches run up to 2K positions past a window that itself fits in max_len
+    max_positions = cfg.max_len + 2 * max(cfg.window_sizes, default=1)
     with torch.device(device), _default_dtype(cfg.dtype):
-        model = CausalLM(arch, tp, max_positions=cfg.max_len, kernels=kernels)
+        model = CausalLM(arch, tp, max_positions=max_positions, kernels=kernels)
     if cfg.random_weights or is_preset(cfg.model):
         init_random_weights(model, cfg.seed, tp.rank)
     else:
@@ -62,7 +64,8 @@ class ModelRunner:
         self.arch.check_tensor_parallel(tp.size)
         self.model = build_model(cfg, self.arch, tp, self.device)
         self.max_len = fit_max_len(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype, self.device)
-        self.kv = KVCache(self.arch, tp.size, cfg.num_slots, self.max_len, cfg.dtype, self.device)
+        self.kv = KVCache(self.arch, tp.size, cfg.num_slots, self.max_len, cfg.dtype, self.device,
+                          cfg.scratch_len)
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         self.graphs = GraphPool(self, cfg) if cfg.use_cuda_graphs else None
 
@@ -78,6 +81,16 @@ class ModelRunner:
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
         return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def tree_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix_limit: torch.Tensor,
+                     tree: TreeContext, max_position: int) -> torch.Tensor:
+        """Branch step of the draft's speculation tree (single-rank draft only): input_ids/positions/
+        prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
+        Returns logits [B, N, V] (float32)."""
+        mask = causal_mask(prefix_limit, self.attend_bucket(max_position + 1))
+        ctx = ForwardContext(positions, mask, self.kv.k, self.kv.v, 0, tree)
+        return self.model.compute_logits(self.model(input_ids, ctx)).float()
 
     def attend_bucket(self, needed: int) -> int:
         """Cache positions a forward attends to: a power of two >= needed (few graph shapes)."""

@@ -17,6 +17,7 @@ class RunnerConfig:
     num_slots: int = 16               # max sequences resident at once
     max_len: int = 2048               # per-sequence KV capacity (prompt + output + speculation slack)
     window_sizes: tuple[int, ...] = ()  # multi-token forward widths to capture (1+K for verification)
+    scratch_len: int = 0              # per-slot KV entries for speculation-tree branches (draft only)
     enforce_eager: bool = False
     compile: bool = True
     seed: int = 0

@@ -8,17 +8,31 @@ import torch.nn.functional as F
 
 
 @dataclass
+class TreeContext:
+    """Branch queries of the draft's speculation tree: each sees its sequence's committed cache up to
+    its fork point plus its own earlier branch tokens, which live in the slot's scratch area."""
+    write_index: torch.Tensor      # [B, N] cache index where each query's k/v go (in the scratch area)
+    scratch_start: int             # first scratch index of a slot (= committed capacity)
+    scratch_mask: torch.Tensor     # [N, S] bool: query n sees scratch entry s
+
+
+@dataclass
 class ForwardContext:
     """Per-forward inputs shared by every layer (built once per forward, passed explicitly)."""
-    positions: torch.Tensor        # [B, T] int64, true position of each query token
-    attn_mask: torch.Tensor        # [B, 1, T, L] bool, which cache positions each query sees
-    k_caches: list[torch.Tensor]   # per layer [slots, kv_heads, max_len, head_dim]
+    positions: torch.Tensor        # [B, T] int64, true position of each query token (RoPE)
+    attn_mask: torch.Tensor        # [B, 1, T, L] bool, which committed cache positions each query sees
+    k_caches: list[torch.Tensor]   # per layer [slots, kv_heads, capacity, head_dim]
     v_caches: list[torch.Tensor]
     first_slot: int = 0            # batch row b uses slot first_slot + b
+    tree: TreeContext | None = None
 
     @property
     def attended_len(self) -> int:
         return self.attn_mask.shape[-1]
+
+    @property
+    def write_index(self) -> torch.Tensor:
+        return self.positions if self.tree is None else self.tree.write_index
 
 
 def causal_mask(positions: torch.Tensor, attended_len: int) -> torch.Tensor:
@@ -31,19 +45,33 @@ GROUPED_MAX_QUERIES = 16  # decode / verification windows; longer (prefill) goes
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """Attention for a few queries per sequence with grouped-query heads, as two batched matmuls:
-    no K/V head expansion and no fallback kernel (SDPA has none fast for GQA + mask).
-    q [B, T, Hq, D]; keys/values [B, Hkv, L, D]; mask [B, 1, T, L] -> [B, T, Hq*D]."""
+                      scale: float, keys2: torch.Tensor | None = None, values2: torch.Tensor | None = None,
+                      mask2: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention for a few queries per sequence with grouped-query heads, as batched matmuls:
+    no K/V head expansion and no fallback kernel (SDPA has none fast for GQA + mask). An optional
+    second key/value source (the tree's scratch) joins the same softmax without concatenating caches.
+    q [B, T, Hq, D]; keys/values [B, Hkv, L, D]; mask [B, 1, T, L]; keys2/values2 [B, Hkv, S, D];
+    mask2 [B or 1, 1, T, S] -> [B, T, Hq*D]."""
     batch, seq, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     q = q.view(batch, seq, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * seq, dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale          # [B, Hkv, G*T, L]
-    scores = scores.view(batch, kv_heads, group, seq, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    scores = _masked_scores(q, keys, mask, scale, group)                       # [B, Hkv, G, T, L]
+    if keys2 is not None:
+        scores = torch.cat([scores, _masked_scores(q, keys2, mask2, scale, group)], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, kv_heads, group * seq, -1)
-    out = torch.matmul(probs, values)                                          # [B, Hkv, G*T, D]
+    length = keys.shape[2]
+    out = torch.matmul(probs[..., :length], values)                            # [B, Hkv, G*T, D]
+    if keys2 is not None:
+        out = out + torch.matmul(probs[..., length:], values2)
     return out.view(batch, kv_heads, group, seq, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
+
+
+def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
+    batch, kv_heads = q.shape[:2]
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale          # [B, Hkv, G*T, L]
+    scores = scores.view(batch, kv_heads, group, mask.shape[-2], -1)
+    return scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
 
 
 def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -61,5 +89,9 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
     values = ctx.v_caches[layer][rows, :, : ctx.attended_len]
+    if ctx.tree is not None:
+        scratch = slice(ctx.tree.scratch_start, ctx.tree.scratch_start + ctx.tree.scratch_mask.shape[-1])
+        return grouped(q, keys, values, ctx.attn_mask, scale, ctx.k_caches[layer][rows, :, scratch],
+                       ctx.v_caches[layer][rows, :, scratch], ctx.tree.scratch_mask[None, None])
     attend = grouped if seq <= GROUPED_MAX_QUERIES else sdpa_attention
     return attend(q, keys, values, ctx.attn_mask, scale)
