@@ -1,16 +1,20 @@
-"""End-to-end Slurm test: a real single-node Slurm cluster (Debian's slurm-wlm daemons) is started
-inside the test, scripts/slurm/cpu_smoke.sbatch is submitted to it with `sbatch --wait`, and the
-bench JSON the job writes is checked.
+"""Slurm tests.
 
-Everything lives in a temporary directory: a generated slurm.conf with ports chosen free at run
-time, the state/spool directories, and (when munge is used) a private munged with a fresh key on
-its own socket. Nothing under /etc is read or written and no system daemon is touched. The test
-skips when the Slurm binaries are missing (`.ci/run` installs them from apt).
+End to end: a real single-node Slurm cluster (Debian's slurm-wlm daemons) is started inside the
+test, scripts/slurm/cpu_smoke.sbatch is submitted to it with `sbatch --wait`, and the bench JSON the
+job writes is checked. Everything lives in a temporary directory: a generated slurm.conf with ports
+chosen free at run time, the state/spool directories and (with munge) a private munged with a
+fresh key on its own socket. Nothing under /etc is read or written and no system daemon is touched;
+root is not needed. Without the Slurm binaries the test skips, or fails when SSD_REQUIRE_SLURM=1
+(`.ci/run` installs Slurm from apt and sets it).
 
 Authentication: munge when `munged` is installed (Debian's slurmctld/slurmd depend on it), else
-auth/none when the installed Slurm still ships that plugin (it was removed in Slurm 23.11).
-Override with SSD_TEST_SLURM_AUTH=munge|none. Process tracking is proctrack/linuxproc and
-task/none, so no cgroup setup (cgroup.conf, delegated cgroup v2 controllers) is needed.
+auth/none if the installed Slurm still ships that plugin (newer releases dropped it); override with
+SSD_TEST_SLURM_AUTH=munge|none. Process tracking is proctrack/linuxproc with task/none, so no cgroup
+setup (cgroup.conf, delegated cgroup v2 controllers) is needed.
+
+Without a cluster: the GPU sbatch scripts run with stub `python`/`scontrol`/`srun`, and the bench
+command lines they build must parse with the real bench CLI (two-node: rendezvous from Slurm).
 """
 from __future__ import annotations
 
@@ -298,3 +302,82 @@ def test_cpu_smoke_job_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path:
     assert result["metrics"]["decode_tok_s"] > 0, context
     assert len(result["outputs"]) == 2, context
     assert all(len(o["token_ids"]) == 8 for o in result["outputs"]), context
+
+
+# ---------------------------------------------------------------- the GPU scripts, without GPUs
+# Each GPU sbatch script runs with a stub interpreter (records bench.py's argv) and, for the
+# two-node script, stub scontrol/srun; the recorded command must parse with the real bench CLI.
+
+STUB_PYTHON = """#!/bin/bash
+if [[ "${1:-}" == bench/bench.py ]]; then printf '%s\\n' "$@" > "$RESULTS_DIR/argv"; fi
+"""
+STUB_SCONTROL = "#!/bin/bash\nprintf 'gpu-a\\ngpu-b\\n'\n"
+STUB_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$RESULTS_DIR/srun_argv"
+env | grep -E '^(MASTER_ADDR|MASTER_PORT|SLURM_HOSTFILE|NCCL_SOCKET_IFNAME)=' > "$RESULTS_DIR/srun_env"
+"""
+GPU_SCRIPTS = ("ssd_h100_llama70b.sbatch", "ssd_h100_qwen32b.sbatch", "ssd_ab.sbatch", "ssd_two_node.sbatch")
+
+
+def write_stub(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_script_with_stubs(script: str, tmp_path: Path, job_id: int, **env_overrides) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stub(bin_dir / "scontrol", STUB_SCONTROL)
+    write_stub(bin_dir / "srun", STUB_SRUN)
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SSD_", "MASTER_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SSD_REPO=str(REPO), RESULTS_DIR=str(results),
+               PYTHON=str(write_stub(tmp_path / "python", STUB_PYTHON)), SLURM_JOB_ID=str(job_id),
+               SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_CPUS_PER_TASK="8", **env_overrides)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / script)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=COMMAND_TIMEOUT_S)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return results
+
+
+def recorded_bench_argv(results: Path) -> list[str]:
+    srun = results / "srun_argv"
+    if srun.is_file():  # two-node: everything after the per-task wrapper's "$0"
+        lines = srun.read_text().splitlines()
+        lines = lines[lines.index("ssd-rank") + 1:]
+        assert lines[0].endswith("python"), lines
+        return lines[1:]
+    return (results / "argv").read_text().splitlines()
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_script_builds_a_valid_bench_command(script: str, tmp_path: Path):
+    from ssd.benchmark.cli import parse_args
+    results = run_script_with_stubs(script, tmp_path, job_id=123456)
+    argv = recorded_bench_argv(results)
+    assert argv[0] == "bench/bench.py"
+    config = parse_args(argv[1:] + ["--device", "cuda"])  # exits (SystemExit) if the CLI rejects it
+    assert config.random_weights and argv[argv.index("--json") + 1].startswith(str(results))
+    assert config.target_tp_size == config.gpus - 1, "the last GPU is the draft's"
+    assert (results / "command.txt").is_file() and (results / "environment.txt").is_file()
+
+
+def test_gpu_script_uses_real_checkpoints_when_given(tmp_path: Path):
+    results = run_script_with_stubs("ssd_h100_llama70b.sbatch", tmp_path, job_id=7,
+                                    MODEL_DIR="/ckpt/target", DRAFT_DIR="/ckpt/draft")
+    argv = recorded_bench_argv(results)
+    assert argv[argv.index("--target") + 1] == "/ckpt/target"
+    assert argv[argv.index("--draft-path") + 1] == "/ckpt/draft"
+    assert "--random-weights" not in argv and "--size" not in argv
+
+
+def test_two_node_rendezvous_comes_from_slurm(tmp_path: Path):
+    job_id = 987654
+    results = run_script_with_stubs("ssd_two_node.sbatch", tmp_path, job_id=job_id)
+    env = dict(line.split("=", 1) for line in (results / "srun_env").read_text().splitlines())
+    assert env["MASTER_ADDR"] == "gpu-a"
+    assert env["MASTER_PORT"] == str(10000 + job_id % 50000)
+    assert Path(env["SLURM_HOSTFILE"]).read_text().split() == ["gpu-a"] * 4 + ["gpu-b"]
+    srun = (results / "srun_argv").read_text().splitlines()
+    assert "--ntasks=5" in srun and "--distribution=arbitrary" in srun

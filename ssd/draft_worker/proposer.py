@@ -7,13 +7,19 @@ import torch
 
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
-from ssd.engine.sampler import SamplingTensors, sample_with_probs
+from ssd.spec.saguaro import saguaro_probs
+from ssd.engine.sampler import SamplingTensors, probs_from_logits, sample_from_weights, sample_with_probs
 
 
 @dataclass
 class Proposal:
     tokens: torch.Tensor         # [B, K] int64
     probs: torch.Tensor | None   # [B, K, V] float32: the distribution each token was drawn from
+
+
+def draft_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: int, c: float) -> torch.Tensor:
+    """What the draft samples from: its filtered distribution, Saguaro-rescaled on its top-F."""
+    return saguaro_probs(probs_from_logits(logits, sampling), top_f, c)
 
 
 class DraftProposer:
@@ -23,8 +29,11 @@ class DraftProposer:
     (`prev`, `last`); the round's first forward (width 2) rewrites `prev` — harmless, same values —
     so that the case "all K accepted" (whose last draft token was never fed) needs no special path."""
 
-    def __init__(self, runner: ModelRunner, k: int):
+    def __init__(self, runner: ModelRunner, k: int, saguaro_c: float = 1.0,
+                 saguaro_fanout: tuple[int, ...] | None = None):
+        """saguaro_fanout: per position, the F whose top tokens Saguaro sampling scales by C."""
         self.runner, self.k = runner, k
+        self.saguaro_c, self.saguaro_fanout = saguaro_c, saguaro_fanout
         self.sampling: SamplingTensors | None = None
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
@@ -48,14 +57,17 @@ class DraftProposer:
                                      horizon)[:, -1]
         tokens, probs = [], []
         for i in range(self.k):
-            token, p = self.pick(logits, lengths + i, want_probs)
+            token, p = self.pick(logits, lengths + i, want_probs, i)
             tokens.append(token)
             probs.append(p)
             if i + 1 < self.k:
                 logits = self.runner.forward(token[:, None], (lengths + i)[:, None], horizon)[:, -1]
         return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if want_probs else None)
 
-    def pick(self, logits: torch.Tensor, counter: torch.Tensor, want_probs: bool):
+    def pick(self, logits: torch.Tensor, counter: torch.Tensor, want_probs: bool, position: int):
         if not want_probs:
             return logits.argmax(-1), None
-        return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT)
+        if self.saguaro_c >= 1.0 or self.saguaro_fanout is None:
+            return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT)
+        q = draft_distribution(logits, self.sampling, self.saguaro_fanout[position], self.saguaro_c)
+        return sample_from_weights(q, self.sampling.seed, counter, RandomStream.DRAFT), q

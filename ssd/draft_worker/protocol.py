@@ -15,3 +15,6 @@ class DraftOp(IntEnum):
     PROPOSE = 3       # header: B, max_length, want_probs   then prev/last/lengths [3, B]; reply tokens [B,K] (+probs [B,K,V])
     MOVE_SLOT = 4     # header: src, dst, length
     STOP = 5
+    SPECULATE = 6     # async: like PROPOSE, then the draft builds the speculation cache for it
+    OUTCOME = 7       # async, header: B, max_length, want_probs   then accepted/recovered/prev/lengths [4, B];
+                      # reply hit [B], tokens [B,K] (+probs), timings [3] f64; then the draft builds the next cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ssd.draft_worker.async_draft import AsyncReply
 from ssd.draft_worker.proposer import Proposal
 from ssd.draft_worker.protocol import HEADER_LEN, DraftOp
 from ssd.engine.sampler import SamplingTensors
@@ -36,13 +37,31 @@ class RemoteDraft:
         self._command(DraftOp.STOP)
 
     def propose(self, prev, last, lengths, max_length: int, want_probs: bool) -> Proposal:
-        batch = prev.shape[0]
-        self._command(DraftOp.PROPOSE, batch, max_length, int(want_probs))
+        self._command(DraftOp.PROPOSE, prev.shape[0], max_length, int(want_probs))
         self._send(torch.stack([prev, last, lengths]))
-        tokens = torch.empty((batch, self.k), dtype=torch.int64, device=self.device)
-        dist.recv(tokens, self.rank)
-        probs = None
-        if want_probs:
-            probs = torch.empty((batch, self.k, self.vocab_size), dtype=torch.float32, device=self.device)
-            dist.recv(probs, self.rank)
+        return self._recv_proposal(prev.shape[0], want_probs)
+
+    def speculate(self, prev, last, lengths, max_length: int, want_probs: bool) -> AsyncReply:
+        self._command(DraftOp.SPECULATE, prev.shape[0], max_length, int(want_probs))
+        self._send(torch.stack([prev, last, lengths]))
+        return self._recv_reply(prev.shape[0], want_probs)
+
+    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool) -> AsyncReply:
+        self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs))
+        self._send(torch.stack([accepted, recovered, prev, lengths]))
+        return self._recv_reply(prev.shape[0], want_probs)
+
+    def _recv(self, shape, dtype=torch.int64) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(t, self.rank)
+        return t
+
+    def _recv_proposal(self, batch: int, want_probs: bool) -> Proposal:
+        tokens = self._recv((batch, self.k))
+        probs = self._recv((batch, self.k, self.vocab_size), torch.float32) if want_probs else None
         return Proposal(tokens, probs)
+
+    def _recv_reply(self, batch: int, want_probs: bool) -> AsyncReply:
+        hit = self._recv(batch).bool()
+        proposal = self._recv_proposal(batch, want_probs)
+        return AsyncReply(proposal, hit, self._recv(3, torch.float64).cpu())

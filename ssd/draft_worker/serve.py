@@ -7,7 +7,10 @@ import torch
 import torch.distributed as dist
 
 from ssd.distributed.tp_group import TPGroup
+from ssd.draft_worker.async_draft import AsyncDraft, AsyncReply
 from ssd.draft_worker.proposer import DraftProposer
+from ssd.draft_worker.tree import TreeBuilder
+from ssd.spec.spec_config import AsyncSpecConfig
 from ssd.draft_worker.protocol import HEADER_LEN, DraftOp
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
@@ -19,8 +22,9 @@ TARGET_RANK0 = 0
 
 
 class DraftServer:
-    def __init__(self, proposer: DraftProposer):
-        self.proposer = proposer
+    def __init__(self, proposer: DraftProposer, async_draft: AsyncDraft | None = None):
+        self.proposer, self.async_draft = proposer, async_draft
+        self.state = async_draft or proposer  # owner of prefill / move_slot
         self.device = proposer.runner.device
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
 
@@ -40,24 +44,46 @@ class DraftServer:
 
     def handle(self, op: DraftOp, a: int, b: int, c: int) -> None:
         if op == DraftOp.PREFILL:
-            self.proposer.prefill(self.recv((a, b)), self.recv((a, b)), c)
+            self.state.prefill(self.recv((a, b)), self.recv((a, b)), c)
         elif op == DraftOp.SET_SAMPLING:
             temperature, top_p = self.recv(a, torch.float32), self.recv(a, torch.float32)
             top_k, seed = self.recv(a), self.recv(a)
             self.proposer.set_sampling(SamplingTensors(temperature, top_k, top_p, seed, bool(b & 1), bool(b & 2)))
         elif op == DraftOp.MOVE_SLOT:
-            self.proposer.move_slot(a, b, c)
+            self.state.move_slot(a, b, c)
         elif op == DraftOp.PROPOSE:
             prev, last, lengths = self.recv((3, a))
             proposal = self.proposer.propose(prev, last, lengths, b, bool(c))
-            dist.send(proposal.tokens.contiguous(), TARGET_RANK0)
-            if proposal.probs is not None:
-                dist.send(proposal.probs.contiguous(), TARGET_RANK0)
+            self.send_proposal(proposal)
+        elif op == DraftOp.SPECULATE:
+            prev, last, lengths = self.recv((3, a))
+            self.send_reply(self.async_draft.speculate(prev, last, lengths, b, bool(c)))
+            self.async_draft.build_cache(b)
+        elif op == DraftOp.OUTCOME:
+            accepted, recovered, prev, lengths = self.recv((4, a))
+            self.send_reply(self.async_draft.outcome(accepted, recovered, prev, lengths, b, bool(c)))
+            self.async_draft.build_cache(b)
+
+    def send_proposal(self, proposal) -> None:
+        dist.send(proposal.tokens.contiguous(), TARGET_RANK0)
+        if proposal.probs is not None:
+            dist.send(proposal.probs.contiguous(), TARGET_RANK0)
+
+    def send_reply(self, reply: AsyncReply) -> None:
+        dist.send(reply.hit.to(torch.int64), TARGET_RANK0)
+        self.send_proposal(reply.proposal)
+        dist.send(reply.timings.to(self.device), TARGET_RANK0)
 
 
-def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int) -> None:
+def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecConfig | None = None) -> None:
     """`tp` is the draft's own (single-rank) group; the world group carries the p2p traffic."""
-    proposer = DraftProposer(ModelRunner(cfg, tp), k)
-    log.info("draft worker ready on %s", proposer.runner.device)
-    DraftServer(proposer).serve()
+    runner = ModelRunner(cfg, tp)
+    if async_spec is None:
+        proposer, async_draft = DraftProposer(runner, k), None
+    else:
+        proposer = DraftProposer(runner, k, async_spec.saguaro_c, async_spec.shape.fanout_miss)
+        async_draft = AsyncDraft(proposer, TreeBuilder(runner, async_spec.shape, async_spec.saguaro_c),
+                                 async_spec.backup)
+    log.info("draft worker ready on %s%s", runner.device, " (async speculation)" if async_draft else "")
+    DraftServer(proposer, async_draft).serve()
     log.info("draft worker stopping")

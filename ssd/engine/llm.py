@@ -20,7 +20,8 @@ from ssd.engine.stats import GenerationStats
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
-from ssd.spec.spec_config import SpecConfig
+from ssd.spec.async_decoder import AsyncSpeculativeDecoder
+from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig
 from ssd.spec.sync_decoder import SpeculativeDecoder
 from ssd.target_worker.serve import serve_target_rank
 
@@ -68,20 +69,20 @@ class LLM:
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
                  async_spec: bool = False, **async_options):
-        if async_spec or async_options:
-            raise NotImplementedError(
-                "asynchronous speculation (--async and its fan-out/backup/--x/profile options) is not "
-                f"implemented yet; got async_spec={async_spec}, options={sorted(async_options)}")
+        """async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
+        acceptance, miss_exponent, backup, sampler_x — see ssd.spec.spec_config.AsyncSpecConfig."""
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
+        self.async_spec = self.make_async_config(async_spec, async_options)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
         self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
                                 max_len=max_model_len or 2048, window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, seed=seed, timeout_s=timeout_s)
-        self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft)) if self.spec else None
+        self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec) \
+            if self.spec else None
         self.seed = seed
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.last_run_stats = GenerationStats()
@@ -96,6 +97,18 @@ class LLM:
             raise
         self._closed = False
         self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
+
+    def make_async_config(self, async_spec: bool, options: dict) -> AsyncSpecConfig | None:
+        if not async_spec:
+            if options:
+                raise ValueError(f"options {sorted(options)} need async_spec=True")
+            return None
+        if self.spec is None:
+            raise ValueError("async speculation needs a draft model and num_speculative_tokens")
+        if self.spec.colocated:
+            raise ValueError("async speculation runs the draft in its own process (own GPU): "
+                             "it cannot be co-located")
+        return AsyncSpecConfig.create(self.spec.k, **options)
 
     def check_draft_compatible(self) -> None:
         if self.draft_cfg is None:
@@ -112,7 +125,7 @@ class LLM:
     def roles(self) -> list[Role]:
         roles = [Role(f"tp{r}", serve_target_rank, (self.cfg,)) for r in range(1, self.cfg.tp_size)]
         if self.has_remote_draft:
-            roles.append(Role("draft", serve_draft, (self.draft_cfg, self.spec.k)))
+            roles.append(Role("draft", serve_draft, (self.draft_cfg, self.spec.k, self.async_spec)))
         return roles
 
     def _start_group(self) -> SpawnedGroup:
@@ -150,20 +163,21 @@ class LLM:
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
 
     def check_mode(self, mode: str | None) -> str:
-        mode = mode or ("sync" if self.spec else "ar")
+        mode = mode or ("async" if self.async_spec else "sync" if self.spec else "ar")
         if mode not in ("ar", "sync", "async"):
             raise ValueError(f"unknown decoding mode {mode!r}; use 'ar', 'sync' or 'async'")
         if mode != "ar" and self.spec is None:
             raise ValueError(f"mode {mode!r} needs a draft model (LLM(..., draft=...))")
-        if mode == "async":
-            raise NotImplementedError("asynchronous speculation is not implemented yet")
+        if mode == "async" and self.async_spec is None:
+            raise ValueError("mode 'async' needs LLM(..., async_spec=True)")
         return mode
 
     def decoder(self, mode: str, on_finish) -> AutoregressiveDecoder:
         if mode == "ar":
             return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
-        return SpeculativeDecoder(self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
-                                  self.spec.draft_temperature, on_finish)
+        decoder = AsyncSpeculativeDecoder if mode == "async" else SpeculativeDecoder
+        return decoder(self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
+                       self.spec.draft_temperature, on_finish)
 
     def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
         prompts = self._as_list(prompts)

@@ -17,7 +17,29 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
-    cache_hit_rate: float | None = None
+    # asynchronous speculation
+    cache_hits: int = 0
+    cache_lookups: int = 0
+    hit_rows: int = 0               # sequence-rounds whose speculation came from the cache ...
+    hit_tokens: int = 0             # ... and the tokens they produced
+    miss_rows: int = 0
+    miss_tokens: int = 0
+    accepted_histogram: list[int] = field(default_factory=list)   # [K+1] rounds with j accepted
+    target_wait_s: float = 0.0      # rank 0 waiting for the draft's reply after verifying
+    draft_wait_s: float = 0.0       # the draft idle between finishing its cache and the outcome
+    backup_time_s: float = 0.0
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        return self.cache_hits / self.cache_lookups if self.cache_lookups else None
+
+    @property
+    def tokens_per_round_on_hit(self) -> float | None:
+        return self.hit_tokens / self.hit_rows if self.hit_rows else None
+
+    @property
+    def tokens_per_round_on_miss(self) -> float | None:
+        return self.miss_tokens / self.miss_rows if self.miss_rows else None
 
     @property
     def decode_tok_s(self) -> float:

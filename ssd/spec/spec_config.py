@@ -6,6 +6,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssd.engine.runner_config import RunnerConfig
+from ssd.spec.fanout import geometric_fanout, parse_fanout_list, uniform_fanout
+
+
+@dataclass(frozen=True)
+class AsyncSpecConfig:
+    """Asynchronous speculation (Saguaro): the draft's cache shape, Saguaro constant and backup."""
+    shape: "TreeShape"
+    saguaro_c: float = 1.0
+    backup: str = "jit"
+
+    @classmethod
+    def create(cls, k: int, fan_out: int = 3, fan_out_list=None, fan_out_list_miss=None,
+               fan_out_shape: str = "uniform", acceptance: float = 0.8, miss_exponent: float = 1.0,
+               backup: str = "jit", sampler_x: float = 1.0) -> "AsyncSpecConfig":
+        from ssd.draft_worker.tree import TreeShape
+        if not 0 < sampler_x <= 1:
+            raise ValueError(f"Saguaro constant C (--x) must lie in (0, 1], got {sampler_x}")
+        if backup not in ("jit", "fast", "auto"):
+            raise ValueError(f"backup must be jit, fast or auto, got {backup!r}")
+        hit = fanout_list(k, fan_out, fan_out_list, fan_out_shape, acceptance, miss_exponent)
+        miss = parse_fanout_list(fan_out_list_miss, k) if fan_out_list_miss is not None else hit
+        return cls(TreeShape(k, hit, miss), sampler_x, backup)
+
+
+def fanout_list(k: int, fan_out: int, explicit, shape: str, acceptance: float, miss_exponent: float):
+    if explicit is not None:
+        return parse_fanout_list(explicit, k)
+    if shape == "geometric":  # same budget as the uniform list, allocated by DESIGN.md §5
+        return geometric_fanout(fan_out * (k + 1), k, acceptance, miss_exponent)
+    if shape != "uniform":
+        raise ValueError(f"fan-out shape must be uniform or geometric, got {shape!r}")
+    return uniform_fanout(fan_out, k)
 
 
 @dataclass(frozen=True)
@@ -28,8 +60,11 @@ class SpecConfig:
             raise ValueError(f"draft temperature must be >= 0, got {draft_temperature}")
         return cls(draft, k, draft_temperature, colocated)
 
-    def runner_config(self, target: RunnerConfig, checkpoint: Path | None) -> RunnerConfig:
-        """The draft runs at TP=1: on the GPU after the target group's, or on the target's first."""
+    def runner_config(self, target: RunnerConfig, checkpoint: Path | None,
+                      async_spec: AsyncSpecConfig | None = None) -> RunnerConfig:
+        """The draft runs at TP=1: on the GPU after the target group's, or on the target's first.
+        Async: it also forwards the K+1 window and keeps scratch KV for the tree's branches."""
         first_gpu = target.first_gpu + (0 if self.colocated else target.tp_size)
+        windows, scratch = ((2,), 0) if async_spec is None else ((2, self.k + 1), async_spec.shape.scratch_len)
         return dataclasses.replace(target, model=str(checkpoint or self.draft), tp_size=1, first_gpu=first_gpu,
-                                   window_sizes=(2,), seed=target.seed + 1)
+                                   window_sizes=windows, scratch_len=scratch, seed=target.seed + 1)

@@ -69,7 +69,7 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         result = verify(draft_tokens, proposal.probs, logits, sampling, lengths.to(device))
         return result.num_accepted.tolist(), result.output_tokens.tolist()
 
-    def commit(self, running: list[Sequence], accepted: list[int], emitted: list[list[int]]) -> None:
+    def commit(self, running: list[Sequence], accepted: list[int], emitted: list[list[int]]):
         for seq, n, tokens in zip(running, accepted, emitted):
             self.stats.decode_tokens += seq.append(tokens[: n + 1])
             self.stats.num_accepted += n

@@ -1,0 +1,119 @@
+"""Draft side of asynchronous speculation: answer an outcome from the speculation cache (hit) or the
+backup (miss), then build the next cache while the target verifies what was just sent."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ssd.draft_worker.proposer import DraftProposer, Proposal
+from ssd.draft_worker.tree import SpeculationCache, TreeBuilder
+from ssd.spec.ngram import ngram_propose
+from ssd.spec.verifier import one_hot_probs
+
+BACKUPS = ("jit", "fast", "auto")
+
+
+@dataclass
+class AsyncReply:
+    proposal: Proposal
+    hit: torch.Tensor          # [B] bool: the proposal came from the cache
+    timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
+
+
+class TokenHistory:
+    """Committed tokens per slot, kept by the draft itself for the n-gram (`fast`) backup."""
+
+    def __init__(self, num_slots: int, max_len: int, device: torch.device):
+        self.tokens = torch.zeros((num_slots, max_len), dtype=torch.int64, device=device)
+
+    def write_prompts(self, ids: torch.Tensor, first_slot: int) -> None:
+        self.tokens[first_slot:first_slot + ids.shape[0], : ids.shape[1]] = ids.to(self.tokens.device)
+
+    def write_round(self, window: torch.Tensor, lengths: torch.Tensor, accepted: torch.Tensor,
+                    recovered: torch.Tensor) -> None:
+        """window [B, K+1] verified from position lengths-1: its drafts d1..dK land at lengths..;
+        entries past the accepted ones are stale and overwritten below or later."""
+        batch, width = window.shape
+        rows = torch.arange(batch, device=window.device)
+        positions = (lengths[:, None] + torch.arange(width - 1, device=window.device)).clamp(max=self.tokens.shape[1] - 1)
+        self.tokens[rows[:, None], positions] = window[:, 1:]
+        self.tokens[rows, (lengths + accepted).clamp(max=self.tokens.shape[1] - 1)] = recovered
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self.tokens[dst] = self.tokens[src]
+
+
+class AsyncDraft:
+    def __init__(self, proposer: DraftProposer, tree: TreeBuilder, backup: str):
+        if backup not in BACKUPS:
+            raise ValueError(f"backup must be one of {BACKUPS}, got {backup!r}")
+        self.proposer, self.tree, self.backup = proposer, tree, backup
+        runner = proposer.runner
+        self.history = TokenHistory(runner.cfg.num_slots, runner.max_len, runner.device)
+        self.cache: SpeculationCache | None = None
+        self.window: torch.Tensor | None = None   # [B, K+1] the speculation the target is verifying
+        self.lengths: torch.Tensor | None = None
+        self.build_s, self.built_at = 0.0, time.perf_counter()
+        self.hits, self.lookups = 0, 0
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
+        self.proposer.prefill(ids, positions, first_slot)
+        self.history.write_prompts(ids, first_slot)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.proposer.move_slot(src, dst, length)
+        self.history.move_slot(src, dst)
+
+    def speculate(self, prev, last, lengths, max_length: int, want_probs: bool) -> AsyncReply:
+        """Fresh speculation for a new batch: every row from the backup's neural path."""
+        proposal = self.proposer.propose(prev, last, lengths, max_length, want_probs)
+        hit = torch.zeros(prev.shape[0], dtype=torch.bool, device=proposal.tokens.device)
+        self.remember(last, proposal, lengths, hit)
+        return AsyncReply(proposal, hit, torch.zeros(3, dtype=torch.float64))
+
+    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool) -> AsyncReply:
+        """accepted/recovered [B]: the verified outcome of the window in flight; lengths [B] the new
+        committed lengths (recovered is the last committed token, prev the one before it)."""
+        idle_s = time.perf_counter() - self.built_at
+        self.history.write_round(self.window, self.lengths, accepted, recovered)
+        hit, tokens, probs = self.cache.lookup(accepted, recovered)
+        start = time.perf_counter()
+        if not bool(hit.all()):
+            backup = self.backup_proposal(prev, recovered, lengths, max_length, want_probs, hit)
+            tokens = torch.where(hit[:, None], tokens, backup.tokens)
+            if want_probs:
+                probs = torch.where(hit[:, None, None], probs, backup.probs)
+        proposal = Proposal(tokens, probs if want_probs else None)
+        timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
+        self.hits, self.lookups = self.hits + int(hit.sum()), self.lookups + hit.numel()
+        self.remember(recovered, proposal, lengths, hit)
+        return AsyncReply(proposal, hit, timings)
+
+    def remember(self, last, proposal: Proposal, lengths, hit) -> None:
+        self.window = torch.cat([last[:, None], proposal.tokens], 1)
+        self.lengths, self.last_hit = lengths, hit
+
+    def build_cache(self, max_length: int) -> None:
+        """Runs after the reply went out: overlaps the target's verification of self.window."""
+        start = time.perf_counter()
+        self.cache = self.tree.build(self.window, self.lengths, self.last_hit, self.proposer.sampling, max_length)
+        self.built_at = time.perf_counter()
+        self.build_s = self.built_at - start
+
+    def backup_proposal(self, prev, recovered, lengths, max_length, want_probs, hit) -> Proposal:
+        if self.choose_backup(hit.numel()) == "jit":
+            return self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
+        rows = self.history.tokens[: lengths.shape[0]]
+        tokens = ngram_propose(rows, lengths, self.proposer.k)
+        vocab = self.proposer.runner.arch.vocab_size
+        return Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
+
+    def choose_backup(self, batch: int) -> str:
+        """`auto`: a round waits for the backup whenever any row misses (chance 1 - p_hit^B); when that
+        is likelier than not, the near-free n-gram proposal beats drafting K steps (DESIGN.md §6)."""
+        if self.backup != "auto":
+            return self.backup
+        p_hit = (self.hits + 1) / (self.lookups + 2)
+        return "fast" if 1 - p_hit ** batch > 0.5 else "jit"

@@ -1,0 +1,143 @@
+"""The draft's speculation cache for the next round (Saguaro): while the target verifies the window
+[last committed token, d1..dK], guess the likely outcomes (j accepted, then token t*) and draft each
+guess's K-token continuation, batched over sequences and branches with a tree attention mask."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.random import RandomStream
+from ssd.draft_worker.proposer import draft_distribution
+from ssd.engine.sampler import SamplingTensors, sample_from_weights
+from ssd.layers.attention import TreeContext
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """Branch layout shared by every sequence: F_max[j] branches fork at window position j."""
+    k: int
+    fanout_hit: tuple[int, ...]    # K+1 entries, for sequences whose last speculation was a cache hit
+    fanout_miss: tuple[int, ...]   # ... and for those whose speculation came from the backup
+
+    @property
+    def fanout_max(self) -> tuple[int, ...]:
+        return tuple(max(h, m) for h, m in zip(self.fanout_hit, self.fanout_miss))
+
+    @property
+    def num_branches(self) -> int:
+        return sum(self.fanout_max)
+
+    @property
+    def scratch_len(self) -> int:
+        return self.num_branches * self.k
+
+    def branch_fork(self, device) -> torch.Tensor:
+        """[N] window position each branch forks at."""
+        return torch.repeat_interleave(torch.arange(self.k + 1, device=device),
+                                       torch.tensor(self.fanout_max, device=device))
+
+    def branch_rank(self, device) -> torch.Tensor:
+        """[N] rank of each branch's guess among its position's guesses."""
+        return torch.cat([torch.arange(f, device=device) for f in self.fanout_max])
+
+    def scratch_mask(self, depth: int, device) -> torch.Tensor:
+        """[N, N*K]: at `depth`, branch n sees its own entries of depths 0..depth."""
+        n = self.num_branches
+        entry = torch.arange(n * self.k, device=device)
+        own = (entry // self.k)[None, :] == torch.arange(n, device=device)[:, None]
+        return own & ((entry % self.k)[None, :] <= depth)
+
+
+@dataclass
+class SpeculationCache:
+    fork: torch.Tensor            # [N] window position of each branch
+    guess: torch.Tensor           # [B, N] t* each branch assumes
+    valid: torch.Tensor           # [B, N] branch exists under this row's fan-out list
+    tokens: torch.Tensor          # [B, N, K] the branch's draft continuation
+    probs: torch.Tensor | None    # [B, N, K, V] distributions the continuation was drawn from
+
+    def lookup(self, accepted: torch.Tensor, recovered: torch.Tensor):
+        """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None."""
+        match = self.valid & (self.fork[None, :] == accepted[:, None]) & (self.guess == recovered[:, None])
+        hit = match.any(dim=1)
+        branch = match.int().argmax(dim=1)
+        rows = torch.arange(branch.shape[0], device=branch.device)
+        probs = self.probs[rows, branch] if self.probs is not None else None
+        return hit, self.tokens[rows, branch], probs
+
+
+def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fanout_max: tuple[int, ...]) -> torch.Tensor:
+    """Top-F_j tokens of the draft's distribution at each window position j, excluding the token
+    drafted there (the target never emits it after rejecting it; nothing excluded at j = K).
+    logits [B, K+1, V]; drafted [B, K] -> guesses [B, N]."""
+    guesses = []
+    for j, f in enumerate(fanout_max):
+        if f == 0:
+            continue
+        top = logits[:, j].topk(f + 1, dim=-1).indices                        # [B, f+1]
+        if j < drafted.shape[1]:
+            keep = top != drafted[:, j:j + 1]
+        else:
+            keep = torch.ones_like(top, dtype=torch.bool)
+        order = torch.where(keep, torch.arange(f + 1, device=top.device), f + 1).argsort(dim=-1, stable=True)
+        guesses.append(top.gather(1, order[:, :f]))
+    return torch.cat(guesses, dim=1)
+
+
+class TreeBuilder:
+    def __init__(self, runner: ModelRunner, shape: TreeShape, saguaro_c: float = 1.0):
+        self.runner, self.shape, self.c = runner, shape, saguaro_c
+        device = runner.device
+        self.fork = shape.branch_fork(device)
+        self.rank = shape.branch_rank(device)
+        self.masks = [shape.scratch_mask(d, device) for d in range(shape.k)]
+        self.fanout_hit = torch.tensor(shape.fanout_hit, device=device)
+        self.fanout_miss = torch.tensor(shape.fanout_miss, device=device)
+
+    def row_fanout(self, last_was_hit: torch.Tensor) -> torch.Tensor:
+        """[B, K+1] fan-out list of each row."""
+        return torch.where(last_was_hit[:, None], self.fanout_hit[None], self.fanout_miss[None])
+
+    @torch.inference_mode()
+    def build(self, window: torch.Tensor, lengths: torch.Tensor, last_was_hit: torch.Tensor,
+              sampling: SamplingTensors | None, max_length: int) -> SpeculationCache:
+        """window [B, K+1] = [last committed token, d1..dK] at positions lengths-1 ..; lengths [B]."""
+        k = self.shape.k
+        positions = lengths[:, None] - 1 + torch.arange(k + 1, device=lengths.device)
+        logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V]
+        guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
+        valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
+        tokens, probs = self.decode_branches(guess, lengths, sampling, max_length)
+        return SpeculationCache(self.fork, guess, valid, tokens, probs)
+
+    def decode_branches(self, guess, lengths, sampling, max_length):
+        """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m."""
+        k, batch, n = self.shape.k, *guess.shape
+        scratch_start = self.runner.max_len
+        entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
+        prefix_limit = (lengths[:, None] - 1 + self.fork[None, :]).expand(batch, n)
+        current, tokens, probs = guess, [], []
+        for depth in range(k):
+            positions = prefix_limit + 1 + depth
+            tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth])
+            logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_length + 2 * k)
+            current, p = self.pick(logits, positions + 1, sampling, depth)
+            tokens.append(current)
+            probs.append(p)
+        stacked = torch.stack(probs, 2) if probs[0] is not None else None
+        return torch.stack(tokens, 2), stacked
+
+    def pick(self, logits, counter, sampling, depth):
+        """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
+        distribution, counter = the token's position (same stream a backup would use there)."""
+        if sampling is None or sampling.all_greedy:
+            return logits.argmax(-1), None
+        batch, n, vocab = logits.shape
+        rows = sampling.select_rows(torch.arange(batch, device=logits.device).repeat_interleave(n))
+        # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
+        # the cache will fork at that position with the hit list's F_m
+        q = draft_distribution(logits.reshape(batch * n, vocab), rows, self.shape.fanout_hit[depth], self.c)
+        token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
+        return token.view(batch, n), q.view(batch, n, vocab)

@@ -1,0 +1,85 @@
+"""Asynchronous speculative speculative decoding (Saguaro) from target rank 0's side.
+
+Each round: verify the speculation in hand (the draft meanwhile builds its cache for the likely
+outcomes) → commit → send the outcome and take the next speculation (a cache hit, or the backup)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ssd.draft_worker.async_draft import AsyncReply
+from ssd.engine.sequence import Sequence
+from ssd.spec.sync_decoder import SpeculativeDecoder
+
+
+class AsyncSpeculativeDecoder(SpeculativeDecoder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats.accepted_histogram = [0] * (self.k + 1)
+        self.pending: AsyncReply | None = None
+        self.pending_for = None        # the target sampling tensors (one per batch composition) it serves
+        self.pending_looked_up = False  # it answers an outcome (hits were possible), not a fresh batch
+
+    def decode_step(self, running: list[Sequence]) -> None:
+        start = time.perf_counter()
+        sampling = self.sampling_for(running, self.runner.device)
+        want_probs = self.sync_draft_sampling(running, sampling)
+        lengths, last = self.lengths_and_last(running)
+        if self.pending_for is not sampling:  # new batch: speculate from scratch
+            prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
+            self.pending, self.pending_for = self.draft.speculate(prev, last, lengths, int(lengths.max()),
+                                                                  want_probs), sampling
+            self.pending_looked_up = False
+        reply = self.pending
+        verify_start = time.perf_counter()
+        accepted, emitted = self.verify(running, reply.proposal, last, lengths, sampling)
+        self.stats.verify_time_s += time.perf_counter() - verify_start
+        kept = self.commit(running, accepted, emitted)
+        self.record_round(reply, accepted, kept)
+        self.request_next(running, accepted, emitted, want_probs)
+        self.stats.decode_time_s += time.perf_counter() - start
+        self.stats.num_rounds += 1
+
+    @staticmethod
+    def lengths_and_last(running: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([s.num_tokens for s in running]), torch.tensor([s.last_token for s in running])
+
+    def request_next(self, running, accepted, emitted, want_probs) -> None:
+        """Send the outcome unless the batch is about to change (then the next round re-speculates)."""
+        if any(s.finished for s in running):
+            self.pending_for = None
+            return
+        lengths, recovered = self.lengths_and_last(running)
+        prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
+        wait_start = time.perf_counter()
+        self.pending = self.draft.outcome(torch.tensor(accepted), recovered, prev, lengths,
+                                          int(lengths.max()), want_probs)
+        self.pending_looked_up = True
+        self.stats.target_wait_s += time.perf_counter() - wait_start
+        build_s, backup_s, idle_s = self.pending.timings.tolist()
+        self.stats.draft_time_s += build_s
+        self.stats.backup_time_s += backup_s
+        self.stats.draft_wait_s += idle_s
+
+    def commit(self, running, accepted, emitted) -> list[int]:
+        kept = [seq.append(tokens[: n + 1]) for seq, n, tokens in zip(running, accepted, emitted)]
+        self.stats.decode_tokens += sum(kept)
+        self.stats.num_accepted += sum(accepted)
+        self.stats.num_drafts += len(running)
+        for n in accepted:
+            self.stats.accepted_histogram[n] += 1
+            for i in range(n):
+                self.stats.accepted_per_position[i] += 1
+        return kept
+
+    def record_round(self, reply: AsyncReply, accepted: list[int], kept: list[int]) -> None:
+        hits = reply.hit.tolist()
+        if self.pending_looked_up:
+            self.stats.cache_hits += sum(hits)
+            self.stats.cache_lookups += len(hits)
+        for hit, n in zip(hits, kept):
+            if hit:
+                self.stats.hit_rows, self.stats.hit_tokens = self.stats.hit_rows + 1, self.stats.hit_tokens + n
+            else:
+                self.stats.miss_rows, self.stats.miss_tokens = self.stats.miss_rows + 1, self.stats.miss_tokens + n
