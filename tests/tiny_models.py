@@ -36,3 +36,15 @@ def make_checkpoint(family: str, directory: Path, seed: int = 0, **overrides) ->
                 p.normal_(0, 0.5 * p.shape[-1] ** -0.5 * 4)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def perturbed_copy(source: Path, directory: Path, noise: float, seed: int = 1) -> Path:
+    """The source checkpoint with Gaussian noise on every weight: a draft that agrees with its
+    target often but not always (exercises both cache hits and misses)."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * noise * p.std())
+    model.save_pretrained(directory)
+    return directory

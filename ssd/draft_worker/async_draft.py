@@ -84,7 +84,7 @@ class AsyncDraft:
             backup = self.backup_proposal(prev, recovered, lengths, max_length, want_probs, hit)
             tokens = torch.where(hit[:, None], tokens, backup.tokens)
             if want_probs:
-                probs = torch.where(hit[:, None, None], probs, backup.probs)
+                probs = backup.probs if probs is None else torch.where(hit[:, None, None], probs, backup.probs)
         proposal = Proposal(tokens, probs if want_probs else None)
         timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
         self.hits, self.lookups = self.hits + int(hit.sum()), self.lookups + hit.numel()

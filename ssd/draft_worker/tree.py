@@ -60,6 +60,9 @@ class SpeculationCache:
 
     def lookup(self, accepted: torch.Tensor, recovered: torch.Tensor):
         """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None."""
+        if self.guess.shape[1] == 0:  # fan-out of zero everywhere: nothing cached, every lookup misses
+            batch = accepted.shape[0]
+            return torch.zeros(batch, dtype=torch.bool, device=accepted.device), self.tokens[:, 0], None
         match = self.valid & (self.fork[None, :] == accepted[:, None]) & (self.guess == recovered[:, None])
         hit = match.any(dim=1)
         branch = match.int().argmax(dim=1)
@@ -106,7 +109,13 @@ class TreeBuilder:
         """window [B, K+1] = [last committed token, d1..dK] at positions lengths-1 ..; lengths [B]."""
         k = self.shape.k
         positions = lengths[:, None] - 1 + torch.arange(k + 1, device=lengths.device)
+        # the window forward also writes the window's KV at its true positions (a hit's tokens lived
+        # only in scratch until now)
         logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V]
+        if self.shape.num_branches == 0:
+            empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
+            return SpeculationCache(self.fork, empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
+                                    dtype=torch.int64, device=window.device), None)
         guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
         tokens, probs = self.decode_branches(guess, lengths, sampling, max_length)

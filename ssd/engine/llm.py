@@ -60,6 +60,10 @@ def resolve_checkpoint(model: str) -> Path | None:
     return path
 
 
+class WorkerDiedError(RuntimeError):
+    """A target rank or the draft worker exited while the engine was running."""
+
+
 class LLM:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, device: str | None = None,
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
@@ -159,7 +163,11 @@ class LLM:
         seqs = self.make_sequences(prompts, sampling_params)
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
-            self.decoder(decoder_mode, on_finish=lambda s: bar.update(1)).run(seqs)
+            try:
+                self.decoder(decoder_mode, on_finish=lambda s: bar.update(1)).run(seqs)
+            except Exception as error:
+                self.raise_if_workers_died(error)
+                raise
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
 
     def check_mode(self, mode: str | None) -> str:
@@ -221,6 +229,14 @@ class LLM:
         return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
                              list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics)
 
+    def raise_if_workers_died(self, error: Exception) -> None:
+        dead = [p for p in self.group.processes if not p.is_alive()]
+        if dead:
+            self._closed = True  # the group is broken: nothing left to stop cleanly
+            self._abort_group()
+            names = ", ".join(f"{p.name} (pid {p.pid}, exit code {p.exitcode})" for p in dead)
+            raise WorkerDiedError(f"engine worker(s) died during generate: {names}") from error
+
     # ---- lifecycle ----
     def _abort_group(self) -> None:
         """Rank 0 failed to build: the other ranks cannot be told to stop, so end them."""
@@ -234,12 +250,11 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        if self.group.processes:
-            if not self.group.dead_workers():
-                if self.has_remote_draft:
-                    self.draft.stop()
-                self.runner.stop_workers()
-            self.group.join(timeout_s=30)
+        if not self.group.dead_workers():  # also under srun/torchrun, where no process is ours
+            if self.has_remote_draft:
+                self.draft.stop()
+            self.runner.stop_workers()
+        self.group.join(timeout_s=30)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

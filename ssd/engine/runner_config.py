@@ -1,6 +1,7 @@
 """Everything a model-runner process needs to build its shard (picklable, sent whole to every rank)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,12 @@ class RunnerConfig:
             raise ValueError("num_slots must be >= 1")
 
     def device_for(self, rank: int) -> torch.device:
-        return torch.device("cuda", self.first_gpu + rank) if self.device_type == "cuda" else torch.device("cpu")
+        """Under srun/torchrun across nodes, LOCAL_RANK (this node's index) picks the GPU."""
+        if self.device_type != "cuda":
+            return torch.device("cpu")
+        from ssd.distributed.launch import launched_externally
+        local = os.environ.get("LOCAL_RANK") if launched_externally() else None
+        return torch.device("cuda", int(local) if local is not None else self.first_gpu + rank)
 
     @property
     def use_cuda_graphs(self) -> bool:

@@ -1,0 +1,86 @@
+"""Asynchronous speculative speculative decoding is lossless (CPU, multi-process, tiny models)."""
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from ssd import LLM, SamplingParams
+from test_spec_sync import exact_second_token_marginal
+from tiny_models import make_checkpoint, perturbed_copy
+
+PROMPTS = [[5, 6, 7], [9] * 11, list(range(3, 30)), [40, 41], [3], [60, 61, 62, 63, 64, 65]]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    target = make_checkpoint("qwen2", root / "target")
+    return {"target": target, "near": perturbed_copy(target, root / "near", noise=0.08),
+            "draft": make_checkpoint("qwen2", root / "draft", seed=5, num_hidden_layers=1)}
+
+
+def prompts_for(batch: int) -> list[list[int]]:
+    return [PROMPTS[i % len(PROMPTS)] + [i % 90] for i in range(batch)]
+
+
+def ar_outputs(pair, prompts, params=GREEDY):
+    with LLM(str(pair["target"]), max_model_len=256, max_num_seqs=16) as llm:
+        return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def async_generate(pair, draft, k, prompts, params=GREEDY, tp=1, max_num_seqs=16, **options):
+    with LLM(str(pair["target"]), max_model_len=256, draft=str(pair[draft]), num_speculative_tokens=k,
+             async_spec=True, tensor_parallel_size=tp, max_num_seqs=max_num_seqs, **options) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.token_ids for o in outs], llm.last_run_stats
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("k", [1, 6])
+def test_greedy_async_matches_autoregressive(pair, batch, k):
+    prompts = prompts_for(batch)
+    outs, stats = async_generate(pair, "near", k, prompts, fan_out=3)
+    assert outs == ar_outputs(pair, prompts)
+    assert 0 < stats.cache_hits < stats.cache_lookups  # hits and misses both happened
+
+
+@pytest.mark.parametrize("options", [
+    dict(fan_out_list=[2, 0, 1, 0, 3, 1, 4]),                       # zeros: no guesses there
+    dict(fan_out_list=[3, 3, 0, 0, 0, 0, 0], fan_out_list_miss=[1, 0, 0, 0, 0, 0, 6]),
+    dict(fan_out=3, fan_out_shape="geometric"),
+    dict(fan_out=2, backup="fast"),
+    dict(fan_out=2, backup="auto"),
+])
+def test_greedy_async_matches_autoregressive_for_fanouts_and_backups(pair, options):
+    prompts = prompts_for(5)
+    outs, stats = async_generate(pair, "near", 6, prompts, max_num_seqs=3, **options)
+    assert outs == ar_outputs(pair, prompts)
+    assert stats.cache_lookups > 0
+
+
+def test_async_with_tp2_target_and_agreeing_draft_hits_every_round(pair):
+    prompts = prompts_for(3)
+    outs, stats = async_generate(pair, "target", 4, prompts, tp=2, fan_out=1)
+    assert outs == ar_outputs(pair, prompts)
+    assert stats.cache_hits == stats.cache_lookups > 0  # draft == target: the bonus is its top guess
+    assert stats.acceptance_length == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("options", [
+    dict(fan_out=4, sampler_x=1.0),
+    dict(fan_out=4, sampler_x=0.3),
+    dict(fan_out=4, backup="fast"),
+    dict(fan_out=0, sampler_x=1.0),  # every lookup misses: the jit backup answers
+])
+def test_sampled_async_output_follows_target_distribution(pair, options):
+    n, prompt = 3000, [7, 8, 9]
+    params = [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]
+    outs, stats = async_generate(pair, "draft", 2, [prompt] * n, params, max_num_seqs=64, **options)
+    observed = torch.bincount(torch.tensor([o[1] for o in outs]), minlength=97).double()
+    p = exact_second_token_marginal(pair["target"], prompt, 1.0)
+    expected = p * n
+    keep = expected > 5
+    obs_cells = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
+    exp_cells = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    assert chisquare(obs_cells.numpy(), exp_cells.numpy()).pvalue > 1e-3
+    assert 0.5 * (observed / n - p).abs().sum() < 0.1

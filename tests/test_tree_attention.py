@@ -1,0 +1,63 @@
+"""The draft's batched speculation tree equals decoding every branch on its own."""
+import torch
+
+from ssd.distributed.tp_group import TPGroup
+from ssd.draft_worker.tree import TreeBuilder, TreeShape
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.runner_config import RunnerConfig
+
+
+def runner_for(path, scratch_len=0) -> ModelRunner:
+    return ModelRunner(RunnerConfig(model=str(path), max_len=128, num_slots=4, window_sizes=(2, 4),
+                                    scratch_len=scratch_len), TPGroup())
+
+
+def greedy_continuation(runner: ModelRunner, context: list[int], k: int) -> tuple[list[int], torch.Tensor]:
+    """Plain single-sequence decoding in slot 0: the reference for one branch."""
+    ids = torch.tensor([context])
+    logits = runner.forward(ids, torch.arange(len(context))[None], len(context))[:, -1]
+    first_logits, out = logits[0], []
+    for step in range(k):
+        out.append(int(logits.argmax(-1)))
+        logits = runner.forward(torch.tensor([[out[-1]]]), torch.tensor([[len(context) + step]]),
+                                len(context) + k)[:, -1]
+    return out, first_logits
+
+
+def test_tree_branches_match_independent_decoding(tiny_checkpoints):
+    k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
+    tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len)
+    reference = runner_for(tiny_checkpoints["llama"])
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    tree_runner.forward(ids, torch.arange(width).expand(2, width).contiguous(), width,
+                        logits_index=torch.tensor([len(p) - 1 for p in prompts]))
+    # window = [last committed token, d1..dK]; the committed prefix excludes the window's first token
+    window = torch.tensor([[9, 40, 41, 42], [18, 50, 51, 52]])
+    lengths = torch.tensor([len(p) for p in prompts])
+    builder = TreeBuilder(tree_runner, shape)
+    cache = builder.build(window, lengths, torch.tensor([True, False]), None, int(lengths.max()))
+    for row, prompt in enumerate(prompts):
+        for n in range(shape.num_branches):
+            if not cache.valid[row, n]:
+                continue
+            fork = int(cache.fork[n])
+            context = prompt[:-1] + window[row, : fork + 1].tolist() + [int(cache.guess[row, n])]
+            expected, _ = greedy_continuation(reference, context, k)
+            assert cache.tokens[row, n].tolist() == expected, (row, n)
+
+
+def test_fork_guesses_exclude_the_drafted_token(tiny_checkpoints):
+    shape = TreeShape(2, (3, 3, 3), (3, 3, 3))
+    runner = runner_for(tiny_checkpoints["qwen3"], shape.scratch_len)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    runner.forward(prompt, torch.arange(4)[None], 4)
+    logits = runner.forward(torch.tensor([[6, 7, 8]]), torch.tensor([[3, 4, 5]]), 6)
+    drafted = logits[0, :2].argmax(-1)  # the draft's own top choices: must never be guessed
+    cache = TreeBuilder(runner, shape).build(torch.cat([torch.tensor([6]), drafted])[None], torch.tensor([4]),
+                                             torch.tensor([True]), None, 4)
+    for n in range(shape.num_branches):
+        fork = int(cache.fork[n])
+        if fork < 2:
+            assert int(cache.guess[0, n]) != int(drafted[fork])
