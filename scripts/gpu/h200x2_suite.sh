@@ -5,16 +5,19 @@
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN
-  timeout 280 python bench/bench.py --device cuda --"$4" --size "$2" --draft "$3" --gpus 2 --spec --async \
-    --k 6 --f 3 --ab ar,sync,async --random --b "$5" --numseqs "$6" --output_len "$7" --warmup 1 \
-    --json "$out/$1.json" > "$out/$1.log" 2>&1
+ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT FLAGS...]
+  local name=$1 size=$2 draft=$3 family=$4 batch=$5 numseqs=$6 len=$7; shift 7
+  local layout=("$@"); [ ${#layout[@]} -gt 0 ] || layout=(--gpus 2 --async --ab ar,sync,async)
+  timeout 280 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec \
+    --k 6 --f 3 "${layout[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
+    --json "$out/$name.json" > "$out/$name.log" 2>&1
   grep -E "decode tok|draft round|verify|cache hit|ratio|match|TPOT|Error" "$out/$1.log" | sed "s/^/[$1] /"
 }
 case $part in
   engine-qwen) timeout 300 python bench/engine_bench.py --presets qwen3-32b --variants compile --gen-batches 1 16 \
                  --budget-s 270 --out "$out/engine_h200_qwen32b.json" > "$out/engine_qwen.log" 2>&1
                grep -E "summary|ERROR" "$out/engine_qwen.log" | tail -3 ;;
-  ab-qwen) ab ab_qwen32b_b1 32 0.6 qwen 1 2 96; ab ab_qwen32b_b16 32 0.6 qwen 16 16 48 ;;
+  ab-qwen) ab ab_qwen32b_b1 32 0.6 qwen 1 2 96; ab ab_qwen32b_b16 32 0.6 qwen 16 16 48
+           ab ab_qwen32b_colocated_b1 32 0.6 qwen 1 2 96 --gpus 1 --colocate --ab ar,sync ;;
   ab-llama) ab ab_llama8b_b1 8 1 llama 1 2 96; ab ab_llama8b_b16 8 1 llama 16 16 48 ;;
 esac

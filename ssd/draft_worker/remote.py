@@ -59,6 +59,8 @@ class RemoteDraft:
     def _recv_proposal(self, batch: int, want_probs: bool) -> Proposal:
         tokens = self._recv((batch, self.k))
         probs = self._recv((batch, self.k, self.vocab_size), torch.float32) if want_probs else None
+        if self.device.type == "cuda":  # NCCL recv only enqueues: wait, so the draft's time is the draft's
+            torch.cuda.current_stream(self.device).synchronize()
         return Proposal(tokens, probs)
 
     def _recv_reply(self, batch: int, want_probs: bool) -> AsyncReply:
