@@ -11,7 +11,7 @@ ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT
   timeout 280 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec \
     --k 6 --f 3 "${layout[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
     --json "$out/$name.json" > "$out/$name.log" 2>&1
-  grep -E "decode tok|draft round|verify|cache hit|ratio|match|TPOT|Error" "$out/$1.log" | sed "s/^/[$1] /"
+  grep -E "decode tok|draft round|verify|cache hit|ratio|match|TPOT|Error" "$out/$name.log" | sed "s/^/[$name] /"
 }
 case $part in
   engine-qwen) timeout 300 python bench/engine_bench.py --presets qwen3-32b --variants compile --gen-batches 1 16 \

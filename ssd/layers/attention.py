@@ -34,6 +34,12 @@ class ForwardContext:
     def write_index(self) -> torch.Tensor:
         return self.positions if self.tree is None else self.tree.write_index
 
+    @property
+    def slot_rows(self) -> torch.Tensor:
+        """[B, 1] cache slot of each batch row."""
+        batch = self.positions.shape[0]
+        return (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
+
 
 def causal_mask(positions: torch.Tensor, attended_len: int) -> torch.Tensor:
     """Query at position p sees cache positions 0..p. [B, T] -> [B, 1, T, L]."""

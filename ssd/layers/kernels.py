@@ -20,11 +20,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, first_slot: int, positions):
+def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
     """Rotate q/k and write k/v into the full caches at their true positions; one fused kernel
-    when compiled. q [B,T,Hq,D]; k/v [B,T,Hkv,D]; caches [S,Hkv,L,D]; positions [B,T]."""
+    when compiled. q [B,T,Hq,D]; k/v [B,T,Hkv,D]; caches [S,Hkv,L,D]; slots [B, 1] (a tensor, so a
+    new slot offset never triggers a recompile); positions [B,T] cache indices."""
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    rows = first_slot + torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+    rows = slots.expand_as(positions)
     k_cache[rows, :, positions] = k
     v_cache[rows, :, positions] = v
     return q

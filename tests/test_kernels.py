@@ -1,0 +1,34 @@
+"""The torch.compile'd hot paths (used on the CUDA-graph path) compute what the eager ones do."""
+import torch
+
+from ssd.layers.kernels import EAGER, Kernels
+
+
+def test_compiled_rope_and_cache_writes_the_same_cache_in_place():
+    compiled = Kernels.compiled()
+    g = torch.Generator().manual_seed(0)
+    batch, seq, dim = 2, 3, 8
+    q, k, v = (torch.randn(batch, seq, h, dim, generator=g) for h in (4, 2, 2))
+    cos, sin = torch.randn(batch, seq, 1, dim // 2, generator=g), torch.randn(batch, seq, 1, dim // 2, generator=g)
+    positions = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    for first_slot in (0, 1, 2):  # new slot offsets must not need new code (slots are a tensor)
+        slots = (first_slot + torch.arange(batch))[:, None]
+        caches = [torch.zeros(4, 2, 16, dim) for _ in range(4)]
+        q1 = compiled.rope_and_cache(q, k, v, cos, sin, caches[0], caches[1], slots, positions)
+        q2 = EAGER.rope_and_cache(q, k, v, cos, sin, caches[2], caches[3], slots, positions)
+        torch.testing.assert_close(q1, q2)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        assert caches[0][first_slot, :, 3].abs().sum() > 0
+
+
+def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
+    compiled = Kernels.compiled()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 5, 4, 8, generator=g)
+    keys, values = torch.randn(2, 2, 32, 8, generator=g), torch.randn(2, 2, 32, 8, generator=g)
+    scratch_k, scratch_v = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 32, generator=g) > 0.3
+    mask[..., 0] = True
+    scratch_mask = (torch.rand(1, 1, 5, 10, generator=g) > 0.5)
+    args = (q, keys, values, mask, 0.35, scratch_k, scratch_v, scratch_mask)
+    torch.testing.assert_close(compiled.grouped_attention(*args), EAGER.grouped_attention(*args))
