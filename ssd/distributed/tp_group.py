@@ -35,4 +35,3 @@ class TPGroup:
         return x
 
 
-SINGLE = TPGroup()

@@ -98,6 +98,7 @@ class TreeBuilder:
         self.masks = [shape.scratch_mask(d, device) for d in range(shape.k)]
         self.fanout_hit = torch.tensor(shape.fanout_hit, device=device)
         self.fanout_miss = torch.tensor(shape.fanout_miss, device=device)
+        self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
 
     def row_fanout(self, last_was_hit: torch.Tensor) -> torch.Tensor:
         """[B, K+1] fan-out list of each row."""
@@ -118,11 +119,16 @@ class TreeBuilder:
                                     dtype=torch.int64, device=window.device), None)
         guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
-        tokens, probs = self.decode_branches(guess, lengths, sampling, max_length)
+        greedy = sampling is None or sampling.all_greedy
+        horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
+        if greedy and self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
+            return SpeculationCache(self.fork, guess, valid, self.graphs.replay(guess, lengths, horizon), None)
+        tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
         return SpeculationCache(self.fork, guess, valid, tokens, probs)
 
-    def decode_branches(self, guess, lengths, sampling, max_length):
-        """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m."""
+    def decode_branches(self, guess, lengths, sampling, max_position: int):
+        """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.
+        Free of host syncs (captured as one CUDA graph per batch bucket and attention length)."""
         k, batch, n = self.shape.k, *guess.shape
         scratch_start = self.runner.max_len
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
@@ -131,7 +137,7 @@ class TreeBuilder:
         for depth in range(k):
             positions = prefix_limit + 1 + depth
             tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth])
-            logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_length + 2 * k)
+            logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
             current, p = self.pick(logits, positions + 1, sampling, depth)
             tokens.append(current)
             probs.append(p)
@@ -150,3 +156,41 @@ class TreeBuilder:
         q = draft_distribution(logits.reshape(batch * n, vocab), rows, self.shape.fanout_hit[depth], self.c)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
+
+
+class BranchGraphs:
+    """The greedy branch decode (K tree steps + argmax) as one CUDA graph per (batch bucket,
+    attention length), captured at start-up; ghost rows decode into free slots' scratch."""
+
+    def __init__(self, builder: TreeBuilder):
+        self.builder = builder
+        pool = builder.runner.graphs
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        for attend_len in reversed(pool.attend_lens):
+            for bucket in reversed(pool.buckets):
+                self.graphs[bucket, attend_len] = self.capture(bucket, attend_len, pool)
+
+    def has(self, batch: int, attend_len: int) -> bool:
+        bucket = self.builder.runner.graphs.bucket_for(batch)
+        return bucket is not None and (bucket, attend_len) in self.graphs
+
+    @torch.inference_mode()
+    def capture(self, bucket: int, attend_len: int, pool):
+        device = self.builder.runner.device
+        guess = torch.zeros((bucket, self.builder.shape.num_branches), dtype=torch.int64, device=device)
+        lengths = torch.full((bucket,), 2, dtype=torch.int64, device=device)
+        for _ in range(2):
+            self.builder.decode_branches(guess, lengths, None, attend_len - 1)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool.pool):
+            tokens, _ = self.builder.decode_branches(guess, lengths, None, attend_len - 1)
+        return graph, guess, lengths, tokens
+
+    def replay(self, guess: torch.Tensor, lengths: torch.Tensor, attend_len: int) -> torch.Tensor:
+        batch = guess.shape[0]
+        graph, static_guess, static_lengths, tokens = self.graphs[self.builder.runner.graphs.bucket_for(batch), attend_len]
+        static_guess[:batch].copy_(guess)
+        static_lengths[:batch].copy_(lengths)
+        graph.replay()
+        return tokens[:batch].clone()  # the pool is shared: copy out before another graph runs
