@@ -99,6 +99,9 @@ class AsyncDraft:
         """Runs after the reply went out: overlaps the target's verification of self.window."""
         start = time.perf_counter()
         self.cache = self.tree.build(self.window, self.lengths, self.last_hit, self.proposer.sampling, max_length)
+        device = self.proposer.runner.device
+        if device.type == "cuda":  # the draft idles until the outcome anyway: make the build time GPU time
+            torch.cuda.synchronize(device)
         self.built_at = time.perf_counter()
         self.build_s = self.built_at - start
 
