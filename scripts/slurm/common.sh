@@ -112,7 +112,10 @@ ssd_single_node_env() {
 #   NCCL_IB_HCA:        InfiniBand adapters NCCL may use (e.g. mlx5_0,mlx5_1 or =mlx5_0:1);
 #                       unset lets NCCL use all. Export it before sbatch if your site requires it.
 ssd_multi_node_env() {
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    local hosts
+    # no `| head`: under pipefail an early-closing reader can kill the job with SIGPIPE (exit 141)
+    mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR="${hosts[0]}"
     MASTER_PORT="$((10000 + SLURM_JOB_ID % 50000))"
     export MASTER_ADDR MASTER_PORT
     export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"

@@ -75,6 +75,8 @@ class LLM:
                  async_spec: bool = False, **async_options):
         """async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
         acceptance, miss_exponent, backup, sampler_x — see ssd.spec.spec_config.AsyncSpecConfig."""
+        if async_options.pop("acceptance_profile", None) is not None:
+            raise NotImplementedError("acceptance-profile replay (--profile) is not implemented yet")
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
