@@ -4,9 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssd.engine.runner_config import RunnerConfig
 from ssd.spec.fanout import geometric_fanout, parse_fanout_list, uniform_fanout
+
+if TYPE_CHECKING:
+    from ssd.draft_worker.tree import TreeShape
 
 
 @dataclass(frozen=True)
