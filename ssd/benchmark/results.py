@@ -26,10 +26,12 @@ METRIC_NAMES = (
     "wall_time_s", "prefill_time_s", "decode_time_s",
     "decode_tok_s", "e2e_tok_s", "ttft_s", "tpot_s", "e2e_latency_s",
     "num_rounds", "acceptance_length", "per_position_acceptance",
-    "draft_round_ms", "verify_ms", "cache_hit_rate",
+    "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
+    "target_wait_ms", "draft_wait_ms", "accepted_histogram",
 )
 # Spec statistics reported per round; across batches they are averaged weighted by rounds.
-ROUND_WEIGHTED = ("acceptance_length", "draft_round_ms", "verify_ms", "cache_hit_rate")
+ROUND_WEIGHTED = ("acceptance_length", "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit",
+                  "tokens_per_round_on_miss", "target_wait_ms", "draft_wait_ms")
 # result metric name -> attribute of a request output's .metrics
 LATENCY_FIELDS = {"ttft_s": "ttft_s", "tpot_s": "tpot_s", "e2e_latency_s": "e2e_s"}
 
@@ -65,7 +67,14 @@ def compute_metrics(runs: Sequence[BatchRun]) -> dict[str, Any]:
     metrics.update(_latency_medians(outputs))
     metrics.update({name: _round_weighted_mean(stats, name) for name in ROUND_WEIGHTED})
     metrics["per_position_acceptance"] = _per_position_acceptance(stats)
+    metrics["accepted_histogram"] = _summed_histogram(stats)
     return {name: metrics.get(name) for name in METRIC_NAMES}
+
+
+def _summed_histogram(stats: list) -> list[int] | None:
+    """Rounds with j = 0..K accepted tokens, summed over batches (async runs)."""
+    histograms = [list(h) for h in (_stat(s, "accepted_histogram") for s in stats) if h]
+    return [sum(column) for column in zip(*histograms)] if histograms else None
 
 
 def _totals(runs: Sequence[BatchRun], outputs: list, stats: list) -> dict[str, Any]:

@@ -38,6 +38,11 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("draft round (ms)", "draft_round_ms", _number(2)),
     ("verify (ms)", "verify_ms", _number(2)),
     ("cache hit rate (%)", "cache_hit_rate", _scaled(100, 1)),
+    ("tokens/round on hit", "tokens_per_round_on_hit", _number(2)),
+    ("tokens/round on miss", "tokens_per_round_on_miss", _number(2)),
+    ("target waits for draft (ms/round)", "target_wait_ms", _number(2)),
+    ("draft waits for target (ms/round)", "draft_wait_ms", _number(2)),
+    ("accepted-length histogram", "accepted_histogram", lambda h: " ".join(map(str, h))),
 )
 
 

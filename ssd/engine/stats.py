@@ -34,6 +34,16 @@ class GenerationStats:
         return self.cache_hits / self.cache_lookups if self.cache_lookups else None
 
     @property
+    def target_wait_ms(self) -> float | None:
+        """Per round: rank 0 waiting for the draft's next speculation after verifying."""
+        return 1000 * self.target_wait_s / self.num_rounds if self.cache_lookups and self.num_rounds else None
+
+    @property
+    def draft_wait_ms(self) -> float | None:
+        """Per round: the draft idle between finishing its cache and receiving the outcome."""
+        return 1000 * self.draft_wait_s / self.num_rounds if self.cache_lookups and self.num_rounds else None
+
+    @property
     def tokens_per_round_on_hit(self) -> float | None:
         return self.hit_tokens / self.hit_rows if self.hit_rows else None
 
