@@ -93,7 +93,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.last_run_stats = GenerationStats()
         self._closed = True
-        self.check_draft_compatible()
+        self.check_models()
         self.group = self._start_group()
         try:
             self.runner = ModelRunner(self.cfg, self.group.tp)
@@ -116,10 +116,13 @@ class LLM:
                              "it cannot be co-located")
         return AsyncSpecConfig.create(self.spec.k, **options)
 
-    def check_draft_compatible(self) -> None:
+    def check_models(self) -> None:
+        """Before any process starts: the TP size fits the target, the draft shares its vocabulary."""
+        target = load_arch(self.cfg)
+        target.check_tensor_parallel(self.cfg.tp_size)
         if self.draft_cfg is None:
             return
-        target_vocab, draft_vocab = load_arch(self.cfg).vocab_size, load_arch(self.draft_cfg).vocab_size
+        target_vocab, draft_vocab = target.vocab_size, load_arch(self.draft_cfg).vocab_size
         if target_vocab != draft_vocab:
             raise ValueError(f"draft vocabulary ({draft_vocab}) differs from the target's ({target_vocab}); "
                              "speculative decoding needs a draft with the target's tokenizer")

@@ -1,0 +1,62 @@
+"""Bad input fails early with a message that says what is wrong."""
+import json
+
+import pytest
+
+from ssd import LLM, SamplingParams
+from ssd.models.model_config import UnsupportedModelError
+from ssd.models.presets import preset_arch
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a random-weights preset"):
+        LLM(str(tmp_path / "nowhere"))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="llama-3.1-8b"):
+        preset_arch("llama-9000")
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        LLM(str(tmp_path))
+
+
+def test_directory_without_weights_is_refused(tiny_checkpoints, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_checkpoints["llama"] / "config.json").read_text())
+    with pytest.raises(RuntimeError, match="safetensors"):
+        LLM(str(tmp_path), max_model_len=64)
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_checkpoints):
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=64) as llm:
+        with pytest.raises(ValueError, match="max_model_len is 64"):
+            llm.generate([[5] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            llm.generate([[5, 1000]], SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(ValueError, match="no tokenizer"):
+            llm.generate(["text prompt"], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_invalid_sampling_parameters_are_refused():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_speculation_and_parallel_settings_are_checked(tiny_checkpoints, tmp_path):
+    from tiny_models import make_checkpoint
+    path = str(tiny_checkpoints["qwen2"])
+    with pytest.raises(ValueError, match="needs a draft"):
+        LLM(path, num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="cannot be co-located"):
+        LLM(path, draft=path, num_speculative_tokens=3, draft_colocated=True, async_spec=True)
+    other_vocab = make_checkpoint("qwen2", tmp_path / "other", vocab_size=50)
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        LLM(path, draft=str(other_vocab), num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="tensor parallel size 3 does not divide"):
+        LLM(path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="must lie in"):
+        LLM(path, draft=path, num_speculative_tokens=2, async_spec=True, sampler_x=1.5)
