@@ -84,3 +84,12 @@ def test_sampled_async_output_follows_target_distribution(pair, options):
     exp_cells = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
     assert chisquare(obs_cells.numpy(), exp_cells.numpy()).pvalue > 1e-3
     assert 0.5 * (observed / n - p).abs().sum() < 0.1
+
+
+def test_online_geometric_fanout_refits_and_stays_exact(pair):
+    """a and r are estimated from the run itself; the draft gets new lists of the same budget."""
+    prompts = prompts_for(3)
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    outs, stats = async_generate(pair, "near", 4, prompts, params, fan_out=3, fan_out_shape="geometric")
+    assert outs == ar_outputs(pair, prompts, params)
+    assert stats.fanout_updates >= 1 and stats.cache_hits > 0

@@ -18,3 +18,4 @@ class DraftOp(IntEnum):
     SPECULATE = 6     # async: like PROPOSE, then the draft builds the speculation cache for it
     OUTCOME = 7       # async, header: B, max_length, want_probs   then accepted/recovered/prev/lengths [4, B];
                       # reply hit [B], tokens [B,K] (+probs), timings [3] f64; then the draft builds the next cache
+    SET_FANOUT = 8    # async, header: K+1   then the new fan-out list [K+1] (same branch budget)

@@ -46,6 +46,10 @@ class RemoteDraft:
         self._send(torch.stack([prev, last, lengths]))
         return self._recv_reply(prev.shape[0], want_probs)
 
+    def set_fanout(self, fanout: tuple[int, ...]) -> None:
+        self._command(DraftOp.SET_FANOUT, len(fanout))
+        self._send(torch.tensor(fanout, dtype=torch.int64))
+
     def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool) -> AsyncReply:
         self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs))
         self._send(torch.stack([accepted, recovered, prev, lengths]))

@@ -59,6 +59,10 @@ class DraftServer:
             prev, last, lengths = self.recv((3, a))
             self.send_reply(self.async_draft.speculate(prev, last, lengths, b, bool(c)))
             self.async_draft.build_cache(b)
+        elif op == DraftOp.SET_FANOUT:
+            fanout = tuple(self.recv(a).tolist())
+            self.async_draft.tree.set_fanout(fanout)
+            self.proposer.saguaro_fanout = fanout
         elif op == DraftOp.OUTCOME:
             accepted, recovered, prev, lengths = self.recv((4, a))
             self.send_reply(self.async_draft.outcome(accepted, recovered, prev, lengths, b, bool(c)))

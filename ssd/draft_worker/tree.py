@@ -100,6 +100,18 @@ class TreeBuilder:
         self.fanout_miss = torch.tensor(shape.fanout_miss, device=device)
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
 
+    def set_fanout(self, fanout: tuple[int, ...]) -> None:
+        """Online re-allocation (one list for hits and misses) within the same branch budget: the
+        layout tensors are rewritten in place, so captured graphs keep reading them."""
+        if sum(fanout) != self.shape.num_branches or len(fanout) != self.shape.k + 1:
+            raise ValueError(f"fan-out {fanout} must keep {self.shape.k + 1} entries and {self.shape.num_branches} branches")
+        self.shape = TreeShape(self.shape.k, tuple(fanout), tuple(fanout))
+        device = self.fork.device
+        for target, value in ((self.fork, self.shape.branch_fork(device)), (self.rank, self.shape.branch_rank(device)),
+                              (self.fanout_hit, torch.tensor(fanout, device=device)),
+                              (self.fanout_miss, torch.tensor(fanout, device=device))):
+            target.copy_(value)
+
     def row_fanout(self, last_was_hit: torch.Tensor) -> torch.Tensor:
         """[B, K+1] fan-out list of each row."""
         return torch.where(last_was_hit[:, None], self.fanout_hit[None], self.fanout_miss[None])
@@ -115,16 +127,16 @@ class TreeBuilder:
         logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V]
         if self.shape.num_branches == 0:
             empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
-            return SpeculationCache(self.fork, empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
+            return SpeculationCache(self.fork.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
                                     dtype=torch.int64, device=window.device), None)
         guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
         greedy = sampling is None or sampling.all_greedy
         horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
         if greedy and self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
-            return SpeculationCache(self.fork, guess, valid, self.graphs.replay(guess, lengths, horizon), None)
+            return SpeculationCache(self.fork.clone(), guess, valid, self.graphs.replay(guess, lengths, horizon), None)
         tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
-        return SpeculationCache(self.fork, guess, valid, tokens, probs)
+        return SpeculationCache(self.fork.clone(), guess, valid, tokens, probs)
 
     def decode_branches(self, guess, lengths, sampling, max_position: int):
         """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.

@@ -20,7 +20,8 @@ from ssd.engine.stats import GenerationStats
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
-from ssd.spec.async_decoder import AsyncSpeculativeDecoder
+from ssd.spec.async_decoder import AsyncSpeculativeDecoder, FanoutTuner
+from ssd.spec.fanout import FanoutEstimator
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig
 from ssd.spec.sync_decoder import SpeculativeDecoder
 from ssd.target_worker.serve import serve_target_rank
@@ -103,6 +104,8 @@ class LLM:
             raise
         self._closed = False
         self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
+        self.fanout_tuner = self.async_spec and FanoutTuner(
+            self.async_spec.shape.fanout_hit, FanoutEstimator() if self.async_spec.online_fanout else None)
 
     def make_async_config(self, async_spec: bool, options: dict) -> AsyncSpecConfig | None:
         if not async_spec:
@@ -188,9 +191,11 @@ class LLM:
     def decoder(self, mode: str, on_finish) -> AutoregressiveDecoder:
         if mode == "ar":
             return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
-        decoder = AsyncSpeculativeDecoder if mode == "async" else SpeculativeDecoder
-        return decoder(self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
-                       self.spec.draft_temperature, on_finish)
+        args = (self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
+                self.spec.draft_temperature, on_finish)
+        if mode == "async":
+            return AsyncSpeculativeDecoder(*args, tuner=self.fanout_tuner)
+        return SpeculativeDecoder(*args)
 
     def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
         prompts = self._as_list(prompts)

@@ -28,6 +28,7 @@ class GenerationStats:
     target_wait_s: float = 0.0      # rank 0 waiting for the draft's reply after verifying
     draft_wait_s: float = 0.0       # the draft idle between finishing its cache and the outcome
     backup_time_s: float = 0.0
+    fanout_updates: int = 0          # online geometric fan-out lists sent to the draft
 
     @property
     def cache_hit_rate(self) -> float | None:

@@ -5,17 +5,32 @@ outcomes) → commit → send the outcome and take the next speculation (a cache
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ssd.draft_worker.async_draft import AsyncReply
+from ssd.spec.fanout import FanoutEstimator
 from ssd.engine.sequence import Sequence
 from ssd.spec.sync_decoder import SpeculativeDecoder
 
 
+REFIT_EVERY_ROUNDS = 16
+
+
+@dataclass
+class FanoutTuner:
+    """The fan-out list the draft uses now (hit list) and, for online geometric fan-out, the estimator
+    of acceptance a and miss exponent r. Owned by the engine: it outlives generate() calls."""
+    fanout: tuple[int, ...]
+    estimator: FanoutEstimator | None = None
+
+
 class AsyncSpeculativeDecoder(SpeculativeDecoder):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tuner: FanoutTuner, **kwargs):
         super().__init__(*args, **kwargs)
+        self.tuner = tuner
+        self.previous_accepted: list[int] = []
         self.stats.accepted_histogram = [0] * (self.k + 1)
         self.pending: AsyncReply | None = None
         self.pending_for = None        # the target sampling tensors (one per batch composition) it serves
@@ -37,9 +52,28 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         self.stats.verify_time_s += time.perf_counter() - verify_start
         kept = self.commit(running, accepted, emitted)
         self.record_round(reply, accepted, kept)
+        self.refit_fanout(reply, accepted)
         self.request_next(running, accepted, emitted, want_probs)
         self.stats.decode_time_s += time.perf_counter() - start
         self.stats.num_rounds += 1
+
+    def refit_fanout(self, reply: AsyncReply, accepted: list[int]) -> None:
+        """Feed the estimator this round's acceptance and lookups; every few rounds send the draft the
+        geometric optimum for the current (a, r) — same budget, so the tree's shape stays fixed."""
+        estimator, fanout = self.tuner.estimator, self.tuner.fanout
+        if estimator is None:
+            return
+        estimator.observe_round(accepted, self.k)
+        if self.pending_looked_up:  # this reply answered last round's outcomes
+            for hit, n in zip(reply.hit.tolist(), self.previous_accepted):
+                estimator.observe_lookup(fanout[n], bool(hit))
+        self.previous_accepted = accepted
+        if self.stats.num_rounds % REFIT_EVERY_ROUNDS == REFIT_EVERY_ROUNDS - 1:
+            refit = estimator.fanout(sum(fanout), self.k)
+            if refit != fanout:
+                self.draft.set_fanout(refit)
+                self.tuner.fanout = refit
+                self.stats.fanout_updates += 1
 
     @staticmethod
     def lengths_and_last(running: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ class AsyncSpecConfig:
     shape: "TreeShape"
     saguaro_c: float = 1.0
     backup: str = "jit"
+    online_fanout: bool = False  # geometric lists re-estimated from the engine's own a and r
 
     @classmethod
     def create(cls, k: int, fan_out: int = 3, fan_out_list=None, fan_out_list_miss=None,
@@ -31,7 +32,8 @@ class AsyncSpecConfig:
             raise ValueError(f"backup must be jit, fast or auto, got {backup!r}")
         hit = fanout_list(k, fan_out, fan_out_list, fan_out_shape, acceptance, miss_exponent)
         miss = parse_fanout_list(fan_out_list_miss, k) if fan_out_list_miss is not None else hit
-        return cls(TreeShape(k, hit, miss), sampler_x, backup)
+        online = fan_out_shape == "geometric" and fan_out_list is None and fan_out_list_miss is None
+        return cls(TreeShape(k, hit, miss), sampler_x, backup, online)
 
 
 def fanout_list(k: int, fan_out: int, explicit, shape: str, acceptance: float, miss_exponent: float):
