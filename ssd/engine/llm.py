@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -239,8 +240,13 @@ class LLM:
         return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
                              list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics)
 
-    def raise_if_workers_died(self, error: Exception) -> None:
+    def raise_if_workers_died(self, error: Exception, grace_s: float = 3.0) -> None:
+        """A peer's death can reach rank 0 (as a broken connection) before the process is reaped."""
+        deadline = time.monotonic() + grace_s
         dead = [p for p in self.group.processes if not p.is_alive()]
+        while not dead and self.group.processes and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = [p for p in self.group.processes if not p.is_alive()]
         if dead:
             self._closed = True  # the group is broken: nothing left to stop cleanly
             self._abort_group()
