@@ -13,10 +13,6 @@ class TPGroup:
     size: int = 1
     group: dist.ProcessGroup | None = None
 
-    @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)

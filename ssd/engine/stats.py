@@ -34,15 +34,18 @@ class GenerationStats:
     def cache_hit_rate(self) -> float | None:
         return self.cache_hits / self.cache_lookups if self.cache_lookups else None
 
+    def _ms_per_round(self, seconds: float, applies: bool) -> float | None:
+        return 1000 * seconds / self.num_rounds if applies and self.num_rounds else None
+
     @property
     def target_wait_ms(self) -> float | None:
         """Per round: rank 0 waiting for the draft's next speculation after verifying."""
-        return 1000 * self.target_wait_s / self.num_rounds if self.cache_lookups and self.num_rounds else None
+        return self._ms_per_round(self.target_wait_s, self.cache_lookups > 0)
 
     @property
     def draft_wait_ms(self) -> float | None:
         """Per round: the draft idle between finishing its cache and receiving the outcome."""
-        return 1000 * self.draft_wait_s / self.num_rounds if self.cache_lookups and self.num_rounds else None
+        return self._ms_per_round(self.draft_wait_s, self.cache_lookups > 0)
 
     @property
     def tokens_per_round_on_hit(self) -> float | None:
@@ -69,8 +72,8 @@ class GenerationStats:
 
     @property
     def draft_round_ms(self) -> float | None:
-        return 1000 * self.draft_time_s / self.num_rounds if self.num_drafts and self.num_rounds else None
+        return self._ms_per_round(self.draft_time_s, self.num_drafts > 0)
 
     @property
     def verify_ms(self) -> float | None:
-        return 1000 * self.verify_time_s / self.num_rounds if self.num_drafts and self.num_rounds else None
+        return self._ms_per_round(self.verify_time_s, self.num_drafts > 0)

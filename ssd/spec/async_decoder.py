@@ -12,7 +12,7 @@ import torch
 from ssd.draft_worker.async_draft import AsyncReply
 from ssd.spec.fanout import FanoutEstimator
 from ssd.engine.sequence import Sequence
-from ssd.spec.sync_decoder import SpeculativeDecoder
+from ssd.spec.sync_decoder import SpeculativeDecoder, committed_state
 
 
 REFIT_EVERY_ROUNDS = 16
@@ -31,7 +31,6 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         super().__init__(*args, **kwargs)
         self.tuner = tuner
         self.previous_accepted: list[int] = []
-        self.stats.accepted_histogram = [0] * (self.k + 1)
         self.pending: AsyncReply | None = None
         self.pending_for = None        # the target sampling tensors (one per batch composition) it serves
         self.pending_looked_up = False  # it answers an outcome (hits were possible), not a fresh batch
@@ -40,9 +39,8 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         start = time.perf_counter()
         sampling = self.sampling_for(running, self.runner.device)
         want_probs = self.sync_draft_sampling(running, sampling)
-        lengths, last = self.lengths_and_last(running)
+        lengths, last, prev = committed_state(running)
         if self.pending_for is not sampling:  # new batch: speculate from scratch
-            prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
             self.pending, self.pending_for = self.draft.speculate(prev, last, lengths, int(lengths.max()),
                                                                   want_probs), sampling
             self.pending_looked_up = False
@@ -75,17 +73,12 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
                 self.tuner.fanout = refit
                 self.stats.fanout_updates += 1
 
-    @staticmethod
-    def lengths_and_last(running: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([s.num_tokens for s in running]), torch.tensor([s.last_token for s in running])
-
     def request_next(self, running, accepted, emitted, want_probs) -> None:
         """Send the outcome unless the batch is about to change (then the next round re-speculates)."""
         if any(s.finished for s in running):
             self.pending_for = None
             return
-        lengths, recovered = self.lengths_and_last(running)
-        prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
+        lengths, recovered, prev = committed_state(running)
         wait_start = time.perf_counter()
         self.pending = self.draft.outcome(torch.tensor(accepted), recovered, prev, lengths,
                                           int(lengths.max()), want_probs)
@@ -95,17 +88,6 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         self.stats.draft_time_s += build_s
         self.stats.backup_time_s += backup_s
         self.stats.draft_wait_s += idle_s
-
-    def commit(self, running, accepted, emitted) -> list[int]:
-        kept = [seq.append(tokens[: n + 1]) for seq, n, tokens in zip(running, accepted, emitted)]
-        self.stats.decode_tokens += sum(kept)
-        self.stats.num_accepted += sum(accepted)
-        self.stats.num_drafts += len(running)
-        for n in accepted:
-            self.stats.accepted_histogram[n] += 1
-            for i in range(n):
-                self.stats.accepted_per_position[i] += 1
-        return kept
 
     def record_round(self, reply: AsyncReply, accepted: list[int], kept: list[int]) -> None:
         hits = reply.hit.tolist()

@@ -20,12 +20,21 @@ def draft_params(seqs: list[Sequence], draft_temperature: float | None):
     return [dataclasses.replace(s.params, temperature=draft_temperature) for s in seqs]
 
 
+def committed_state(running: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sequence: committed length, its last token and the one before ([B] each)."""
+    lengths = torch.tensor([s.num_tokens for s in running])
+    last = torch.tensor([s.last_token for s in running])
+    prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
+    return lengths, last, prev
+
+
 class SpeculativeDecoder(AutoregressiveDecoder):
     def __init__(self, runner, stats, engine_seed, draft, k: int, draft_temperature: float | None = None,
                  on_finish=lambda s: None):
         super().__init__(runner, stats, engine_seed, on_finish)
         self.draft, self.k, self.draft_temperature = draft, k, draft_temperature
         self.stats.accepted_per_position = [0] * k
+        self.stats.accepted_histogram = [0] * (k + 1)
         self.draft_sampling: SamplingTensors | None = None
         self.draft_synced_for: SamplingTensors | None = None  # target sampling the draft's was built with
         self.any_sampled = False
@@ -46,9 +55,7 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         clock.mark()
         target_sampling = self.sampling_for(running, self.runner.device)
         want_probs = self.sync_draft_sampling(running, target_sampling)
-        lengths = torch.tensor([s.num_tokens for s in running])
-        last = torch.tensor([s.last_token for s in running])
-        prev = torch.tensor([s.token_at(s.num_tokens - 2) for s in running])
+        lengths, last, prev = committed_state(running)
         proposal = self.draft.propose(prev, last, lengths, int(lengths.max()), want_probs)
         clock.mark()
         accepted, emitted = self.verify(running, proposal, last, lengths, target_sampling)
@@ -69,13 +76,18 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         result = verify(draft_tokens, proposal.probs, logits, sampling, lengths.to(device))
         return result.num_accepted.tolist(), result.output_tokens.tolist()
 
-    def commit(self, running: list[Sequence], accepted: list[int], emitted: list[list[int]]):
-        for seq, n, tokens in zip(running, accepted, emitted):
-            self.stats.decode_tokens += seq.append(tokens[: n + 1])
-            self.stats.num_accepted += n
+    def commit(self, running: list[Sequence], accepted: list[int], emitted: list[list[int]]) -> list[int]:
+        """Append each row's accepted tokens and its recovered/bonus token; returns the tokens kept
+        per row (fewer at EOS / max_tokens)."""
+        kept = [seq.append(tokens[: n + 1]) for seq, n, tokens in zip(running, accepted, emitted)]
+        self.stats.decode_tokens += sum(kept)
+        self.stats.num_accepted += sum(accepted)
+        self.stats.num_drafts += len(running)
+        for n in accepted:
+            self.stats.accepted_histogram[n] += 1
             for i in range(n):
                 self.stats.accepted_per_position[i] += 1
-        self.stats.num_drafts += len(running)
+        return kept
 
     def sync_draft_sampling(self, running: list[Sequence], target: SamplingTensors) -> bool:
         """Send the draft its sampling tensors when the batch changed. Returns whether the
