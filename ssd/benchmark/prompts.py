@@ -4,8 +4,7 @@ Written for this project; used when no dataset is selected, so a benchmark runs 
 files and no network.
 """
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    # --- code: write or complete Python
+CODE_PROMPTS: tuple[str, ...] = (  # write or complete Python
     "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and "
     "non-alphanumeric characters. Include a docstring and three doctest examples.",
     "Complete this function so that it returns the n-th Fibonacci number in O(n) time:\n\n"
@@ -28,7 +27,9 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "first recursively and then iteratively with an explicit stack.",
     "Write a small command-line Python script that reads a CSV file given as an argument and "
     "prints the mean of every numeric column.",
-    # --- math word problems
+)
+
+MATH_PROMPTS: tuple[str, ...] = (
     "A baker makes 48 muffins. She sells three quarters of them in the morning and half of the "
     "rest in the afternoon. How many muffins are left? Explain step by step.",
     "A train leaves at 9:40 and travels 210 km at an average speed of 84 km/h. At what time "
@@ -44,7 +45,9 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "How much has she saved after ten weeks?",
     "A class of 30 students has 12 who play chess, 17 who play football and 6 who play both. "
     "How many play neither? Show your reasoning.",
-    # --- instructions
+)
+
+INSTRUCTION_PROMPTS: tuple[str, ...] = (
     "Summarize the causes of the French Revolution in five bullet points.",
     "Explain the difference between a process and a thread to a new programmer, with an "
     "everyday analogy.",
@@ -56,7 +59,9 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Explain how public-key cryptography lets two strangers share a secret, without any math.",
     "Translate into French and then into Spanish: 'The library opens at nine and closes at six.'",
     "Describe what a hash table is, how collisions are handled, and when it performs badly.",
-    # --- chat
+)
+
+CHAT_PROMPTS: tuple[str, ...] = (
     "Hi! I just moved to a new city and don't know anyone. Any ideas for meeting people?",
     "I keep procrastinating on my thesis. Can you help me make a plan for this week?",
     "What's a good beginner houseplant that survives in low light? I forget to water things.",
@@ -67,3 +72,5 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Explain like I'm ten: why is the sky blue but sunsets are red?",
     "Plan a relaxed three-day trip to Lisbon for someone who likes food and walking.",
 )
+
+DEFAULT_PROMPTS: tuple[str, ...] = CODE_PROMPTS + MATH_PROMPTS + INSTRUCTION_PROMPTS + CHAT_PROMPTS

@@ -27,7 +27,7 @@ METRIC_NAMES = (
     "decode_tok_s", "e2e_tok_s", "ttft_s", "tpot_s", "e2e_latency_s",
     "num_rounds", "acceptance_length", "per_position_acceptance",
     "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
-    "target_wait_ms", "draft_wait_ms", "accepted_histogram",
+    "target_wait_ms", "draft_wait_ms", "accepted_histogram", "cache_hit_rate_by_batch",
 )
 # Spec statistics reported per round; across batches they are averaged weighted by rounds.
 ROUND_WEIGHTED = ("acceptance_length", "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit",
@@ -68,7 +68,18 @@ def compute_metrics(runs: Sequence[BatchRun]) -> dict[str, Any]:
     metrics.update({name: _round_weighted_mean(stats, name) for name in ROUND_WEIGHTED})
     metrics["per_position_acceptance"] = _per_position_acceptance(stats)
     metrics["accepted_histogram"] = _summed_histogram(stats)
+    metrics["cache_hit_rate_by_batch"] = _hit_rate_by_batch(stats)
     return {name: metrics.get(name) for name in METRIC_NAMES}
+
+
+def _hit_rate_by_batch(stats: list) -> dict[str, float] | None:
+    """Cache hit rate per running batch size (async runs), over every batch of the arm."""
+    counts: dict[int, list[int]] = {}
+    for s in stats:
+        for batch, (hits, lookups) in (_stat(s, "lookups_by_batch") or {}).items():
+            total = counts.setdefault(batch, [0, 0])
+            total[0], total[1] = total[0] + hits, total[1] + lookups
+    return {str(b): round(h / n, 4) for b, (h, n) in sorted(counts.items())} or None
 
 
 def _summed_histogram(stats: list) -> list[int] | None:

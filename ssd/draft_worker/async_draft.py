@@ -19,6 +19,7 @@ BACKUPS = ("jit", "fast", "auto")
 class AsyncReply:
     proposal: Proposal
     hit: torch.Tensor          # [B] bool: the proposal came from the cache
+    recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
     timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
 
 
@@ -71,12 +72,17 @@ class AsyncDraft:
         proposal = self.proposer.propose(prev, last, lengths, max_length, want_probs)
         hit = torch.zeros(prev.shape[0], dtype=torch.bool, device=proposal.tokens.device)
         self.remember(last, proposal, lengths, hit)
-        return AsyncReply(proposal, hit, torch.zeros(3, dtype=torch.float64))
+        return AsyncReply(proposal, hit, last, torch.zeros(3, dtype=torch.float64))
 
-    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool) -> AsyncReply:
+    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
+                replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
         """accepted/recovered [B]: the verified outcome of the window in flight; lengths [B] the new
-        committed lengths (recovered is the last committed token, prev the one before it)."""
+        committed lengths (recovered is the last committed token, prev the one before it).
+        replayed_ranks [B] (acceptance-profile replay): the draft rank of the token that follows the
+        accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it."""
         idle_s = time.perf_counter() - self.built_at
+        if replayed_ranks is not None:
+            recovered = self.cache.resolve(accepted, replayed_ranks, recovered)
         self.history.write_round(self.window, self.lengths, accepted, recovered)
         hit, tokens, probs = self.cache.lookup(accepted, recovered)
         start = time.perf_counter()
@@ -89,7 +95,7 @@ class AsyncDraft:
         timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
         self.hits, self.lookups = self.hits + int(hit.sum()), self.lookups + hit.numel()
         self.remember(recovered, proposal, lengths, hit)
-        return AsyncReply(proposal, hit, timings)
+        return AsyncReply(proposal, hit, recovered, timings)
 
     def remember(self, last, proposal: Proposal, lengths, hit) -> None:
         self.window = torch.cat([last[:, None], proposal.tokens], 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 HEADER_LEN = 6
+REPLAY_FLAG = 2  # OUTCOME: the ranks row holds replayed acceptance-profile ranks
 
 
 class DraftOp(IntEnum):
@@ -16,6 +17,7 @@ class DraftOp(IntEnum):
     MOVE_SLOT = 4     # header: src, dst, length
     STOP = 5
     SPECULATE = 6     # async: like PROPOSE, then the draft builds the speculation cache for it
-    OUTCOME = 7       # async, header: B, max_length, want_probs   then accepted/recovered/prev/lengths [4, B];
-                      # reply hit [B], tokens [B,K] (+probs), timings [3] f64; then the draft builds the next cache
+    OUTCOME = 7       # async, header: B, max_length, want_probs | REPLAY_FLAG   then accepted/recovered/prev/
+                      # lengths/replayed ranks [5, B]; reply hit+recovered [2, B], tokens [B,K] (+probs),
+                      # timings [3] f64; then the draft builds the next cache
     SET_FANOUT = 8    # async, header: K+1   then the new fan-out list [K+1] (same branch budget)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from ssd.draft_worker.async_draft import AsyncReply
 from ssd.draft_worker.proposer import Proposal
-from ssd.draft_worker.protocol import HEADER_LEN, DraftOp
+from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp
 from ssd.engine.sampler import SamplingTensors
 
 
@@ -50,9 +50,12 @@ class RemoteDraft:
         self._command(DraftOp.SET_FANOUT, len(fanout))
         self._send(torch.tensor(fanout, dtype=torch.int64))
 
-    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool) -> AsyncReply:
-        self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs))
-        self._send(torch.stack([accepted, recovered, prev, lengths]))
+    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
+                replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
+        replay = replayed_ranks is not None
+        self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs) | REPLAY_FLAG * replay)
+        ranks = replayed_ranks.to(accepted.device) if replay else torch.full_like(accepted, -1)
+        self._send(torch.stack([accepted, recovered, prev, lengths, ranks]))
         return self._recv_reply(prev.shape[0], want_probs)
 
     def _recv(self, shape, dtype=torch.int64) -> torch.Tensor:
@@ -68,6 +71,6 @@ class RemoteDraft:
         return Proposal(tokens, probs)
 
     def _recv_reply(self, batch: int, want_probs: bool) -> AsyncReply:
-        hit = self._recv(batch).bool()
+        hit, recovered = self._recv((2, batch))
         proposal = self._recv_proposal(batch, want_probs)
-        return AsyncReply(proposal, hit, self._recv(3, torch.float64).cpu())
+        return AsyncReply(proposal, hit.bool(), recovered, self._recv(3, torch.float64).cpu())

@@ -11,7 +11,7 @@ from ssd.draft_worker.async_draft import AsyncDraft, AsyncReply
 from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.tree import TreeBuilder
 from ssd.spec.spec_config import AsyncSpecConfig
-from ssd.draft_worker.protocol import HEADER_LEN, DraftOp
+from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sampler import SamplingTensors
@@ -64,8 +64,9 @@ class DraftServer:
             self.async_draft.tree.set_fanout(fanout)
             self.proposer.saguaro_fanout = fanout
         elif op == DraftOp.OUTCOME:
-            accepted, recovered, prev, lengths = self.recv((4, a))
-            self.send_reply(self.async_draft.outcome(accepted, recovered, prev, lengths, b, bool(c)))
+            accepted, recovered, prev, lengths, ranks = self.recv((5, a))
+            replayed = ranks if c & REPLAY_FLAG else None
+            self.send_reply(self.async_draft.outcome(accepted, recovered, prev, lengths, b, bool(c & 1), replayed))
             self.async_draft.build_cache(b)
 
     def send_proposal(self, proposal) -> None:
@@ -74,7 +75,7 @@ class DraftServer:
             dist.send(proposal.probs.contiguous(), TARGET_RANK0)
 
     def send_reply(self, reply: AsyncReply) -> None:
-        dist.send(reply.hit.to(torch.int64), TARGET_RANK0)
+        dist.send(torch.stack([reply.hit.to(torch.int64), reply.recovered.to(torch.int64)]), TARGET_RANK0)
         self.send_proposal(reply.proposal)
         dist.send(reply.timings.to(self.device), TARGET_RANK0)
 

@@ -53,6 +53,7 @@ class TreeShape:
 @dataclass
 class SpeculationCache:
     fork: torch.Tensor            # [N] window position of each branch
+    rank: torch.Tensor            # [N] rank of each branch's guess among its position's guesses
     guess: torch.Tensor           # [B, N] t* each branch assumes
     valid: torch.Tensor           # [B, N] branch exists under this row's fan-out list
     tokens: torch.Tensor          # [B, N, K] the branch's draft continuation
@@ -69,6 +70,18 @@ class SpeculationCache:
         rows = torch.arange(branch.shape[0], device=branch.device)
         probs = self.probs[rows, branch] if self.probs is not None else None
         return hit, self.tokens[rows, branch], probs
+
+    def resolve(self, accepted: torch.Tensor, replayed_rank: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Profile replay: the token of draft rank replayed_rank [B] at window position accepted [B] —
+        the cached guess where this row's fan-out holds it, else fallback [B] (a miss). Guesses before
+        the last position exclude the drafted rank-0 token, so guess ordinal = rank - 1 there."""
+        if self.guess.shape[1] == 0:
+            return fallback
+        k = self.tokens.shape[2]
+        ordinal = torch.where(accepted < k, replayed_rank - 1, replayed_rank)
+        match = self.valid & (self.fork[None, :] == accepted[:, None]) & (self.rank[None, :] == ordinal[:, None])
+        guess = self.guess.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
+        return torch.where(match.any(dim=1), guess, fallback)
 
 
 def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fanout_max: tuple[int, ...]) -> torch.Tensor:
@@ -127,16 +140,17 @@ class TreeBuilder:
         logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V]
         if self.shape.num_branches == 0:
             empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
-            return SpeculationCache(self.fork.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
+            return SpeculationCache(self.fork.clone(), self.rank.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
                                     dtype=torch.int64, device=window.device), None)
         guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
         greedy = sampling is None or sampling.all_greedy
         horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
         if greedy and self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
-            return SpeculationCache(self.fork.clone(), guess, valid, self.graphs.replay(guess, lengths, horizon), None)
+            return SpeculationCache(self.fork.clone(), self.rank.clone(), guess, valid,
+                                    self.graphs.replay(guess, lengths, horizon), None)
         tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
-        return SpeculationCache(self.fork.clone(), guess, valid, tokens, probs)
+        return SpeculationCache(self.fork.clone(), self.rank.clone(), guess, valid, tokens, probs)
 
     def decode_branches(self, guess, lengths, sampling, max_position: int):
         """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.

@@ -21,6 +21,8 @@ from ssd.engine.stats import GenerationStats
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
+from ssd.spec.acceptance_profile import AcceptanceProfile, load_profile
+from ssd.spec.profile_replay import ProfileReplay
 from ssd.spec.async_decoder import AsyncSpeculativeDecoder, FanoutTuner
 from ssd.spec.fanout import FanoutEstimator
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig
@@ -74,15 +76,15 @@ class LLM:
                  window_sizes: tuple[int, ...] = (), compile: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
-                 async_spec: bool = False, **async_options):
+                 async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
+                 **async_options):
         """async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
         acceptance, miss_exponent, backup, sampler_x — see ssd.spec.spec_config.AsyncSpecConfig."""
-        if async_options.pop("acceptance_profile", None) is not None:
-            raise NotImplementedError("acceptance-profile replay (--profile) is not implemented yet")
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
         self.async_spec = self.make_async_config(async_spec, async_options)
+        self.replay = self.make_replay(acceptance_profile)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
         self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
@@ -119,6 +121,15 @@ class LLM:
             raise ValueError("async speculation runs the draft in its own process (own GPU): "
                              "it cannot be co-located")
         return AsyncSpecConfig.create(self.spec.k, **options)
+
+    def make_replay(self, profile: str | AcceptanceProfile | None) -> ProfileReplay | None:
+        if profile is None:
+            return None
+        if self.spec is None:
+            raise ValueError("an acceptance profile replays speculative acceptance: it needs a draft model")
+        profile = profile if isinstance(profile, AcceptanceProfile) else load_profile(profile)
+        log.warning("replaying acceptance profile %r: speculative acceptance is SIMULATED", profile.name)
+        return ProfileReplay(profile)
 
     def check_models(self) -> None:
         """Before any process starts: the TP size fits the target, the draft shares its vocabulary."""
@@ -170,6 +181,8 @@ class LLM:
         """mode: "ar" | "sync" (default with a draft) — one loaded engine serves both for A/B runs."""
         decoder_mode = self.check_mode(mode)
         seqs = self.make_sequences(prompts, sampling_params)
+        if self.replay is not None and decoder_mode != "ar" and not all(s.params.greedy for s in seqs):
+            raise ValueError("acceptance-profile replay is greedy only: use temperature 0")
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
             try:
@@ -193,7 +206,7 @@ class LLM:
         if mode == "ar":
             return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
         args = (self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
-                self.spec.draft_temperature, on_finish)
+                self.spec.draft_temperature, on_finish, self.replay)
         if mode == "async":
             return AsyncSpeculativeDecoder(*args, tuner=self.fanout_tuner)
         return SpeculativeDecoder(*args)

@@ -66,6 +66,15 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def replace_last(self, token: int) -> None:
+        """Acceptance-profile replay: the last generated token, chosen by the draft after the commit."""
+        if self.output_ids[-1] == token:
+            return
+        self.output_ids[-1] = token
+        if token in self.eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            self.metrics.finish_time = time.perf_counter()
+
     def append(self, tokens: list[int]) -> int:
         """Append generated tokens, stopping at EOS / max_tokens. Returns how many were kept."""
         kept = 0

@@ -20,6 +20,7 @@ class GenerationStats:
     # asynchronous speculation
     cache_hits: int = 0
     cache_lookups: int = 0
+    lookups_by_batch: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [hits, lookups]
     hit_rows: int = 0               # sequence-rounds whose speculation came from the cache ...
     hit_tokens: int = 0             # ... and the tokens they produced
     miss_rows: int = 0
@@ -33,6 +34,10 @@ class GenerationStats:
     @property
     def cache_hit_rate(self) -> float | None:
         return self.cache_hits / self.cache_lookups if self.cache_lookups else None
+
+    @property
+    def cache_hit_rate_by_batch(self) -> dict[int, float]:
+        return {batch: hits / lookups for batch, (hits, lookups) in sorted(self.lookups_by_batch.items())}
 
     def _ms_per_round(self, seconds: float, applies: bool) -> float | None:
         return 1000 * seconds / self.num_rounds if applies and self.num_rounds else None

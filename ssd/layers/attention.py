@@ -1,7 +1,7 @@
 """Attention over the slot KV cache: write the new keys/values at their true positions, then attend."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,12 @@ class ForwardContext:
     v_caches: list[torch.Tensor]
     first_slot: int = 0            # batch row b uses slot first_slot + b
     tree: TreeContext | None = None
+    slot_rows: torch.Tensor = field(init=False)  # [B, 1] cache slot of each batch row
+
+    def __post_init__(self):
+        # built once per forward: per layer it would be two more kernels in every decode step
+        batch = self.positions.shape[0]
+        self.slot_rows = (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
 
     @property
     def attended_len(self) -> int:
@@ -33,12 +39,6 @@ class ForwardContext:
     @property
     def write_index(self) -> torch.Tensor:
         return self.positions if self.tree is None else self.tree.write_index
-
-    @property
-    def slot_rows(self) -> torch.Tensor:
-        """[B, 1] cache slot of each batch row."""
-        batch = self.positions.shape[0]
-        return (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
 
 
 def causal_mask(positions: torch.Tensor, attended_len: int) -> torch.Tensor:

@@ -81,8 +81,11 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         lengths, recovered, prev = committed_state(running)
         wait_start = time.perf_counter()
         self.pending = self.draft.outcome(torch.tensor(accepted), recovered, prev, lengths,
-                                          int(lengths.max()), want_probs)
+                                          int(lengths.max()), want_probs, self.replayed_ranks)
         self.pending_looked_up = True
+        if self.replay is not None:  # the draft resolved the replayed rank to a token: commit that one
+            for seq, token in zip(running, self.pending.recovered.tolist()):
+                seq.replace_last(token)
         self.stats.target_wait_s += time.perf_counter() - wait_start
         build_s, backup_s, idle_s = self.pending.timings.tolist()
         self.stats.draft_time_s += build_s
@@ -94,6 +97,8 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         if self.pending_looked_up:
             self.stats.cache_hits += sum(hits)
             self.stats.cache_lookups += len(hits)
+            by_batch = self.stats.lookups_by_batch.setdefault(len(hits), [0, 0])
+            by_batch[0], by_batch[1] = by_batch[0] + sum(hits), by_batch[1] + len(hits)
         for hit, n in zip(hits, kept):
             if hit:
                 self.stats.hit_rows, self.stats.hit_tokens = self.stats.hit_rows + 1, self.stats.hit_tokens + n

@@ -11,6 +11,7 @@ from ssd.engine.autoregressive import AutoregressiveDecoder, pad_prompts
 from ssd.engine.phase_clock import PhaseClock
 from ssd.engine.sampler import SamplingTensors
 from ssd.engine.sequence import Sequence
+from ssd.spec.profile_replay import ProfileReplay
 from ssd.spec.verifier import verify
 
 
@@ -30,9 +31,11 @@ def committed_state(running: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor
 
 class SpeculativeDecoder(AutoregressiveDecoder):
     def __init__(self, runner, stats, engine_seed, draft, k: int, draft_temperature: float | None = None,
-                 on_finish=lambda s: None):
+                 on_finish=lambda s: None, replay: ProfileReplay | None = None):
         super().__init__(runner, stats, engine_seed, on_finish)
         self.draft, self.k, self.draft_temperature = draft, k, draft_temperature
+        self.replay = replay
+        self.replayed_ranks: torch.Tensor | None = None  # [B] rank of each row's last emitted token
         self.stats.accepted_per_position = [0] * k
         self.stats.accepted_histogram = [0] * (k + 1)
         self.draft_sampling: SamplingTensors | None = None
@@ -73,6 +76,10 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         window = torch.cat([last.to(device)[:, None], draft_tokens], 1)  # [B, K+1]
         positions = lengths.to(device)[:, None] - 1 + torch.arange(self.k + 1, device=device)
         logits = self.runner.forward(window, positions, int(lengths.max()) - 1 + self.k)
+        if self.replay is not None:
+            ranks = self.replay.ranks(running, self.k, device)
+            accepted, emitted, self.replayed_ranks = self.replay.outcome(ranks, draft_tokens, logits)
+            return accepted.tolist(), emitted.tolist()
         result = verify(draft_tokens, proposal.probs, logits, sampling, lengths.to(device))
         return result.num_accepted.tolist(), result.output_tokens.tolist()
 

@@ -1,0 +1,110 @@
+"""Where a decode step's time goes on the GPU: kernel table of one CUDA-graph decode step.
+
+    PYTHONUNBUFFERED=1 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --out $OUT/decode_profile.json
+
+Profiles `steps` graph replays of the B-row decode forward (random weights, context ~512) with
+torch.profiler and reports, per kernel name, calls and GPU time per step, the sum of kernel time
+against the step's wall time (the difference is launch gaps / idle SMs), and the bytes a step must
+stream (weights) as a fraction of the nominal HBM bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from ssd import LLM  # noqa: E402
+
+log = logging.getLogger("decode_profile")
+
+
+def decode_step(llm: LLM, batch: int, context: int):
+    runner = llm.runner
+    ids = torch.randint(0, runner.arch.vocab_size, (batch, 1), device=runner.device)
+    positions = torch.full((batch, 1), context, dtype=torch.int64, device=runner.device)
+    return lambda: runner.forward(ids, positions, context)
+
+
+def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> float:
+    """Decode tokens/s of greedy LLM.generate (host loop included; prefill excluded)."""
+    from ssd import SamplingParams
+    prompts = [[int(t) for t in torch.randint(0, 1000, (context,))] for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    llm.generate(prompts, params, use_tqdm=False)
+    return llm.last_run_stats.decode_tok_s
+
+
+def kernel_table(prof, steps: int) -> list[dict]:
+    rows = []
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:  # kernels only (CPU ops would count twice)
+            continue
+        device_us = getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+        rows.append({"kernel": event.key[:120], "calls_per_step": event.count / steps,
+                     "us_per_step": round(device_us / steps, 2)})
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama-3.1-8b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bandwidth", type=float, default=None, help="nominal HBM bytes/s (default by device name)")
+    parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
+             max_model_len=args.context + args.generate_tokens + 64) as llm:
+        step = decode_step(llm, args.batch, args.context)
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        step_ms = start.elapsed_time(end) / args.steps
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+        generate_tok_s = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
+    table = kernel_table(prof, args.steps)
+    name = torch.cuda.get_device_name(0)
+    bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
+    kernel_us = sum(r["us_per_step"] for r in table)
+    result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
+              "generate_decode_tok_s": round(generate_tok_s, 2),
+              "generate_roofline_fraction": round(generate_tok_s * weight_bytes / args.batch / bandwidth, 4)
+              if bandwidth else None,
+              "step_ms": round(step_ms, 4), "kernel_ms": round(kernel_us / 1e3, 4),
+              "gap_ms": round(step_ms - kernel_us / 1e3, 4), "weight_bytes": weight_bytes,
+              "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
+              "kernels": table[:40]}
+    log.info("step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
+             "(%.1f%% of roofline)", step_ms, kernel_us / 1e3, result["gap_ms"],
+             100 * (result["roofline_fraction"] or 0), generate_tok_s, 100 * (result["generate_roofline_fraction"] or 0))
+    for row in table[:25]:
+        log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

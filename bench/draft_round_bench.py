@@ -1,0 +1,171 @@
+"""GPU benchmark of the asynchronous draft's round (one GPU, the draft alone), written to JSON.
+
+    PYTHONUNBUFFERED=1 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 \
+        --batches 1 16 --out $OUT/draft_round.json
+
+Per batch size: the speculation-cache build (window forward over K+1 tokens, fork selection, K
+batched tree steps over B x sum(F) branches) split into its parts with CUDA events, the whole
+build as the draft worker times it (host wall clock, synchronised), and the outcome path: a cache
+lookup answered from the cache (hit) and a `jit` backup (miss). Random weights at the preset's
+shapes; the times do not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
+
+import torch  # noqa: E402
+
+from ssd.distributed.tp_group import TPGroup  # noqa: E402
+from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
+from ssd.draft_worker.proposer import DraftProposer  # noqa: E402
+from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
+from ssd.engine.model_runner import ModelRunner  # noqa: E402
+from ssd.engine.runner_config import RunnerConfig  # noqa: E402
+from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
+
+log = logging.getLogger("draft_round_bench")
+
+
+def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
+                device: str) -> AsyncDraft:
+    spec = AsyncSpecConfig.create(k, fan_out=fan_out)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
+                              num_slots=num_slots, max_len=max_len, enforce_eager=eager)
+    cfg = SpecConfig(preset, k).runner_config(target_cfg, None, spec)
+    cfg.first_gpu = 0
+    runner = ModelRunner(cfg, TPGroup())
+    proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
+    return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
+
+
+def event_ms(fn, warmup: int, iters: int) -> list[float]:
+    """Per-call GPU time (CUDA events); host wall time on CPU."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        return [wall_ms(fn) for _ in range(iters)]
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def wall_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def prefill(draft: AsyncDraft, batch: int, context: int, vocab: int) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (batch, context))
+    draft.prefill(ids, torch.arange(context).expand(batch, context).contiguous(), 0)
+    return torch.full((batch,), context, dtype=torch.int64)
+
+
+@torch.inference_mode()  # as in the draft worker's serve loop (the graphs' buffers are inference tensors)
+def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iters: int) -> dict:
+    runner, tree, k = draft.proposer.runner, draft.tree, draft.proposer.k
+    device = runner.device
+    # the draft worker receives its inputs over NCCL, already on its device
+    lengths = prefill(draft, batch, context, runner.arch.vocab_size).to(device)
+    prev, last = torch.randint(0, runner.arch.vocab_size, (2, batch), device=device)
+    draft.speculate(prev, last, lengths, int(lengths.max()), False)
+    max_length = int(lengths.max())
+    window = draft.window
+    lengths_d = lengths
+    positions = lengths_d[:, None] - 1 + torch.arange(k + 1, device=device)
+    logits = runner.forward(window, positions, max_length - 1 + k)
+    guess = fork_guesses(logits, window[:, 1:], tree.shape.fanout_max)
+    horizon = runner.attend_bucket(max_length + 2 * k + 1)
+    parts = {
+        "window_forward_ms": event_ms(lambda: runner.forward(window, positions, max_length - 1 + k), warmup, iters),
+        "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.shape.fanout_max), warmup, iters),
+        "branch_decode_ms": event_ms(lambda: tree.graphs.replay(guess, lengths_d, horizon)
+                                     if tree.graphs else tree.decode_branches(guess, lengths_d, None, max_length + 2 * k),
+                                     warmup, iters),
+    }
+
+    def build_wall():
+        draft.build_cache(max_length)
+        return draft.build_s * 1e3
+    walls = [build_wall() for _ in range(warmup + iters)][warmup:]
+    outcome = outcome_times(draft, batch, lengths, warmup, iters)
+    return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
+            **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome}
+
+
+def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: int, iters: int) -> dict:
+    """Reply latency for an all-hit outcome (the cache's first branch: 0 accepted, its guess) and an
+    all-miss one (0 accepted, then the drafted token itself, which no fork guesses)."""
+    results = {}
+    for name in ("hit", "miss"):
+        times = []
+        for i in range(warmup + iters):
+            draft.build_cache(int(lengths.max()))
+            accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
+            recovered = (draft.cache.guess[:, 0] if name == "hit" else draft.window[:, 1]).clone()
+            start = time.perf_counter()
+            reply = draft.outcome(accepted, recovered, recovered, lengths, int(lengths.max()), False)
+            synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+            if bool(reply.hit.all()) != (name == "hit"):
+                raise RuntimeError(f"the {name} case did not {name}: lookup and cache disagree")
+        results[f"outcome_{name}_ms"] = median(times)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama-3.2-1b", help="a random-weights preset or checkpoint directory")
+    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--f", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--context", type=int, default=512, help="prompt tokens per sequence")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
+                        args.device)
+    rows = []
+    for batch in args.batches:
+        rows.append(measure_batch(draft, batch, args.context, args.warmup, args.iters))
+        log.info("%s", rows[-1])
+    result = {"schema": "ssd-draft-round-bench/1", "preset": args.preset, "k": args.k, "f": args.f,
+              "context": args.context, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "weights": "random (timing only)", "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

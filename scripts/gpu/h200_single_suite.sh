@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
+# acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
+# co-located): async needs the draft on its own GPU (nvidia-h200-x2).
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | llama | qwen | coordinator)
+set -uo pipefail
+out=${1:?output dir}; part=${2:?part}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+ab() {  # ab NAME FAMILY TARGET_SIZE DRAFT_SIZE BATCH NUMSEQS OUTPUT_LEN
+  local name=$1 family=$2 size=$3 draft=$4 batch=$5 numseqs=$6 len=$7
+  timeout 300 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec --k 6 \
+    --gpus 1 --colocate --ab ar,sync --profile code --random --b "$batch" --numseqs "$numseqs" \
+    --output_len "$len" --warmup 1 --json "$out/$name.json" > "$out/$name.log" 2>&1
+  grep -E "simulated|decode tok|acceptance|draft round|verify|ratio|Error" "$out/$name.log" | sed "s/^/[$name] /"
+}
+case $part in
+  draft) for preset in llama-3.2-1b qwen3-0.6b; do
+           timeout 200 python bench/draft_round_bench.py --preset $preset --k 6 --f 3 --batches 1 2 4 8 16 \
+             --out "$out/draft_round_$preset.json" > "$out/draft_round_$preset.log" 2>&1
+           grep -E "batch|Error" "$out/draft_round_$preset.log" | sed "s/^/[$preset] /"
+         done ;;
+  profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
+             --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
+           grep -E "roofline|Error" "$out/decode_profile.log" ;;
+  llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
+  qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
+esac

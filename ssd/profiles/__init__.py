@@ -1,0 +1,1 @@
+"""Acceptance profiles shipped with ssd (written by `python -m ssd.benchmark.record_profile`)."""
