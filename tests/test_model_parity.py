@@ -63,3 +63,24 @@ def test_tensor_parallel_2_matches_single_rank(tiny_checkpoints):
         logits, out = our_logits(two, ids), two.generate(PROMPTS, params, use_tqdm=False)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert [o.token_ids for o in out] == [o.token_ids for o in ref_out]
+
+
+def test_continuous_batching_with_eos_and_mixed_max_tokens_matches_transformers(tiny_checkpoints):
+    """More prompts than slots, sequences stopping at an EOS id or at different max_tokens: the
+    decode loop runs one step ahead of the host, so every stop must flush and compact correctly."""
+    model = hf_model(tiny_checkpoints["llama"])
+    references = [hf_greedy(model, prompt, 40) for prompt in PROMPTS]
+    eos = references[0][12]
+    max_tokens = [40, 7, 25, 40, 3]
+
+    def expected(reference, limit):
+        out = reference[:limit]
+        return out[: out.index(eos) + 1] if eos in out else out
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=256, max_num_seqs=2) as llm:
+        llm.eos_ids = frozenset({eos})
+        outs = llm.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=n) for n in max_tokens],
+                            use_tqdm=False)
+    for reference, limit, out in zip(references, max_tokens, outs):
+        assert out.token_ids == expected(reference, limit)
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == eos else "length")
+    assert any(out.finish_reason == "stop" for out in outs)

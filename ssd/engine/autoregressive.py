@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +25,28 @@ def pad_prompts(seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch
     return ids, positions, last
 
 
+@dataclass
+class InflightStep:
+    """Sampled tokens [B] of a launched step, copied to the host asynchronously."""
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, tokens: torch.Tensor) -> "InflightStep":
+        if tokens.device.type != "cuda":
+            return cls(tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def wait(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
 class AutoregressiveDecoder:
     def __init__(self, runner: ModelRunner, stats: GenerationStats, engine_seed: int,
                  on_finish: Callable[[Sequence], None] = lambda s: None):
@@ -32,6 +55,7 @@ class AutoregressiveDecoder:
         self.sampling: SamplingTensors | None = None
         self.next_ids: torch.Tensor | None = None    # [B, 1] device-resident decode inputs,
         self.positions: torch.Tensor | None = None   # [B, 1] valid while the batch is unchanged
+        self.inflight: InflightStep | None = None    # a launched step whose tokens are not appended yet
 
     def run(self, seqs: list[Sequence]) -> None:
         waiting, running = deque(seqs), []
@@ -43,6 +67,8 @@ class AutoregressiveDecoder:
 
     def admit(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
         fresh = []
+        if waiting and len(running) < self.runner.cfg.num_slots:
+            self.flush(running)
         while waiting and len(running) + len(fresh) < self.runner.cfg.num_slots:
             fresh.append(waiting.popleft())
         if not fresh:
@@ -61,18 +87,43 @@ class AutoregressiveDecoder:
         self.sampling = None  # the running batch changes
 
     def decode_step(self, running: list[Sequence]) -> None:
+        """One token per sequence, one step ahead: step t+1 is launched (its input is step t's token,
+        still on the device) before the host waits for step t's tokens, so the GPU never idles while
+        the host appends tokens and checks stop conditions. A finish flushes the step in flight."""
         start = time.perf_counter()
         sampling = self.sampling_for(running, self.runner.device)
         if self.next_ids is None:  # batch changed: rebuild the device-resident inputs once
             self.next_ids = torch.tensor([[s.last_token] for s in running], device=self.runner.device)
             self.positions = torch.tensor([[s.num_tokens - 1] for s in running], device=self.runner.device)
-        max_position = max(s.num_tokens for s in running) - 1
+        newest = max(s.num_tokens for s in running) - 1
+        if self.inflight is None:
+            self.inflight = self.launch(sampling, newest)
+        # the step after next cannot start before these tokens are appended, so launch at most one ahead,
+        # and none when a sequence is about to reach max_tokens
+        ahead = None if any(len(s.output_ids) + 1 >= s.params.max_tokens for s in running) \
+            else self.launch(sampling, newest + 1)
+        self.append_inflight(running)
+        self.inflight = ahead
+        if ahead is not None and any(s.finished for s in running):
+            self.flush(running)
+        self.stats.decode_time_s += time.perf_counter() - start
+
+    def launch(self, sampling: SamplingTensors, max_position: int) -> "InflightStep":
         logits = self.runner.forward(self.next_ids, self.positions, max_position)[:, -1]
         tokens = sample(logits, sampling, self.positions[:, 0] + 1)
         self.next_ids, self.positions = tokens[:, None], self.positions + 1
-        self.stats.decode_tokens += sum(s.append([t]) for s, t in zip(running, tokens.tolist()))
         self.stats.num_rounds += 1
-        self.stats.decode_time_s += time.perf_counter() - start
+        return InflightStep.start(tokens)
+
+    def append_inflight(self, running: list[Sequence]) -> None:
+        tokens = self.inflight.wait()
+        self.stats.decode_tokens += sum(s.append([t]) for s, t in zip(running, tokens))
+        self.inflight = None
+
+    def flush(self, running: list[Sequence]) -> None:
+        """Append the step in flight (finished sequences ignore theirs) before the batch changes."""
+        if self.inflight is not None:
+            self.append_inflight(running)
 
     def append_sampled(self, seqs: list[Sequence], logits: torch.Tensor, sampling: SamplingTensors) -> int:
         """Sample one token per row of logits [n, V] (n = len(seqs)) and append it."""
@@ -93,6 +144,8 @@ class AutoregressiveDecoder:
 
     def retire(self, running: list[Sequence]) -> None:
         """Drop finished sequences, moving the last running sequence's KV into the freed slot."""
+        if any(s.finished for s in running):
+            self.flush(running)  # e.g. a request aborted from outside while a step was in flight
         i = 0
         while i < len(running):
             if not running[i].finished:
