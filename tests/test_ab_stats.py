@@ -91,3 +91,15 @@ def test_interleaved_schedule_is_balanced(arms):
 def test_two_arm_schedule_is_abba():
     order = "".join(arm for _, arm in interleaved_schedule(("A", "B"), 4))
     assert order == "ABBAABBA"
+
+
+def test_theorem7_prediction_matches_hand_computation():
+    from ssd.benchmark.expected_speedup import predicted_speedup, theorem7_speedup
+    # all hits, draft faster than verify: the round costs one verify and yields E tokens
+    assert theorem7_speedup(1.0, 5.0, 2.0, 0.5, 3.0) == 5.0
+    # p = 0.5, draft round 2 verifies, backup 1 verify: (2.5 + 1) / (1 + 1) = 1.75
+    assert theorem7_speedup(0.5, 5.0, 2.0, 2.0, 1.0) == 1.75
+    metrics = {"cache_hit_rate": 0.5, "verify_ms": 10.0, "draft_round_ms": 20.0, "backup_ms": 10.0,
+               "tokens_per_round_on_hit": 5.0, "tokens_per_round_on_miss": 2.0}
+    assert predicted_speedup(metrics) == 1.75
+    assert predicted_speedup({**metrics, "backup_ms": None}) is None

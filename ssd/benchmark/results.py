@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ssd.benchmark.cli import BenchConfig
+from ssd.benchmark.expected_speedup import predicted_speedup
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,11 +28,12 @@ METRIC_NAMES = (
     "decode_tok_s", "e2e_tok_s", "ttft_s", "tpot_s", "e2e_latency_s",
     "num_rounds", "acceptance_length", "per_position_acceptance",
     "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
-    "target_wait_ms", "draft_wait_ms", "accepted_histogram", "cache_hit_rate_by_batch",
+    "target_wait_ms", "draft_wait_ms", "backup_ms", "accepted_histogram", "cache_hit_rate_by_batch",
+    "predicted_speedup_over_ar",
 )
 # Spec statistics reported per round; across batches they are averaged weighted by rounds.
 ROUND_WEIGHTED = ("acceptance_length", "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit",
-                  "tokens_per_round_on_miss", "target_wait_ms", "draft_wait_ms")
+                  "tokens_per_round_on_miss", "target_wait_ms", "draft_wait_ms", "backup_ms")
 # result metric name -> attribute of a request output's .metrics
 LATENCY_FIELDS = {"ttft_s": "ttft_s", "tpot_s": "tpot_s", "e2e_latency_s": "e2e_s"}
 
@@ -69,6 +71,7 @@ def compute_metrics(runs: Sequence[BatchRun]) -> dict[str, Any]:
     metrics["per_position_acceptance"] = _per_position_acceptance(stats)
     metrics["accepted_histogram"] = _summed_histogram(stats)
     metrics["cache_hit_rate_by_batch"] = _hit_rate_by_batch(stats)
+    metrics["predicted_speedup_over_ar"] = predicted_speedup(metrics)
     return {name: metrics.get(name) for name in METRIC_NAMES}
 
 

@@ -42,6 +42,8 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("tokens/round on miss", "tokens_per_round_on_miss", _number(2)),
     ("target waits for draft (ms/round)", "target_wait_ms", _number(2)),
     ("draft waits for target (ms/round)", "draft_wait_ms", _number(2)),
+    ("backup after a miss (ms/round)", "backup_ms", _number(2)),
+    ("DESIGN §7 predicted speedup vs AR", "predicted_speedup_over_ar", _number(2)),
     ("accepted-length histogram", "accepted_histogram", lambda h: " ".join(map(str, h))),
 )
 

@@ -76,6 +76,11 @@ class GenerationStats:
         return [n / self.num_drafts for n in self.accepted_per_position]
 
     @property
+    def backup_ms(self) -> float | None:
+        """Per round: the draft building a backup speculation after a cache miss (async)."""
+        return self._ms_per_round(self.backup_time_s, self.cache_lookups > 0)
+
+    @property
     def draft_round_ms(self) -> float | None:
         return self._ms_per_round(self.draft_time_s, self.num_drafts > 0)
 
