@@ -30,6 +30,8 @@ from ssd.draft_worker.proposer import DraftProposer  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
+from ssd.engine.sampler import SamplingTensors  # noqa: E402
+from ssd.sampling_params import SamplingParams  # noqa: E402
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
 
 log = logging.getLogger("draft_round_bench")
@@ -101,13 +103,19 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     logits = runner.forward(window, positions, max_length - 1 + k)
     guess = fork_guesses(logits, window[:, 1:], tree.shape.fanout_max)
     horizon = runner.attend_bucket(max_length + 2 * k + 1)
+    sampled = sampling_for(batch, device, top_p=0.9)
+
+    def branches(sampling):
+        if tree.graphs is not None:
+            return tree.graphs.replay(guess, lengths_d, sampling, horizon)
+        return tree.decode_branches(guess, lengths_d, sampling, max_length + 2 * k)
     parts = {
         "window_forward_ms": event_ms(lambda: runner.forward(window, positions, max_length - 1 + k), warmup, iters),
         "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.shape.fanout_max), warmup, iters),
-        "branch_decode_ms": event_ms(lambda: tree.graphs.replay(guess, lengths_d, horizon)
-                                     if tree.graphs else tree.decode_branches(guess, lengths_d, None, max_length + 2 * k),
-                                     warmup, iters),
+        "branch_decode_ms": event_ms(lambda: branches(None), warmup, iters),
+        "branch_decode_sampled_ms": event_ms(lambda: branches(sampled), warmup, iters),
     }
+    graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
 
     def build_wall():
         draft.build_cache(max_length)
@@ -115,7 +123,25 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     walls = [build_wall() for _ in range(warmup + iters)][warmup:]
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
-            **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome}
+            **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
+            "sampled_graph_check": graph_check}
+
+
+def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:
+    params = [SamplingParams(temperature=0.8, top_p=top_p, seed=i) for i in range(batch)]
+    return SamplingTensors.from_params(params, device, 0)
+
+
+def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
+    """The captured sampled/greedy branch decodes reproduce the eager ones (same tokens, same q)."""
+    result = {}
+    for name, st in (("greedy", None), ("filtered", sampling), ("sampled", sampling_for(guess.shape[0], guess.device, 1.0))):
+        eager_tokens, eager_probs = tree.decode_branches(guess, lengths, st, horizon - 1)
+        graph_tokens, graph_probs = tree.graphs.replay(guess, lengths, st, horizon)
+        result[name] = {"tokens_equal": bool(torch.equal(eager_tokens, graph_tokens)),
+                        "max_abs_prob_diff": None if eager_probs is None else
+                        float((eager_probs - graph_probs).abs().max())}
+    return result
 
 
 def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: int, iters: int) -> dict:

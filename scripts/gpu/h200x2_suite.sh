@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The measurements behind README "Measured results" on two H200 (random weights at real shapes:
-# acceptance is not realistic — random models never agree; see the notes there).
+# The measurements behind README "Measured results" on two H200 (random weights at real shapes;
+# speculative arms replay the shipped "code" acceptance profile: SIMULATED acceptance, real costs).
+# SSD_PROFILE=none measures the random draft's own (meaningless) acceptance instead.
 # Usage: scripts/gpu/h200x2_suite.sh OUT_DIR PART   (PART: engine-qwen | ab-qwen | ab-llama)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -8,10 +9,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISA
 ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT FLAGS...]
   local name=$1 size=$2 draft=$3 family=$4 batch=$5 numseqs=$6 len=$7; shift 7
   local layout=("$@"); [ ${#layout[@]} -gt 0 ] || layout=(--gpus 2 --async --ab ar,sync,async)
+  local profile=(--profile "${SSD_PROFILE:-code}"); [ "${SSD_PROFILE:-code}" = none ] && profile=()
   timeout 280 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec \
-    --k 6 --f 3 "${layout[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
+    --k 6 --f 3 "${layout[@]}" "${profile[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
     --json "$out/$name.json" > "$out/$name.log" 2>&1
-  grep -E "decode tok|draft round|verify|cache hit|ratio|match|TPOT|Error" "$out/$name.log" | sed "s/^/[$name] /"
+  grep -E "simulated|decode tok|draft round|verify|cache hit|predicted|ratio|match|TPOT|Error" "$out/$name.log" | sed "s/^/[$name] /"
 }
 case $part in
   engine-qwen) timeout 300 python bench/engine_bench.py --presets qwen3-32b --variants compile --gen-batches 1 16 \

@@ -17,9 +17,11 @@ class Proposal:
     probs: torch.Tensor | None   # [B, K, V] float32: the distribution each token was drawn from
 
 
-def draft_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: int, c: float) -> torch.Tensor:
-    """What the draft samples from: its filtered distribution, Saguaro-rescaled on its top-F."""
-    return saguaro_probs(probs_from_logits(logits, sampling), top_f, c)
+def draft_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: int | torch.Tensor, c: float,
+                       max_f: int | None = None) -> torch.Tensor:
+    """What the draft samples from: its filtered distribution, Saguaro-rescaled on its top-F
+    (top_f may be a device tensor bounded by max_f, read inside captured graphs)."""
+    return saguaro_probs(probs_from_logits(logits, sampling), top_f, c, max_f)
 
 
 class DraftProposer:

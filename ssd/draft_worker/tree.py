@@ -3,6 +3,7 @@
 guess's K-token continuation, batched over sequences and branches with a tree attention mask."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
 from ssd.draft_worker.proposer import draft_distribution
 from ssd.engine.sampler import SamplingTensors, sample_from_weights
+from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 
 
@@ -144,17 +146,17 @@ class TreeBuilder:
                                     dtype=torch.int64, device=window.device), None)
         guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
-        greedy = sampling is None or sampling.all_greedy
         horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
-        if greedy and self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
-            return SpeculationCache(self.fork.clone(), self.rank.clone(), guess, valid,
-                                    self.graphs.replay(guess, lengths, horizon), None)
-        tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
+        if self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
+            tokens, probs = self.graphs.replay(guess, lengths, sampling, horizon)
+        else:
+            tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
         return SpeculationCache(self.fork.clone(), self.rank.clone(), guess, valid, tokens, probs)
 
-    def decode_branches(self, guess, lengths, sampling, max_position: int):
+    def decode_branches(self, guess, lengths, sampling, max_position: int, probs_out: torch.Tensor | None = None):
         """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.
-        Free of host syncs (captured as one CUDA graph per batch bucket and attention length)."""
+        Free of host syncs (captured as CUDA graphs per batch bucket and attention length). Sampled
+        branches' distributions go to probs_out [B, N, K, V] when given (a graph's static buffer)."""
         k, batch, n = self.shape.k, *guess.shape
         scratch_start = self.runner.max_len
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
@@ -166,9 +168,12 @@ class TreeBuilder:
             logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
             current, p = self.pick(logits, positions + 1, sampling, depth)
             tokens.append(current)
+            if p is not None and probs_out is not None:
+                probs_out[:, :, depth].copy_(p)
             probs.append(p)
-        stacked = torch.stack(probs, 2) if probs[0] is not None else None
-        return torch.stack(tokens, 2), stacked
+        if probs[0] is None:
+            return torch.stack(tokens, 2), None
+        return torch.stack(tokens, 2), probs_out if probs_out is not None else torch.stack(probs, 2)
 
     def pick(self, logits, counter, sampling, depth):
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
@@ -178,45 +183,73 @@ class TreeBuilder:
         batch, n, vocab = logits.shape
         rows = sampling.select_rows(torch.arange(batch, device=logits.device).repeat_interleave(n))
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
-        # the cache will fork at that position with the hit list's F_m
-        q = draft_distribution(logits.reshape(batch * n, vocab), rows, self.shape.fanout_hit[depth], self.c)
+        # the cache will fork at that position with the hit list's F_m (a device tensor: an online
+        # re-fit rewrites it in place, and captured graphs read the new value)
+        q = draft_distribution(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth], self.c,
+                               max_f=self.shape.num_branches)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
 
 
 class BranchGraphs:
-    """The greedy branch decode (K tree steps + argmax) as one CUDA graph per (batch bucket,
-    attention length), captured at start-up; ghost rows decode into free slots' scratch."""
+    """The branch decode (K tree steps + token choice) as CUDA graphs captured at start-up, per
+    (batch bucket, attention length) and mode: greedy (argmax), or sampled with / without top-k/top-p
+    filters (the sampling parameters are static inputs; the distributions land in one static
+    [bucket, N, K, V] buffer per bucket). Ghost rows decode into free slots' scratch."""
+
+    MODES = ("greedy", "sampled", "filtered")
 
     def __init__(self, builder: TreeBuilder):
         self.builder = builder
         pool = builder.runner.graphs
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        for attend_len in reversed(pool.attend_lens):
-            for bucket in reversed(pool.buckets):
-                self.graphs[bucket, attend_len] = self.capture(bucket, attend_len, pool)
+        runner, shape = builder.runner, builder.shape
+        self.probs_out = {b: torch.empty((b, shape.num_branches, shape.k, runner.arch.vocab_size),
+                                         dtype=torch.float32, device=runner.device) for b in pool.buckets}
+        self.sampling = {b: SamplingTensors.from_params([SamplingParams(temperature=1.0)] * b, runner.device, 0)
+                         for b in pool.buckets}
+        self.graphs: dict[tuple[str, int, int], tuple] = {}
+        for mode in self.MODES:
+            for attend_len in reversed(pool.attend_lens):
+                for bucket in reversed(pool.buckets):
+                    self.graphs[mode, bucket, attend_len] = self.capture(mode, bucket, attend_len, pool)
 
     def has(self, batch: int, attend_len: int) -> bool:
         bucket = self.builder.runner.graphs.bucket_for(batch)
-        return bucket is not None and (bucket, attend_len) in self.graphs
+        return bucket is not None and ("greedy", bucket, attend_len) in self.graphs
+
+    def static_sampling(self, mode: str, bucket: int) -> SamplingTensors | None:
+        if mode == "greedy":
+            return None
+        return dataclasses.replace(self.sampling[bucket], apply_filters=mode == "filtered", all_greedy=False)
 
     @torch.inference_mode()
-    def capture(self, bucket: int, attend_len: int, pool):
+    def capture(self, mode: str, bucket: int, attend_len: int, pool):
         device = self.builder.runner.device
         guess = torch.zeros((bucket, self.builder.shape.num_branches), dtype=torch.int64, device=device)
         lengths = torch.full((bucket,), 2, dtype=torch.int64, device=device)
+        sampling, probs_out = self.static_sampling(mode, bucket), self.probs_out[bucket]
         for _ in range(2):
-            self.builder.decode_branches(guess, lengths, None, attend_len - 1)
+            self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool.pool):
-            tokens, _ = self.builder.decode_branches(guess, lengths, None, attend_len - 1)
-        return graph, guess, lengths, tokens
+            tokens, probs = self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
+        return graph, guess, lengths, tokens, probs
 
-    def replay(self, guess: torch.Tensor, lengths: torch.Tensor, attend_len: int) -> torch.Tensor:
+    def replay(self, guess: torch.Tensor, lengths: torch.Tensor, sampling: SamplingTensors | None,
+               attend_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch = guess.shape[0]
-        graph, static_guess, static_lengths, tokens = self.graphs[self.builder.runner.graphs.bucket_for(batch), attend_len]
+        bucket = self.builder.runner.graphs.bucket_for(batch)
+        mode = "greedy" if sampling is None or sampling.all_greedy else \
+            "filtered" if sampling.apply_filters else "sampled"
+        graph, static_guess, static_lengths, tokens, probs = self.graphs[mode, bucket, attend_len]
         static_guess[:batch].copy_(guess)
         static_lengths[:batch].copy_(lengths)
+        if sampling is not None and mode != "greedy":
+            static = self.sampling[bucket]
+            for name in ("temperature", "top_k", "top_p", "seed"):
+                getattr(static, name)[:batch].copy_(getattr(sampling, name))
         graph.replay()
-        return tokens[:batch].clone()  # the pool is shared: copy out before another graph runs
+        # the pool is shared: copy tokens out before another graph runs; the probs buffer is this
+        # bucket's own and is only rewritten by the next build, after this cache was looked up
+        return tokens[:batch].clone(), probs[:batch] if probs is not None else None
