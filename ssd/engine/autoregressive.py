@@ -60,10 +60,14 @@ class AutoregressiveDecoder:
     def run(self, seqs: list[Sequence]) -> None:
         waiting, running = deque(seqs), []
         while waiting or running:
-            self.admit(waiting, running)
-            if running:
-                self.decode_step(running)
-            self.retire(running)
+            self.step(waiting, running)
+
+    def step(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
+        """One round of continuous batching: admit → decode step → retire."""
+        self.admit(waiting, running)
+        if running:
+            self.decode_step(running)
+        self.retire(running)
 
     def admit(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
         fresh = []

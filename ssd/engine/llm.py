@@ -217,8 +217,13 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        return [Sequence(i, self.encode(p), sp, self.eos_ids) for i, (p, sp) in
-                enumerate(zip(prompts, params)) if self.check_fits(i, self.encode(p), sp)]
+        return [self.make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+
+    def make_sequence(self, index: int, prompt, params: SamplingParams, request_id: int | str | None = None) -> Sequence:
+        """request_id names the request in errors (default: its index)."""
+        ids = self.encode(prompt)
+        self.check_fits(index if request_id is None else request_id, ids, params)
+        return Sequence(index, ids, params, self.eos_ids)
 
     @staticmethod
     def _as_list(prompts) -> list:
@@ -234,7 +239,7 @@ class LLM:
             raise ValueError(f"prompt token ids must lie in [0, {self.runner.arch.vocab_size})")
         return ids
 
-    def check_fits(self, index: int, ids: list[int], params: SamplingParams) -> bool:
+    def check_fits(self, index: int | str, ids: list[int], params: SamplingParams) -> bool:
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         needed = len(ids) + params.max_tokens + self.reserved_tokens
@@ -267,6 +272,11 @@ class LLM:
             raise WorkerDiedError(f"engine worker(s) died during generate: {names}") from error
 
     # ---- lifecycle ----
+    def abandon(self) -> None:
+        """After a failed round the workers may sit in a collective and cannot be told to stop: end them."""
+        self._closed = True
+        self._abort_group()
+
     def _abort_group(self) -> None:
         """Rank 0 failed to build: the other ranks cannot be told to stop, so end them."""
         for p in self.group.processes:
