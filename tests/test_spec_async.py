@@ -93,3 +93,26 @@ def test_online_geometric_fanout_refits_and_stays_exact(pair):
     outs, stats = async_generate(pair, "near", 4, prompts, params, fan_out=3, fan_out_shape="geometric")
     assert outs == ar_outputs(pair, prompts, params)
     assert stats.fanout_updates >= 1 and stats.cache_hits > 0
+
+
+def test_finished_sequences_leave_the_others_speculation_in_place(pair):
+    """Sequences stopping at different rounds: the survivors keep their speculation and cache
+    (rows compacted with the KV slots), so only the first round speculates from scratch."""
+    prompts = prompts_for(4)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 17, 26, 40)]
+    outs, stats = async_generate(pair, "near", 4, prompts, params, fan_out=2)
+    assert outs == ar_outputs(pair, prompts, params)
+    assert stats.fresh_speculations == 1
+    assert 0 < stats.cache_hits < stats.cache_lookups
+
+
+def test_kept_rows_carry_their_draft_kv_through_slot_moves(pair):
+    """Draft = target: every window is accepted in full and every lookup hits — also for rows whose
+    slot moved when another sequence finished (their in-flight window's KV must move with them)."""
+    pair = {**pair, "same": pair["target"]}
+    prompts = prompts_for(4)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 17, 26, 40)]
+    outs, stats = async_generate(pair, "same", 4, prompts, params, fan_out=1)
+    assert outs == ar_outputs(pair, prompts, params)
+    assert stats.num_accepted == 4 * stats.num_drafts
+    assert stats.cache_hits == stats.cache_lookups > 0

@@ -2,7 +2,8 @@
 # Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
-# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | llama | qwen | coordinator)
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | profile | llama | qwen | coordinator)
+# (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -24,4 +25,11 @@ case $part in
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
+  coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+               for seqs in 1 16; do
+                 PYTHONPATH=/tmp/site:$PYTHONPATH timeout 240 python bench/coordinator_bench.py --model llama-3.1-8b \
+                   --random-weights --device cuda --num-prompts $((seqs * 2)) --max-num-seqs $seqs --prompt-len 256 \
+                   --max-tokens 128 --repeats 3 --json "$out/coordinator_llama8b_b$seqs.json" > "$out/coordinator_b$seqs.log" 2>&1
+                 grep -vE "Warning|warn" "$out/coordinator_b$seqs.log" | tail -6
+               done ;;
 esac

@@ -22,6 +22,12 @@ class AsyncReply:
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
     timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
 
+    def select_rows(self, rows: list[int]) -> "AsyncReply":
+        index = torch.tensor(rows, device=self.hit.device)
+        probs = self.proposal.probs
+        proposal = Proposal(self.proposal.tokens[index], probs[index] if probs is not None else None)
+        return AsyncReply(proposal, self.hit[index], self.recovered[index], self.timings)
+
 
 class TokenHistory:
     """Committed tokens per slot, kept by the draft itself for the n-gram (`fast`) backup."""
@@ -64,7 +70,9 @@ class AsyncDraft:
         self.history.write_prompts(ids, first_slot)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.proposer.move_slot(src, dst, length)
+        """length: the committed tokens. The speculation in flight (kept by keep_rows) had its window's
+        K+1 entries written past them by the last cache build: they move too."""
+        self.proposer.move_slot(src, dst, min(length + self.proposer.k + 1, self.proposer.runner.max_len))
         self.history.move_slot(src, dst)
 
     def speculate(self, prev, last, lengths, max_length: int, want_probs: bool) -> AsyncReply:
@@ -96,6 +104,14 @@ class AsyncDraft:
         self.hits, self.lookups = self.hits + int(hit.sum()), self.lookups + hit.numel()
         self.remember(recovered, proposal, lengths, hit)
         return AsyncReply(proposal, hit, recovered, timings)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """The target retired sequences and compacted its batch (KV slots moved by move_slot): keep
+        the speculation in flight and its cache for the surviving rows, in their new order."""
+        rows = rows.to(self.window.device)
+        self.window, self.lengths, self.last_hit = self.window[rows], self.lengths[rows], self.last_hit[rows]
+        if self.cache is not None:
+            self.cache = self.cache.select_rows(rows)
 
     def remember(self, last, proposal: Proposal, lengths, hit) -> None:
         self.window = torch.cat([last[:, None], proposal.tokens], 1)

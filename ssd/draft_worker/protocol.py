@@ -21,3 +21,4 @@ class DraftOp(IntEnum):
                       # lengths/replayed ranks [5, B]; reply hit+recovered [2, B], tokens [B,K] (+probs),
                       # timings [3] f64; then the draft builds the next cache
     SET_FANOUT = 8    # async, header: K+1   then the new fan-out list [K+1] (same branch budget)
+    KEEP_ROWS = 9     # async, header: B'    then the surviving rows [B'] (old indices, in their new order)

@@ -58,6 +58,10 @@ class RemoteDraft:
         self._send(torch.stack([accepted, recovered, prev, lengths, ranks]))
         return self._recv_reply(prev.shape[0], want_probs)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self._command(DraftOp.KEEP_ROWS, rows.shape[0])
+        self._send(rows)
+
     def _recv(self, shape, dtype=torch.int64) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(t, self.rank)

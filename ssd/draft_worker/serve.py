@@ -63,6 +63,8 @@ class DraftServer:
             fanout = tuple(self.recv(a).tolist())
             self.async_draft.tree.set_fanout(fanout)
             self.proposer.saguaro_fanout = fanout
+        elif op == DraftOp.KEEP_ROWS:
+            self.async_draft.keep_rows(self.recv(a))
         elif op == DraftOp.OUTCOME:
             accepted, recovered, prev, lengths, ranks = self.recv((5, a))
             replayed = ranks if c & REPLAY_FLAG else None

@@ -73,6 +73,10 @@ class SpeculationCache:
         probs = self.probs[rows, branch] if self.probs is not None else None
         return hit, self.tokens[rows, branch], probs
 
+    def select_rows(self, rows: torch.Tensor) -> "SpeculationCache":
+        probs = self.probs[rows] if self.probs is not None else None
+        return SpeculationCache(self.fork, self.rank, self.guess[rows], self.valid[rows], self.tokens[rows], probs)
+
     def resolve(self, accepted: torch.Tensor, replayed_rank: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """Profile replay: the token of draft rank replayed_rank [B] at window position accepted [B] —
         the cached guess where this row's fan-out holds it, else fallback [B] (a miss). Guesses before

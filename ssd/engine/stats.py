@@ -30,6 +30,7 @@ class GenerationStats:
     draft_wait_s: float = 0.0       # the draft idle between finishing its cache and the outcome
     backup_time_s: float = 0.0
     fanout_updates: int = 0          # online geometric fan-out lists sent to the draft
+    fresh_speculations: int = 0      # async rounds that had no speculation in hand (new batch)
 
     @property
     def cache_hit_rate(self) -> float | None:

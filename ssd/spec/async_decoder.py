@@ -31,19 +31,22 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         super().__init__(*args, **kwargs)
         self.tuner = tuner
         self.previous_accepted: list[int] = []
-        self.pending: AsyncReply | None = None
-        self.pending_for = None        # the target sampling tensors (one per batch composition) it serves
+        self.pending: AsyncReply | None = None  # the speculation for the running batch's next round
         self.pending_looked_up = False  # it answers an outcome (hits were possible), not a fresh batch
+
+    def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
+        super().prefill(fresh, first_slot)
+        self.pending = None  # new rows have no speculation yet: the next round speculates afresh
 
     def decode_step(self, running: list[Sequence]) -> None:
         start = time.perf_counter()
         sampling = self.sampling_for(running, self.runner.device)
         want_probs = self.sync_draft_sampling(running, sampling)
         lengths, last, prev = committed_state(running)
-        if self.pending_for is not sampling:  # new batch: speculate from scratch
-            self.pending, self.pending_for = self.draft.speculate(prev, last, lengths, int(lengths.max()),
-                                                                  want_probs), sampling
+        if self.pending is None:
+            self.pending = self.draft.speculate(prev, last, lengths, int(lengths.max()), want_probs)
             self.pending_looked_up = False
+            self.stats.fresh_speculations += 1
         reply = self.pending
         verify_start = time.perf_counter()
         accepted, emitted = self.verify(running, reply.proposal, last, lengths, sampling)
@@ -74,9 +77,10 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
                 self.stats.fanout_updates += 1
 
     def request_next(self, running, accepted, emitted, want_probs) -> None:
-        """Send the outcome unless the batch is about to change (then the next round re-speculates)."""
-        if any(s.finished for s in running):
-            self.pending_for = None
+        """Send the outcome, also when some sequences just finished: retire() then keeps the other
+        rows' speculation (compacted like the KV slots), so their cache hits survive."""
+        if all(s.finished for s in running):
+            self.pending = None
             return
         lengths, recovered, prev = committed_state(running)
         wait_start = time.perf_counter()
@@ -85,12 +89,26 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         self.pending_looked_up = True
         if self.replay is not None:  # the draft resolved the replayed rank to a token: commit that one
             for seq, token in zip(running, self.pending.recovered.tolist()):
-                seq.replace_last(token)
+                if not seq.finished:
+                    seq.replace_last(token)
         self.stats.target_wait_s += time.perf_counter() - wait_start
         build_s, backup_s, idle_s = self.pending.timings.tolist()
         self.stats.draft_time_s += build_s
         self.stats.backup_time_s += backup_s
         self.stats.draft_wait_s += idle_s
+
+    def retire(self, running: list[Sequence]) -> None:
+        before = {id(seq): row for row, seq in enumerate(running)}
+        super().retire(running)
+        if self.pending is None or len(running) == len(before):
+            return
+        if not running:
+            self.pending = None
+            return
+        rows = [before[id(seq)] for seq in running]  # old row of each surviving sequence, in new order
+        self.pending = self.pending.select_rows(rows)
+        self.previous_accepted = [self.previous_accepted[r] for r in rows] if self.previous_accepted else []
+        self.draft.keep_rows(torch.tensor(rows))
 
     def record_round(self, reply: AsyncReply, accepted: list[int], kept: list[int]) -> None:
         hits = reply.hit.tolist()
