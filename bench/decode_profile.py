@@ -61,14 +61,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--bandwidth", type=float, default=None, help="nominal HBM bytes/s (default by device name)")
-    parser.add_argument("--decode-attention", default="matmul", choices=("matmul", "reduction"))
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
-             max_model_len=args.context + args.generate_tokens + 64,
-             decode_attention=args.decode_attention) as llm:
+             max_model_len=args.context + args.generate_tokens + 64) as llm:
         step = decode_step(llm, args.batch, args.context)
         for _ in range(10):
             step()
@@ -91,15 +89,15 @@ def main(argv: list[str]) -> int:
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
     kernel_us = sum(r["us_per_step"] for r in table)
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
-              "decode_attention": args.decode_attention, "generate_decode_tok_s": round(generate_tok_s, 2),
+              "generate_decode_tok_s": round(generate_tok_s, 2),
               "generate_roofline_fraction": round(generate_tok_s * weight_bytes / args.batch / bandwidth, 4)
               if bandwidth else None,
               "step_ms": round(step_ms, 4), "kernel_ms": round(kernel_us / 1e3, 4),
               "gap_ms": round(step_ms - kernel_us / 1e3, 4), "weight_bytes": weight_bytes,
               "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
               "kernels": table[:40]}
-    log.info("%s attention: step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
-             "(%.1f%% of roofline)", args.decode_attention, step_ms, kernel_us / 1e3, result["gap_ms"],
+    log.info("step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
+             "(%.1f%% of roofline)", step_ms, kernel_us / 1e3, result["gap_ms"],
              100 * (result["roofline_fraction"] or 0), generate_tok_s, 100 * (result["generate_roofline_fraction"] or 0))
     for row in table[:25]:
         log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])

@@ -32,21 +32,3 @@ def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
     scratch_mask = (torch.rand(1, 1, 5, 10, generator=g) > 0.5)
     args = (q, keys, values, mask, 0.35, scratch_k, scratch_v, scratch_mask)
     torch.testing.assert_close(compiled.grouped_attention(*args), EAGER.grouped_attention(*args))
-
-
-def test_reduction_decode_attention_matches_grouped_attention():
-    from ssd.layers.attention import causal_mask
-    compiled = Kernels.compiled("reduction")
-    g = torch.Generator().manual_seed(2)
-    for seq in (1, 7):  # decode step, verification window
-        q = torch.randn(3, seq, 8, 16, generator=g)
-        keys, values = torch.randn(3, 2, 64, 16, generator=g), torch.randn(3, 2, 64, 16, generator=g)
-        mask = causal_mask(torch.tensor([10, 30, 50])[:, None] + torch.arange(seq), 64)
-        expected = EAGER.grouped_attention(q, keys, values, mask, 0.25)
-        torch.testing.assert_close(compiled.window_attention(q, keys, values, mask, 0.25), expected)
-
-
-def test_unknown_decode_attention_is_refused():
-    import pytest
-    with pytest.raises(ValueError, match="decode attention"):
-        Kernels.compiled("fast-please")

@@ -20,11 +20,9 @@ case $part in
              --out "$out/draft_round_$preset.json" > "$out/draft_round_$preset.log" 2>&1
            grep -E "batch|Error" "$out/draft_round_$preset.log" | sed "s/^/[$preset] /"
          done ;;
-  profile) for attention in matmul reduction; do
-             timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --decode-attention $attention \
-               --out "$out/decode_profile_llama8b_$attention.json" > "$out/decode_profile_$attention.log" 2>&1
-             grep -E "roofline|Error" "$out/decode_profile_$attention.log"
-           done ;;
+  profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
+             --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
+           grep -E "roofline|Error" "$out/decode_profile.log" ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

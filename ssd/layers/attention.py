@@ -73,22 +73,6 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.view(batch, kv_heads, group, seq, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
 
 
-def reduction_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """grouped_attention (one key source) written as broadcast products and sums instead of batched
-    matmuls, so that torch.compile can fuse the mask, the softmax and the value sum into few kernels
-    (for decode, where the matmuls are tiny and their launches dominate). Same shapes as there."""
-    batch, seq, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    q = q.view(batch, seq, kv_heads, group, dim).permute(0, 2, 3, 1, 4)                 # [B, Hkv, G, T, D]
-    scores = (q[..., None, :].float() * keys[:, :, None, None].float()).sum(-1) * scale   # [B, Hkv, G, T, L]
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = (probs[..., None] * values[:, :, None, None].float()).sum(-2).to(values.dtype)  # [B, Hkv, G, T, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
-
-
 def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
     batch, kv_heads = q.shape[:2]
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale          # [B, Hkv, G*T, L]
@@ -105,10 +89,8 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 
 def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
-                     grouped=grouped_attention, window=None) -> torch.Tensor:
-    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D].
-    grouped: the tree's attention (two key sources); window: decode / verification windows (default
-    grouped); longer queries (prefill) use SDPA."""
+                     grouped=grouped_attention) -> torch.Tensor:
+    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D]."""
     batch, seq = q.shape[:2]
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
@@ -117,5 +99,5 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
         scratch = slice(ctx.tree.scratch_start, ctx.tree.scratch_start + ctx.tree.scratch_mask.shape[-1])
         return grouped(q, keys, values, ctx.attn_mask, scale, ctx.k_caches[layer][rows, :, scratch],
                        ctx.v_caches[layer][rows, :, scratch], ctx.tree.scratch_mask[None, None])
-    attend = (window or grouped) if seq <= GROUPED_MAX_QUERIES else sdpa_attention
+    attend = grouped if seq <= GROUPED_MAX_QUERIES else sdpa_attention
     return attend(q, keys, values, ctx.attn_mask, scale)

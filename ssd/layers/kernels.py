@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ssd.layers.attention import grouped_attention, reduction_attention
+from ssd.layers.attention import grouped_attention
 from ssd.layers.layernorm import add_rms_norm, rms_norm
 from ssd.layers.rotary import apply_rotary
 
@@ -31,9 +31,6 @@ def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
     return q
 
 
-DECODE_ATTENTION = ("matmul", "reduction")
-
-
 @dataclass(frozen=True)
 class Kernels:
     rms_norm: Callable = rms_norm
@@ -41,21 +38,15 @@ class Kernels:
     rope_and_cache: Callable = rope_and_cache
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
-    window_attention: Callable = grouped_attention  # decode steps and verification windows
 
     @classmethod
-    def compiled(cls, decode_attention: str = "matmul") -> "Kernels":
-        """decode_attention: "matmul" (batched matmuls around a fused softmax) or "reduction" (the
-        same math as fused broadcast-sum reductions) for decode / verification windows."""
-        if decode_attention not in DECODE_ATTENTION:
-            raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}, got {decode_attention!r}")
+    def compiled(cls) -> "Kernels":
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         fuse = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731
-        grouped = fuse(grouped_attention)
-        window = grouped if decode_attention == "matmul" else fuse(reduction_attention)
-        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul), grouped, window)
+        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
+                   fuse(grouped_attention))
 
 
 EAGER = Kernels()
