@@ -101,7 +101,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     lengths_d = lengths
     positions = lengths_d[:, None] - 1 + torch.arange(k + 1, device=device)
     logits = runner.forward(window, positions, max_length - 1 + k)
-    guess = fork_guesses(logits, window[:, 1:], tree.shape.fanout_max)
+    width = max(tree.shape.fanout_max) + 1
+    guess = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width)
     horizon = runner.attend_bucket(max_length + 2 * k + 1)
     sampled = sampling_for(batch, device, top_p=0.9)
 
@@ -111,7 +112,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         return tree.decode_branches(guess, lengths_d, sampling, max_length + 2 * k)
     parts = {
         "window_forward_ms": event_ms(lambda: runner.forward(window, positions, max_length - 1 + k), warmup, iters),
-        "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.shape.fanout_max), warmup, iters),
+        "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width), warmup, iters),
         "branch_decode_ms": event_ms(lambda: branches(None), warmup, iters),
         "branch_decode_sampled_ms": event_ms(lambda: branches(sampled), warmup, iters),
     }

@@ -61,3 +61,21 @@ def test_fork_guesses_exclude_the_drafted_token(tiny_checkpoints):
         fork = int(cache.fork[n])
         if fork < 2:
             assert int(cache.guess[0, n]) != int(drafted[fork])
+
+
+def test_fork_guesses_equal_per_position_top_f_without_the_drafted_token():
+    from ssd.draft_worker.tree import fork_guesses
+    g = torch.Generator().manual_seed(4)
+    fanout = (2, 0, 3, 1, 4)  # K = 4
+    shape = TreeShape(4, fanout, fanout)
+    logits = torch.randn(3, 5, 50, generator=g)
+    drafted = logits[:, :4].argmax(-1)
+    drafted[1] = logits[1, :4].topk(3).indices[:, 2]   # row 1 drafted a lower-ranked token
+    guesses = fork_guesses(logits, drafted, shape.branch_fork("cpu"), shape.branch_rank("cpu"), max(fanout) + 1)
+    for row in range(3):
+        expected = []
+        for j, f in enumerate(fanout):
+            ranked = [t for t in logits[row, j].argsort(descending=True).tolist()
+                      if j == 4 or t != int(drafted[row, j])]
+            expected += ranked[:f]
+        assert guesses[row].tolist() == expected

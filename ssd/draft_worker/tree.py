@@ -90,22 +90,18 @@ class SpeculationCache:
         return torch.where(match.any(dim=1), guess, fallback)
 
 
-def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fanout_max: tuple[int, ...]) -> torch.Tensor:
+def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor,
+                 width: int) -> torch.Tensor:
     """Top-F_j tokens of the draft's distribution at each window position j, excluding the token
-    drafted there (the target never emits it after rejecting it; nothing excluded at j = K).
-    logits [B, K+1, V]; drafted [B, K] -> guesses [B, N]."""
-    guesses = []
-    for j, f in enumerate(fanout_max):
-        if f == 0:
-            continue
-        top = logits[:, j].topk(f + 1, dim=-1).indices                        # [B, f+1]
-        if j < drafted.shape[1]:
-            keep = top != drafted[:, j:j + 1]
-        else:
-            keep = torch.ones_like(top, dtype=torch.bool)
-        order = torch.where(keep, torch.arange(f + 1, device=top.device), f + 1).argsort(dim=-1, stable=True)
-        guesses.append(top.gather(1, order[:, :f]))
-    return torch.cat(guesses, dim=1)
+    drafted there (the target never emits it after rejecting it; nothing excluded at j = K): one
+    top-`width` (= max F_j + 1) over every position, then branch n takes the rank[n]-th kept token at
+    position fork[n]. logits [B, K+1, V]; drafted [B, K]; fork, rank [N] (TreeShape.branch_fork /
+    branch_rank, on the device) -> guesses [B, N]."""
+    top = logits.topk(width, dim=-1).indices                                             # [B, K+1, W]
+    excluded = torch.nn.functional.pad(drafted, (0, 1), value=-1)[..., None]             # [B, K+1, 1]
+    ranks = torch.arange(width, device=top.device)
+    order = torch.where(top != excluded, ranks, width).argsort(dim=-1, stable=True)      # drafted moves last
+    return top.gather(-1, order)[:, fork, rank]
 
 
 class TreeBuilder:
@@ -148,7 +144,7 @@ class TreeBuilder:
             empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
             return SpeculationCache(self.fork.clone(), self.rank.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
                                     dtype=torch.int64, device=window.device), None)
-        guess = fork_guesses(logits, window[:, 1:], self.shape.fanout_max)           # [B, N]
+        guess = fork_guesses(logits, window[:, 1:], self.fork, self.rank, max(self.shape.fanout_max) + 1)  # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
         horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
         if self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
