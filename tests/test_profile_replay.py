@@ -7,6 +7,7 @@ import pytest
 
 from ssd import LLM, SamplingParams
 from ssd.spec.acceptance_profile import AcceptanceProfile, covered, load_profile, predict
+from ssd.spec.profile_replay import trace_for
 from tiny_models import make_checkpoint
 
 K = 4
@@ -27,6 +28,14 @@ def synthetic_profile(num_traces=3, length=97, p_top1=0.7, seed=0) -> Acceptance
     return AcceptanceProfile("synthetic", traces, {"made_by": "test"})
 
 
+# prompts chosen so that their traces (a hash of the prompt) differ: rows replay different traces
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+
+def traces_of(profile, prompts):
+    return [trace_for(profile, p) for p in prompts]
+
+
 def replayed_run(pair, profile, prompts, async_spec: bool, **options):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     with LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
@@ -45,7 +54,7 @@ def test_covered_follows_the_fork_rules():
 def test_predict_walks_rounds_by_hand():
     # ranks after the prefill token: [0 0 2 | 0 5 | 0 0 0 (bonus rank 1)]  with K = 3, fan-out 2
     profile = AcceptanceProfile("hand", ((9, 0, 0, 2, 0, 5, 0, 0, 0, 1, 0, 0),))
-    stats = predict(profile, 3, (2, 2, 2, 2), max_tokens=10)
+    stats = predict(profile, 3, (2, 2, 2, 2), max_tokens=10, traces=[0])
     assert stats["accepted_histogram"] == [0, 1, 1, 1]
     assert stats["cache_lookups"] == 2 and stats["cache_hits"] == 1  # rank 2 at j=2 held; rank 5 missed
 
@@ -76,9 +85,9 @@ def test_shipped_profiles_load_and_describe_real_pairs(name):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_sync_replay_reproduces_the_predicted_rounds_exactly(pair, batch):
     profile = synthetic_profile()
-    prompts = [[5, 6, 7 + i] for i in range(batch)]
+    prompts = PROMPTS[:batch]
     outputs, stats = replayed_run(pair, profile, prompts, async_spec=False)
-    expected = predict(profile, K, (0,) * (K + 1), max_tokens=MAX_TOKENS, num_requests=batch)
+    expected = predict(profile, K, (0,) * (K + 1), max_tokens=MAX_TOKENS, traces=traces_of(profile, prompts))
     assert stats.accepted_histogram == expected["accepted_histogram"]
     assert all(len(o.token_ids) == MAX_TOKENS for o in outputs)
 
@@ -86,8 +95,8 @@ def test_sync_replay_reproduces_the_predicted_rounds_exactly(pair, batch):
 @pytest.mark.parametrize("backup", ["jit", "fast"])
 def test_async_replay_reproduces_acceptance_and_cache_hits(pair, backup):
     profile = synthetic_profile()
-    outputs, stats = replayed_run(pair, profile, [[5, 6, 7]], async_spec=True, fan_out=2, backup=backup)
-    expected = predict(profile, K, (2,) * (K + 1), max_tokens=MAX_TOKENS, num_requests=1)
+    outputs, stats = replayed_run(pair, profile, PROMPTS[:1], async_spec=True, fan_out=2, backup=backup)
+    expected = predict(profile, K, (2,) * (K + 1), max_tokens=MAX_TOKENS, traces=traces_of(profile, PROMPTS[:1]))
     assert stats.accepted_histogram == expected["accepted_histogram"]
     assert (stats.cache_hits, stats.cache_lookups) == (expected["cache_hits"], expected["cache_lookups"])
     assert 0 < stats.cache_hits < stats.cache_lookups
@@ -95,8 +104,8 @@ def test_async_replay_reproduces_acceptance_and_cache_hits(pair, backup):
 
 def test_async_replay_at_batch_three_follows_the_profile(pair):
     profile = synthetic_profile(num_traces=3)
-    _, stats = replayed_run(pair, profile, [[5, 6, 7], [8, 9], [10]], async_spec=True, fan_out=2)
-    expected = predict(profile, K, (2,) * (K + 1), max_tokens=MAX_TOKENS, num_requests=3)
+    _, stats = replayed_run(pair, profile, PROMPTS, async_spec=True, fan_out=2)
+    expected = predict(profile, K, (2,) * (K + 1), max_tokens=MAX_TOKENS, traces=traces_of(profile, PROMPTS))
     assert stats.accepted_histogram == expected["accepted_histogram"]
     # rounds right after a batch change speculate afresh (no lookup), so lookups are a subset
     assert stats.cache_lookups <= expected["cache_lookups"]
@@ -114,3 +123,16 @@ def test_replay_refuses_sampling_and_needs_a_draft(pair):
              draft_colocated=True, acceptance_profile=profile) as llm:
         with pytest.raises(ValueError, match="greedy only"):
             llm.generate([[5, 6]], SamplingParams(temperature=0.8, max_tokens=8), use_tqdm=False)
+
+
+def test_a_prompt_replays_the_same_trace_in_every_call_and_mode(pair):
+    """A/B arms and repeated calls see the same acceptance for the same prompt."""
+    profile = synthetic_profile(num_traces=3)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
+             draft_colocated=True, acceptance_profile=profile, max_num_seqs=1) as llm:
+        histograms = []
+        for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0]):
+            llm.generate([prompt], params, use_tqdm=False)
+            histograms.append(llm.last_run_stats.accepted_histogram)
+    assert histograms[0] == histograms[2] != histograms[1]

@@ -90,9 +90,11 @@ class AsyncDraft:
         accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it."""
         idle_s = time.perf_counter() - self.built_at
         if replayed_ranks is not None:
-            recovered = self.cache.resolve(accepted, replayed_ranks, recovered)
+            recovered, covered = self.cache.resolve(accepted, replayed_ranks, recovered)
         self.history.write_round(self.window, self.lengths, accepted, recovered)
         hit, tokens, probs = self.cache.lookup(accepted, recovered)
+        if replayed_ranks is not None:  # a stand-in token that happens to equal a guess is still a miss
+            hit = hit & covered
         start = time.perf_counter()
         if not bool(hit.all()):
             backup = self.backup_proposal(prev, recovered, lengths, max_length, want_probs, hit)

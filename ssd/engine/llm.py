@@ -84,7 +84,7 @@ class LLM:
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
         self.async_spec = self.make_async_config(async_spec, async_options)
-        self.replay = self.make_replay(acceptance_profile)
+        self.profile = self.load_profile(acceptance_profile)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
         self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
@@ -122,14 +122,14 @@ class LLM:
                              "it cannot be co-located")
         return AsyncSpecConfig.create(self.spec.k, **options)
 
-    def make_replay(self, profile: str | AcceptanceProfile | None) -> ProfileReplay | None:
+    def load_profile(self, profile: str | AcceptanceProfile | None) -> AcceptanceProfile | None:
         if profile is None:
             return None
         if self.spec is None:
             raise ValueError("an acceptance profile replays speculative acceptance: it needs a draft model")
         profile = profile if isinstance(profile, AcceptanceProfile) else load_profile(profile)
         log.warning("replaying acceptance profile %r: speculative acceptance is SIMULATED", profile.name)
-        return ProfileReplay(profile)
+        return profile
 
     def check_models(self) -> None:
         """Before any process starts: the TP size fits the target, the draft shares its vocabulary."""
@@ -181,7 +181,7 @@ class LLM:
         """mode: "ar" | "sync" (default with a draft) — one loaded engine serves both for A/B runs."""
         decoder_mode = self.check_mode(mode)
         seqs = self.make_sequences(prompts, sampling_params)
-        if self.replay is not None and decoder_mode != "ar" and not all(s.params.greedy for s in seqs):
+        if self.profile is not None and decoder_mode != "ar" and not all(s.params.greedy for s in seqs):
             raise ValueError("acceptance-profile replay is greedy only: use temperature 0")
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
@@ -206,7 +206,7 @@ class LLM:
         if mode == "ar":
             return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
         args = (self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
-                self.spec.draft_temperature, on_finish, self.replay)
+                self.spec.draft_temperature, on_finish, self.profile and ProfileReplay(self.profile))
         if mode == "async":
             return AsyncSpeculativeDecoder(*args, tuner=self.fanout_tuner)
         return SpeculativeDecoder(*args)

@@ -72,15 +72,16 @@ def covered(rank: int, position: int, fanout: tuple[int, ...]) -> bool:
 
 
 def predict(profile: AcceptanceProfile, k: int, fanout: tuple[int, ...], max_tokens: int | None = None,
-            num_requests: int | None = None) -> dict:
+            traces: list[int] | None = None) -> dict:
     """Greedy rounds walked along the traces as the engine replays them: the statistics a replay of
     this profile should reproduce. Without max_tokens every trace is walked once to its end; with it,
-    request i walks trace i mod n (wrapping) until it has max_tokens tokens, as a replay does. Each
-    request's first token comes from prefill, not a round; the round that ends a request sends no
-    outcome, so it counts no cache lookup."""
+    each request (given by the index of the trace it replays, see profile_replay.trace_for) walks its
+    trace (wrapping) until it has max_tokens tokens, as a replay does. Each request's first token
+    comes from prefill, not a round; the round that ends a request sends no outcome, so it counts no
+    cache lookup."""
     histogram, hits, lookups = [0] * (k + 1), 0, 0
-    for request in range(num_requests or len(profile.traces)):
-        trace = profile.traces[request % len(profile.traces)]
+    for index in (range(len(profile.traces)) if traces is None else traces):
+        trace = profile.traces[index]
         end = max_tokens if max_tokens is not None else len(trace) - k
         cursor = 1
         while cursor < end:

@@ -2,12 +2,16 @@
 
 The verifier's own decisions are replaced: window position j of a row is accepted iff the replayed
 rank there is 0, so acceptance lengths follow the recorded real pair while every forward pass still
-costs what it costs. Request i replays trace i mod (number of traces), generated token n reading
-rank n of the trace (wrapping around). The token emitted at the first rejection is, in sync mode,
+costs what it costs. A request replays the trace its prompt hashes to (trace_for: the same trace in
+every arm and every call, so A/B arms see the same acceptance), generated token n reading rank n of
+the trace (wrapping around). The token emitted at the first rejection is, in sync mode,
 the target's own argmax (made to differ from the draft's token); in async mode the draft resolves
 it from its speculation cache by the replayed rank, so cache hits and misses follow the profile.
 """
 from __future__ import annotations
+
+import zlib
+from array import array
 
 import torch
 
@@ -15,16 +19,27 @@ from ssd.engine.sequence import Sequence
 from ssd.spec.acceptance_profile import AcceptanceProfile
 
 
+def trace_for(profile: AcceptanceProfile, prompt_token_ids: list[int]) -> int:
+    """Index of the trace a prompt replays: a stable hash of its token ids."""
+    return zlib.crc32(array("q", prompt_token_ids).tobytes()) % len(profile.traces)
+
+
 class ProfileReplay:
     def __init__(self, profile: AcceptanceProfile):
         self.profile = profile
+        self.assigned: dict[int, tuple[Sequence, tuple[int, ...]]] = {}  # id(seq) -> (seq, its trace)
+
+    def trace(self, seq: Sequence) -> tuple[int, ...]:
+        entry = self.assigned.get(id(seq))
+        if entry is None or entry[0] is not seq:
+            entry = self.assigned[id(seq)] = (seq, self.profile.traces[trace_for(self.profile, seq.prompt_token_ids)])
+        return entry[1]
 
     def ranks(self, running: list[Sequence], k: int, device: torch.device) -> torch.Tensor:
         """[B, K+1] replayed ranks of the window's output positions (the row's next K+1 tokens)."""
-        traces = self.profile.traces
         rows = []
         for seq in running:
-            trace = traces[seq.index % len(traces)]
+            trace = self.trace(seq)
             start = len(seq.output_ids)
             rows.append([trace[(start + j) % len(trace)] for j in range(k + 1)])
         return torch.tensor(rows, dtype=torch.int64).to(device)
