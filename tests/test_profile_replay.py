@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from ssd import LLM, SamplingParams
 from ssd.spec.acceptance_profile import AcceptanceProfile, covered, load_profile, predict
@@ -136,3 +137,20 @@ def test_a_prompt_replays_the_same_trace_in_every_call_and_mode(pair):
             llm.generate([prompt], params, use_tqdm=False)
             histograms.append(llm.last_run_stats.accepted_histogram)
     assert histograms[0] == histograms[2] != histograms[1]
+
+
+def test_record_stores_the_draft_rank_of_every_generated_token(pair):
+    from ssd.benchmark.record_profile import record
+    prompts = [[5, 6, 7], [9] * 11, list(range(3, 30))]
+    target = str(pair["target"])
+    same = record(target, target, prompts, max_tokens=24, batch=2, chat=False, name="same")
+    assert same.traces and all(2 <= len(t) <= 24 for t in same.traces)  # an EOS may end one early
+    assert all(r == 0 for t in same.traces for r in t)  # a draft identical to the target: always its argmax
+    other = record(target, str(pair["draft"]), prompts, max_tokens=24, batch=2, chat=False, name="other")
+    assert other.summary()["draft_top1_rate"] < 1.0 and other.source["draft"] == "draft"
+    with LLM(target, max_model_len=128) as llm:
+        reference = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    with LLM(str(pair["draft"]), max_model_len=128) as draft:
+        ids = torch.tensor([prompts[0] + reference.token_ids[:4]])
+        logits = draft.runner.forward(ids, torch.arange(ids.shape[1])[None], ids.shape[1] - 1)[0, -1]
+    assert other.traces[0][4] == int((logits > logits[reference.token_ids[4]]).sum())
