@@ -172,8 +172,9 @@ class TreeBuilder:
             tokens.append(current)
             if p is not None and probs_out is not None:
                 probs_out[:, :, depth].copy_(p)
-            probs.append(p)
-        if probs[0] is None:
+            elif p is not None:
+                probs.append(p)
+        if sampling is None or sampling.all_greedy:  # as in pick()
             return torch.stack(tokens, 2), None
         return torch.stack(tokens, 2), probs_out if probs_out is not None else torch.stack(probs, 2)
 

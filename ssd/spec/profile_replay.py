@@ -17,6 +17,7 @@ import torch
 
 from ssd.engine.sequence import Sequence
 from ssd.spec.acceptance_profile import AcceptanceProfile
+from ssd.spec.verifier import assemble_output, count_leading_true
 
 
 def trace_for(profile: AcceptanceProfile, prompt_token_ids: list[int]) -> int:
@@ -50,11 +51,9 @@ class ProfileReplay:
         accepted [B], emitted [B, K+1] (accepted draft tokens, then the target's stand-in token),
         rank of the emitted token [B]."""
         k, vocab = draft_tokens.shape[1], target_logits.shape[-1]
-        accepted = (ranks[:, :k] == 0).long().cumprod(1).sum(1)
+        accepted = count_leading_true(ranks[:, :k] == 0)
         stand_in = target_logits.argmax(-1).gather(1, accepted[:, None]).squeeze(1)
         drafted = torch.nn.functional.pad(draft_tokens, (0, 1), value=-1).gather(1, accepted[:, None]).squeeze(1)
         stand_in = torch.where(stand_in == drafted, (stand_in + 1) % vocab, stand_in)
-        positions = torch.arange(k + 1, device=ranks.device)
-        emitted = torch.where(positions < accepted[:, None], torch.nn.functional.pad(draft_tokens, (0, 1)),
-                              stand_in[:, None])
+        emitted = assemble_output(draft_tokens, stand_in, accepted)
         return accepted, emitted, ranks.gather(1, accepted[:, None]).squeeze(1)

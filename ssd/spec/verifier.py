@@ -70,7 +70,7 @@ def validate_verify_inputs(
         raise ValueError("draft_probs=None is only allowed when every row is greedy (temperature 0)")
 
 
-def _count_leading_true(flags: torch.Tensor) -> torch.Tensor:
+def count_leading_true(flags: torch.Tensor) -> torch.Tensor:
     """[B, K] bool -> [B] int64: length of the all-True prefix of each row."""
     return flags.long().cumprod(dim=1).sum(dim=1)
 
@@ -119,7 +119,7 @@ def _sample_recovered_or_bonus(
     return sample_from_weights(_recovery_weights(p, q), seed, counter + num_accepted, RandomStream.RECOVER)
 
 
-def _assemble_output(draft_tokens: torch.Tensor, last_token: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+def assemble_output(draft_tokens: torch.Tensor, last_token: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
     """[B, K+1]: accepted draft tokens, then last_token, then PAD_TOKEN."""
     positions = torch.arange(draft_tokens.shape[1] + 1, device=draft_tokens.device)  # [K+1]
     accepted_count = num_accepted[:, None]  # [B, 1]
@@ -129,7 +129,7 @@ def _assemble_output(draft_tokens: torch.Tensor, last_token: torch.Tensor, num_a
 
 
 def _verify_all_greedy(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    num_accepted = _count_leading_true(draft_tokens == target_argmax[:, :-1])  # [B]
+    num_accepted = count_leading_true(draft_tokens == target_argmax[:, :-1])  # [B]
     last_token = target_argmax.gather(1, num_accepted[:, None]).squeeze(1)  # [B]
     return num_accepted, last_token
 
@@ -147,7 +147,7 @@ def _verify_mixed(
     draft_probs = draft_probs.float()
     greedy_accepted = draft_tokens == target_argmax[:, :-1]  # [B, K]
     sampled_accepted = _acceptance_test(draft_tokens, target_probs[:, :-1], draft_probs, st.seed, counter)
-    num_accepted = _count_leading_true(torch.where(greedy[:, None], greedy_accepted, sampled_accepted))
+    num_accepted = count_leading_true(torch.where(greedy[:, None], greedy_accepted, sampled_accepted))
     greedy_last = target_argmax.gather(1, num_accepted[:, None]).squeeze(1)  # [B]
     sampled_last = _sample_recovered_or_bonus(target_probs, draft_probs, num_accepted, st.seed, counter)
     return num_accepted, torch.where(greedy, greedy_last, sampled_last)
@@ -172,5 +172,5 @@ def verify(
         num_accepted, last_token = _verify_all_greedy(draft_tokens, target_argmax)
     else:
         num_accepted, last_token = _verify_mixed(draft_tokens, draft_probs, target_logits, target_argmax, st, counter)
-    output_tokens = _assemble_output(draft_tokens, last_token, num_accepted)
+    output_tokens = assemble_output(draft_tokens, last_token, num_accepted)
     return VerifyResult(output_tokens=output_tokens, num_accepted=num_accepted, num_emitted=num_accepted + 1)
