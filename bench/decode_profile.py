@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from ssd import LLM  # noqa: E402
+from ssd.benchmark.kernel_profile import kernel_table  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 
@@ -41,17 +42,6 @@ def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> 
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     llm.generate(prompts, params, use_tqdm=False)
     return llm.last_run_stats.decode_tok_s
-
-
-def kernel_table(prof, steps: int) -> list[dict]:
-    rows = []
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:  # kernels only (CPU ops would count twice)
-            continue
-        device_us = getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
-        rows.append({"kernel": event.key[:120], "calls_per_step": event.count / steps,
-                     "us_per_step": round(device_us / steps, 2)})
-    return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 
 import torch  # noqa: E402
 
+from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
 from ssd.draft_worker.proposer import DraftProposer  # noqa: E402
@@ -89,7 +90,8 @@ def prefill(draft: AsyncDraft, batch: int, context: int, vocab: int) -> torch.Te
 
 
 @torch.inference_mode()  # as in the draft worker's serve loop (the graphs' buffers are inference tensors)
-def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iters: int) -> dict:
+def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iters: int,
+                  kernels: bool = False) -> dict:
     runner, tree, k = draft.proposer.runner, draft.tree, draft.proposer.k
     device = runner.device
     # the draft worker receives its inputs over NCCL, already on its device
@@ -117,6 +119,13 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         "branch_decode_sampled_ms": event_ms(lambda: branches(sampled), warmup, iters),
     }
     graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
+    profiles = {
+        "window_forward": lambda: runner.forward(window, positions, max_length - 1 + k),
+        "fork": lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width),
+        "branch_decode": lambda: branches(None),
+        "branch_decode_filtered": lambda: branches(sampled),
+    } if kernels else {}
+    kernel_tables = {name: profile_kernels(fn) for name, fn in profiles.items()}
 
     def build_wall():
         draft.build_cache(max_length)
@@ -125,7 +134,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
-            "sampled_graph_check": graph_check}
+            "sampled_graph_check": graph_check, **({"kernel_profiles": kernel_tables} if kernels else {})}
 
 
 def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:
@@ -176,6 +185,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="also write torch.profiler kernel tables per part")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -184,7 +194,7 @@ def main(argv: list[str]) -> int:
                         args.device)
     rows = []
     for batch in args.batches:
-        rows.append(measure_batch(draft, batch, args.context, args.warmup, args.iters))
+        rows.append(measure_batch(draft, batch, args.context, args.warmup, args.iters, args.kernels))
         log.info("%s", rows[-1])
     result = {"schema": "ssd-draft-round-bench/1", "preset": args.preset, "k": args.k, "f": args.f,
               "context": args.context, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,

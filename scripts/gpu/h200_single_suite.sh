@@ -2,7 +2,7 @@
 # Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
-# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | profile | llama | qwen | coordinator)
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | kernels | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -20,6 +20,12 @@ case $part in
              --out "$out/draft_round_$preset.json" > "$out/draft_round_$preset.log" 2>&1
            grep -E "batch|Error" "$out/draft_round_$preset.log" | sed "s/^/[$preset] /"
          done ;;
+  kernels) timeout 240 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 --kernels \
+             --out "$out/draft_kernels_llama1b.json" > "$out/draft_kernels.log" 2>&1
+           grep -E "Error" "$out/draft_kernels.log"
+           timeout 240 python bench/decode_profile.py --preset llama-3.2-1b --batch 1 \
+             --out "$out/decode_profile_llama1b.json" > "$out/decode_profile_1b.log" 2>&1
+           grep -E "roofline|Error" "$out/decode_profile_1b.log" ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
