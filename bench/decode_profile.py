@@ -19,10 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from ssd import LLM  # noqa: E402
-from ssd.benchmark.kernel_profile import kernel_table  # noqa: E402
+from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 
@@ -34,14 +33,42 @@ def decode_step(llm: LLM, batch: int, context: int):
     return lambda: runner.forward(ids, positions, context)
 
 
-def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> float:
-    """Decode tokens/s of greedy LLM.generate (host loop included; prefill excluded)."""
+def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s of greedy LLM.generate (host loop included; prefill excluded), and its tokens."""
     from ssd import SamplingParams
-    prompts = [[int(t) for t in torch.randint(0, 1000, (context,))] for _ in range(batch)]
+    g = torch.Generator().manual_seed(0)
+    prompts = [[int(t) for t in torch.randint(0, 1000, (context,), generator=g)] for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    llm.generate(prompts, params, use_tqdm=False)
-    return llm.last_run_stats.decode_tok_s
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm.last_run_stats.decode_tok_s, [o.token_ids for o in outputs]
+
+
+def profile_mode(args, fused: bool, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
+    with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
+             max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused) as llm:
+        step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
+        weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
+        tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
+    step_ms = step["wall_ms"]
+    result = {"attention": "fused" if fused else "matmul", "generate_decode_tok_s": round(tok_s, 2),
+              "generate_roofline_fraction": round(tok_s * weight_bytes / args.batch / bandwidth, 4) if bandwidth else None,
+              "step_ms": step_ms, "kernel_ms": step["kernel_ms"], "gap_ms": round(step_ms - step["kernel_ms"], 4),
+              "weight_bytes": weight_bytes,
+              "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
+              "kernels": step["kernels"]}
+    log.info("[%s attention] step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
+             "(%.1f%% of roofline)", result["attention"], step_ms, step["kernel_ms"], result["gap_ms"],
+             100 * (result["roofline_fraction"] or 0), tok_s, 100 * (result["generate_roofline_fraction"] or 0))
+    for row in step["kernels"][:25]:
+        log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])
+    return result, tokens
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of generated positions equal in both runs, counted up to each sequence's first difference."""
+    agree = sum(next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b))
+    return agree / max(1, sum(len(s) for s in a))
 
 
 def main(argv: list[str]) -> int:
@@ -52,45 +79,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--bandwidth", type=float, default=None, help="nominal HBM bytes/s (default by device name)")
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
+    parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
+                        help="attention implementations to profile one after the other (same prompts)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
-             max_model_len=args.context + args.generate_tokens + 64) as llm:
-        step = decode_step(llm, args.batch, args.context)
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        step_ms = start.elapsed_time(end) / args.steps
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                step()
-            torch.cuda.synchronize()
-        weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
-        generate_tok_s = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
-    table = kernel_table(prof, args.steps)
     name = torch.cuda.get_device_name(0)
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
-    kernel_us = sum(r["us_per_step"] for r in table)
+    modes, tokens = [], []
+    for mode in args.attention:
+        result, generated = profile_mode(args, mode == "fused", bandwidth)
+        modes.append(result)
+        tokens.append(generated)
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
-              "generate_decode_tok_s": round(generate_tok_s, 2),
-              "generate_roofline_fraction": round(generate_tok_s * weight_bytes / args.batch / bandwidth, 4)
-              if bandwidth else None,
-              "step_ms": round(step_ms, 4), "kernel_ms": round(kernel_us / 1e3, 4),
-              "gap_ms": round(step_ms - kernel_us / 1e3, 4), "weight_bytes": weight_bytes,
-              "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
-              "kernels": table[:40]}
-    log.info("step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
-             "(%.1f%% of roofline)", step_ms, kernel_us / 1e3, result["gap_ms"],
-             100 * (result["roofline_fraction"] or 0), generate_tok_s, 100 * (result["generate_roofline_fraction"] or 0))
-    for row in table[:25]:
-        log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])
+              "weights": "random (timing only)", "modes": modes}
+    if len(tokens) > 1:
+        result["greedy_prefix_agreement"] = round(same_tokens(tokens[0], tokens[1]), 4)
+        log.info("greedy tokens of %s vs %s attention agree on %.1f%% of positions (bf16, up to the first difference)",
+                 *args.attention[:2], 100 * result["greedy_prefix_agreement"])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -39,11 +39,12 @@ log = logging.getLogger("draft_round_bench")
 
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
-                device: str) -> AsyncDraft:
+                device: str, fused_attention: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
-                              num_slots=num_slots, max_len=max_len, enforce_eager=eager)
+                              num_slots=num_slots, max_len=max_len, enforce_eager=eager,
+                              fused_attention=fused_attention)
     cfg = SpecConfig(preset, k).runner_config(target_cfg, None, spec)
     cfg.first_gpu = 0
     runner = ModelRunner(cfg, TPGroup())
@@ -186,16 +187,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="also write torch.profiler kernel tables per part")
+    parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
+                        help="attention implementations to measure one after the other")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
-                        args.device)
     rows = []
-    for batch in args.batches:
-        rows.append(measure_batch(draft, batch, args.context, args.warmup, args.iters, args.kernels))
-        log.info("%s", rows[-1])
+    for mode in args.attention:
+        draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
+                            args.device, fused_attention=mode == "fused")
+        for batch in args.batches:
+            rows.append({"attention": mode, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
+                                                             args.kernels)})
+            log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
+        del draft
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     result = {"schema": "ssd-draft-round-bench/1", "preset": args.preset, "k": args.k, "f": args.f,
               "context": args.context, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "weights": "random (timing only)", "rows": rows}

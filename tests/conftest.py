@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Triton kernels (ssd.layers.triton_attention) run on CPU tensors under Triton's interpreter; it is
+# chosen when a kernel is defined, so before anything imports one
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

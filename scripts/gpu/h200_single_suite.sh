@@ -2,7 +2,7 @@
 # Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
-# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | kernels | profile | llama | qwen | coordinator)
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | kernels | attention | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -26,6 +26,15 @@ case $part in
            timeout 240 python bench/decode_profile.py --preset llama-3.2-1b --batch 1 \
              --out "$out/decode_profile_llama1b.json" > "$out/decode_profile_1b.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile_1b.log" ;;
+  attention) log="$out/attention.log"  # fused Triton attention vs the matmul path, side by side
+           timeout 120 python bench/attention_kernel_bench.py --out "$out/attention_kernels.json" >> "$log" 2>&1
+           timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 4 16 \
+             --attention fused matmul --kernels --out "$out/draft_round_llama1b.json" >> "$log" 2>&1
+           timeout 200 python bench/draft_round_bench.py --preset qwen3-0.6b --k 6 --f 3 --batches 1 16 \
+             --out "$out/draft_round_qwen06b.json" >> "$log" 2>&1
+           timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \
+             --out "$out/decode_profile_llama8b.json" >> "$log" 2>&1
+           grep -E "attention_kernel_bench|draft_round_bench|roofline|agree|Error|error" "$log" | cut -c1-400 ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;

@@ -73,7 +73,7 @@ class LLM:
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
                  max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
-                 window_sizes: tuple[int, ...] = (), compile: bool = True,
+                 window_sizes: tuple[int, ...] = (), compile: bool = True, fused_attention: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
@@ -90,7 +90,8 @@ class LLM:
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
                                 max_len=max_model_len or 2048, window_sizes=window_sizes,
-                                enforce_eager=enforce_eager, compile=compile, seed=seed, timeout_s=timeout_s)
+                                enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
+                                seed=seed, timeout_s=timeout_s)
         self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec) \
             if self.spec else None
         self.seed = seed

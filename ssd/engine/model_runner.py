@@ -11,7 +11,7 @@ from ssd.distributed.tp_group import TPGroup
 from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
-from ssd.layers.attention import ForwardContext, TreeContext, causal_mask
+from ssd.layers.attention import ForwardContext, TreeContext
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.loading.checkpoint import load_checkpoint
 from ssd.loading.random_weights import init_random_weights
@@ -30,7 +30,7 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
-    kernels = Kernels.compiled() if cfg.use_cuda_graphs and cfg.compile else EAGER
+    kernels = Kernels.compiled(cfg.fused_attention) if cfg.use_cuda_graphs and cfg.compile else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len
     max_positions = cfg.max_len + 2 * max(cfg.window_sizes, default=1)
     with torch.device(device), _default_dtype(cfg.dtype):
@@ -76,7 +76,7 @@ class ModelRunner:
         """input_ids/positions [B, T] for slots first_slot..first_slot+B-1, attending to cache
         positions < attend_len; logits_index [B] picks one position per row (None: all).
         Returns logits [B, V] or [B, T, V] (float32)."""
-        ctx = ForwardContext(positions, causal_mask(positions, attend_len), self.kv.k, self.kv.v, first_slot)
+        ctx = ForwardContext(positions, positions, attend_len, self.kv.k, self.kv.v, first_slot)
         hidden = self.model(input_ids, ctx)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
@@ -87,10 +87,11 @@ class ModelRunner:
                      tree: TreeContext, max_position: int) -> torch.Tensor:
         """Branch step of the draft's speculation tree (single-rank draft only): input_ids/positions/
         prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
-        Returns logits [B, N, V] (float32)."""
-        mask = causal_mask(prefix_limit, self.attend_bucket(max_position + 1))
-        ctx = ForwardContext(positions, mask, self.kv.k, self.kv.v, 0, tree)
-        return self.model.compute_logits(self.model(input_ids, ctx)).float()
+        Returns logits [B, N, V] in the model's dtype: greedy branches take the argmax of these as they
+        are (exact: the float32 cast is monotone), sampled ones convert when filtering — at B=16 a
+        float32 copy of 336 x 128k logits would cost more per step than the step's attention."""
+        ctx = ForwardContext(positions, prefix_limit, self.attend_bucket(max_position + 1), self.kv.k, self.kv.v, 0, tree)
+        return self.model.compute_logits(self.model(input_ids, ctx))
 
     def attend_bucket(self, needed: int) -> int:
         """Cache positions a forward attends to: a power of two >= needed (few graph shapes)."""

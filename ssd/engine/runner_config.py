@@ -21,6 +21,7 @@ class RunnerConfig:
     scratch_len: int = 0              # per-slot KV entries for speculation-tree branches (draft only)
     enforce_eager: bool = False
     compile: bool = True
+    fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))

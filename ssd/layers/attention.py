@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ class TreeContext:
 class ForwardContext:
     """Per-forward inputs shared by every layer (built once per forward, passed explicitly)."""
     positions: torch.Tensor        # [B, T] int64, true position of each query token (RoPE)
-    attn_mask: torch.Tensor        # [B, 1, T, L] bool, which committed cache positions each query sees
+    key_limit: torch.Tensor        # [B, T] int64, last committed cache position each query sees
+    attended_len: int              # cache positions a forward may attend to (a graph bucket)
     k_caches: list[torch.Tensor]   # per layer [slots, kv_heads, capacity, head_dim]
     v_caches: list[torch.Tensor]
     first_slot: int = 0            # batch row b uses slot first_slot + b
@@ -32,9 +34,16 @@ class ForwardContext:
         batch = self.positions.shape[0]
         self.slot_rows = (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
 
-    @property
-    def attended_len(self) -> int:
-        return self.attn_mask.shape[-1]
+    # built on first use (once per forward): the fused kernel needs keys_end, the matmul path the mask
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:
+        """[B, 1, T, L] bool, which committed cache positions each query sees."""
+        return causal_mask(self.key_limit, self.attended_len)
+
+    @cached_property
+    def keys_end(self) -> torch.Tensor:
+        """[B] one past the last committed position any query of the row sees."""
+        return self.key_limit.amax(dim=1) + 1
 
     @property
     def write_index(self) -> torch.Tensor:
@@ -89,9 +98,14 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 
 def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
-                     grouped=grouped_attention) -> torch.Tensor:
-    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D]."""
+                     grouped=grouped_attention, fused=None) -> torch.Tensor:
+    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D].
+    fused: the one-kernel attention (ssd.layers.triton_attention) for decode, windows and the tree."""
     batch, seq = q.shape[:2]
+    if fused is not None and (ctx.tree is not None or seq <= GROUPED_MAX_QUERIES):
+        tree = ctx.tree
+        return fused(q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.key_limit, ctx.keys_end, ctx.first_slot,
+                     ctx.attended_len, scale, tree.scratch_start if tree else 0, tree.scratch_mask if tree else None)
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
     values = ctx.v_caches[layer][rows, :, : ctx.attended_len]

@@ -38,15 +38,26 @@ class Kernels:
     rope_and_cache: Callable = rope_and_cache
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
+    fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
 
     @classmethod
-    def compiled(cls) -> "Kernels":
+    def compiled(cls, fused_attention: bool = False) -> "Kernels":
+        """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
+        under Triton's interpreter, as in the tests)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         fuse = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
-                   fuse(grouped_attention))
+                   fuse(grouped_attention), load_fused_attention() if fused_attention else None)
+
+
+def load_fused_attention() -> Callable | None:
+    try:
+        from ssd.layers.triton_attention import fused_attention
+    except ImportError:  # no Triton (a CPU-only install): the matmul path
+        return None
+    return fused_attention
 
 
 EAGER = Kernels()

@@ -38,7 +38,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = self.kernels.rope_and_cache(q, k, v, *rope, ctx.k_caches[self.layer], ctx.v_caches[self.layer],
                                         ctx.slot_rows, ctx.write_index)
-        out = cached_attention(q, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention)
+        out = cached_attention(q, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention,
+                               self.kernels.fused_attention)
         return self.o_proj(out)
 
 

@@ -1,0 +1,68 @@
+"""The fused Triton attention (run here under Triton's CPU interpreter) computes what the matmul
+path computes: decode, verification windows and the speculation tree's scratch, grouped heads."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssd.layers.attention import ForwardContext, TreeContext, cached_attention, causal_mask, grouped_attention  # noqa: E402
+from ssd.layers.triton_attention import fused_attention  # noqa: E402
+
+
+def random_case(batch, queries, heads, kv_heads, dim, capacity=96, slots=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, queries, heads, dim, generator=g)
+    k_cache, v_cache = (torch.randn(slots, kv_heads, capacity, dim, generator=g) for _ in range(2))
+    return q, k_cache, v_cache
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 32), (8, 1, 16)])
+@pytest.mark.parametrize("queries", [1, 3, 7])
+def test_matches_grouped_attention_on_the_committed_cache(heads, kv_heads, dim, queries):
+    batch, first_slot, attend_len = 3, 1, 64
+    q, k_cache, v_cache = random_case(batch, queries, heads, kv_heads, dim, seed=queries)
+    start = torch.tensor([0, 17, 40])[:, None]  # rows of different lengths; the first sees 1 key
+    limit = start + torch.arange(queries)
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, first_slot, attend_len, 0.25)
+    rows = slice(first_slot, first_slot + batch)
+    expected = grouped_attention(q, k_cache[rows, :, :attend_len], v_cache[rows, :, :attend_len],
+                                 causal_mask(limit, attend_len), 0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_past_the_limit_do_not_matter():
+    q, k_cache, v_cache = random_case(2, 2, 4, 2, 16)
+    limit = torch.tensor([[5, 6], [30, 31]])
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.25)
+    k_cache[0, :, 7:], v_cache[1, :, 32:] = float("nan"), 1e6   # stale / never-written entries
+    again = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.25)
+    torch.testing.assert_close(out, again)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3)])
+def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads):
+    batch, branches, depth, dim, scratch_start = 2, 5, 3, 16, 64
+    q, k_cache, v_cache = random_case(batch, branches, heads, kv_heads, dim, seed=7)
+    fork = torch.tensor([0, 0, 1, 2, 2])
+    limit = torch.tensor([[9], [20]]) + fork                    # each branch sees its fork point
+    entry = torch.arange(branches * depth)
+    scratch_mask = ((entry // depth)[None, :] == torch.arange(branches)[:, None]) & ((entry % depth)[None, :] <= 1)
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 32, 0.3, scratch_start, scratch_mask)
+    scratch = slice(scratch_start, scratch_start + branches * depth)
+    expected = grouped_attention(q, k_cache[:batch, :, :32], v_cache[:batch, :, :32], causal_mask(limit, 32), 0.3,
+                                 k_cache[:batch, :, scratch], v_cache[:batch, :, scratch], scratch_mask[None, None])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():
+    """Through ForwardContext, as a decoder layer calls it: plain rows and tree rows."""
+    q, k_cache, v_cache = random_case(2, 4, 4, 2, 16, seed=3)
+    positions = torch.tensor([[10, 11, 12, 13], [3, 4, 5, 6]])
+    plain = ForwardContext(positions, positions, 32, [k_cache], [v_cache], first_slot=1)
+    torch.testing.assert_close(cached_attention(q, 0, plain, 0.25, fused=fused_attention),
+                               cached_attention(q, 0, plain, 0.25), rtol=1e-5, atol=1e-5)
+    tree = TreeContext(torch.zeros(2, 4, dtype=torch.int64), 64, torch.eye(4, 8, dtype=torch.bool))
+    prefix = torch.tensor([[9, 9, 10, 11], [2, 3, 3, 3]])
+    branchy = ForwardContext(positions, prefix, 32, [k_cache], [v_cache], tree=tree)
+    torch.testing.assert_close(cached_attention(q, 0, branchy, 0.25, fused=fused_attention),
+                               cached_attention(q, 0, branchy, 0.25), rtol=1e-5, atol=1e-5)
