@@ -9,7 +9,7 @@ from ssd.layers.attention import ForwardContext, TreeContext, cached_attention, 
 from ssd.layers.triton_attention import fused_attention  # noqa: E402
 
 
-def random_case(batch, queries, heads, kv_heads, dim, capacity=96, slots=5, seed=0):
+def random_case(batch, queries, heads, kv_heads, dim, capacity=288, slots=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, queries, heads, dim, generator=g)
     k_cache, v_cache = (torch.randn(slots, kv_heads, capacity, dim, generator=g) for _ in range(2))
@@ -18,38 +18,45 @@ def random_case(batch, queries, heads, kv_heads, dim, capacity=96, slots=5, seed
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (8, 2, 32), (8, 1, 16)])
 @pytest.mark.parametrize("queries", [1, 3, 7])
-def test_matches_grouped_attention_on_the_committed_cache(heads, kv_heads, dim, queries):
-    batch, first_slot, attend_len = 3, 1, 64
+@pytest.mark.parametrize("splits", [1, 3])
+def test_matches_grouped_attention_on_the_committed_cache(heads, kv_heads, dim, queries, splits):
+    batch, first_slot, attend_len = 3, 1, 256   # 3 splits of 256 keys: 2 chunks of 128
     q, k_cache, v_cache = random_case(batch, queries, heads, kv_heads, dim, seed=queries)
-    start = torch.tensor([0, 17, 40])[:, None]  # rows of different lengths; the first sees 1 key
+    start = torch.tensor([0, 17, 140])[:, None]  # rows of different lengths; the first sees 1 key
     limit = start + torch.arange(queries)
-    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, first_slot, attend_len, 0.25)
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, first_slot, attend_len, 0.25,
+                          splits=splits)
     rows = slice(first_slot, first_slot + batch)
     expected = grouped_attention(q, k_cache[rows, :, :attend_len], v_cache[rows, :, :attend_len],
                                  causal_mask(limit, attend_len), 0.25)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_keys_past_the_limit_do_not_matter():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_keys_past_the_limit_do_not_matter(splits):
+    """Also: a split whose chunk lies wholly past a row's keys contributes nothing."""
     q, k_cache, v_cache = random_case(2, 2, 4, 2, 16)
-    limit = torch.tensor([[5, 6], [30, 31]])
-    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.25)
-    k_cache[0, :, 7:], v_cache[1, :, 32:] = float("nan"), 1e6   # stale / never-written entries
-    again = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.25)
+    limit = torch.tensor([[5, 6], [130, 131]])
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=splits)
+    k_cache[0, :, 7:], v_cache[1, :, 132:] = float("nan"), 1e6   # stale / never-written entries
+    again = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=splits)
     torch.testing.assert_close(out, again)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3)])
-def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads):
-    batch, branches, depth, dim, scratch_start = 2, 5, 3, 16, 64
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads, splits):
+    batch, branches, depth, dim, scratch_start, attend_len = 2, 5, 3, 16, 256, 192
     q, k_cache, v_cache = random_case(batch, branches, heads, kv_heads, dim, seed=7)
     fork = torch.tensor([0, 0, 1, 2, 2])
-    limit = torch.tensor([[9], [20]]) + fork                    # each branch sees its fork point
+    limit = torch.tensor([[9], [150]]) + fork                   # each branch sees its fork point
     entry = torch.arange(branches * depth)
     scratch_mask = ((entry // depth)[None, :] == torch.arange(branches)[:, None]) & ((entry % depth)[None, :] <= 1)
-    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 32, 0.3, scratch_start, scratch_mask)
+    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start,
+                          scratch_mask, splits=splits)
     scratch = slice(scratch_start, scratch_start + branches * depth)
-    expected = grouped_attention(q, k_cache[:batch, :, :32], v_cache[:batch, :, :32], causal_mask(limit, 32), 0.3,
+    expected = grouped_attention(q, k_cache[:batch, :, :attend_len], v_cache[:batch, :, :attend_len],
+                                 causal_mask(limit, attend_len), 0.3,
                                  k_cache[:batch, :, scratch], v_cache[:batch, :, scratch], scratch_mask[None, None])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -29,7 +29,7 @@ case $part in
   attention) log="$out/attention.log"  # fused Triton attention vs the matmul path, side by side
            timeout 120 python bench/attention_kernel_bench.py --out "$out/attention_kernels.json" >> "$log" 2>&1
            timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 4 16 \
-             --attention fused matmul --kernels --out "$out/draft_round_llama1b.json" >> "$log" 2>&1
+             --attention fused --kernels --out "$out/draft_round_llama1b.json" >> "$log" 2>&1
            timeout 200 python bench/draft_round_bench.py --preset qwen3-0.6b --k 6 --f 3 --batches 1 16 \
              --out "$out/draft_round_qwen06b.json" >> "$log" 2>&1
            timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \

@@ -10,14 +10,22 @@ Keys are read only up to the largest position a row of the tile may see (a devic
 loop bound needs no host sync and CUDA graphs captured at an attention-length bucket do not pay for
 the whole bucket). The tree's scratch entries (each branch's own earlier tokens) join the same
 softmax under a small [T, S] mask; the committed prefix needs no mask tensor at all.
+
+With few (sequence, head, row-tile) programs — batch 1 decode has 8 — one program per head would
+walk its keys serially and leave most SMs idle, so the keys are split into chunks (flash-decoding):
+each split writes its normalised partial output with its running max and sum, and a second small
+kernel merges the splits. The tree's scratch goes to the last split.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+PROGRAMS_PER_SM = 4   # split the keys until about this many programs per SM are in flight
 
 
 @triton.jit
@@ -34,12 +42,14 @@ def _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, smask_ptr,
-            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_b, so_t, so_h, sl_b, sm_t,
-            first_slot, scratch_start, num_queries, keys_end, qk_scale,
+def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr,
+            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+            first_slot, scratch_start, num_queries, num_heads, num_splits, qk_scale,
+            loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr):
-    b, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """Committed keys lo..hi-1 (walked in blocks from loop_lo to loop_hi) plus, on the last split,
+    the scratch, for one row tile of one sequence and KV head."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t, head = rows // GROUP, kv_head * GROUP + rows % GROUP
     row_ok = t < num_queries
@@ -48,83 +58,137 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, smask_ptr,
                 mask=row_ok[:, None], other=0.0)
     limit = tl.load(limit_ptr + b * sl_b + t, mask=row_ok, other=-1)       # last committed key seen
 
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)   # finite: fully masked rows stay NaN-free
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)   # finite: rows seeing nothing stay NaN-free
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     cache = (first_slot + b) * sk_s + kv_head * sk_h
-    for start in range(0, keys_end, BLOCK_N):
+    for start in range(loop_lo, loop_hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        in_range = n < keys_end
+        in_range = (n >= lo) & (n < hi)
         k_block = tl.load(k_ptr + cache + n[None, :] * sk_l + d[:, None], mask=in_range[None, :], other=0.0)
         v_block = tl.load(v_ptr + cache + n[:, None] * sk_l + d[None, :], mask=in_range[:, None], other=0.0)
-        visible = n[None, :] <= limit[:, None]
+        visible = in_range[None, :] & (n[None, :] <= limit[:, None])
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
     for start in range(0, NUM_SCRATCH, BLOCK_N):  # no iterations without a scratch
         n = start + tl.arange(0, BLOCK_N)
-        in_range = n < NUM_SCRATCH
+        in_range = (n < NUM_SCRATCH) & (split == num_splits - 1)   # elsewhere predicated off: no traffic
         entry = scratch_start + n
         k_block = tl.load(k_ptr + cache + entry[None, :] * sk_l + d[:, None], mask=in_range[None, :], other=0.0)
         v_block = tl.load(v_ptr + cache + entry[:, None] * sk_l + d[None, :], mask=in_range[:, None], other=0.0)
         visible = tl.load(smask_ptr + t[:, None] * sm_t + n[None, :],
                           mask=row_ok[:, None] & in_range[None, :], other=0) != 0
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]   # padded rows (never stored) have l_i = 0
-    tl.store(o_ptr + b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :],
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]   # l_i = 0: a padded row, or a split with no keys
+    tl.store(o_ptr + split * so_s + b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_STATS:   # ml [2, splits, B, T, Hq]: running max (log2 units) and sum of each split
+        rows_total = tl.num_programs(0) * num_queries * num_heads
+        stat = split * rows_total + (b * num_queries + t) * num_heads + head
+        tl.store(ml_ptr + stat, m_i, mask=row_ok)
+        tl.store(ml_ptr + num_splits * rows_total + stat, l_i, mask=row_ok)
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, end_ptr, smask_ptr,
-                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_b, so_t, so_h, sl_b, sm_t,
-                      first_slot, scratch_start, num_queries, attend_len, qk_scale,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr):
-    """On the GPU: keys are walked only up to this sequence's keys_end (read on the device)."""
-    keys_end = tl.minimum(tl.load(end_ptr + tl.program_id(0)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
-            so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, keys_end, qk_scale,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH)
+def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr,
+                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+                      first_slot, scratch_start, num_queries, num_heads, num_splits, chunk, attend_len,
+                      qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the device)."""
+    b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
+    lo = split * chunk
+    hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
+            so_s, so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, num_heads, num_splits,
+            qk_scale, lo, hi, lo, hi, b, kv_head, tile, split,
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS)
 
 
 @triton.jit
-def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, end_ptr, smask_ptr,
-                                  sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_b, so_t, so_h, sl_b, sm_t,
-                                  first_slot, scratch_start, num_queries, attend_len, qk_scale,
-                                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, KEYS: tl.constexpr):
-    """Triton's CPU interpreter (the tests) cannot loop to a runtime value: the whole bucket, as a
-    constant (the keys past a sequence's keys_end are masked anyway: the same result)."""
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
-            so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, KEYS, qk_scale,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH)
+def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr,
+                                  sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+                                  first_slot, scratch_start, num_queries, num_heads, num_splits, chunk,
+                                  attend_len, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr,
+                                  WRITE_STATS: tl.constexpr, KEYS: tl.constexpr):
+    """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
+    whole bucket (a constant) and masks what is not its chunk — the same result."""
+    b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
+    lo = split * chunk
+    hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
+            so_s, so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, num_heads, num_splits,
+            qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split,
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, rows_total,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """out[r] = sum_s w_s o_s / sum_s w_s with w_s = 2^(m_s - max m) l_s; part [splits, rows, D]."""
+    r = tl.program_id(0)
+    s = tl.arange(0, SPLITS_POW2)
+    ok = s < SPLITS
+    m = tl.load(ml_ptr + s * rows_total + r, mask=ok, other=float("-inf"))
+    l_s = tl.load(ml_ptr + (SPLITS + s) * rows_total + r, mask=ok, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0)) * l_s
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_ptr + (s[:, None] * rows_total + r) * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + r * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_splits(programs: int, attend_len: int, block_n: int, device: torch.device) -> int:
+    """Key splits so that about PROGRAMS_PER_SM programs per SM run, each walking >= 2 key blocks."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 8
+    return max(1, min(attend_len // (2 * block_n), triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
 
 
 def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit: torch.Tensor,
                     keys_end: torch.Tensor, first_slot: int, attend_len: int, scale: float,
-                    scratch_start: int = 0, scratch_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    scratch_start: int = 0, scratch_mask: torch.Tensor | None = None,
+                    splits: int | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer);
-    scratch_mask [T, S] bool: it also sees scratch entry scratch_start + s where set.
-    Returns [B, T, Hq * D]."""
+    scratch_mask [T, S] bool: it also sees scratch entry scratch_start + s where set; splits: key
+    splits (default: choose_splits). Returns [B, T, Hq * D]."""
     batch, queries, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     q = q.contiguous() if q.stride(-1) != 1 else q
     limit = limit.contiguous()
     out = torch.empty((batch, queries, heads, dim), dtype=q.dtype, device=q.device)
-    rows = queries * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64, max(16, triton.next_power_of_2(queries * group)))
+    block_n = 64 if dim <= 64 else 32
+    tiles = triton.cdiv(queries * group, block_m)
+    splits = splits or choose_splits(batch * kv_heads * tiles, attend_len, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(attend_len, splits), block_n) * block_n
+    splits = triton.cdiv(attend_len, chunk)
+    if splits > 1:
+        part = torch.empty((splits, batch, queries, heads, dim), dtype=torch.float32, device=q.device)
+        stats = torch.empty((2, splits, batch, queries, heads), dtype=torch.float32, device=q.device)
+    else:
+        part, stats = out[None], out   # written directly; stats unused
     has_scratch = scratch_mask is not None
     smask = scratch_mask.view(torch.uint8) if has_scratch else limit  # any pointer when unused
-    num_scratch = scratch_mask.shape[-1] if has_scratch else 0
-    grid = (batch, kv_heads, triton.cdiv(rows, block_m))
     kernel, extra = (_attention_kernel, {}) if q.is_cuda else (_attention_kernel_interpreted, {"KEYS": attend_len})
-    kernel[grid](
-        q, k_cache, v_cache, out, limit, keys_end, smask,
+    kernel[(batch, kv_heads, tiles * splits)](
+        q, k_cache, v_cache, part, stats, limit, keys_end, smask,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), limit.stride(0), smask.stride(0) if has_scratch else 0,
-        first_slot, scratch_start, queries, attend_len, scale * LOG2_E,
-        GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=64 if dim <= 64 else 32, NUM_SCRATCH=num_scratch,
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0),
+        smask.stride(0) if has_scratch else 0, first_slot, scratch_start, queries, heads, splits, chunk,
+        attend_len, scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_SCRATCH=scratch_mask.shape[-1] if has_scratch else 0, WRITE_STATS=splits > 1,
         num_warps=4, num_stages=2, **extra)
+    if splits > 1:
+        rows_total = batch * queries * heads
+        _merge_splits_kernel[(rows_total,)](part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits,
+                                            SPLITS_POW2=triton.next_power_of_2(splits))
     return out.view(batch, queries, heads * dim)
