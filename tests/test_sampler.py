@@ -246,6 +246,34 @@ def test_skipping_filters_matches_when_no_row_filters() -> None:
     torch.testing.assert_close(probs_from_logits(logits, st), (logits / 0.8).softmax(-1))
 
 
+def test_filters_among_candidates_match_the_full_sort_when_the_kept_set_fits() -> None:
+    """The draft's cheaper filter (top-k / top-p among the W largest logits) is the exact filter
+    whenever what it keeps lies among them — per row, with mixed parameters and unfiltered rows."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 2, 500, generator=g) * 4          # peaked: nuclei of a few tokens
+    st = SamplingTensors(
+        temperature=torch.tensor([1.0, 0.7, 1.0, 1.2, 0.0, 1.0]),
+        top_k=torch.tensor([0, 20, 5, 0, 3, 0]),
+        top_p=torch.tensor([0.8, 1.0, 0.9, 0.5, 0.9, 1.0]),   # the last row: no filter at all
+        seed=torch.zeros(6, dtype=torch.int64),
+    )
+    exact = probs_from_logits(logits, st)
+    assert (exact > 0).sum(-1)[:4].max() <= 40, "test premise: every kept set fits in 40 candidates"
+    torch.testing.assert_close(probs_from_logits(logits, st, candidates=40), exact)
+    assert (exact[5] > 0).all()  # the unfiltered row keeps its whole vocabulary
+
+
+def test_filters_among_candidates_truncate_to_them_when_the_kept_set_does_not_fit() -> None:
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(4)) * 0.1  # flat: huge nucleus
+    st = sampling_tensors(2, top_p=0.95)
+    st.top_k[1] = 100
+    probs = probs_from_logits(logits, st, candidates=32)
+    top = logits.topk(32, dim=-1).indices
+    assert torch.equal((probs > 0).sum(-1), torch.tensor([32, 32]))
+    assert (probs.gather(-1, top) > 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
 def test_half_precision_logits_give_float32_probs() -> None:
     logits = torch.randn(2, 16).to(torch.bfloat16)
     probs = probs_from_logits(logits, sampling_tensors(2, top_k=4))

@@ -17,11 +17,16 @@ class Proposal:
     probs: torch.Tensor | None   # [B, K, V] float32: the distribution each token was drawn from
 
 
+# top-k / top-p filters of the draft look among this many top tokens, not the whole vocabulary: a
+# sort of 336 x 128k logits per tree step cost more than the step's forward (H200, B=16)
+DRAFT_FILTER_CANDIDATES = 256
+
+
 def draft_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: int | torch.Tensor, c: float,
                        max_f: int | None = None) -> torch.Tensor:
     """What the draft samples from: its filtered distribution, Saguaro-rescaled on its top-F
     (top_f may be a device tensor bounded by max_f, read inside captured graphs)."""
-    return saguaro_probs(probs_from_logits(logits, sampling), top_f, c, max_f)
+    return saguaro_probs(probs_from_logits(logits, sampling, DRAFT_FILTER_CANDIDATES), top_f, c, max_f)
 
 
 class DraftProposer:
@@ -70,6 +75,6 @@ class DraftProposer:
         if not want_probs:
             return logits.argmax(-1), None
         if self.saguaro_c >= 1.0 or self.saguaro_fanout is None:
-            return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT)
+            return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT, DRAFT_FILTER_CANDIDATES)
         q = draft_distribution(logits, self.sampling, self.saguaro_fanout[position], self.saguaro_c)
         return sample_from_weights(q, self.sampling.seed, counter, RandomStream.DRAFT), q

@@ -109,24 +109,53 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set filtered-out logits to -inf. logits [..., V]; top_k, top_p broadcastable [..., 1]."""
-    vocab_size = logits.shape[-1]
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True, stable=True)  # [..., V]
-
-    k = torch.where((top_k <= 0) | (top_k > vocab_size), vocab_size, top_k)
-    k = k.expand(*logits.shape[:-1], 1)  # [..., 1]
+def _filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k then top-p on logits sorted descending [..., W]; dropped entries become -inf.
+    log_normalizer [..., 1]: log of the distribution's total mass when the W entries are only its
+    largest ones (None: they are all of it)."""
+    width = sorted_logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > width), width, top_k)
+    k = k.expand(*sorted_logits.shape[:-1], 1)  # [..., 1]
     kth_largest = sorted_logits.gather(-1, k - 1)  # [..., 1]
     # Compare values, not ranks, so tokens tied with the k-th are all kept.
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
 
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive cumsum, [..., V]
+    if log_normalizer is None:
+        sorted_probs = sorted_logits.softmax(dim=-1)
+    else:
+        sorted_probs = (sorted_logits - log_normalizer).exp()
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive cumsum, [..., W]
     # The top token has mass_before 0 < top_p, so it always survives.
     drop = (mass_before >= top_p) & (top_p < 1.0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return sorted_logits.masked_fill(drop, float("-inf"))
 
-    return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set filtered-out logits to -inf. logits [..., V]; top_k, top_p broadcastable [..., 1]."""
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True, stable=True)  # [..., V]
+    return torch.empty_like(logits).scatter_(-1, sorted_index, _filter_sorted(sorted_logits, top_k, top_p))
+
+
+def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            candidates: int) -> torch.Tensor:
+    """As _mask_top_k_top_p, among the `candidates` largest logits only (a top-k, not a sort of the
+    vocabulary): the same result whenever the kept set fits in them, else truncated to them. For
+    the draft only — any proposal distribution keeps verification exact, if the verifier is given it;
+    the target's own distribution always takes the full sort. Rows without filters stay unfiltered."""
+    vocab_size = logits.shape[-1]
+    if candidates >= vocab_size:
+        return _mask_top_k_top_p(logits, top_k, top_p)
+    values, index = logits.topk(candidates, dim=-1)  # sorted descending, [..., W]
+    # top-p counts mass against the whole distribution, or the top-k one when k fits in the candidates
+    k_fits = (top_k > 0) & (top_k <= candidates)
+    kept_by_k = values.masked_fill(values < values.gather(-1, (top_k.clamp(1, candidates) - 1).expand(
+        *values.shape[:-1], 1)), float("-inf"))
+    log_normalizer = torch.where(k_fits, kept_by_k.logsumexp(-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
+    filtered = torch.full_like(logits, float("-inf")).scatter_(
+        -1, index, _filter_sorted(values, top_k, top_p, log_normalizer))
+    unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
+    return torch.where(unfiltered, logits, filtered)
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -134,18 +163,21 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
 
-def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def probs_from_logits(logits: torch.Tensor, st: SamplingTensors, candidates: int | None = None) -> torch.Tensor:
     """Filtered, renormalised float32 probabilities from logits [B, V] or [B, T, V].
 
-    Order: temperature, top-k, top-p. Greedy rows return one-hot argmax. Use this
-    for both draft (q) and target (p) so they are filtered the same way.
+    Order: temperature, top-k, top-p. Greedy rows return one-hot argmax. The
+    target's p always filters over the whole vocabulary; a draft may pass
+    `candidates` to filter among that many top tokens only (no full sort).
     """
     logits = logits.float()
     temperature = _per_row(st.temperature, logits)
     greedy = temperature < GREEDY_TEMPERATURE_EPS
     scaled = logits / torch.where(greedy, 1.0, temperature)
     if st.apply_filters:
-        scaled = _mask_top_k_top_p(scaled, _per_row(st.top_k, logits), _per_row(st.top_p, logits))
+        top_k, top_p = _per_row(st.top_k, logits), _per_row(st.top_p, logits)
+        scaled = _mask_top_k_top_p(scaled, top_k, top_p) if candidates is None else \
+            _mask_top_k_top_p_among(scaled, top_k, top_p, candidates)
     return torch.where(greedy, _one_hot_argmax(logits), scaled.softmax(dim=-1))
 
 
@@ -168,13 +200,14 @@ def sample_with_probs(
     st: SamplingTensors,
     counter: torch.Tensor,
     salt: int = RandomStream.SAMPLE,
+    candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample tokens [B] int64 from logits [B, V]; also return the probs [B, V] used.
 
     A draft model should call this with salt=RandomStream.DRAFT and hand the
-    probs to the verifier as draft_probs.
+    probs to the verifier as draft_probs (candidates: see probs_from_logits).
     """
-    probs = probs_from_logits(logits, st)  # [B, V]
+    probs = probs_from_logits(logits, st, candidates)  # [B, V]
     sampled = sample_from_weights(probs, st.seed, counter, salt)  # [B]
     tokens = torch.where(st.is_greedy, logits.argmax(dim=-1), sampled)
     return tokens, probs
