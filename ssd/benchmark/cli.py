@@ -74,6 +74,7 @@ class BenchConfig:
     temp: float
     dtemp: float | None
     eager: bool
+    attention: str
     dtype: str | None
     max_model_len: int | None
     datasets: tuple[str, ...]
@@ -151,6 +152,10 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                        help="Put the draft on the target's first GPU, in its process (the usual "
                             "speculative-decoding layout) instead of a GPU of its own. Sync only.")
     group.add_argument("--eager", action="store_true", help="Disable CUDA graphs.")
+    group.add_argument("--attention", choices=("fused", "matmul"), default="fused",
+                       help="Attention of decode / verification / the draft's tree on the CUDA-graph "
+                            "path: the fused Triton kernel, or batched matmuls + softmax (the older "
+                            "path, for A/B runs). Prefill always uses PyTorch SDPA.")
     group.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="Weight/activation dtype; default: the engine's choice for the device.")
     group.add_argument("--max_model_len", type=int, default=None,
@@ -268,7 +273,7 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp, eager=ns.eager,
-        dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
+        attention=ns.attention, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
         data_dir=ns.data_dir or os.environ.get("SSD_DATA_DIR") or "data",
         chat_template=ns.chat_template, random_weights=random_weights, profile=ns.profile,
         json_path=ns.json_path, seed=ns.seed, warmup=_or(ns.warmup, warmup))
