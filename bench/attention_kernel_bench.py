@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from ssd.benchmark.kernel_profile import cuda_time_ms  # noqa: E402
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention  # noqa: E402
 from ssd.layers.kernels import Kernels  # noqa: E402
 from ssd.layers.triton_attention import fused_attention  # noqa: E402
@@ -42,18 +43,6 @@ def context_for(batch: int, queries: int, scratch_depth: int, context: int, capa
     return positions, tree
 
 
-def time_us(fn, iters: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
-
-
 def run_case(name: str, batch: int, context: int, attend_len: int) -> dict:
     queries, heads, kv_heads, dim, depth = CASES[name]
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -67,7 +56,8 @@ def run_case(name: str, batch: int, context: int, attend_len: int) -> dict:
     fused = lambda: cached_attention(q, 0, ctx, dim ** -0.5, compiled, fused_attention)  # noqa: E731
     diff = (fused().float() - matmul().float()).abs().max().item()
     row = {"case": name, "batch": batch, "context": context, "attend_len": attend_len,
-           "fused_us": round(time_us(fused), 2), "matmul_us": round(time_us(matmul), 2), "max_abs_diff": diff}
+           "fused_us": round(1e3 * cuda_time_ms(fused, 200, 10), 2),
+           "matmul_us": round(1e3 * cuda_time_ms(matmul, 200, 10), 2), "max_abs_diff": diff}
     log.info("%s", row)
     return row
 

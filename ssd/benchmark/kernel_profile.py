@@ -19,10 +19,10 @@ def kernel_table(prof, repeats: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def profile_kernels(fn: Callable[[], object], repeats: int = 10, top: int = 25) -> dict:
-    """Run fn `repeats` times under the profiler (after a warm-up call): the kernel table, the
-    kernels' summed time and the wall time per repeat (their difference: launch gaps)."""
-    fn()
+def cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Mean GPU time per call of fn over `repeats` back-to-back calls (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -30,7 +30,13 @@ def profile_kernels(fn: Callable[[], object], repeats: int = 10, top: int = 25) 
         fn()
     end.record()
     torch.cuda.synchronize()
-    wall_ms = start.elapsed_time(end) / repeats
+    return start.elapsed_time(end) / repeats
+
+
+def profile_kernels(fn: Callable[[], object], repeats: int = 10, top: int = 25) -> dict:
+    """Run fn `repeats` times under the profiler (after a warm-up call): the kernel table, the
+    kernels' summed time and the wall time per repeat (their difference: launch gaps)."""
+    wall_ms = cuda_time_ms(fn, repeats)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             fn()
