@@ -106,6 +106,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     logits = runner.forward(window, positions, max_length - 1 + k)
     width = max(tree.shape.fanout_max) + 1
     guess = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width)
+    fork_graph = check_fork_graph(tree, batch, logits, window, runner.attend_bucket(max_length + k))
     horizon = runner.attend_bucket(max_length + 2 * k + 1)
     sampled = sampling_for(batch, device, top_p=0.9)
 
@@ -116,6 +117,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     parts = {
         "window_forward_ms": event_ms(lambda: runner.forward(window, positions, max_length - 1 + k), warmup, iters),
         "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width), warmup, iters),
+        **({"fork_graph_ms": event_ms(lambda: tree.fork_graphs.replay(batch, runner.attend_bucket(max_length + k)),
+                                      warmup, iters)} if fork_graph is not None else {}),
         "branch_decode_ms": event_ms(lambda: branches(None), warmup, iters),
         "branch_decode_sampled_ms": event_ms(lambda: branches(sampled), warmup, iters),
     }
@@ -135,7 +138,16 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
-            "sampled_graph_check": graph_check, **({"kernel_profiles": kernel_tables} if kernels else {})}
+            "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph, **({"kernel_profiles": kernel_tables} if kernels else {})}
+
+
+def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool | None:
+    """The captured fork (reading the window graph just replayed) gives the eager guesses (same
+    top-k width, so ties order alike); None where no fork graph applies."""
+    if tree.fork_graphs is None or not tree.fork_graphs.has(batch, attend_len):
+        return None
+    eager = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, tree.fork_graphs.width)
+    return bool(torch.equal(tree.fork_graphs.replay(batch, attend_len), eager))
 
 
 def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:

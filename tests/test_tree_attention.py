@@ -72,6 +72,9 @@ def test_fork_guesses_equal_per_position_top_f_without_the_drafted_token():
     drafted = logits[:, :4].argmax(-1)
     drafted[1] = logits[1, :4].topk(3).indices[:, 2]   # row 1 drafted a lower-ranked token
     guesses = fork_guesses(logits, drafted, shape.branch_fork("cpu"), shape.branch_rank("cpu"), max(fanout) + 1)
+    # the captured fork (ForkGraphs) takes the widest top-k any re-fit of the budget may need: same guesses
+    widest = fork_guesses(logits, drafted, shape.branch_fork("cpu"), shape.branch_rank("cpu"), shape.num_branches + 1)
+    assert torch.equal(widest, guesses)
     for row in range(3):
         expected = []
         for j, f in enumerate(fanout):
