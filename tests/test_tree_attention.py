@@ -1,4 +1,7 @@
 """The draft's batched speculation tree equals decoding every branch on its own."""
+import dataclasses
+
+import pytest
 import torch
 
 from ssd.distributed.tp_group import TPGroup
@@ -24,9 +27,23 @@ def greedy_continuation(runner: ModelRunner, context: list[int], k: int) -> tupl
     return out, first_logits
 
 
-def test_tree_branches_match_independent_decoding(tiny_checkpoints):
+def use_fused_attention(runner: ModelRunner) -> None:
+    """Swap the model's attention to the Triton kernel (on CPU: under Triton's interpreter)."""
+    from ssd.layers.triton_attention import fused_attention
+    for module in runner.model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = dataclasses.replace(module.kernels, fused_attention=fused_attention)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "fused"])
+def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused):
+    """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask."""
+    if fused:
+        pytest.importorskip("triton")
     k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
     tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len)
+    if fused:
+        use_fused_attention(tree_runner)
     reference = runner_for(tiny_checkpoints["llama"])
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
     width = max(map(len, prompts))
