@@ -73,3 +73,32 @@ def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():
     branchy = ForwardContext(positions, prefix, 32, [k_cache], [v_cache], tree=tree)
     torch.testing.assert_close(cached_attention(q, 0, branchy, 0.25, fused=fused_attention),
                                cached_attention(q, 0, branchy, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_and_window_forwards_with_the_fused_kernel_match_the_matmul_path(tiny_checkpoints):
+    """A tiny model's prefill (short prompts go through the kernel too), decode steps and a
+    verification window give the same logits with either attention, rows of different lengths."""
+    import dataclasses
+
+    from ssd.distributed.tp_group import TPGroup
+    from ssd.engine.model_runner import ModelRunner
+    from ssd.engine.runner_config import RunnerConfig
+
+    def runner(fused: bool) -> ModelRunner:
+        r = ModelRunner(RunnerConfig(model=str(tiny_checkpoints["qwen3"]), max_len=64, num_slots=2), TPGroup())
+        for module in r.model.modules():
+            if fused and hasattr(module, "kernels"):
+                module.kernels = dataclasses.replace(module.kernels, fused_attention=fused_attention)
+        return r
+
+    def run(r: ModelRunner) -> list[torch.Tensor]:
+        ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0]])
+        out = [r.forward(ids, torch.arange(6).expand(2, 6).contiguous(), 5)]
+        lengths = torch.tensor([6, 4])
+        out.append(r.forward(torch.tensor([[20], [21]]), lengths[:, None], 6))                     # decode
+        window = torch.tensor([[22, 23, 24], [25, 26, 27]])
+        out.append(r.forward(window, (lengths + 1)[:, None] + torch.arange(3), 9))                  # window
+        return out
+
+    for fused_logits, matmul_logits in zip(run(runner(True)), run(runner(False))):
+        torch.testing.assert_close(fused_logits, matmul_logits, rtol=1e-4, atol=1e-4)
