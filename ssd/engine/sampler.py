@@ -109,18 +109,19 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                   log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-k then top-p on logits sorted descending [..., W]; dropped entries become -inf.
-    log_normalizer [..., 1]: log of the distribution's total mass when the W entries are only its
-    largest ones (None: they are all of it)."""
+def _top_k_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Top-k on logits sorted descending [..., W] (k off or beyond W: all W); dropped -> -inf."""
     width = sorted_logits.shape[-1]
     k = torch.where((top_k <= 0) | (top_k > width), width, top_k)
-    k = k.expand(*sorted_logits.shape[:-1], 1)  # [..., 1]
-    kth_largest = sorted_logits.gather(-1, k - 1)  # [..., 1]
+    kth_largest = sorted_logits.gather(-1, k.expand(*sorted_logits.shape[:-1], 1) - 1)  # [..., 1]
     # Compare values, not ranks, so tokens tied with the k-th are all kept.
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+    return sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
 
+
+def _top_p_sorted(sorted_logits: torch.Tensor, top_p: torch.Tensor,
+                  log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-p on logits sorted descending [..., W]; dropped -> -inf. log_normalizer [..., 1]: log of
+    the distribution's total mass when the W entries are only its largest ones (None: all of it)."""
     if log_normalizer is None:
         sorted_probs = sorted_logits.softmax(dim=-1)
     else:
@@ -134,7 +135,8 @@ def _filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torc
 def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set filtered-out logits to -inf. logits [..., V]; top_k, top_p broadcastable [..., 1]."""
     sorted_logits, sorted_index = logits.sort(dim=-1, descending=True, stable=True)  # [..., V]
-    return torch.empty_like(logits).scatter_(-1, sorted_index, _filter_sorted(sorted_logits, top_k, top_p))
+    filtered = _top_p_sorted(_top_k_sorted(sorted_logits, top_k), top_p)
+    return torch.empty_like(logits).scatter_(-1, sorted_index, filtered)
 
 
 def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -147,13 +149,11 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     if candidates >= vocab_size:
         return _mask_top_k_top_p(logits, top_k, top_p)
     values, index = logits.topk(candidates, dim=-1)  # sorted descending, [..., W]
-    # top-p counts mass against the whole distribution, or the top-k one when k fits in the candidates
+    kept = _top_k_sorted(values, top_k)
+    # top-p counts mass against the top-k distribution when k fits in the candidates, else the whole one
     k_fits = (top_k > 0) & (top_k <= candidates)
-    kept_by_k = values.masked_fill(values < values.gather(-1, (top_k.clamp(1, candidates) - 1).expand(
-        *values.shape[:-1], 1)), float("-inf"))
-    log_normalizer = torch.where(k_fits, kept_by_k.logsumexp(-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
-    filtered = torch.full_like(logits, float("-inf")).scatter_(
-        -1, index, _filter_sorted(values, top_k, top_p, log_normalizer))
+    log_normalizer = torch.where(k_fits, kept.logsumexp(-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
+    filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, _top_p_sorted(kept, top_p, log_normalizer))
     unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
     return torch.where(unfiltered, logits, filtered)
 
