@@ -4,6 +4,7 @@ One instance per model (held by it and handed to its layers): on GPU every small
 is a separate kernel per layer per step, which at batch 1 costs more than the op's bandwidth."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from ssd.layers.attention import grouped_attention
 from ssd.layers.layernorm import add_rms_norm, rms_norm
 from ssd.layers.rotary import apply_rotary
+
+log = logging.getLogger(__name__)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,8 @@ class Kernels:
 def load_fused_attention() -> Callable | None:
     try:
         from ssd.layers.triton_attention import fused_attention
-    except ImportError:  # no Triton (a CPU-only install): the matmul path
+    except ImportError:
+        log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
     return fused_attention
 
