@@ -114,22 +114,22 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         if tree.graphs is not None:
             return tree.graphs.replay(guess, lengths_d, sampling, horizon)
         return tree.decode_branches(guess, lengths_d, sampling, max_length + 2 * k)
-    parts = {
-        "window_forward_ms": event_ms(lambda: runner.forward(window, positions, max_length - 1 + k), warmup, iters),
-        "fork_ms": event_ms(lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width), warmup, iters),
-        **({"fork_graph_ms": event_ms(lambda: tree.fork_graphs.replay(batch, runner.attend_bucket(max_length + k)),
-                                      warmup, iters)} if fork_graph is not None else {}),
-        "branch_decode_ms": event_ms(lambda: branches(None), warmup, iters),
-        "branch_decode_sampled_ms": event_ms(lambda: branches(sampled), warmup, iters),
-    }
-    graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
-    profiles = {
+    calls = {
         "window_forward": lambda: runner.forward(window, positions, max_length - 1 + k),
         "fork": lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width),
         "branch_decode": lambda: branches(None),
         "branch_decode_filtered": lambda: branches(sampled),
-    } if kernels else {}
-    kernel_tables = {name: profile_kernels(fn) for name, fn in profiles.items()}
+    }
+    parts = {
+        "window_forward_ms": event_ms(calls["window_forward"], warmup, iters),
+        "fork_ms": event_ms(calls["fork"], warmup, iters),
+        **({"fork_graph_ms": event_ms(lambda: tree.fork_graphs.replay(batch, runner.attend_bucket(max_length + k)),
+                                      warmup, iters)} if fork_graph is not None else {}),
+        "branch_decode_ms": event_ms(calls["branch_decode"], warmup, iters),
+        "branch_decode_sampled_ms": event_ms(calls["branch_decode_filtered"], warmup, iters),
+    }
+    graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
+    kernel_tables = {name: profile_kernels(fn) for name, fn in calls.items()} if kernels else {}
 
     def build_wall():
         draft.build_cache(max_length)
@@ -138,7 +138,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
-            "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph, **({"kernel_profiles": kernel_tables} if kernels else {})}
+            "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph,
+            **({"kernel_profiles": kernel_tables} if kernels else {})}
 
 
 def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool | None:
