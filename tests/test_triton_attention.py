@@ -61,6 +61,25 @@ def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (8, 1, 32)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rotating_q_inside_the_kernel_equals_rotating_it_before(heads, kv_heads, dim, splits):
+    """rope=(cos, sin): the kernel applies RoPE to q as it loads it, as apply_rotary would."""
+    from ssd.layers.rotary import apply_rotary
+    batch, queries = 3, 5
+    q, k_cache, v_cache = random_case(batch, queries, heads, kv_heads, dim, seed=11)
+    g = torch.Generator().manual_seed(12)
+    cos, sin = (torch.randn(batch, queries, 1, dim // 2, generator=g) for _ in range(2))
+    limit = torch.tensor([[4], [60], [200]]) + torch.arange(queries)
+    rotated = fused_attention(apply_rotary(q, cos, sin), k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25,
+                              splits=splits)
+    in_kernel = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=splits,
+                                rope=(cos, sin))
+    torch.testing.assert_close(in_kernel, rotated, rtol=1e-6, atol=1e-6)
+    plain = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=splits)
+    assert not torch.allclose(plain, rotated, atol=1e-3)  # the rotation matters in this case
+
+
 def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():
     """Through ForwardContext, as a decoder layer calls it: plain rows and tree rows."""
     q, k_cache, v_cache = random_case(2, 4, 4, 2, 16, seed=3)

@@ -97,15 +97,24 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
+def fused_applies(fused, ctx: ForwardContext, seq: int) -> bool:
+    """Whether cached_attention runs the one-kernel attention: decode, windows and the tree."""
+    return fused is not None and (ctx.tree is not None or seq <= GROUPED_MAX_QUERIES)
+
+
 def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
-                     grouped=grouped_attention, fused=None) -> torch.Tensor:
-    """q [B, T, Hq, D] (rotated; this layer's k/v already written to the cache) -> [B, T, Hq*D].
-    fused: the one-kernel attention (ssd.layers.triton_attention) for decode, windows and the tree."""
+                     grouped=grouped_attention, fused=None, rope=None) -> torch.Tensor:
+    """q [B, T, Hq, D] (rotated, unless rope is given; this layer's k/v already written to the
+    cache) -> [B, T, Hq*D]. fused: the one-kernel attention (ssd.layers.triton_attention) where
+    fused_applies; rope: (cos, sin) for that kernel to rotate q itself (only where it applies)."""
     batch, seq = q.shape[:2]
-    if fused is not None and (ctx.tree is not None or seq <= GROUPED_MAX_QUERIES):
+    if fused_applies(fused, ctx, seq):
         tree = ctx.tree
         return fused(q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.key_limit, ctx.keys_end, ctx.first_slot,
-                     ctx.attended_len, scale, tree.scratch_start if tree else 0, tree.scratch_mask if tree else None)
+                     ctx.attended_len, scale, tree.scratch_start if tree else 0, tree.scratch_mask if tree else None,
+                     rope=rope)
+    if rope is not None:
+        raise ValueError("q must be rotated before attention outside the fused kernel")
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
     values = ctx.v_caches[layer][rows, :, : ctx.attended_len]

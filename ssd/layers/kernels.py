@@ -25,9 +25,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
     """Rotate q/k and write k/v into the full caches at their true positions; one fused kernel
-    when compiled. q [B,T,Hq,D]; k/v [B,T,Hkv,D]; caches [S,Hkv,L,D]; slots [B, 1] (a tensor, so a
-    new slot offset never triggers a recompile); positions [B,T] cache indices."""
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    when compiled. q [B,T,Hq,D] or None (the fused attention rotates it: returns None); k/v
+    [B,T,Hkv,D]; caches [S,Hkv,L,D]; slots [B, 1] (a tensor, so a new slot offset never triggers a
+    recompile); positions [B,T] cache indices."""
+    q = apply_rotary(q, cos, sin) if q is not None else None
+    k = apply_rotary(k, cos, sin)
     rows = slots.expand_as(positions)
     k_cache[rows, :, positions] = k
     v_cache[rows, :, positions] = v

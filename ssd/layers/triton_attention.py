@@ -18,6 +18,7 @@ kernel merges the splits. The tree's scratch goes to the last split.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -45,20 +46,28 @@ def _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr,
-            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr,
+            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t,
             first_slot, scratch_start, num_queries, num_heads, num_splits, qk_scale,
             loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr):
+            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr):
     """Committed keys lo..hi-1 (walked in blocks from loop_lo to loop_hi) plus, on the last split,
     the scratch, for one row tile of one sequence and KV head."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t, head = rows // GROUP, kv_head * GROUP + rows % GROUP
     row_ok = t < num_queries
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_rows = q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h
+    q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
+    if ROTATE:  # RoPE on q here (non-interleaved halves, float32 as apply_rotary): no kernel of its own
+        half = HEAD_DIM // 2
+        partner = tl.load(q_rows + ((d + half) % HEAD_DIM)[None, :], mask=row_ok[:, None], other=0.0)
+        trig = b * sc_b + t[:, None] * sc_t + (d % half)[None, :]
+        cos = tl.load(cos_ptr + trig, mask=row_ok[:, None], other=0.0)
+        sin = tl.load(sin_ptr + trig, mask=row_ok[:, None], other=0.0)
+        sign = tl.where(d < half, -1.0, 1.0)[None, :]   # x1 cos - x2 sin | x2 cos + x1 sin
+        q = (q.to(tl.float32) * cos + (sign * partner.to(tl.float32)) * sin).to(q_ptr.dtype.element_ty)
     limit = tl.load(limit_ptr + b * sl_b + t, mask=row_ok, other=-1)       # last committed key seen
 
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)   # finite: rows seeing nothing stay NaN-free
@@ -92,37 +101,40 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr,
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr,
-                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr, cos_ptr, sin_ptr,
+                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t,
                       first_slot, scratch_start, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr):
+                      BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr,
+                      ROTATE: tl.constexpr):
     """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the device)."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
-            so_s, so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, num_heads, num_splits,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
+            sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t, first_slot, scratch_start, num_queries,
+            num_heads, num_splits,
             qk_scale, lo, hi, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE)
 
 
 @triton.jit
-def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr,
-                                  sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
-                                  first_slot, scratch_start, num_queries, num_heads, num_splits, chunk,
+def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr, cos_ptr,
+                                  sin_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+                                  sc_b, sc_t, first_slot, scratch_start, num_queries, num_heads, num_splits, chunk,
                                   attend_len, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr,
-                                  WRITE_STATS: tl.constexpr, KEYS: tl.constexpr):
+                                  WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, KEYS: tl.constexpr):
     """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
     whole bucket (a constant) and masks what is not its chunk — the same result."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
-            so_s, so_b, so_t, so_h, sl_b, sm_t, first_slot, scratch_start, num_queries, num_heads, num_splits,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
+            sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t, first_slot, scratch_start, num_queries,
+            num_heads, num_splits,
             qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE)
 
 
 @triton.jit
@@ -154,23 +166,38 @@ def choose_splits(programs: int, attend_len: int, block_n: int, device: torch.de
     return max(1, min(attend_len // (2 * block_n), triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """Launch shape of the attention kernel: rows (query token x group head) and keys per block."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def default(rows: int, head_dim: int) -> "Tiling":
+        return Tiling(min(64, max(16, triton.next_power_of_2(rows))), 64 if head_dim <= 64 else 32)
+
+
 def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit: torch.Tensor,
                     keys_end: torch.Tensor, first_slot: int, attend_len: int, scale: float,
                     scratch_start: int = 0, scratch_mask: torch.Tensor | None = None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, tiling: Tiling | None = None,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer);
     scratch_mask [T, S] bool: it also sees scratch entry scratch_start + s where set; splits: key
-    splits (default: choose_splits). Returns [B, T, Hq * D]."""
+    splits (default: choose_splits); tiling: default Tiling.default; rope: (cos, sin) [B, T, 1, D/2]
+    float32 when q is not rotated yet (the kernel rotates it). Returns [B, T, Hq * D]."""
     batch, queries, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     q = q.contiguous() if q.stride(-1) != 1 else q
     limit = limit.contiguous()
     out = torch.empty((batch, queries, heads, dim), dtype=q.dtype, device=q.device)
-    block_m = min(64, max(16, triton.next_power_of_2(queries * group)))
-    block_n = 64 if dim <= 64 else 32
+    tiling = tiling or Tiling.default(queries * group, dim)
+    block_m, block_n = tiling.block_m, tiling.block_n
     tiles = triton.cdiv(queries * group, block_m)
     splits = splits or choose_splits(batch * kv_heads * tiles, attend_len, block_n, q.device)
     chunk = triton.cdiv(triton.cdiv(attend_len, splits), block_n) * block_n
@@ -183,14 +210,16 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     has_scratch = scratch_mask is not None
     smask = scratch_mask.view(torch.uint8) if has_scratch else limit  # any pointer when unused
     kernel, extra = (_attention_kernel, {}) if q.is_cuda else (_attention_kernel_interpreted, {"KEYS": attend_len})
+    cos, sin = (t.contiguous() for t in rope) if rope is not None else (limit, limit)  # any pointer when unused
     kernel[(batch, kv_heads, tiles * splits)](
-        q, k_cache, v_cache, part, stats, limit, keys_end, smask,
+        q, k_cache, v_cache, part, stats, limit, keys_end, smask, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0),
-        smask.stride(0) if has_scratch else 0, first_slot, scratch_start, queries, heads, splits, chunk,
-        attend_len, scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SCRATCH=scratch_mask.shape[-1] if has_scratch else 0, WRITE_STATS=splits > 1,
-        num_warps=4, num_stages=2, **extra)
+        smask.stride(0) if has_scratch else 0, cos.stride(0), cos.stride(1), first_slot, scratch_start, queries,
+        heads, splits, chunk, attend_len, scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m,
+        BLOCK_N=block_n, NUM_SCRATCH=scratch_mask.shape[-1] if has_scratch else 0, WRITE_STATS=splits > 1,
+        ROTATE=rope is not None,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages, **extra)
     if splits > 1:
         rows_total = batch * queries * heads
         _merge_splits_kernel[(rows_total,)](part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ssd.distributed.tp_group import TPGroup
-from ssd.layers.attention import ForwardContext, cached_attention
+from ssd.layers.attention import ForwardContext, cached_attention, fused_applies
 from ssd.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.layernorm import RMSNorm
@@ -36,10 +36,15 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self.kernels.rope_and_cache(q, k, v, *rope, ctx.k_caches[self.layer], ctx.v_caches[self.layer],
-                                        ctx.slot_rows, ctx.write_index)
-        out = cached_attention(q, self.layer, ctx, self.head_dim ** -0.5, self.kernels.grouped_attention,
-                               self.kernels.fused_attention)
+        fused = self.kernels.fused_attention if fused_applies(self.kernels.fused_attention, ctx, seq) else None
+        # the fused kernel rotates q as it loads it (one elementwise kernel fewer per layer)
+        rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
+                                              ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index)
+        scale = self.head_dim ** -0.5
+        if fused:
+            out = cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope)
+        else:
+            out = cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
         return self.o_proj(out)
 
 

@@ -1,0 +1,217 @@
+"""Alternatives for the draft round's hot kernels, each timed on the GPU at the exact shapes of the
+llama-3.2-1b draft (K = 6, F = 3: 7 window tokens and 21 tree branches per sequence), to choose
+what the engine uses. Written to JSON; random inputs (kernel times do not depend on values).
+
+    PYTHONUNBUFFERED=1 python bench/draft_kernel_sweep.py --out $OUT/draft_kernel_sweep.json
+
+Every candidate is captured `--calls` times back to back in one CUDA graph and the graph replayed,
+as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
+Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
+weight copy, optionally Inductor's autotuned Triton GEMM); greedy argmax over the vocabulary; the
+torch.compile'd elementwise kernels with all-dynamic, automatic-dynamic and static shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.attention_kernel_bench import context_for  # noqa: E402
+from ssd.layers import kernels as layer_kernels  # noqa: E402
+from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
+
+log = logging.getLogger("draft_kernel_sweep")
+
+HIDDEN, FFN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 2048, 8192, 128256, 32, 8, 64
+WEIGHTS = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN),
+           "down": (HIDDEN, FFN), "lm_head": (VOCAB, HIDDEN)}
+# rows per forward: window B=1, tree B=1, window B=16, tree B=16
+ROWS = {"window_b1": 7, "tree_b1": 21, "window_b16": 112, "tree_b16": 336}
+
+
+def graph_us(fn: Callable[[], object], calls: int, replays: int = 20) -> float:
+    """Device microseconds per call, fn captured `calls` times in one CUDA graph."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(1e3 * start.elapsed_time(end) / (replays * calls), 2)
+
+
+def guarded(name: str, fn: Callable[[], dict]) -> dict:
+    try:
+        return fn()
+    except Exception as exc:  # a failing candidate is a result, not the end of the sweep
+        log.warning("%s failed: %s", name, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
+    rows = []
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    for case, batch, queries, depth in (("window", 1, 7, 0), ("tree", 1, 21, 6), ("window", 16, 7, 0),
+                                        ("tree", 16, 21, 6)):
+        capacity = attend_len + queries * depth
+        k_cache, v_cache = (torch.randn(batch, KV_HEADS, capacity, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(batch, queries, HEADS, HEAD_DIM, device=device, dtype=dtype)
+        positions, tree = context_for(batch, queries, depth, context, attend_len, device)
+        keys_end = positions.amax(1) + 1
+        scratch = (attend_len, tree.scratch_mask) if tree else (0, None)
+        group_rows = queries * HEADS // KV_HEADS
+        reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125, *scratch, splits=1)
+        default = Tiling.default(group_rows, HEAD_DIM)
+        tilings = [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64), (32, 64, 128), (4, 8))]
+        for tiling in tilings + [Tiling(default.block_m, default.block_n, 4, 3)]:
+            block_m, block_n, warps, stages = tiling.block_m, tiling.block_n, tiling.num_warps, tiling.num_stages
+            tiles = -(-group_rows // block_m)
+            auto = choose_splits(batch * KV_HEADS * tiles, attend_len, block_n, device)
+            for splits in sorted({1, 2, 4, 8, 16, auto}):
+                run = lambda: fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125,  # noqa: E731
+                                              *scratch, splits=splits, tiling=tiling)
+
+                def measure():
+                    diff = (run().float() - reference.float()).abs().max().item()
+                    return {"us": graph_us(run, calls), "max_abs_diff": diff}
+                row = {"case": case, "batch": batch, "block_m": block_m, "block_n": block_n, "warps": warps,
+                       "stages": stages, "splits": splits, "auto_splits": splits == auto,
+                       "default_tiling": tiling == default, **guarded(f"attention {case} B={batch}", measure)}
+                rows.append(row)
+        best = min((r for r in rows if r["case"] == case and r["batch"] == batch and "us" in r),
+                   key=lambda r: r["us"], default=None)
+        log.info("attention %s B=%d best %s", case, batch, best)
+    return rows
+
+
+def gemm_sweep(calls: int, autotune: bool) -> list[dict]:
+    """autotune: only Inductor's max-autotune GEMM (slow to compile: its own part, run last)."""
+    rows = []
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    tuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False) if autotune else None
+    for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
+        if autotune and not where.startswith("tree"):
+            continue
+        weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
+        x = torch.randn(m, shape[1], device=device, dtype=dtype)
+        if autotune:
+            candidates = {"inductor_autotuned": lambda: tuned(x, weight)}
+        else:
+            weight_t = weight.t().contiguous()
+            padded = torch.randn(-(-m // 16) * 16, shape[1], device=device, dtype=dtype)
+            candidates = {"linear": lambda: F.linear(x, weight), "linear_rows_padded_16": lambda: F.linear(padded, weight),
+                          "mm_transposed_weight": lambda: torch.mm(x, weight_t)}
+        for variant, fn in candidates.items():
+            result = guarded(f"gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+            if "us" in result:
+                result["weight_tb_s"] = round(weight.numel() * 2 / result["us"] / 1e6, 2)
+            rows.append({"weight": name, "shape": list(shape), "where": where, "rows": m, "variant": variant, **result})
+        log.info("gemm %s m=%d %s", name, m, [(r["variant"], r.get("us")) for r in rows[-len(candidates):]])
+    return rows
+
+
+def chunked_argmax(logits: torch.Tensor, chunks: int) -> torch.Tensor:
+    """argmax over the last dim in two reductions: the largest of each chunk, then of the chunks."""
+    rows, vocab = logits.shape
+    best, index = logits.view(rows, chunks, vocab // chunks).max(-1)
+    chunk = best.argmax(-1, keepdim=True)
+    return (chunk * (vocab // chunks) + index.gather(1, chunk)).squeeze(1)
+
+
+def argmax_sweep(calls: int) -> list[dict]:
+    rows = []
+    compiled = torch.compile(lambda x: x.argmax(-1), dynamic=False)
+    for where, m in ROWS.items():
+        logits = torch.randn(m, VOCAB, device="cuda", dtype=torch.bfloat16)
+        expected = logits.argmax(-1)
+        for variant, fn in {"eager": lambda: logits.argmax(-1), "compiled": lambda: compiled(logits),
+                            "chunked_256": lambda: chunked_argmax(logits, 256),
+                            "chunked_501": lambda: chunked_argmax(logits, 501)}.items():
+            result = guarded(f"argmax {variant}", lambda: {"us": graph_us(fn, calls),
+                                                           "equal": bool(torch.equal(fn(), expected))})
+            rows.append({"where": where, "rows": m, "variant": variant, **result})
+        log.info("argmax m=%d %s", m, [(r["variant"], r.get("us")) for r in rows[-4:]])
+    return rows
+
+
+def elementwise_inputs(m: int, attend_len: int) -> dict[str, tuple]:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    batch = 16 if m > 21 else 1
+    per_row = m // batch
+    weight = torch.ones(HIDDEN, device=device, dtype=dtype)
+    qkv = torch.randn(batch, per_row, 3072, device=device, dtype=dtype)
+    q, k, v = qkv.split([2048, 512, 512], dim=-1)
+    cos, sin = (torch.randn(batch, per_row, 1, HEAD_DIM // 2, device=device) for _ in range(2))
+    caches = [torch.zeros(batch, KV_HEADS, attend_len, HEAD_DIM, device=device, dtype=dtype) for _ in range(2)]
+    slots = torch.arange(batch, device=device)[:, None]
+    positions = torch.arange(per_row, device=device).expand(batch, per_row).contiguous()
+    hidden = torch.randn(batch, per_row, HIDDEN, device=device, dtype=dtype)
+    return {"rms_norm": (layer_kernels.rms_norm, (hidden, weight, 1e-5)),
+            "add_rms_norm": (layer_kernels.add_rms_norm, (hidden, hidden.clone(), weight, 1e-5)),
+            "silu_and_mul": (layer_kernels.silu_and_mul, (torch.randn(batch, per_row, 2 * FFN, device=device, dtype=dtype),)),
+            "rope_and_cache": (layer_kernels.rope_and_cache,
+                               (q.view(batch, per_row, HEADS, HEAD_DIM), k.view(batch, per_row, KV_HEADS, HEAD_DIM),
+                                v.view(batch, per_row, KV_HEADS, HEAD_DIM), cos, sin, *caches, slots, positions))}
+
+
+def elementwise_sweep(calls: int, attend_len: int) -> list[dict]:
+    rows = []
+    for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "rope_and_cache"):
+        fn = elementwise_inputs(1, attend_len)[name][0]
+        modes = {"dynamic": torch.compile(fn, dynamic=True), "automatic": torch.compile(fn),
+                 "static": torch.compile(fn, dynamic=False)}
+        for variant, compiled in modes.items():
+            for where, m in ROWS.items():
+                args = elementwise_inputs(m, attend_len)[name][1]
+                result = guarded(f"{name} {variant}", lambda: {"us": graph_us(lambda: compiled(*args), calls)})
+                rows.append({"kernel": name, "variant": variant, "where": where, "rows": m, **result})
+        log.info("%s %s", name, [(r["variant"], r["where"], r.get("us")) for r in rows[-12:]])
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
+                        choices=("attention", "gemm", "argmax", "elementwise", "autotune"),
+                        help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling)")
+    parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--attend-len", type=int, default=1024)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch._dynamo.config.cache_size_limit = 256
+    parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len),
+             "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
+             "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len)}
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
+              "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
+    with torch.inference_mode():
+        for part in args.parts:
+            result[part] = guarded(part, parts[part])
+            if args.out:  # partial results survive a time-out
+                Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
