@@ -9,6 +9,7 @@ from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
 from ssd.spec.saguaro import saguaro_probs
 from ssd.engine.sampler import SamplingTensors, probs_from_logits, sample_from_weights, sample_with_probs
+from ssd.engine.greedy import greedy_tokens
 
 
 @dataclass
@@ -73,7 +74,7 @@ class DraftProposer:
 
     def pick(self, logits: torch.Tensor, counter: torch.Tensor, want_probs: bool, position: int):
         if not want_probs:
-            return logits.argmax(-1), None
+            return greedy_tokens(logits), None
         if self.saguaro_c >= 1.0 or self.saguaro_fanout is None:
             return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT, DRAFT_FILTER_CANDIDATES)
         q = draft_distribution(logits, self.sampling, self.saguaro_fanout[position], self.saguaro_c)

@@ -14,6 +14,7 @@ from ssd.draft_worker.proposer import draft_distribution
 from ssd.engine.sampler import SamplingTensors, sample_from_weights
 from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
+from ssd.engine.greedy import greedy_tokens
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class TreeBuilder:
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
         distribution, counter = the token's position (same stream a backup would use there)."""
         if sampling is None or sampling.all_greedy:
-            return logits.argmax(-1), None
+            return greedy_tokens(logits), None
         batch, n, vocab = logits.shape
         rows = sampling.select_rows(torch.arange(batch, device=logits.device).repeat_interleave(n))
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:

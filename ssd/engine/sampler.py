@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ssd.engine.greedy import greedy_tokens
 from ssd.engine.random import RandomStream, uniform_from_counters
 from ssd.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
@@ -209,7 +210,7 @@ def sample_with_probs(
     """
     probs = probs_from_logits(logits, st, candidates)  # [B, V]
     sampled = sample_from_weights(probs, st.seed, counter, salt)  # [B]
-    tokens = torch.where(st.is_greedy, logits.argmax(dim=-1), sampled)
+    tokens = torch.where(st.is_greedy, greedy_tokens(logits), sampled)
     return tokens, probs
 
 
@@ -221,5 +222,5 @@ def sample(
 ) -> torch.Tensor:
     """Sample tokens [B] int64 from logits [B, V]; greedy rows take the argmax."""
     if st.all_greedy:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     return sample_with_probs(logits, st, counter, salt)[0]

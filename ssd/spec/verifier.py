@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ssd.engine.random import RandomStream, uniform_from_counters
 from ssd.engine.sampler import SamplingTensors, probs_from_logits, sample_from_weights
 from ssd.sampling_params import SamplingParams
+from ssd.engine.greedy import greedy_tokens
 
 PAD_TOKEN = -1
 
@@ -167,7 +168,7 @@ def verify(
     or None when every row is greedy (see validate_verify_inputs); target_logits
     [B, K+1, V]; counter [B] int64, the sequence position of output index 0.
     """
-    target_argmax = target_logits.argmax(dim=-1)  # [B, K+1]
+    target_argmax = greedy_tokens(target_logits)  # [B, K+1]
     if draft_probs is None:
         num_accepted, last_token = _verify_all_greedy(draft_tokens, target_argmax)
     else:
