@@ -10,6 +10,7 @@ stream (weights) as a fraction of the nominal HBM bandwidth.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -44,21 +45,23 @@ def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> 
     return llm.last_run_stats.decode_tok_s, [o.token_ids for o in outputs]
 
 
-def profile_mode(args, fused: bool, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
+def profile_mode(args, fused: bool, measured_linear: bool, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
-             max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused) as llm:
+             max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused,
+             measured_linear=measured_linear) as llm:
         step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
     step_ms = step["wall_ms"]
-    result = {"attention": "fused" if fused else "matmul", "generate_decode_tok_s": round(tok_s, 2),
+    result = {"attention": "fused" if fused else "matmul", "linear": "measured" if measured_linear else "cublas",
+              "generate_decode_tok_s": round(tok_s, 2),
               "generate_roofline_fraction": round(tok_s * weight_bytes / args.batch / bandwidth, 4) if bandwidth else None,
               "step_ms": step_ms, "kernel_ms": step["kernel_ms"], "gap_ms": round(step_ms - step["kernel_ms"], 4),
               "weight_bytes": weight_bytes,
               "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
               "kernels": step["kernels"]}
-    log.info("[%s attention] step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
-             "(%.1f%% of roofline)", result["attention"], step_ms, step["kernel_ms"], result["gap_ms"],
+    log.info("[%s attention, %s linear] step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
+             "(%.1f%% of roofline)", result["attention"], result["linear"], step_ms, step["kernel_ms"], result["gap_ms"],
              100 * (result["roofline_fraction"] or 0), tok_s, 100 * (result["generate_roofline_fraction"] or 0))
     for row in step["kernels"][:25]:
         log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])
@@ -81,22 +84,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
     parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
                         help="attention implementations to profile one after the other (same prompts)")
+    parser.add_argument("--linear", nargs="+", choices=("measured", "cublas"), default=["measured"],
+                        help="linear-layer choices to profile one after the other (with each attention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = torch.cuda.get_device_name(0)
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
     modes, tokens = [], []
-    for mode in args.attention:
-        result, generated = profile_mode(args, mode == "fused", bandwidth)
+    for mode, linear in itertools.product(args.attention, args.linear):
+        result, generated = profile_mode(args, mode == "fused", linear == "measured", bandwidth)
         modes.append(result)
         tokens.append(generated)
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
               "weights": "random (timing only)", "modes": modes}
     if len(tokens) > 1:
         result["greedy_prefix_agreement"] = round(same_tokens(tokens[0], tokens[1]), 4)
-        log.info("greedy tokens of %s vs %s attention agree on %.1f%% of positions (bf16, up to the first difference)",
-                 *args.attention[:2], 100 * result["greedy_prefix_agreement"])
+        log.info("greedy tokens of the first two modes agree on %.1f%% of positions (bf16, up to the first "
+                 "difference)", 100 * result["greedy_prefix_agreement"])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.attention_kernel_bench import context_for  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
+from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, skinny_linear  # noqa: E402
 
 log = logging.getLogger("draft_kernel_sweep")
 
@@ -120,12 +121,16 @@ def gemm_sweep(calls: int, autotune: bool) -> list[dict]:
             padded = torch.randn(-(-m // 16) * 16, shape[1], device=device, dtype=dtype)
             candidates = {"linear": lambda: F.linear(x, weight), "linear_rows_padded_16": lambda: F.linear(padded, weight),
                           "mm_transposed_weight": lambda: torch.mm(x, weight_t)}
+            if m <= MAX_ROWS:
+                candidates.update({f"triton_skinny_{t.block_n}x{t.block_k}_w{t.num_warps}_s{t.num_stages}":
+                                   (lambda t=t: skinny_linear(x, weight, t)) for t in CANDIDATES})
         for variant, fn in candidates.items():
             result = guarded(f"gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
             if "us" in result:
                 result["weight_tb_s"] = round(weight.numel() * 2 / result["us"] / 1e6, 2)
             rows.append({"weight": name, "shape": list(shape), "where": where, "rows": m, "variant": variant, **result})
-        log.info("gemm %s m=%d %s", name, m, [(r["variant"], r.get("us")) for r in rows[-len(candidates):]])
+        log.info("gemm %s m=%d %s", name, m, [(r["variant"], r.get("us"), r.get("weight_tb_s"))
+                                               for r in rows[-len(candidates):]])
     return rows
 
 

@@ -1,6 +1,8 @@
 """Vocabulary-parallel embedding and LM head (each rank owns a contiguous slice of the vocabulary)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the full vocabulary, gathered from every rank's slice."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, linear: Callable = F.linear):
+        super().__init__(vocab_size, hidden_size, tp)
+        self.linear = linear
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather_last_dim(self.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

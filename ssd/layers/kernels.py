@@ -44,17 +44,20 @@ class Kernels:
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
+    linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
 
     @classmethod
-    def compiled(cls, fused_attention: bool = False) -> "Kernels":
+    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
-        under Triton's interpreter, as in the tests)."""
+        under Triton's interpreter, as in the tests); measured_linear: few-row linears take F.linear
+        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         fuse = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
-                   fuse(grouped_attention), load_fused_attention() if fused_attention else None)
+                   fuse(grouped_attention), load_fused_attention() if fused_attention else None,
+                   load_measured_linear() if measured_linear else F.linear)
 
 
 def load_fused_attention() -> Callable | None:
@@ -64,6 +67,15 @@ def load_fused_attention() -> Callable | None:
         log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
     return fused_attention
+
+
+def load_measured_linear() -> Callable:
+    try:
+        from ssd.layers.triton_linear import MeasuredLinear
+    except ImportError:
+        log.warning("Triton is not installed: linear layers run as F.linear")
+        return F.linear
+    return MeasuredLinear()
 
 
 EAGER = Kernels()

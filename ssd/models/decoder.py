@@ -23,8 +23,9 @@ class Attention(nn.Module):
         self.num_heads = arch.num_heads // tp.size
         self.num_kv_heads = arch.num_kv_heads // tp.size
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        self.qkv_proj = ColumnParallelLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.qkv_bias, tp)
-        self.o_proj = RowParallelLinear(q_size, arch.hidden_size, False, tp)
+        self.qkv_proj = ColumnParallelLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.qkv_bias, tp,
+                                             kernels.linear)
+        self.o_proj = RowParallelLinear(q_size, arch.hidden_size, False, tp, kernels.linear)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
 
@@ -53,8 +54,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kernels = kernels
         f = arch.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [f, f], False, tp)
-        self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp)
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [f, f], False, tp, kernels.linear)
+        self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp, kernels.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -104,7 +105,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = DecoderModel(arch, tp, max_positions, kernels)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, kernels.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

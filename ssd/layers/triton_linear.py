@@ -1,0 +1,124 @@
+"""y = x W^T for a few rows (decode, verification windows, the draft's tree at small batch), in Triton.
+
+At M <= 64 rows a linear layer is a weight stream: the time is the weight's bytes over the memory
+bandwidth plus the kernel's ramp-up. cuBLAS reaches ~3.6 TB/s on an H200 for a 1B model's 67 MB
+gate/up weight at M = 21, but ~1.4-2.1 TB/s on its 8-12 MB attention weights (measured), where a
+few microseconds of fixed cost weigh most. This kernel gives each program a narrow column block of
+W over the whole K (no split-K, so no reduction kernel) and pipelines its loads deeply.
+
+Which one runs is measured, not assumed: `MeasuredLinear` times F.linear and a few tilings of this
+kernel once per (rows, weight shape) when it first sees the shape outside CUDA-graph capture
+(graph warm-up runs every shape eagerly first) and uses the fastest from then on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 64
+
+
+@triton.jit
+def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, sx_m, sw_n, sy_m, K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] over all K (x is re-read from L2 by every program).
+    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_ptr + rm[:, None] * sx_m + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * sw_n + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True)
+class SkinnyTiling:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256, 4, 3), SkinnyTiling(64, 128, 4, 3),
+              SkinnyTiling(16, 512, 4, 3))
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows in all), weight [N, K] -> [..., N]; no bias."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows, n = x2.shape[0], weight.shape[0]
+    if rows > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {rows}")
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _skinny_matmul_kernel[(triton.cdiv(n, tiling.block_n),)](
+        x2, weight, y, rows, n, x2.stride(0), weight.stride(0), y.stride(0), K=k,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    return y.view(*lead, n)
+
+
+def time_us(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / repeats
+
+
+@dataclass
+class MeasuredLinear:
+    """F.linear, or the Triton kernel where it measured faster for this (rows, N, K, dtype). One per
+    model (the choices are its own); on CPU and for wide inputs it is F.linear."""
+    choices: dict[tuple, SkinnyTiling | None] = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (bias is not None or not x.is_cuda or not 0 < rows <= MAX_ROWS or weight.stride(-1) != 1
+                or x.dtype not in (torch.bfloat16, torch.float16)):
+            return F.linear(x, weight, bias)
+        key = (rows, *weight.shape, x.dtype)
+        if key not in self.choices:
+            if torch.cuda.is_current_stream_capturing():   # never measured: cannot time inside a capture
+                return F.linear(x, weight)
+            self.choices[key] = self.measure(x, weight)
+        tiling = self.choices[key]
+        return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling)
+
+    @staticmethod
+    def measure(x: torch.Tensor, weight: torch.Tensor) -> SkinnyTiling | None:
+        reference = F.linear(x, weight).float()
+        tolerance = 1e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding of differently ordered sums
+        times = {None: time_us(lambda: F.linear(x, weight))}
+        for tiling in CANDIDATES:
+            try:
+                wrong = (skinny_linear(x, weight, tiling).float() - reference).abs().max().item() > tolerance
+                if wrong:  # a safety net: the interpreter tests pin the math
+                    log.warning("skinny tiling %s disagrees with F.linear at %s: not used", tiling, tuple(weight.shape))
+                    continue
+                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling))
+            except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
+                log.debug("skinny tiling %s failed at %s: %s", tiling, tuple(weight.shape), exc)
+        best = min(times, key=times.get)
+        log.debug("linear rows=%d weight=%s: %s -> %s", x.numel() // x.shape[-1], tuple(weight.shape),
+                  {str(t): round(v, 2) for t, v in times.items()}, best)
+        return best

@@ -1,0 +1,54 @@
+"""The few-row Triton linear (run here under Triton's CPU interpreter) computes F.linear, and the
+per-shape choice takes the fastest candidate that agrees with F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from ssd.layers import triton_linear  # noqa: E402
+from ssd.layers.triton_linear import CANDIDATES, MeasuredLinear, SkinnyTiling, skinny_linear  # noqa: E402
+
+
+@pytest.mark.parametrize("rows", [1, 7, 21, 64])
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 200), (96, 512)])    # ragged N and K blocks too
+@pytest.mark.parametrize("tiling", [SkinnyTiling(16, 64), SkinnyTiling(32, 128)])
+def test_matches_f_linear(rows, n, k, tiling):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x, weight = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    torch.testing.assert_close(skinny_linear(x, weight, tiling), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_leading_dims_and_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(3, 7, 2 * 64, generator=g)[..., :64], torch.randn(32, 64, generator=g)
+    out = skinny_linear(x, weight, SkinnyTiling(16, 32))
+    assert out.shape == (3, 7, 32)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_too_many_rows_is_refused():
+    with pytest.raises(ValueError, match="at most"):
+        skinny_linear(torch.zeros(65, 16), torch.zeros(16, 16), SkinnyTiling(16, 16))
+
+
+def test_choice_is_the_fastest_candidate_that_agrees(monkeypatch):
+    """Timings are faked (CUDA events are GPU-only); a candidate computing something else is never
+    chosen however fast; F.linear (None) is kept when nothing beats it."""
+    x, weight = torch.randn(5, 64), torch.randn(48, 64)
+    fast, broken = CANDIDATES[1], CANDIDATES[2]
+    real = triton_linear.skinny_linear
+    monkeypatch.setattr(triton_linear, "skinny_linear",
+                        lambda x, w, t: real(x, w, t) + (1.0 if t == broken else 0.0))
+    times = iter([10.0] + [1.0 if t == broken else 5.0 if t == fast else 9.0 for t in CANDIDATES if t != broken])
+    monkeypatch.setattr(triton_linear, "time_us", lambda fn: next(times))
+    assert MeasuredLinear.measure(x, weight) == fast
+    times = iter([1.0] + [5.0] * len(CANDIDATES))
+    assert MeasuredLinear.measure(x, weight) is None
+
+
+def test_cpu_tensors_take_f_linear():
+    x, weight, bias = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    linear = MeasuredLinear()
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    assert linear.choices == {}
