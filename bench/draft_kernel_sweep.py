@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.attention_kernel_bench import context_for  # noqa: E402
+from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
 from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, skinny_linear  # noqa: E402
@@ -40,24 +41,8 @@ WEIGHTS = {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HI
 ROWS = {"window_b1": 7, "tree_b1": 21, "window_b16": 112, "tree_b16": 336}
 
 
-def graph_us(fn: Callable[[], object], calls: int, replays: int = 20) -> float:
-    """Device microseconds per call, fn captured `calls` times in one CUDA graph."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return round(1e3 * start.elapsed_time(end) / (replays * calls), 2)
+def graph_us(fn: Callable[[], object], calls: int) -> float:
+    return round(graph_time_us(fn, calls, replays=20), 2)
 
 
 def guarded(name: str, fn: Callable[[], dict]) -> dict:

@@ -8,7 +8,8 @@ W over the whole K (no split-K, so no reduction kernel) and pipelines its loads 
 
 Which one runs is measured, not assumed: `MeasuredLinear` times F.linear and a few tilings of this
 kernel once per (rows, weight shape) when it first sees the shape outside CUDA-graph capture
-(graph warm-up runs every shape eagerly first) and uses the fastest from then on.
+(graph warm-up runs every shape eagerly first) and uses the fastest from then on. Each candidate
+is timed inside a small CUDA graph of its own, as the engine runs it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ssd.engine.gpu_timing import graph_time_us as time_us
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +74,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling) -
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return y.view(*lead, n)
-
-
-def time_us(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / repeats
 
 
 @dataclass
