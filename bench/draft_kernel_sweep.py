@@ -67,7 +67,8 @@ def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
         group_rows = queries * HEADS // KV_HEADS
         reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125, *scratch, splits=1)
         default = Tiling.default(group_rows, HEAD_DIM)
-        tilings = [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64), (32, 64, 128), (4, 8))]
+        tilings = [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8))
+                   if warps == 4 or m >= 64]
         for tiling in tilings + [Tiling(default.block_m, default.block_n, 4, 3)]:
             block_m, block_n, warps, stages = tiling.block_m, tiling.block_n, tiling.num_warps, tiling.num_stages
             tiles = -(-group_rows // block_m)
