@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -190,10 +191,23 @@ def sample_from_weights(
     Exponential race: argmax(w / E) with E ~ Exp(1) picks index i with
     probability w_i / sum(w), and never picks a zero-weight index.
     seed, counter broadcast to weights.shape[:-1]. Returns int64 [...].
+    On CUDA one fused Triton kernel draws the same numbers (ssd.engine.triton_sampling).
     """
+    race = _fused_race() if weights.is_cuda else None
+    if race is not None:
+        return race(weights, seed, counter, salt)
     uniforms = uniform_from_counters(seed, counter, salt, weights.shape[-1])  # [..., V]
     exponentials = -torch.log(uniforms)
     return (weights / exponentials).argmax(dim=-1)
+
+
+@lru_cache(maxsize=None)
+def _fused_race():
+    try:
+        from ssd.engine.triton_sampling import exponential_race
+    except ImportError:  # no Triton: the PyTorch race (same numbers, more kernels)
+        return None
+    return exponential_race
 
 
 def sample_with_probs(
