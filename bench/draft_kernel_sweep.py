@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.attention_kernel_bench import context_for  # noqa: E402
+from attention_kernel_bench import context_for  # noqa: E402  (this directory is on sys.path)
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402

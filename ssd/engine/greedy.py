@@ -2,8 +2,9 @@
 
 A single argmax over [rows, V] with few rows (the draft's tree step at batch 1 has 21) runs one
 block per row and leaves the GPU idle: on an H200 it took ~33 us per step over 128k logits. Taking
-the largest of each of ~256 chunks first spreads the work over rows x chunks blocks. Ties resolve
-as torch.argmax does (the first largest): the first chunk holding the maximum, its first index."""
+the largest of each of ~256 chunks first spreads the work over rows x chunks blocks (with many
+rows one pass is faster). Ties resolve as torch.argmax does (the first largest): the first chunk
+holding the maximum, its first index."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -11,7 +12,7 @@ from functools import lru_cache
 import torch
 
 TARGET_CHUNKS = 256
-
+FEW_ROWS = 64   # H200, 128k logits: 7 / 21 rows 27 -> 12 / 14 us; 112 / 336 rows are faster in one pass
 
 @lru_cache(maxsize=None)
 def vocab_chunks(vocab: int) -> int:
@@ -24,7 +25,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the last dim: [..., V] -> [...] int64."""
     vocab = logits.shape[-1]
     chunks = vocab_chunks(vocab)
-    if chunks == 1:
+    if chunks == 1 or logits.numel() >= FEW_ROWS * vocab:
         return logits.argmax(-1)
     lead = logits.shape[:-1]
     best, index = logits.reshape(-1, chunks, vocab // chunks).max(-1)     # [R, C]

@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
-# split the keys only while fewer programs than SMs would run (H200, measured: the 1B draft's tree
-# step at B=1 has 16 programs, 17.6 us unsplit vs 10.5 us in 8 splits; at B=16 it has 256, 22 us
-# unsplit vs 40 us in 3 splits — the merge of 10k rows costs more than the idle SMs did)
+# split the keys only while at most half the SMs would have a program (H200, measured: the 1B
+# draft's tree step at B=1 has 16 programs, 17.6 us unsplit vs 10.5 us in 8 splits; at B=16 it has
+# 256, 22 us unsplit vs 40 us in 3 splits; its window at B=16 has 128, 11.8 us unsplit vs 14.5 us
+# in 2 splits — the merge costs more than the idle SMs did)
 PROGRAMS_PER_SM = 1
 
 
@@ -159,11 +160,13 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_splits(programs: int, attend_len: int, block_n: int, device: torch.device) -> int:
-    """Key splits so that about PROGRAMS_PER_SM programs per SM run, each walking >= 2 key blocks
-    (1: enough programs already)."""
+    """Key splits so that about PROGRAMS_PER_SM programs per SM run, each walking >= 1 key block
+    (1: at least half the SMs have a program already)."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
-    return max(1, min(attend_len // (2 * block_n), triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
+    if 2 * programs > sms:
+        return 1
+    return max(1, min(attend_len // block_n, triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ class Tiling:
     block_m: int
     block_n: int
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3   # H200: 3 stages 9.98 vs 11.8 us (1B window, B=16), 16.7 vs 18.8 us (tree, B=16)
 
     @staticmethod
     def default(rows: int, head_dim: int) -> "Tiling":
