@@ -4,7 +4,9 @@ At M <= 64 rows a linear layer is a weight stream: the time is the weight's byte
 bandwidth plus the kernel's ramp-up. cuBLAS reaches ~3.6 TB/s on an H200 for a 1B model's 67 MB
 gate/up weight at M = 21, but ~1.4-2.1 TB/s on its 8-12 MB attention weights (measured), where a
 few microseconds of fixed cost weigh most. This kernel gives each program a narrow column block of
-W over the whole K (no split-K, so no reduction kernel) and pipelines its loads deeply.
+W over the whole K (no split-K, so no reduction kernel) and pipelines its loads deeply. Measured on
+an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) and a draft round
+gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
 
 Which one runs is measured, not assumed: `MeasuredLinear` times F.linear and a few tilings of this
 kernel once per (rows, weight shape) when it first sees the shape outside CUDA-graph capture
