@@ -2,8 +2,7 @@
 # Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
-# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | pdl-draft | pdl-decode | profile | llama | qwen | coordinator)
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | kernels | attention | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -36,20 +35,6 @@ case $part in
            timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \
              --out "$out/decode_profile_llama8b.json" >> "$log" 2>&1
            grep -E "attention_kernel_bench|draft_round_bench|roofline|agree|Error|error" "$log" | cut -c1-400 ;;
-  pdl-draft) # programmatic dependent launch on / off, the draft round, and attention splits (in-kernel merge)
-           python -c "import torch._inductor.config as c; print('inductor PDL option:', hasattr(c.triton, 'enable_pdl'))"
-           timeout 330 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 --pdl on off \
-             --out "$out/draft_round_llama1b_pdl.json" > "$out/draft_round_pdl.log" 2>&1
-           grep -E "batch|Error|error" "$out/draft_round_pdl.log" | cut -c1-600
-           timeout 200 python bench/draft_kernel_sweep.py --parts attention --out "$out/attention_splits_sweep.json" \
-             > "$out/sweep.log" 2>&1
-           grep -E "best|Error|error" "$out/sweep.log" | cut -c1-400 ;;
-  pdl-decode) # target AR decode: cuBLAS linears (same kernels both ways: greedy tokens must agree exactly), then measured
-           timeout 280 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --linear cublas --pdl on off \
-             --out "$out/decode_profile_llama8b_pdl_cublas.json" > "$out/decode_pdl.log" 2>&1
-           timeout 280 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --linear measured --pdl on off \
-             --out "$out/decode_profile_llama8b_pdl_measured.json" >> "$out/decode_pdl.log" 2>&1
-           grep -E "roofline|agree|Error|error" "$out/decode_pdl.log" | cut -c1-400 ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
