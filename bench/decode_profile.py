@@ -45,24 +45,23 @@ def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> 
     return llm.last_run_stats.decode_tok_s, [o.token_ids for o in outputs]
 
 
-def profile_mode(args, fused: bool, measured_linear: bool, pdl: bool,
-                 bandwidth: float | None) -> tuple[dict, list[list[int]]]:
+def profile_mode(args, fused: bool, measured_linear: bool, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
              max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused,
-             measured_linear=measured_linear, pdl=pdl) as llm:
+             measured_linear=measured_linear) as llm:
         step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
     step_ms = step["wall_ms"]
     result = {"attention": "fused" if fused else "matmul", "linear": "measured" if measured_linear else "cublas",
-              "pdl": "on" if pdl else "off", "generate_decode_tok_s": round(tok_s, 2),
+              "generate_decode_tok_s": round(tok_s, 2),
               "generate_roofline_fraction": round(tok_s * weight_bytes / args.batch / bandwidth, 4) if bandwidth else None,
               "step_ms": step_ms, "kernel_ms": step["kernel_ms"], "gap_ms": round(step_ms - step["kernel_ms"], 4),
               "weight_bytes": weight_bytes,
               "roofline_fraction": round(weight_bytes / bandwidth / (step_ms / 1e3), 4) if bandwidth else None,
               "kernels": step["kernels"]}
-    log.info("[%s attention, %s linear, pdl %s] step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; "
-             "generate %.1f tok/s (%.1f%% of roofline)", result["attention"], result["linear"], result["pdl"], step_ms, step["kernel_ms"], result["gap_ms"],
+    log.info("[%s attention, %s linear] step %.3f ms, kernels %.3f ms, gaps %.3f ms, roofline %.1f%%; generate %.1f tok/s "
+             "(%.1f%% of roofline)", result["attention"], result["linear"], step_ms, step["kernel_ms"], result["gap_ms"],
              100 * (result["roofline_fraction"] or 0), tok_s, 100 * (result["generate_roofline_fraction"] or 0))
     for row in step["kernels"][:25]:
         log.info("%8.1f us  %5.1f calls  %s", row["us_per_step"], row["calls_per_step"], row["kernel"])
@@ -87,16 +86,14 @@ def main(argv: list[str]) -> int:
                         help="attention implementations to profile one after the other (same prompts)")
     parser.add_argument("--linear", nargs="+", choices=("measured", "cublas"), default=["measured"],
                         help="linear-layer choices to profile one after the other (with each attention)")
-    parser.add_argument("--pdl", nargs="+", choices=("on", "off"), default=["on"],
-                        help="programmatic dependent launch of the Triton kernels, on and/or off (A/B)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = torch.cuda.get_device_name(0)
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
     modes, tokens = [], []
-    for mode, linear, pdl in itertools.product(args.attention, args.linear, args.pdl):
-        result, generated = profile_mode(args, mode == "fused", linear == "measured", pdl == "on", bandwidth)
+    for mode, linear in itertools.product(args.attention, args.linear):
+        result, generated = profile_mode(args, mode == "fused", linear == "measured", bandwidth)
         modes.append(result)
         tokens.append(generated)
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,

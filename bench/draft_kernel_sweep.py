@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from attention_kernel_bench import context_for  # noqa: E402  (this directory is on sys.path)
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
-from ssd.layers.triton_attention import FusedAttention, Tiling, choose_splits, fused_attention  # noqa: E402
+from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
 from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, skinny_linear  # noqa: E402
 
 log = logging.getLogger("draft_kernel_sweep")
@@ -69,14 +69,13 @@ def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
         default = Tiling.default(group_rows, HEAD_DIM)
         tilings = [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8))
                    if warps == 4 or m >= 64]
-        attention = FusedAttention()   # as the engine holds it: split counters allocated once
         for tiling in tilings + [Tiling(default.block_m, default.block_n, 4, 3)]:
             block_m, block_n, warps, stages = tiling.block_m, tiling.block_n, tiling.num_warps, tiling.num_stages
             tiles = -(-group_rows // block_m)
             auto = choose_splits(batch * KV_HEADS * tiles, attend_len, block_n, device)
             for splits in sorted({1, 2, 4, 8, 16, auto}):
-                run = lambda: attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125,  # noqa: E731
-                                        *scratch, splits=splits, tiling=tiling)
+                run = lambda: fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125,  # noqa: E731
+                                              *scratch, splits=splits, tiling=tiling)
 
                 def measure():
                     diff = (run().float() - reference.float()).abs().max().item()

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention, causal_mask, grouped_attention  # noqa: E402
-from ssd.layers.triton_attention import FusedAttention, fused_attention  # noqa: E402
+from ssd.layers.triton_attention import fused_attention  # noqa: E402
 
 
 def random_case(batch, queries, heads, kv_heads, dim, capacity=288, slots=5, seed=0):
@@ -78,20 +78,6 @@ def test_rotating_q_inside_the_kernel_equals_rotating_it_before(heads, kv_heads,
     torch.testing.assert_close(in_kernel, rotated, rtol=1e-6, atol=1e-6)
     plain = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=splits)
     assert not torch.allclose(plain, rotated, atol=1e-3)  # the rotation matters in this case
-
-
-def test_the_last_split_to_arrive_merges_and_leaves_the_counters_zeroed():
-    """Key splits merge inside the kernel (the last split of a row tile to arrive folds all of them):
-    the same result as one split, again on the next call through the same counters (a graph replay
-    reuses them), which the kernel has set back to zero."""
-    attention = FusedAttention()
-    q, k_cache, v_cache = random_case(3, 7, 8, 2, 16, seed=5)
-    limit = torch.tensor([[3], [90], [230]]) + torch.arange(7)
-    whole = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=1)
-    for _ in range(2):
-        split = attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.25, splits=4)
-        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
-        assert not attention.counters[q.device].any()
 
 
 def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():

@@ -76,7 +76,6 @@ class BenchConfig:
     eager: bool
     attention: str
     linear: str
-    pdl: str
     dtype: str | None
     max_model_len: int | None
     datasets: tuple[str, ...]
@@ -162,10 +161,6 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                        help="Linear layers of few rows (decode, verification, the draft's tree) on the "
                             "CUDA-graph path: cuBLAS or a Triton kernel, whichever measured faster per "
                             "shape at start-up; or cuBLAS always (for A/B runs).")
-    group.add_argument("--pdl", choices=("on", "off"), default="on",
-                       help="Programmatic dependent launch for the Triton kernels on the CUDA-graph path "
-                            "(Hopper and later; elsewhere it has no effect): each kernel is scheduled while "
-                            "the one before it drains. off: plain stream order (for A/B runs).")
     group.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="Weight/activation dtype; default: the engine's choice for the device.")
     group.add_argument("--max_model_len", type=int, default=None,
@@ -283,7 +278,7 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp, eager=ns.eager,
-        attention=ns.attention, linear=ns.linear, pdl=ns.pdl, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
+        attention=ns.attention, linear=ns.linear, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
         data_dir=ns.data_dir or os.environ.get("SSD_DATA_DIR") or "data",
         chat_template=ns.chat_template, random_weights=random_weights, profile=ns.profile,
         json_path=ns.json_path, seed=ns.seed, warmup=_or(ns.warmup, warmup))

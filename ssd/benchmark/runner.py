@@ -131,8 +131,7 @@ def llm_kwargs(config: BenchConfig, arm: Arm, draft: str | None) -> dict[str, An
     kwargs = dict(tensor_parallel_size=arm.tp_size, device=config.device, dtype=config.dtype,
                   random_weights=config.random_weights, max_num_seqs=config.batch_size,
                   max_model_len=config.max_model_len, enforce_eager=config.eager, seed=config.seed,
-                  fused_attention=config.attention == "fused", measured_linear=config.linear == "measured",
-                  pdl=config.pdl == "on")
+                  fused_attention=config.attention == "fused", measured_linear=config.linear == "measured")
     if arm.spec:
         kwargs.update(draft=draft, num_speculative_tokens=config.k, async_spec=arm.async_spec,
                       draft_colocated=arm.colocated, **spec_options(config, arm))

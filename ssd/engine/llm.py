@@ -74,7 +74,7 @@ class LLM:
                  max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
                  window_sizes: tuple[int, ...] = (), compile: bool = True, fused_attention: bool = True,
-                 measured_linear: bool = True, pdl: bool = True,
+                 measured_linear: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
@@ -92,7 +92,7 @@ class LLM:
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
                                 max_len=max_model_len or 2048, window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
-                                measured_linear=measured_linear, pdl=pdl,
+                                measured_linear=measured_linear,
                                 seed=seed, timeout_s=timeout_s)
         self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec) \
             if self.spec else None

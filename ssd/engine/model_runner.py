@@ -12,7 +12,7 @@ from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
-from ssd.layers.kernels import EAGER, Kernels, pdl_supported
+from ssd.layers.kernels import EAGER, Kernels
 from ssd.loading.checkpoint import load_checkpoint
 from ssd.loading.random_weights import init_random_weights
 from ssd.models.decoder import CausalLM
@@ -30,8 +30,8 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
-    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, cfg.pdl and pdl_supported(device)) \
-        if cfg.use_cuda_graphs and cfg.compile else EAGER
+    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear) if cfg.use_cuda_graphs and cfg.compile \
+        else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len
     max_positions = cfg.max_len + 2 * max(cfg.window_sizes, default=1)
     with torch.device(device), _default_dtype(cfg.dtype):

@@ -23,7 +23,6 @@ class RunnerConfig:
     compile: bool = True
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
-    pdl: bool = True                  # GPU graphs, Hopper+: Triton kernels launch with programmatic dependent launch
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))

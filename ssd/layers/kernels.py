@@ -47,13 +47,10 @@ class Kernels:
     linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
 
     @classmethod
-    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False, pdl: bool = False) -> "Kernels":
+    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests); measured_linear: few-row linears take F.linear
-        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear); pdl:
-        Triton kernels (ours and torch.compile's) launch with programmatic dependent launch — each
-        is scheduled while the kernel before it drains and waits on the device before reading its
-        outputs (Hopper+: see pdl_supported)."""
+        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -61,34 +58,28 @@ class Kernels:
         # dynamic=True the head / hidden sizes were symbolic too and the index arithmetic divided by
         # runtime values (H200, 1B draft, B=16 tree step: SiLU-mul 11.5 -> 3.7 us, RoPE + KV write
         # 12.1 -> 5.2 us, RMSNorm 3.3 -> 2.3 us; bench/draft_kernel_sweep.py)
-        options = {"triton.enable_pdl": True} if pdl and hasattr(torch._inductor.config.triton, "enable_pdl") else {}
-        fuse = lambda fn: torch.compile(fn, options=options)  # noqa: E731
+        fuse = lambda fn: torch.compile(fn)  # noqa: E731
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
-                   fuse(grouped_attention), load_fused_attention(pdl) if fused_attention else None,
-                   load_measured_linear(pdl) if measured_linear else F.linear)
+                   fuse(grouped_attention), load_fused_attention() if fused_attention else None,
+                   load_measured_linear() if measured_linear else F.linear)
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def load_fused_attention(pdl: bool = False) -> Callable | None:
+def load_fused_attention() -> Callable | None:
     try:
-        from ssd.layers.triton_attention import FusedAttention
+        from ssd.layers.triton_attention import fused_attention
     except ImportError:
         log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
-    return FusedAttention(pdl)
+    return fused_attention
 
 
-def load_measured_linear(pdl: bool = False) -> Callable:
+def load_measured_linear() -> Callable:
     try:
         from ssd.layers.triton_linear import MeasuredLinear
     except ImportError:
         log.warning("Triton is not installed: linear layers run as F.linear")
         return F.linear
-    return MeasuredLinear(pdl)
+    return MeasuredLinear()
 
 
 EAGER = Kernels()

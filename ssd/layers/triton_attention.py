@@ -13,18 +13,12 @@ softmax under a small [T, S] mask; the committed prefix needs no mask tensor at 
 
 With few (sequence, head, row-tile) programs — batch 1 decode has 8 — one program per head would
 walk its keys serially and leave most SMs idle, so the keys are split into chunks (flash-decoding):
-each split writes its normalised partial output with its running max and sum, and the split that
-finishes last (a per-tile arrival counter) merges them — no second kernel, whose launch cost about
-as much as the merge (H200: 2.5 us per layer on a 1B draft's tree step). The tree's scratch goes
-to the last split.
-
-On Hopper and later the kernel can be launched with programmatic dependent launch (`pdl=True`): it
-is scheduled while the kernel before it drains and waits (griddepcontrol.wait) before its first
-read, and lets the next one launch once its key loop is done.
+each split writes its normalised partial output with its running max and sum, and a second small
+kernel merges the splits. The tree's scratch goes to the last split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -53,18 +47,14 @@ def _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr,
+def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr,
             sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t,
             first_slot, scratch_start, num_queries, num_heads, num_splits, qk_scale,
-            loop_lo, loop_hi, lo, hi, b, kv_head, tile, split, merge_splits,
+            loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr,
-            PDL: tl.constexpr):
+            BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr):
     """Committed keys lo..hi-1 (walked in blocks from loop_lo to loop_hi) plus, on the last split,
-    the scratch, for one row tile of one sequence and KV head (merge_splits = num_splits, a constant
-    under the interpreter)."""
-    if PDL:  # everything read below was written by earlier kernels
-        tl.extra.cuda.gdc_wait()
+    the scratch, for one row tile of one sequence and KV head."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t, head = rows // GROUP, kv_head * GROUP + rows % GROUP
     row_ok = t < num_queries
@@ -101,90 +91,67 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr
         visible = tl.load(smask_ptr + t[:, None] * sm_t + n[None, :],
                           mask=row_ok[:, None] & in_range[None, :], other=0) != 0
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     out = acc / tl.maximum(l_i, 1e-30)[:, None]   # l_i = 0: a padded row, or a split with no keys
     tl.store(o_ptr + split * so_s + b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_STATS:   # ml [2, splits, B, T, Hq]: running max (log2 units) and sum of each split
         rows_total = tl.num_programs(0) * num_queries * num_heads
-        stat = (b * num_queries + t) * num_heads + head
-        tl.store(ml_ptr + split * rows_total + stat, m_i, mask=row_ok)
-        tl.store(ml_ptr + (num_splits + split) * rows_total + stat, l_i, mask=row_ok)
-        # the last split of this tile to arrive merges: every thread's stores above are done
-        # (barrier) and published (release) before the count moves; the merger reads after acquire
-        tl.debug_barrier()
-        counter = arrivals_ptr + (b * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // num_splits) + tile
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)   # zero again for the next launch (and the next graph replay)
-            _merge_splits(o_ptr, ml_ptr, out_ptr, so_s, so_b, so_t, so_h, rows_total, stat, merge_splits,
-                          b, t, head, row_ok, HEAD_DIM, BLOCK_M)
+        stat = split * rows_total + (b * num_queries + t) * num_heads + head
+        tl.store(ml_ptr + stat, m_i, mask=row_ok)
+        tl.store(ml_ptr + num_splits * rows_total + stat, l_i, mask=row_ok)
 
 
 @triton.jit
-def _merge_splits(part_ptr, ml_ptr, out_ptr, so_s, so_b, so_t, so_h, rows_total, stat, num_splits,
-                  b, t, head, row_ok, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(m_s - max m) l_s, for one tile's rows, folded
-    one split at a time; part [splits, B, T, Hq, D] and out [B, T, Hq, D] share strides past the
-    first. Loads bypass L1 (.cg): the other splits wrote these from other SMs."""
-    d = tl.arange(0, HEAD_DIM)
-    m_run = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_run = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    row_offsets = b * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :]
-    for s in range(0, num_splits):
-        m_s = tl.load(ml_ptr + s * rows_total + stat, mask=row_ok, other=-1.0e30, cache_modifier=".cg")
-        l_s = tl.load(ml_ptr + (num_splits + s) * rows_total + stat, mask=row_ok, other=0.0, cache_modifier=".cg")
-        o_s = tl.load(part_ptr + s * so_s + row_offsets, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        keep, weight = tl.exp2(m_run - m_new), tl.exp2(m_s - m_new) * l_s
-        acc = acc * keep[:, None] + weight[:, None] * o_s
-        l_run = l_run * keep + weight
-        m_run = m_new
-    out = acc / tl.maximum(l_run, 1e-30)[:, None]
-    tl.store(out_ptr + row_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr, end_ptr, smask_ptr,
-                      cos_ptr, sin_ptr,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr, cos_ptr, sin_ptr,
                       sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t,
                       first_slot, scratch_start, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr, WRITE_STATS: tl.constexpr,
-                      ROTATE: tl.constexpr, PDL: tl.constexpr):
+                      ROTATE: tl.constexpr):
     """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the device)."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr,
-            sq_b, sq_t, sq_h, sk_s,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
             sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t, first_slot, scratch_start, num_queries,
             num_heads, num_splits,
-            qk_scale, lo, hi, lo, hi, b, kv_head, tile, split, num_splits,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE, PDL)
+            qk_scale, lo, hi, lo, hi, b, kv_head, tile, split,
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE)
 
 
 @triton.jit
-def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr, end_ptr,
-                                  smask_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
+def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, smask_ptr, cos_ptr,
+                                  sin_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t,
                                   sc_b, sc_t, first_slot, scratch_start, num_queries, num_heads, num_splits, chunk,
                                   attend_len, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SCRATCH: tl.constexpr,
-                                  WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, PDL: tl.constexpr,
-                                  KEYS: tl.constexpr, SPLITS: tl.constexpr):
+                                  WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, KEYS: tl.constexpr):
     """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
-    whole bucket (a constant) and masks what is not its chunk — the same result; the merge loops
-    to SPLITS (= num_splits)."""
+    whole bucket (a constant) and masks what is not its chunk — the same result."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, out_ptr, arrivals_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr,
-            sq_b, sq_t, sq_h, sk_s,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, smask_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
             sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sm_t, sc_b, sc_t, first_slot, scratch_start, num_queries,
             num_heads, num_splits,
-            qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split, SPLITS,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE, PDL)
+            qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split,
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_SCRATCH, WRITE_STATS, ROTATE)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, rows_total,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """out[r] = sum_s w_s o_s / sum_s w_s with w_s = 2^(m_s - max m) l_s; part [splits, rows, D]."""
+    r = tl.program_id(0)
+    s = tl.arange(0, SPLITS_POW2)
+    ok = s < SPLITS
+    m = tl.load(ml_ptr + s * rows_total + r, mask=ok, other=float("-inf"))
+    l_s = tl.load(ml_ptr + (SPLITS + s) * rows_total + r, mask=ok, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0)) * l_s
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_ptr + (s[:, None] * rows_total + r) * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + r * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @lru_cache(maxsize=None)
@@ -219,16 +186,13 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     keys_end: torch.Tensor, first_slot: int, attend_len: int, scale: float,
                     scratch_start: int = 0, scratch_mask: torch.Tensor | None = None,
                     splits: int | None = None, tiling: Tiling | None = None,
-                    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    arrivals: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+                    rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer);
     scratch_mask [T, S] bool: it also sees scratch entry scratch_start + s where set; splits: key
     splits (default: choose_splits); tiling: default Tiling.default; rope: (cos, sin) [B, T, 1, D/2]
-    float32 when q is not rotated yet (the kernel rotates it); arrivals: int32 zeros, at least one
-    per (sequence, KV head, row tile), left zeroed (default: allocated here); pdl: launch with
-    programmatic dependent launch (CUDA, Hopper+). Returns [B, T, Hq * D]."""
+    float32 when q is not rotated yet (the kernel rotates it). Returns [B, T, Hq * D]."""
     batch, queries, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -244,38 +208,23 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         part = torch.empty((splits, batch, queries, heads, dim), dtype=torch.float32, device=q.device)
         stats = torch.empty((2, splits, batch, queries, heads), dtype=torch.float32, device=q.device)
-        if arrivals is None or arrivals.numel() < batch * kv_heads * tiles:
-            arrivals = torch.zeros(batch * kv_heads * tiles, dtype=torch.int32, device=q.device)
     else:
-        part, stats, arrivals = out[None], out, out   # written directly; stats and arrivals unused
+        part, stats = out[None], out   # written directly; stats unused
     has_scratch = scratch_mask is not None
     smask = scratch_mask.view(torch.uint8) if has_scratch else limit  # any pointer when unused
-    kernel, extra = (_attention_kernel, {"launch_pdl": pdl}) if q.is_cuda else \
-        (_attention_kernel_interpreted, {"KEYS": attend_len, "SPLITS": splits})
+    kernel, extra = (_attention_kernel, {}) if q.is_cuda else (_attention_kernel_interpreted, {"KEYS": attend_len})
     cos, sin = (t.contiguous() for t in rope) if rope is not None else (limit, limit)  # any pointer when unused
     kernel[(batch, kv_heads, tiles * splits)](
-        q, k_cache, v_cache, part, stats, out, arrivals, limit, keys_end, smask, cos, sin,
+        q, k_cache, v_cache, part, stats, limit, keys_end, smask, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0),
         smask.stride(0) if has_scratch else 0, cos.stride(0), cos.stride(1), first_slot, scratch_start, queries,
         heads, splits, chunk, attend_len, scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m,
         BLOCK_N=block_n, NUM_SCRATCH=scratch_mask.shape[-1] if has_scratch else 0, WRITE_STATS=splits > 1,
-        ROTATE=rope is not None, PDL=pdl and q.is_cuda,
+        ROTATE=rope is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **extra)
+    if splits > 1:
+        rows_total = batch * queries * heads
+        _merge_splits_kernel[(rows_total,)](part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits,
+                                            SPLITS_POW2=triton.next_power_of_2(splits))
     return out.view(batch, queries, heads * dim)
-
-
-ARRIVAL_COUNTERS = 1 << 14   # (sequence, KV head, row tile) triples: 16 x 8 x 6 at a B=16 tree step is 768
-
-
-@dataclass
-class FusedAttention:
-    """fused_attention with its split-arrival counters kept allocated (and zeroed by the kernel
-    itself) across calls, so a captured graph needs no memset; one per model."""
-    pdl: bool = False
-    counters: dict = field(default_factory=dict)   # device -> int32 [ARRIVAL_COUNTERS]
-
-    def __call__(self, q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if q.device not in self.counters:
-            self.counters[q.device] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=q.device)
-        return fused_attention(q, *args, arrivals=self.counters[q.device], pdl=self.pdl and q.is_cuda, **kwargs)

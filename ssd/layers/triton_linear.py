@@ -32,13 +32,9 @@ MAX_ROWS = 64
 
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, sx_m, sw_n, sy_m, K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] over all K (x is re-read from L2 by every program).
-    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs.
-    PDL (launched with programmatic dependent launch): wait for the kernel before to finish before
-    the first read; let the next one launch once the loop is done."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -49,8 +45,6 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, sx_m, sw_n, sy_m, K: tl.con
         x = tl.load(x_ptr + rm[:, None] * sx_m + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * sw_n + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -67,9 +61,8 @@ CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256
               SkinnyTiling(16, 512, 4, 3))
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling, pdl: bool = False) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows in all), weight [N, K] -> [..., N]; no bias. pdl: launch with
-    programmatic dependent launch (CUDA, Hopper+)."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows in all), weight [N, K] -> [..., N]; no bias."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -81,16 +74,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling, p
     _skinny_matmul_kernel[(triton.cdiv(n, tiling.block_n),)](
         x2, weight, y, rows, n, x2.stride(0), weight.stride(0), y.stride(0), K=k,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        PDL=pdl, num_warps=tiling.num_warps, num_stages=tiling.num_stages, **({"launch_pdl": True} if pdl else {}))
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return y.view(*lead, n)
 
 
 @dataclass
 class MeasuredLinear:
     """F.linear, or the Triton kernel where it measured faster for this (rows, N, K, dtype). One per
-    model (the choices are its own); on CPU and for wide inputs it is F.linear. pdl: the Triton kernel
-    launches with programmatic dependent launch (and is measured so)."""
-    pdl: bool = False
+    model (the choices are its own); on CPU and for wide inputs it is F.linear."""
     choices: dict[tuple, SkinnyTiling | None] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,19 +95,20 @@ class MeasuredLinear:
                 return F.linear(x, weight)
             self.choices[key] = self.measure(x, weight)
         tiling = self.choices[key]
-        return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling, self.pdl)
+        return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling)
 
-    def measure(self, x: torch.Tensor, weight: torch.Tensor) -> SkinnyTiling | None:
+    @staticmethod
+    def measure(x: torch.Tensor, weight: torch.Tensor) -> SkinnyTiling | None:
         reference = F.linear(x, weight).float()
         tolerance = 1e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding of differently ordered sums
         times = {None: time_us(lambda: F.linear(x, weight))}
         for tiling in CANDIDATES:
             try:
-                wrong = (skinny_linear(x, weight, tiling, self.pdl).float() - reference).abs().max().item() > tolerance
+                wrong = (skinny_linear(x, weight, tiling).float() - reference).abs().max().item() > tolerance
                 if wrong:  # a safety net: the interpreter tests pin the math
                     log.warning("skinny tiling %s disagrees with F.linear at %s: not used", tiling, tuple(weight.shape))
                     continue
-                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling, self.pdl))
+                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling))
             except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
                 log.debug("skinny tiling %s failed at %s: %s", tiling, tuple(weight.shape), exc)
         best = min(times, key=times.get)
