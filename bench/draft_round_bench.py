@@ -110,6 +110,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     fork_graph = check_fork_graph(tree, batch, logits, window, runner.attend_bucket(max_length + k))
     horizon = runner.attend_bucket(max_length + 2 * k + 1)
     sampled = sampling_for(batch, device, top_p=0.9)
+    temperature_only = sampling_for(batch, device, top_p=1.0)
 
     def branches(sampling):
         if tree.graphs is not None:
@@ -120,6 +121,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         "fork": lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width),
         "branch_decode": lambda: branches(None),
         "branch_decode_filtered": lambda: branches(sampled),
+        "branch_decode_temperature_only": lambda: branches(temperature_only),
     }
     parts = {
         "window_forward_ms": event_ms(calls["window_forward"], warmup, iters),
@@ -128,6 +130,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
                                       warmup, iters)} if fork_graph is not None else {}),
         "branch_decode_ms": event_ms(calls["branch_decode"], warmup, iters),
         "branch_decode_sampled_ms": event_ms(calls["branch_decode_filtered"], warmup, iters),
+        "branch_decode_temperature_only_ms": event_ms(calls["branch_decode_temperature_only"], warmup, iters),
     }
     graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
     kernel_tables = {name: profile_kernels(fn) for name, fn in calls.items()} if kernels else {}

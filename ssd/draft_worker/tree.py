@@ -116,6 +116,10 @@ class TreeBuilder:
         self.masks = [shape.scratch_mask(d, device) for d in range(shape.k)]
         self.fanout_hit = torch.tensor(shape.fanout_hit, device=device)
         self.fanout_miss = torch.tensor(shape.fanout_miss, device=device)
+        # on the graph path the sampled step's full-vocabulary passes (temperature, filters, softmax,
+        # Saguaro rescale, the write into the cache's probs) run as a few fused kernels
+        self.distribution = torch.compile(branch_distribution) if runner.cfg.use_cuda_graphs and runner.cfg.compile \
+            else branch_distribution
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
 
@@ -174,19 +178,19 @@ class TreeBuilder:
             positions = prefix_limit + 1 + depth
             tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth])
             logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
-            current, p = self.pick(logits, positions + 1, sampling, depth)
+            current, p = self.pick(logits, positions + 1, sampling, depth,
+                                   probs_out[:, :, depth] if probs_out is not None else None)
             tokens.append(current)
-            if p is not None and probs_out is not None:
-                probs_out[:, :, depth].copy_(p)
-            elif p is not None:
+            if p is not None and probs_out is None:
                 probs.append(p)
         if sampling is None or sampling.all_greedy:  # as in pick()
             return torch.stack(tokens, 2), None
         return torch.stack(tokens, 2), probs_out if probs_out is not None else torch.stack(probs, 2)
 
-    def pick(self, logits, counter, sampling, depth):
+    def pick(self, logits, counter, sampling, depth, out: torch.Tensor | None = None):
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
-        distribution, counter = the token's position (same stream a backup would use there)."""
+        distribution, counter = the token's position (same stream a backup would use there); the
+        distribution is written to out [B, N, V] when given."""
         if sampling is None or sampling.all_greedy:
             return greedy_tokens(logits), None
         batch, n, vocab = logits.shape
@@ -194,10 +198,18 @@ class TreeBuilder:
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
         # the cache will fork at that position with the hit list's F_m (a device tensor: an online
         # re-fit rewrites it in place, and captured graphs read the new value)
-        q = draft_distribution(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth], self.c,
-                               max_f=self.shape.num_branches)
+        q = self.distribution(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth], self.c,
+                              self.shape.num_branches, out).view(batch * n, vocab)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
+
+
+def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,
+                        out: torch.Tensor | None) -> torch.Tensor:
+    """draft_distribution of logits [B*N, V], written into out [B, N, V] when given (a slice of a
+    graph's static probs buffer; compiled, the last pass stores there directly)."""
+    q = draft_distribution(logits, sampling, top_f, c, max_f)
+    return q if out is None else out.copy_(q.view(out.shape))
 
 
 class BranchGraphs:

@@ -2,9 +2,10 @@
 
 A single argmax over [rows, V] with few rows (the draft's tree step at batch 1 has 21) runs one
 block per row and leaves the GPU idle: on an H200 it took ~33 us per step over 128k logits. Taking
-the largest of each of ~256 chunks first spreads the work over rows x chunks blocks (with many
-rows one pass is faster). Ties resolve as torch.argmax does (the first largest): the first chunk
-holding the maximum, its first index."""
+the largest of each chunk of the row first spreads the work over rows x chunks blocks. On CUDA that
+is one Triton kernel (ssd.engine.triton_sampling.chunked_argmax, sized to the GPU); elsewhere two
+PyTorch reductions below FEW_ROWS rows, one above. Ties resolve as torch.argmax does (the first
+largest): the first chunk holding the maximum, its first index."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -23,6 +24,9 @@ def vocab_chunks(vocab: int) -> int:
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the last dim: [..., V] -> [...] int64."""
+    fused = _triton_argmax() if logits.is_cuda and logits.is_floating_point() else None
+    if fused is not None:
+        return fused(logits)
     vocab = logits.shape[-1]
     chunks = vocab_chunks(vocab)
     if chunks == 1 or logits.numel() >= FEW_ROWS * vocab:
@@ -32,3 +36,12 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     chunk = best.argmax(-1, keepdim=True)                                 # [R, 1]
     token = chunk * (vocab // chunks) + index.gather(1, chunk)
     return token.view(lead)
+
+
+@lru_cache(maxsize=None)
+def _triton_argmax():
+    try:
+        from ssd.engine.triton_sampling import chunked_argmax
+    except ImportError:  # no Triton: the PyTorch reductions
+        return None
+    return chunked_argmax

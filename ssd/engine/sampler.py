@@ -161,8 +161,9 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
-    one_hot = torch.zeros_like(logits)
-    return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    # a comparison, not a scatter into zeros: elementwise, so torch.compile fuses it with the softmax
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    return (vocab == logits.argmax(dim=-1, keepdim=True)).to(logits.dtype)
 
 
 def probs_from_logits(logits: torch.Tensor, st: SamplingTensors, candidates: int | None = None) -> torch.Tensor:

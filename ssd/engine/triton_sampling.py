@@ -1,10 +1,14 @@
-"""The exponential race of `sample_from_weights` as one Triton kernel.
+"""Token choice over the vocabulary in Triton: the exponential race of `sample_from_weights`, and
+the greedy argmax (the same kernel without the random numbers).
 
 In PyTorch the race draws one counter-hashed uniform per (row, vocabulary entry) through ~20
 elementwise int64 kernels, each a full pass over [rows, V]: at the draft's tree step with B = 16
 (336 rows x 128k entries) that was ~18 ms of a 80 ms sampled round on an H200. Here one program
 per row walks its weights once, hashing in registers (uint32 arithmetic is the same function as
-the int64-emulated mod-2**32 one of ssd.engine.random), and keeps the running best score.
+the int64-emulated mod-2**32 one of ssd.engine.random), and keeps the running best score. Rows
+are cut into column chunks, one program each, so that a few rows still fill the GPU; a second
+small kernel takes each row's best chunk (H200, 21 rows x 128k: the race took ~126 us per tree step
+in one program per row).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import triton.language as tl
 from ssd.engine.random import _GOLDEN32, _UNIFORM_BITS, _row_hash
 
 BLOCK_V = 2048
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -28,40 +33,90 @@ def _mix32(x):
 
 
 @triton.jit
-def _exponential_race_kernel(w_ptr, state_ptr, out_ptr, sw_r, V: tl.constexpr, GOLDEN: tl.constexpr,
-                             SHIFT: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[r] = argmax_i w[r, i] / E[r, i], E = -log(u), u from (row state, column i); first on ties."""
-    row = tl.program_id(0)
-    state = tl.load(state_ptr + row).to(tl.uint32)
-    best_score = tl.full((), -1.0, tl.float32)
+def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.constexpr, CHUNK: tl.constexpr,
+                       GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                       RACE: tl.constexpr):
+    """Program (r, c): the best w[r, i] / E[r, i] over columns c*CHUNK .. (c+1)*CHUNK - 1 (E = -log u,
+    u from (row state, column i)) and its column, the first on ties, into score / index [R, C].
+    RACE False: the best w[r, i] itself (an argmax; state unused)."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    best_score = tl.full((), -1.0 if RACE else float("-inf"), tl.float32)
     best_index = tl.full((), 0, tl.int64)
-    for start in range(0, V, BLOCK):
+    for offset in range(0, CHUNK, BLOCK):
+        start = chunk * CHUNK + offset
         cols = start + tl.arange(0, BLOCK)
         ok = cols < V
-        w = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=0.0)
-        key = _mix32(cols.to(tl.uint32) * GOLDEN)
-        bits = _mix32(state ^ key) >> SHIFT
-        uniform = (bits * 2 + 1).to(tl.float32) * SCALE
-        score = tl.where(ok, w / -tl.log(uniform), -1.0)
+        if RACE:
+            state = tl.load(state_ptr + row).to(tl.uint32)
+            w = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=0.0)
+            key = _mix32(cols.to(tl.uint32) * GOLDEN)
+            bits = _mix32(state ^ key) >> SHIFT
+            uniform = (bits * 2 + 1).to(tl.float32) * SCALE
+            score = tl.where(ok, w / -tl.log(uniform), -1.0)
+        else:
+            score = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=float("-inf")).to(tl.float32)
         block_best = tl.max(score, 0)
         block_index = tl.argmax(score, 0, tie_break_left=True).to(tl.int64) + start
         better = block_best > best_score          # strictly: an earlier block keeps a tie
         best_index = tl.where(better, block_index, best_index)
         best_score = tl.where(better, block_best, best_score)
-    tl.store(out_ptr + row, best_index)
+    slot = row * tl.num_programs(1) + chunk
+    tl.store(score_ptr + slot, best_score)
+    tl.store(index_ptr + slot, best_index)
 
 
-def exponential_race(weights: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, salt: int) -> torch.Tensor:
+@triton.jit
+def _race_pick_kernel(score_ptr, index_ptr, out_ptr, CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """out[r] = the index of row r's best chunk, the first chunk on ties (so the first column overall)."""
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS_POW2)
+    score = tl.load(score_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+    best = tl.argmax(score, 0, tie_break_left=True)
+    tl.store(out_ptr + row, tl.load(index_ptr + row * CHUNKS + best))
+
+
+def race_chunks(rows: int, blocks: int, device: torch.device) -> int:
+    """Column chunks per row: enough (row, chunk) programs to fill the GPU about PROGRAMS_PER_SM deep.
+    One program per row left most SMs idle at the draft's B=1 tree step (21 rows: ~126 us on an H200)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * sms, rows)))
+
+
+def exponential_race(weights: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, salt: int,
+                     chunks: int | None = None) -> torch.Tensor:
     """As ssd.engine.sampler.sample_from_weights: weights [..., V] >= 0; seed, counter broadcast to
-    weights.shape[:-1]. Returns int64 [...]."""
+    weights.shape[:-1]; chunks: column chunks per row (default race_chunks). Returns int64 [...]."""
     lead, vocab = weights.shape[:-1], weights.shape[-1]
     seed, counter = torch.broadcast_tensors(seed.long(), counter.long())
     state = _row_hash(seed.expand(lead), counter.expand(lead), salt).reshape(-1).contiguous()
     w = weights.reshape(-1, vocab).float()
     if w.stride(-1) != 1:
         w = w.contiguous()
-    out = torch.empty(w.shape[0], dtype=torch.int64, device=weights.device)
-    _exponential_race_kernel[(w.shape[0],)](
-        w, state, out, w.stride(0), V=vocab, GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS,
-        SCALE=2.0 ** -(_UNIFORM_BITS + 1), BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)))
-    return out.view(lead)
+    return _best_per_row(w, state, chunks, race=True).view(lead)
+
+
+def chunked_argmax(logits: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
+    """logits.argmax(-1) (the first largest; floating dtypes, no NaN): [..., V] -> int64 [...]."""
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, vocab)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _best_per_row(x, x, chunks, race=False).view(lead)
+
+
+def _best_per_row(w: torch.Tensor, state: torch.Tensor, chunks: int | None, race: bool) -> torch.Tensor:
+    """Per row of w [R, V] (unit column stride): the first column of the best score, in (row, chunk)
+    programs and a pick over each row's chunks. state [R] uint32-valued (race only)."""
+    (rows, vocab), block = w.shape, min(BLOCK_V, triton.next_power_of_2(w.shape[1]))
+    blocks = triton.cdiv(vocab, block)
+    chunks = min(chunks or race_chunks(rows, blocks, w.device), blocks)
+    chunk = triton.cdiv(blocks, chunks) * block
+    chunks = triton.cdiv(vocab, chunk)
+    score = torch.empty((rows, chunks), dtype=torch.float32, device=w.device)
+    index = torch.empty((rows, chunks), dtype=torch.int64, device=w.device)
+    _race_chunk_kernel[(rows, chunks)](
+        w, state, score, index, w.stride(0), V=vocab, CHUNK=chunk, GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS,
+        SCALE=2.0 ** -(_UNIFORM_BITS + 1), BLOCK=block, RACE=race)
+    out = torch.empty(rows, dtype=torch.int64, device=w.device)
+    _race_pick_kernel[(rows,)](score, index, out, CHUNKS=chunks, CHUNKS_POW2=triton.next_power_of_2(chunks))
+    return out
