@@ -2,7 +2,8 @@
 # Measurements on ONE H200 (random weights at the real shapes; speculative arms replay the "code"
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
-# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART   (PART: draft | kernels | attention | profile | llama | qwen | coordinator)
+# Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
+#   (PART: draft | kernels | attention | round | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -35,6 +36,13 @@ case $part in
            timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \
              --out "$out/decode_profile_llama8b.json" >> "$log" 2>&1
            grep -E "attention_kernel_bench|draft_round_bench|roofline|agree|Error|error" "$log" | cut -c1-400 ;;
+  round)   # the draft round at B = 1 and 16, both drafts, with kernel tables for the 1B one
+           timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 --kernels \
+             --out "$out/draft_round_llama1b.json" > "$out/round_llama.log" 2>&1
+           grep -E "batch|Error|error" "$out/round_llama.log" | cut -c1-700
+           timeout 200 python bench/draft_round_bench.py --preset qwen3-0.6b --k 6 --f 3 --batches 1 16 \
+             --out "$out/draft_round_qwen06b.json" > "$out/round_qwen.log" 2>&1
+           grep -E "batch|Error|error" "$out/round_qwen.log" | cut -c1-700 ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
