@@ -38,16 +38,20 @@ def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.const
                        RACE: tl.constexpr):
     """Program (r, c): the best w[r, i] / E[r, i] over columns c*CHUNK .. (c+1)*CHUNK - 1 (E = -log u,
     u from (row state, column i)) and its column, the first on ties, into score / index [R, C].
-    RACE False: the best w[r, i] itself (an argmax; state unused)."""
+    RACE False: the best w[r, i] itself (an argmax; state unused). Each lane keeps its own best
+    (the earliest on ties: columns come in order) and the lanes are reduced once at the end: a
+    reduction per block made the loop latency-bound (H200, 336 rows: 1.5 TB/s)."""
     row, chunk = tl.program_id(0), tl.program_id(1)
-    best_score = tl.full((), -1.0 if RACE else float("-inf"), tl.float32)
-    best_index = tl.full((), 0, tl.int64)
+    lane = tl.arange(0, BLOCK)
+    best_score = tl.full((BLOCK,), -1.0 if RACE else float("-inf"), tl.float32)
+    best_index = chunk * CHUNK + lane
+    if RACE:
+        state = tl.load(state_ptr + row).to(tl.uint32)
     for offset in range(0, CHUNK, BLOCK):
         start = chunk * CHUNK + offset
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + lane
         ok = cols < V
         if RACE:
-            state = tl.load(state_ptr + row).to(tl.uint32)
             w = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=0.0)
             key = _mix32(cols.to(tl.uint32) * GOLDEN)
             bits = _mix32(state ^ key) >> SHIFT
@@ -55,14 +59,14 @@ def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.const
             score = tl.where(ok, w / -tl.log(uniform), -1.0)
         else:
             score = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        block_best = tl.max(score, 0)
-        block_index = tl.argmax(score, 0, tie_break_left=True).to(tl.int64) + start
-        better = block_best > best_score          # strictly: an earlier block keeps a tie
-        best_index = tl.where(better, block_index, best_index)
-        best_score = tl.where(better, block_best, best_score)
+        better = score > best_score               # strictly: an earlier column keeps a tie
+        best_index = tl.where(better, cols, best_index)
+        best_score = tl.where(better, score, best_score)
+    top = tl.max(best_score, 0)
+    first = tl.min(tl.where(best_score == top, best_index, CHUNK * tl.num_programs(1) + BLOCK), 0)
     slot = row * tl.num_programs(1) + chunk
-    tl.store(score_ptr + slot, best_score)
-    tl.store(index_ptr + slot, best_index)
+    tl.store(score_ptr + slot, top)
+    tl.store(index_ptr + slot, first.to(tl.int64))
 
 
 @triton.jit
