@@ -169,6 +169,18 @@ def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
         result[name] = {"tokens_equal": bool(torch.equal(eager_tokens, graph_tokens)),
                         "max_abs_prob_diff": None if eager_probs is None else
                         float((eager_probs - graph_probs).abs().max())}
+    if tree.temperature_sample is not None:   # the Triton temperature path against the compiled PyTorch one
+        kernel_tokens, kernel_probs = tree.graphs.replay(guess, lengths, temperature_only := sampling_for(
+            guess.shape[0], guess.device, 1.0), horizon)
+        kernel_tokens, kernel_probs = kernel_tokens.clone(), kernel_probs.clone()
+        saved, tree.temperature_sample = tree.temperature_sample, None
+        try:
+            torch_tokens, torch_probs = tree.decode_branches(guess, lengths, temperature_only, horizon - 1)
+        finally:
+            tree.temperature_sample = saved
+        result["temperature_kernel_vs_pytorch"] = {
+            "token_agreement": float((kernel_tokens == torch_tokens).float().mean()),
+            "max_abs_prob_diff": float((kernel_probs - torch_probs).abs().max())}
     return result
 
 

@@ -120,6 +120,9 @@ class TreeBuilder:
         # Saguaro rescale, the write into the cache's probs) run as a few fused kernels
         self.distribution = torch.compile(branch_distribution) if runner.cfg.use_cuda_graphs and runner.cfg.compile \
             else branch_distribution
+        # temperature only (no top-k / top-p, C = 1): distribution and draw in three chunked kernels
+        self.temperature_sample = load_temperature_sample() if runner.device.type == "cuda" and saguaro_c >= 1.0 \
+            else None
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
 
@@ -195,6 +198,11 @@ class TreeBuilder:
             return greedy_tokens(logits), None
         batch, n, vocab = logits.shape
         rows = sampling.select_rows(torch.arange(batch, device=logits.device).repeat_interleave(n))
+        if self.temperature_sample is not None and not sampling.apply_filters:
+            token, q = self.temperature_sample(logits.reshape(batch * n, vocab), rows.temperature, rows.seed,
+                                               counter.reshape(-1), RandomStream.DRAFT,
+                                               out.view(batch * n, vocab) if out is not None else None)
+            return token.view(batch, n), q.view(batch, n, vocab)
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
         # the cache will fork at that position with the hit list's F_m (a device tensor: an online
         # re-fit rewrites it in place, and captured graphs read the new value)
@@ -202,6 +210,14 @@ class TreeBuilder:
                               self.shape.num_branches, out).view(batch * n, vocab)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
+
+
+def load_temperature_sample():
+    try:
+        from ssd.engine.triton_temperature_sampling import temperature_sample
+    except ImportError:  # no Triton: the compiled PyTorch path
+        return None
+    return temperature_sample
 
 
 def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,

@@ -1,0 +1,53 @@
+"""Temperature sampling in chunked Triton kernels (run here under Triton's CPU interpreter): q is
+softmax(logits / T) (one-hot argmax on greedy rows) and the token is what the exponential race of
+sample_from_weights draws from that q."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssd.engine.random import RandomStream  # noqa: E402
+from ssd.engine.sampler import sample_from_weights  # noqa: E402
+from ssd.engine.triton_temperature_sampling import temperature_sample  # noqa: E402
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distribution_and_draw(chunks, dtype):
+    g = torch.Generator().manual_seed(7)
+    vocab = 5000
+    logits = (torch.randn(5, vocab, generator=g) * 4).to(dtype)
+    logits[3, [10, 4000]] = 30.0                                    # a greedy row with a tie: the first wins
+    temperature = torch.tensor([1.0, 0.5, 1.7, 0.0, 0.9])
+    seed, counter = torch.tensor([1, 2, 3, 4, 2**40]), torch.tensor([9, 9, 10, 11, 2**33])
+    tokens, q = temperature_sample(logits, temperature, seed, counter, RandomStream.DRAFT, chunks=chunks)
+    scaled = logits.float() / torch.where(temperature < 1e-5, 1.0, temperature)[:, None]
+    expected = scaled.softmax(-1)
+    expected[3] = torch.nn.functional.one_hot(logits[3].float().argmax(), vocab).float()
+    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(tokens, sample_from_weights(q, seed, counter, RandomStream.DRAFT))
+    assert int(tokens[3]) == 10
+
+
+def test_writes_into_strided_rows_of_a_larger_buffer():
+    """As the tree writes into its graph's probs buffer [B, N, K, V] at one depth."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2 * 3, 700, generator=g)
+    buffer = torch.full((2, 3, 4, 700), -1.0)
+    out = buffer[:, :, 2].view(6, 700)
+    temperature, seed, counter = torch.full((6,), 0.8), torch.arange(6), torch.full((6,), 5)
+    tokens, q = temperature_sample(logits, temperature, seed, counter, RandomStream.DRAFT, out=out)
+    assert q.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(buffer[:, :, 2].reshape(6, 700), (logits / 0.8).softmax(-1), rtol=1e-5, atol=1e-7)
+    assert (buffer[:, :, [0, 1, 3]] == -1.0).all()                  # the other depths untouched
+    assert torch.equal(tokens, sample_from_weights(out, seed, counter, RandomStream.DRAFT))
+
+
+def test_draws_follow_the_distribution():
+    """Many counters of one row: empirical frequencies match softmax(logits / T) (TV < 0.05)."""
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]]).expand(1500, 4)
+    tokens, _ = temperature_sample(logits, torch.full((1500,), 0.7), torch.full((1500,), 3), torch.arange(1500),
+                                   RandomStream.SAMPLE)
+    expected = (logits[0] / 0.7).softmax(-1)
+    frequency = torch.bincount(tokens, minlength=4).float() / 1500
+    assert 0.5 * (frequency - expected).abs().sum() < 0.05
