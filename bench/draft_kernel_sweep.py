@@ -144,6 +144,34 @@ def argmax_sweep(calls: int) -> list[dict]:
     return rows
 
 
+def sampling_sweep(calls: int) -> list[dict]:
+    """The chunked token-choice kernels (ssd.engine.triton_sampling / triton_temperature_sampling) per
+    column-chunk count: argmax, the race, temperature sampling; each checked against one chunk."""
+    from ssd.engine import triton_sampling, triton_temperature_sampling
+    rows = []
+    for where, m in ROWS.items():
+        logits = torch.randn(m, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
+        weights = logits.float().softmax(-1)
+        seed, counter = torch.arange(m, device="cuda"), torch.full((m,), 7, device="cuda")
+        temperature = torch.full((m,), 0.8, device="cuda")
+        out = torch.empty(m, VOCAB, device="cuda")
+        kernels = {"argmax": lambda c: triton_sampling.chunked_argmax(logits, c),
+                   "race": lambda c: triton_sampling.exponential_race(weights, seed, counter, 3, c),
+                   "temperature": lambda c: triton_temperature_sampling.temperature_sample(
+                       logits, temperature, seed, counter, 3, out, c)[0]}
+        blocks = -(-VOCAB // triton_sampling.BLOCK_V)
+        default = triton_sampling.race_chunks(m, blocks, logits.device)
+        for name, fn in kernels.items():
+            reference = fn(1).clone()
+            for chunks in sorted({1, 2, 4, 8, 16, 32, 63, default}):
+                result = guarded(f"{name} chunks={chunks}", lambda: {
+                    "us": graph_us(lambda: fn(chunks), calls), "equal_to_one_chunk": bool(torch.equal(fn(chunks), reference))})
+                rows.append({"kernel": name, "where": where, "rows": m, "chunks": chunks, "default": chunks == default,
+                             **result})
+            log.info("%s m=%d %s", name, m, [(r["chunks"], r.get("us")) for r in rows if r["kernel"] == name and r["rows"] == m])
+    return rows
+
+
 def elementwise_inputs(m: int, attend_len: int) -> dict[str, tuple]:
     device, dtype = torch.device("cuda"), torch.bfloat16
     batch = 16 if m > 21 else 1
@@ -182,7 +210,7 @@ def elementwise_sweep(calls: int, attend_len: int) -> list[dict]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
-                        choices=("attention", "gemm", "argmax", "elementwise", "autotune"),
+                        choices=("attention", "gemm", "argmax", "elementwise", "autotune", "sampling"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling)")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--context", type=int, default=512)
@@ -193,7 +221,8 @@ def main(argv: list[str]) -> int:
     torch._dynamo.config.cache_size_limit = 256
     parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
-             "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len)}
+             "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
+             "sampling": lambda: sampling_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
     with torch.inference_mode():

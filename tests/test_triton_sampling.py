@@ -16,7 +16,7 @@ def test_same_tokens_as_the_torch_race(vocab, salt):
     g = torch.Generator().manual_seed(vocab)
     weights = torch.rand(6, vocab, generator=g) ** 4
     weights[0, : vocab // 2] = 0.0                        # zero weight is never drawn
-    seed = torch.tensor([0, 1, 2, 2**40 + 3, 7, 7])
+    seed = torch.tensor([0, 1, 2, 2**40 + 3, -(2**62) + 5, 7])   # high words, a negative seed
     counter = torch.tensor([5, 5, 9, 0, 2**33, 11])
     expected = sample_from_weights(weights, seed, counter, salt)
     assert torch.equal(exponential_race(weights, seed, counter, salt), expected)
