@@ -35,6 +35,13 @@ def _mix32(x):
 
 
 @triton.jit
+def _race_score(w, state, cols, ok, GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr):
+    """w / E with E = -log u, u the uniform hashed from (row state, column); -1 past the row's end."""
+    bits = _mix32(state ^ _mix32(cols.to(tl.uint32) * GOLDEN)) >> SHIFT
+    return tl.where(ok, w / -tl.log((bits * 2 + 1).to(tl.float32) * SCALE), -1.0)
+
+
+@triton.jit
 def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.constexpr, CHUNK: tl.constexpr,
                        GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
                        RACE: tl.constexpr):
@@ -55,10 +62,7 @@ def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.const
         ok = cols < V
         if RACE:
             w = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=0.0)
-            key = _mix32(cols.to(tl.uint32) * GOLDEN)
-            bits = _mix32(state ^ key) >> SHIFT
-            uniform = (bits * 2 + 1).to(tl.float32) * SCALE
-            score = tl.where(ok, w / -tl.log(uniform), -1.0)
+            score = _race_score(w, state, cols, ok, GOLDEN, SHIFT, SCALE)
         else:
             score = tl.load(w_ptr + row * sw_r + cols, mask=ok, other=float("-inf")).to(tl.float32)
         better = score > best_score               # strictly: an earlier column keeps a tie

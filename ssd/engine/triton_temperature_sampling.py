@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ssd.engine.random import _GOLDEN32, _UNIFORM_BITS, _row_hash
-from ssd.engine.triton_sampling import BLOCK_V, _mix32, _race_pick_kernel, race_chunks
+from ssd.engine.triton_sampling import BLOCK_V, _race_pick_kernel, _race_score, race_chunks
 from ssd.sampling_params import GREEDY_TEMPERATURE_EPS
 
 
@@ -81,8 +81,7 @@ def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, state_ptr, q_ptr, score_ptr,
         v, greedy = _scaled(x_ptr, t_ptr, row, sx_r, cols, ok, EPS)
         q = tl.where(greedy, (cols == argmax).to(tl.float32), tl.exp(v - top) / total)
         tl.store(q_ptr + row * sq_r + cols, q, mask=ok)
-        bits = _mix32(state ^ _mix32(cols.to(tl.uint32) * GOLDEN)) >> SHIFT
-        score = tl.where(ok, q / -tl.log((bits * 2 + 1).to(tl.float32) * SCALE), -1.0)
+        score = _race_score(q, state, cols, ok, GOLDEN, SHIFT, SCALE)
         better = score > best_score
         best_index = tl.where(better, cols, best_index)
         best_score = tl.where(better, score, best_score)
