@@ -197,12 +197,13 @@ class TreeBuilder:
         if sampling is None or sampling.all_greedy:
             return greedy_tokens(logits), None
         batch, n, vocab = logits.shape
-        rows = sampling.select_rows(torch.arange(batch, device=logits.device).repeat_interleave(n))
+        sequence = torch.arange(batch, device=logits.device).repeat_interleave(n)   # each branch's row
         if self.temperature_sample is not None and not sampling.apply_filters:
-            token, q = self.temperature_sample(logits.reshape(batch * n, vocab), rows.temperature, rows.seed,
-                                               counter.reshape(-1), RandomStream.DRAFT,
+            token, q = self.temperature_sample(logits.reshape(batch * n, vocab), sampling.temperature[sequence],
+                                               sampling.seed[sequence], counter.reshape(-1), RandomStream.DRAFT,
                                                out.view(batch * n, vocab) if out is not None else None)
             return token.view(batch, n), q.view(batch, n, vocab)
+        rows = sampling.select_rows(sequence)
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
         # the cache will fork at that position with the hit list's F_m (a device tensor: an online
         # re-fit rewrites it in place, and captured graphs read the new value)
