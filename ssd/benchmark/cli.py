@@ -73,6 +73,7 @@ class BenchConfig:
     output_len: int
     temp: float
     dtemp: float | None
+    draft_quant: str | None
     eager: bool
     attention: str
     linear: str
@@ -192,6 +193,11 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
                        help="Saguaro sampling coefficient C, 0 < C <= 1.")
     group.add_argument("--dtemp", type=float, default=None,
                        help="Draft temperature (default: --temp); needs --spec.")
+    group.add_argument("--draft-quant", dest="draft_quant", choices=("fp8",), default=None,
+                       help="Store the draft's linear and LM-head weights in fp8 (e4m3, one scale per "
+                            "output row): half the bytes per draft forward. Changes only the draft's "
+                            "proposals (acceptance), never the output; needs --spec. fp8 tensor cores "
+                            "(many-row products) need an H100/H200-class GPU.")
     group.add_argument("--profile", default=None, metavar="NAME|FILE",
                        help="Replay an acceptance profile instead of real draft/target agreement "
                             "(random weights only); results are labelled 'simulated acceptance'.")
@@ -277,7 +283,8 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         arms=tuple(_make_arm(name, ns.gpus, device, ns.colocate) for name in arm_names), ab=ns.ab is not None,
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
-        output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp, eager=ns.eager,
+        output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp,
+        draft_quant=ns.draft_quant, eager=ns.eager,
         attention=ns.attention, linear=ns.linear, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
         data_dir=ns.data_dir or os.environ.get("SSD_DATA_DIR") or "data",
         chat_template=ns.chat_template, random_weights=random_weights, profile=ns.profile,
@@ -359,6 +366,8 @@ def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str
     uses_spec = any(name != "ar" for name in arm_names)
     if ns.dtemp is not None and not uses_spec:
         raise ValueError("--dtemp (draft temperature) needs --spec")
+    if ns.draft_quant is not None and not uses_spec:
+        raise ValueError("--draft-quant needs --spec (it quantizes the draft model)")
     if "async" in arm_names and device == "cuda" and ns.gpus < 2:
         raise ValueError("async speculation on CUDA needs a draft GPU: use --gpus >= 2 "
                          "(N-1 for the target, 1 for the draft)")

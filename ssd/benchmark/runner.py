@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 ASYNC_OPTION_NAMES = {"f": "fan_out", "flh": "fan_out_list", "flm": "fan_out_list_miss",
                       "fanout": "fan_out_shape", "backup": "backup", "x": "sampler_x"}
 # ... and for every spec arm (sync and async).
-SPEC_OPTION_NAMES = {"dtemp": "draft_temperature", "profile": "acceptance_profile"}
+SPEC_OPTION_NAMES = {"dtemp": "draft_temperature", "profile": "acceptance_profile", "draft_quant": "draft_quantization"}
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
@@ -48,8 +48,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     prompts = prepare_prompts(config, target)
     batches = prompt_batches(len(prompts), config.batch_size)
     params = sampling_params_for(config, len(prompts))
-    logger.info("target %s, draft %s, %d prompts in %d batches of <= %d, arms %s", target,
-                config.draft.name if config.draft else None, len(prompts), len(batches),
+    logger.info("target %s, draft %s%s, %d prompts in %d batches of <= %d, arms %s", target,
+                config.draft.name if config.draft else None,
+                f" ({config.draft_quant} weights)" if config.draft_quant else "", len(prompts), len(batches),
                 config.batch_size, ",".join(arm.name for arm in config.arms))
     runs = _run_with_llms(config, target, prompts, params, batches)
     return _finish(config, runs)

@@ -77,13 +77,15 @@ class LLM:
                  measured_linear: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
+                 draft_quantization: str | None = None,
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
                  **async_options):
         """async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
         acceptance, miss_exponent, backup, sampler_x — see ssd.spec.spec_config.AsyncSpecConfig."""
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
-        self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated)
+        self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated,
+                                      draft_quantization)
         self.async_spec = self.make_async_config(async_spec, async_options)
         self.profile = self.load_profile(acceptance_profile)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())

@@ -12,7 +12,10 @@ from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
+from ssd.layers.embed_head import ParallelLMHead
+from ssd.layers.fp8 import Fp8Linear, quantize_model_fp8, scaled_mm_linear
 from ssd.layers.kernels import EAGER, Kernels
+from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ssd.loading.checkpoint import load_checkpoint
 from ssd.loading.random_weights import init_random_weights
 from ssd.models.decoder import CausalLM
@@ -40,7 +43,17 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
         init_random_weights(model, cfg.seed, tp.rank)
     else:
         load_checkpoint(model, cfg.model)
+    if cfg.weight_quant == "fp8":
+        quantize_fp8(model, kernels, compiled=cfg.use_cuda_graphs and cfg.compile)
     return model.eval()
+
+
+def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool) -> None:
+    few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
+    many_rows = torch.compile(scaled_mm_linear) if compiled else scaled_mm_linear
+    count = quantize_model_fp8(model, Fp8Linear(few_rows, many_rows),
+                               (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))
+    log.info("fp8 weights: %d linear layers and the LM head quantized (per-row scales)", count - 1)
 
 
 class _default_dtype:

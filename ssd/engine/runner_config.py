@@ -23,6 +23,7 @@ class RunnerConfig:
     compile: bool = True
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
+    weight_quant: str | None = None   # "fp8": linear and LM-head weights stored in fp8 (ssd.layers.fp8; drafts)
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
@@ -34,6 +35,8 @@ class RunnerConfig:
             raise ValueError("tensor parallel size must be >= 1")
         if self.num_slots < 1:
             raise ValueError("num_slots must be >= 1")
+        if self.weight_quant not in (None, "fp8"):
+            raise ValueError(f"weight quantization must be None or 'fp8', got {self.weight_quant!r}")
 
     def device_for(self, rank: int) -> torch.device:
         """Under srun/torchrun across nodes, LOCAL_RANK (this node's index) picks the GPU."""

@@ -31,10 +31,13 @@ MAX_ROWS = 64
 
 
 @triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, sx_m, sw_n, sy_m, K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, sx_m, sw_n, sy_m, K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          HAS_SCALE: tl.constexpr):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] over all K (x is re-read from L2 by every program).
-    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs."""
+    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs.
+    HAS_SCALE: w is stored narrower (fp8) with one scale per output column: widened to x's dtype as
+    it is loaded, the column's scale applied to the fp32 sum."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -44,7 +47,9 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, M, N, sx_m, sw_n, sy_m, K: tl.con
         k_ok = (k0 + rk) < K
         x = tl.load(x_ptr + rm[:, None] * sx_m + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * sw_n + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -61,8 +66,10 @@ CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256
               SkinnyTiling(16, 512, 4, 3))
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows in all), weight [N, K] -> [..., N]; no bias."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows in all), weight [N, K] -> [..., N]; no bias. scale [N]
+    (float32): weight is quantized (fp8), the result is x (weight * scale[:, None])^T."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -72,9 +79,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling) -
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {rows}")
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _skinny_matmul_kernel[(triton.cdiv(n, tiling.block_n),)](
-        x2, weight, y, rows, n, x2.stride(0), weight.stride(0), y.stride(0), K=k,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        x2, weight, y, scale if scale is not None else weight, rows, n, x2.stride(0), weight.stride(0), y.stride(0),
+        K=k, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        HAS_SCALE=scale is not None, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     return y.view(*lead, n)
 
 
@@ -97,20 +104,34 @@ class MeasuredLinear:
         tiling = self.choices[key]
         return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling)
 
+    def quantized(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [..., K] (at most MAX_ROWS rows, CUDA), weight fp8 [N, K], scale [N]: the skinny kernel
+        (there is no F.linear of an fp8 weight), its tiling measured per shape like the others."""
+        key = (x.numel() // x.shape[-1], *weight.shape, weight.dtype, x.dtype)
+        if key not in self.choices:
+            if torch.cuda.is_current_stream_capturing():
+                return skinny_linear(x, weight, CANDIDATES[0], scale)
+            self.choices[key] = self.measure(x, weight, scale) or CANDIDATES[0]
+        return skinny_linear(x, weight, self.choices[key], scale)
+
     @staticmethod
-    def measure(x: torch.Tensor, weight: torch.Tensor) -> SkinnyTiling | None:
-        reference = F.linear(x, weight).float()
+    def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> SkinnyTiling | None:
+        """The fastest candidate that agrees with F.linear (None: F.linear itself); with scale (an fp8
+        weight) the candidates are the tilings only, checked against the dequantized product."""
+        reference = (F.linear(x, weight) if scale is None else F.linear(x, weight.to(x.dtype)) * scale).float()
         tolerance = 1e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding of differently ordered sums
-        times = {None: time_us(lambda: F.linear(x, weight))}
+        times = {None: time_us(lambda: F.linear(x, weight))} if scale is None else {}
         for tiling in CANDIDATES:
             try:
-                wrong = (skinny_linear(x, weight, tiling).float() - reference).abs().max().item() > tolerance
+                wrong = (skinny_linear(x, weight, tiling, scale).float() - reference).abs().max().item() > tolerance
                 if wrong:  # a safety net: the interpreter tests pin the math
                     log.warning("skinny tiling %s disagrees with F.linear at %s: not used", tiling, tuple(weight.shape))
                     continue
-                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling))
+                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling, scale))
             except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
                 log.debug("skinny tiling %s failed at %s: %s", tiling, tuple(weight.shape), exc)
+        if not times:
+            return None
         best = min(times, key=times.get)
         log.debug("linear rows=%d weight=%s: %s -> %s", x.numel() // x.shape[-1], tuple(weight.shape),
                   {str(t): round(v, 2) for t, v in times.items()}, best)

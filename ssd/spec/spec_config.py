@@ -52,10 +52,11 @@ class SpecConfig:
     k: int
     draft_temperature: float | None = None
     colocated: bool = False   # draft on target rank 0's device, in its process (the usual SD layout)
+    quantization: str | None = None   # the draft's weights: "fp8" (ssd.layers.fp8) or as loaded
 
     @classmethod
     def create(cls, draft: str | None, k: int, draft_temperature: float | None,
-               colocated: bool) -> "SpecConfig | None":
+               colocated: bool, quantization: str | None = None) -> "SpecConfig | None":
         if draft is None:
             if k:
                 raise ValueError("num_speculative_tokens needs a draft model")
@@ -64,7 +65,9 @@ class SpecConfig:
             raise ValueError(f"num_speculative_tokens must be >= 1 with a draft model, got {k}")
         if draft_temperature is not None and draft_temperature < 0:
             raise ValueError(f"draft temperature must be >= 0, got {draft_temperature}")
-        return cls(draft, k, draft_temperature, colocated)
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"draft quantization must be 'fp8' or None, got {quantization!r}")
+        return cls(draft, k, draft_temperature, colocated, quantization)
 
     def runner_config(self, target: RunnerConfig, checkpoint: Path | None,
                       async_spec: AsyncSpecConfig | None = None) -> RunnerConfig:
@@ -73,4 +76,5 @@ class SpecConfig:
         first_gpu = target.first_gpu + (0 if self.colocated else target.tp_size)
         windows, scratch = ((2,), 0) if async_spec is None else ((2, self.k + 1), async_spec.shape.scratch_len)
         return dataclasses.replace(target, model=str(checkpoint or self.draft), tp_size=1, first_gpu=first_gpu,
-                                   window_sizes=windows, scratch_len=scratch, seed=target.seed + 1)
+                                   window_sizes=windows, scratch_len=scratch, seed=target.seed + 1,
+                                   weight_quant=self.quantization)

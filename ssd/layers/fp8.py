@@ -1,0 +1,93 @@
+"""FP8 (e4m3) weights, for a draft model: a forward streams half the bytes.
+
+Each linear layer's weight [N, K] (and the LM head's) is stored as float8_e4m3fn with one float32
+scale per output row (the row's absolute maximum / 448), quantized once after loading, each rank
+its own shard. The embedding stays as loaded (a tied LM head gets its own fp8 copy). What a draft
+computes only moves its acceptance rate: the target's verification keeps the output exact.
+
+The product, by where it runs:
+- CUDA, at most MAX_ROWS rows (decode, windows, the tree at small batch): the few-row Triton kernel
+  widens the weight to the activations' dtype as it loads it — weights-only, activations stay bf16;
+- CUDA, more rows: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized
+  with its own scale (its absolute maximum / 448);
+- CPU: the weights-only product in the input's dtype (tests, real checkpoints on CPU).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max           # 448
+QUANTIZATIONS = ("fp8",)
+_ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (fp8 [N, K], scale [N] float32) with weight ~= fp8 * scale[:, None]."""
+    quantized = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS_PER_PASS):
+        rows = weight[start:start + _ROWS_PER_PASS].float()
+        row_scale = (rows.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        quantized[start:start + _ROWS_PER_PASS] = (rows / row_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[start:start + _ROWS_PER_PASS] = row_scale
+    return quantized, scale
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (CUDA), weight fp8 [N, K], scale [N] -> [..., N] in x's dtype, fp8 x fp8 with
+    per-row activation scales (compiled on the graph path: the quantization is one fused kernel)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k).float()
+    x_scale = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    x_fp8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+    return y.view(*lead, weight.shape[0])
+
+
+def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weights-only product on any device: x (weight * scale[:, None])^T in x's dtype."""
+    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+
+
+@dataclass
+class Fp8Linear:
+    """The `linear` of an fp8 layer: (x, weight, bias=None, *, scale). few_rows: the measured few-row
+    Triton linear (ssd.layers.triton_linear.MeasuredLinear) where Triton runs, else None."""
+    few_rows: Callable | None = None
+    many_rows: Callable = scaled_mm_linear
+    max_rows: int = 64
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 scale: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not x.is_cuda:
+            y = dequantized_linear(x, weight, scale)
+        elif self.few_rows is not None and rows <= self.max_rows:
+            y = self.few_rows.quantized(x, weight, scale)
+        else:
+            y = self.many_rows(x, weight, scale)
+        return y + bias if bias is not None else y
+
+
+@torch.no_grad()
+def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[type, ...]) -> int:
+    """Every module of layer_types (each has .weight [N, K] and .linear) to fp8 weights computed by
+    `linear`; returns how many. A weight shared with another module (tied LM head) is copied, not
+    changed in place."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, layer_types):
+            quantized, scale = quantize_weight(module.weight)
+            module.weight = nn.Parameter(quantized, requires_grad=False)
+            module.register_buffer("weight_scale", scale)
+            module.linear = functools.partial(linear, scale=scale)
+            count += 1
+    return count

@@ -1,0 +1,109 @@
+"""fp8 weights (ssd.layers.fp8): the quantization's error bound, the few-row kernel with fp8 weights
+(Triton's CPU interpreter) against the dequantized product, a quantized model runner, and
+speculative decoding with an fp8 draft staying exact (test_spec_sync / test_spec_async add more)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssd import LLM, SamplingParams
+from ssd.distributed.tp_group import TPGroup
+from ssd.engine.model_runner import ModelRunner
+from ssd.engine.runner_config import RunnerConfig
+from ssd.layers.fp8 import FP8, Fp8Linear, dequantized_linear, quantize_weight
+
+PROMPTS = [[5, 6, 7], [9] * 11, list(range(3, 30)), [40, 41]]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def test_quantized_weight_is_within_e4m3_rounding():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(33, 70, generator=g) * torch.logspace(-3, 2, 33)[:, None]
+    weight[5] = 0.0                                               # an all-zero row (a padded vocab shard)
+    quantized, scale = quantize_weight(weight)
+    assert quantized.dtype == FP8 and scale.shape == (33,) and scale.dtype == torch.float32
+    restored = quantized.float() * scale[:, None]
+    # 3 mantissa bits: half an ulp is 2^-4 of the value; below e4m3's normal range (2^-6 of 448 x scale
+    # ... ) the spacing is 2^-9 x scale
+    assert ((restored - weight).abs() <= weight.abs() / 16 + scale[:, None] / 512).all()
+    nonzero = torch.arange(33) != 5
+    assert torch.equal(quantized.float().abs().amax(dim=1)[nonzero], torch.full((32,), 448.0))
+    assert torch.equal(restored[5], torch.zeros(70))
+
+
+def test_quantizing_in_passes_equals_one_pass(monkeypatch):
+    from ssd.layers import fp8
+    weight = torch.randn(50, 16)
+    whole = quantize_weight(weight)
+    monkeypatch.setattr(fp8, "_ROWS_PER_PASS", 7)
+    parts = quantize_weight(weight)
+    assert torch.equal(whole[0].float(), parts[0].float()) and torch.equal(whole[1], parts[1])
+
+
+@pytest.mark.parametrize("rows", [1, 21, 64])
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])
+def test_few_row_kernel_with_fp8_weights_matches_the_dequantized_product(rows, n, k):
+    pytest.importorskip("triton")
+    from ssd.layers.triton_linear import SkinnyTiling, skinny_linear
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=g)
+    quantized, scale = quantize_weight(torch.randn(n, k, generator=g))
+    out = skinny_linear(x, quantized, SkinnyTiling(16, 64), scale)
+    torch.testing.assert_close(out, dequantized_linear(x, quantized, scale), rtol=1e-5, atol=1e-4)
+
+
+def test_measured_choice_for_fp8_weights_is_a_tiling(monkeypatch):
+    """No F.linear candidate for an fp8 weight: the fastest tiling (timings faked: CUDA-only)."""
+    pytest.importorskip("triton")
+    from ssd.layers import triton_linear
+    x = torch.randn(5, 64)
+    quantized, scale = quantize_weight(torch.randn(48, 64))
+    times = iter([9.0, 2.0, 5.0, 7.0, 8.0])
+    monkeypatch.setattr(triton_linear, "time_us", lambda fn: next(times))
+    assert triton_linear.MeasuredLinear.measure(x, quantized, scale) == triton_linear.CANDIDATES[1]
+
+
+def test_cpu_product_adds_the_bias_after_the_scale():
+    x, bias = torch.randn(3, 16), torch.randn(8)
+    quantized, scale = quantize_weight(torch.randn(8, 16))
+    expected = F.linear(x, quantized.float() * scale[:, None], bias)
+    torch.testing.assert_close(Fp8Linear()(x, quantized, bias, scale=scale), expected)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])   # tied / untied LM head; qkv bias / none
+def test_fp8_runner_quantizes_linears_and_head_not_the_embedding(tiny_checkpoints, family):
+    path = str(tiny_checkpoints[family])
+    exact = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2), TPGroup())
+    fp8 = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2, weight_quant="fp8"), TPGroup())
+    weights = dict(fp8.model.named_parameters())
+    linears = [name for name in weights if name.endswith("proj.weight") or name == "lm_head.weight"]
+    assert len(linears) == 4 * 2 + 1 and all(weights[name].dtype == FP8 for name in linears)
+    assert weights["model.embed_tokens.weight"].dtype == torch.float32
+    torch.testing.assert_close(fp8.model.model.embed_tokens.weight, exact.model.model.embed_tokens.weight)
+    ids = torch.tensor([PROMPTS[2]])
+    positions = torch.arange(ids.shape[1])[None]
+    reference = exact.forward(ids, positions, ids.shape[1])
+    quantized = fp8.forward(ids, positions, ids.shape[1])
+    assert not torch.equal(quantized, reference)                   # the fp8 weights are really used ...
+    relative = (quantized - reference).norm() / reference.norm()
+    assert relative < 0.3                                          # ... and stay close to the exact ones
+    assert (quantized.argmax(-1) == reference.argmax(-1)).float().mean() > 0.8
+
+
+def test_bad_quantization_name_is_refused():
+    with pytest.raises(ValueError, match="fp8"):
+        RunnerConfig(model="x", weight_quant="int4")
+    with pytest.raises(ValueError, match="fp8"):
+        LLM("llama-3.2-1b", draft="llama-3.2-1b", num_speculative_tokens=2, draft_quantization="int4")
+
+
+def test_sync_speculation_with_fp8_draft_of_the_target_is_exact(tiny_checkpoints):
+    """The draft is the target itself in fp8: it agrees often, not always — both paths of the
+    verifier run, and the output is still the target's greedy output."""
+    path = str(tiny_checkpoints["qwen2"])
+    with LLM(path, max_model_len=256) as llm:
+        expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    with LLM(path, max_model_len=256, draft=path, num_speculative_tokens=4, draft_quantization="fp8") as llm:
+        outs = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        stats = llm.last_run_stats
+    assert outs == expected
+    assert 1.0 < stats.acceptance_length < 5.0
