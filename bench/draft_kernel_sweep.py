@@ -30,7 +30,7 @@ from attention_kernel_bench import context_for  # noqa: E402  (this directory is
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
-from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, skinny_linear  # noqa: E402
+from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, SkinnyTiling, skinny_linear  # noqa: E402
 
 log = logging.getLogger("draft_kernel_sweep")
 
@@ -207,10 +207,60 @@ def elementwise_sweep(calls: int, attend_len: int) -> list[dict]:
     return rows
 
 
+FP8_TILINGS = tuple(SkinnyTiling(*t) for t in (
+    (16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4), (128, 256, 8, 3), (32, 512, 4, 3),
+    (64, 512, 4, 3), (64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 8, 3, 4), (32, 256, 4, 4, 4)))
+
+
+def rotating(make: Callable[[], torch.Tensor], nbytes: int) -> Callable[[], torch.Tensor]:
+    """Copies of a weight cycled through call by call, > 200 MB in all, so that back-to-back calls in
+    one graph stream from memory as a model's different layers do (a single small weight would be
+    read from L2 after the first call)."""
+    copies = [make() for _ in range(max(1, min(16, -(-200_000_000 // nbytes))))]
+    state = {"i": 0}
+
+    def next_copy() -> torch.Tensor:
+        state["i"] += 1
+        return copies[state["i"] % len(copies)]
+    return next_copy
+
+
+def fp8_gemm_sweep(calls: int) -> list[dict]:
+    """fp8 weights (ssd.layers.fp8) against bf16 at the 1B draft's shapes, weights rotated (see
+    rotating): the few-row kernel widening fp8 on load per tiling (and split-K), torch._scaled_mm
+    with per-row scales (the GEMM alone and with the activations' quantization), F.linear in bf16."""
+    from ssd.layers.fp8 import quantize_weight, scaled_mm_linear
+    rows, device = [], torch.device("cuda")
+    quantized_mm = torch.compile(scaled_mm_linear)
+    for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
+        x = torch.randn(m, shape[1], device=device, dtype=torch.bfloat16)
+        bf16 = rotating(lambda: torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02, 2 * shape[0] * shape[1])
+        fp8 = rotating(lambda: quantize_weight(torch.randn(shape, device=device) * 0.02), shape[0] * shape[1])
+        x_fp8, x_scale = x.to(torch.float8_e4m3fn), torch.ones(m, 1, device=device)
+        candidates = {"bf16_linear": (lambda: F.linear(x, bf16()), 2),
+                      "fp8_scaled_mm_gemm_only": (lambda: torch._scaled_mm(
+                          x_fp8, (w := fp8())[0].t(), scale_a=x_scale, scale_b=w[1][None, :], out_dtype=torch.bfloat16), 1),
+                      "fp8_scaled_mm_with_quant": (lambda: quantized_mm(x, *fp8()), 1)}
+        if m <= MAX_ROWS:
+            candidates["bf16_skinny_16x256"] = (lambda: skinny_linear(x, bf16(), CANDIDATES[0]), 2)
+            candidates.update({f"fp8_skinny_{t.block_n}x{t.block_k}_w{t.num_warps}_s{t.num_stages}_k{t.split_k}":
+                               (lambda t=t: skinny_linear(x, (w := fp8())[0], t, w[1]), 1)
+                               for t in FP8_TILINGS if t.fits(shape[1])})
+        for variant, (fn, bytes_per) in candidates.items():
+            result = guarded(f"fp8 gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+            if "us" in result:
+                result["weight_tb_s"] = round(bytes_per * shape[0] * shape[1] / result["us"] / 1e6, 2)
+            rows.append({"weight": name, "shape": list(shape), "where": where, "rows": m, "variant": variant, **result})
+        best = min((r for r in rows[-len(candidates):] if "us" in r), key=lambda r: r["us"], default={})
+        log.info("fp8 gemm %s m=%d best %s %s us; bf16 %s", name, m, best.get("variant"), best.get("us"),
+                 next((r.get("us") for r in rows[-len(candidates):] if r["variant"] == "bf16_linear"), None))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
-                        choices=("attention", "gemm", "argmax", "elementwise", "autotune", "sampling"),
+                        choices=("attention", "gemm", "argmax", "elementwise", "autotune", "sampling", "fp8"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling)")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--context", type=int, default=512)
@@ -222,7 +272,7 @@ def main(argv: list[str]) -> int:
     parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
-             "sampling": lambda: sampling_sweep(args.calls)}
+             "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
     with torch.inference_mode():

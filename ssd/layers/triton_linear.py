@@ -33,25 +33,39 @@ MAX_ROWS = 64
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, sx_m, sw_n, sy_m, K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_SCALE: tl.constexpr):
-    """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] over all K (x is re-read from L2 by every program).
-    K is a constant: a weight has one, and a constant loop bound is what the interpreter runs.
-    HAS_SCALE: w is stored narrower (fp8) with one scale per output column: widened to x's dtype as
-    it is loaded, the column's scale applied to the fp32 sum."""
+                          HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program (p, s): y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the s-th of SPLIT_K equal parts of K (x
+    is re-read from L2 by every program). K is a constant: a weight has one, and a constant loop
+    bound is what the interpreter runs. HAS_SCALE: w is stored narrower (fp8) with one scale per
+    output column: widened to x's dtype as it is loaded, the column's scale applied to the fp32 sum.
+    SPLIT_K > 1: y is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptr + rm[:, None] * sx_m + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * sw_n + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    for k0 in range(0, K // SPLIT_K, BLOCK_K):
+        kk = split * (K // SPLIT_K) + k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * sx_m + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * sw_n + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    tl.store(y_ptr + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + split * M * sy_m + rm[:, None] * sy_m + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over s of part[s] (part float32 [SPLIT_K, size], y size elements)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < size
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        total += tl.load(part_ptr + s * size + offs, mask=ok, other=0.0)
+    tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,11 @@ class SkinnyTiling:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    split_k: int = 1
+
+    def fits(self, k: int) -> bool:
+        """Every split is a whole number of BLOCK_K steps."""
+        return k % (self.split_k * self.block_k) == 0 if self.split_k > 1 else True
 
 
 CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256, 4, 3), SkinnyTiling(64, 128, 4, 3),
@@ -77,11 +96,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
     rows, n = x2.shape[0], weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {rows}")
+    if not tiling.fits(k):
+        raise ValueError(f"{tiling} does not divide K = {k}")
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    _skinny_matmul_kernel[(triton.cdiv(n, tiling.block_n),)](
-        x2, weight, y, scale if scale is not None else weight, rows, n, x2.stride(0), weight.stride(0), y.stride(0),
+    out = y if tiling.split_k == 1 else torch.empty((tiling.split_k, rows, n), dtype=torch.float32, device=x.device)
+    _skinny_matmul_kernel[(triton.cdiv(n, tiling.block_n), tiling.split_k)](
+        x2, weight, out, scale if scale is not None else weight, rows, n, x2.stride(0), weight.stride(0), n,
         K=k, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        HAS_SCALE=scale is not None, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        HAS_SCALE=scale is not None, SPLIT_K=tiling.split_k, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    if tiling.split_k > 1:
+        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024)
     return y.view(*lead, n)
 
 
