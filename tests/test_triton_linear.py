@@ -27,6 +27,21 @@ def test_leading_dims_and_strided_rows():
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_adds_its_partial_sums(split_k):
+    g = torch.Generator().manual_seed(split_k)
+    x, weight = torch.randn(21, 512, generator=g), torch.randn(40, 512, generator=g)
+    out = skinny_linear(x, weight, SkinnyTiling(16, 64, split_k=split_k))
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_split_k_that_does_not_divide_k_is_refused():
+    tiling = SkinnyTiling(16, 64, split_k=4)
+    assert not tiling.fits(200) and tiling.fits(512)
+    with pytest.raises(ValueError, match="divide"):
+        skinny_linear(torch.zeros(3, 200), torch.zeros(16, 200), tiling)
+
+
 def test_too_many_rows_is_refused():
     with pytest.raises(ValueError, match="at most"):
         skinny_linear(torch.zeros(65, 16), torch.zeros(16, 16), SkinnyTiling(16, 16))
