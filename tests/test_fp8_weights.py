@@ -52,15 +52,20 @@ def test_few_row_kernel_with_fp8_weights_matches_the_dequantized_product(rows, n
         torch.testing.assert_close(out, dequantized_linear(x, quantized, scale), rtol=1e-5, atol=1e-4)
 
 
-def test_measured_choice_for_fp8_weights_is_a_tiling(monkeypatch):
-    """No F.linear candidate for an fp8 weight: the fastest tiling (timings faked: CUDA-only)."""
+def test_measured_choice_for_fp8_weights(monkeypatch):
+    """fp8 candidates: the library product (torch._scaled_mm on GPU; here the dequantized product)
+    and the fp8 tilings that divide K (timings faked: CUDA-only)."""
     pytest.importorskip("triton")
     from ssd.layers import triton_linear
     x = torch.randn(5, 64)
     quantized, scale = quantize_weight(torch.randn(48, 64))
-    times = iter([9.0, 2.0, 5.0, 7.0, 8.0])
-    monkeypatch.setattr(triton_linear, "time_us", lambda fn: next(times))
-    assert triton_linear.MeasuredLinear.measure(x, quantized, scale) == triton_linear.CANDIDATES[1]
+    fitting = [t for t in triton_linear.FP8_CANDIDATES if t.fits(64)]
+    assert 0 < len(fitting) < len(triton_linear.FP8_CANDIDATES)          # a split-K one does not fit K = 64
+    times = iter([9.0, 7.0, 2.0] + [8.0] * len(fitting))
+    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: next(times))
+    assert triton_linear.MeasuredLinear.measure(x, quantized, scale, dequantized_linear) == fitting[1]
+    times = iter([1.0] + [8.0] * len(fitting))
+    assert triton_linear.MeasuredLinear.measure(x, quantized, scale, dequantized_linear) is None
 
 
 def test_cpu_product_adds_the_bias_after_the_scale():
@@ -76,8 +81,9 @@ def test_fp8_runner_quantizes_linears_and_head_not_the_embedding(tiny_checkpoint
     exact = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2), TPGroup())
     fp8 = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2, weight_quant="fp8"), TPGroup())
     weights = dict(fp8.model.named_parameters())
-    linears = [name for name in weights if name.endswith("proj.weight") or name == "lm_head.weight"]
-    assert len(linears) == 4 * 2 + 1 and all(weights[name].dtype == FP8 for name in linears)
+    quantized = [name for name in weights if name.endswith("gate_up_proj.weight") or name == "lm_head.weight"]
+    assert len(quantized) == 2 + 1 and all(weights[name].dtype == FP8 for name in quantized)
+    assert all(weights[name].dtype == torch.float32 for name in weights if name not in quantized)
     assert weights["model.embed_tokens.weight"].dtype == torch.float32
     torch.testing.assert_close(fp8.model.model.embed_tokens.weight, exact.model.model.embed_tokens.weight)
     ids = torch.tensor([PROMPTS[2]])

@@ -56,7 +56,7 @@ def test_choice_is_the_fastest_candidate_that_agrees(monkeypatch):
     monkeypatch.setattr(triton_linear, "skinny_linear",
                         lambda x, w, t, s=None: real(x, w, t, s) + (1.0 if t == broken else 0.0))
     times = iter([10.0] + [1.0 if t == broken else 5.0 if t == fast else 9.0 for t in CANDIDATES if t != broken])
-    monkeypatch.setattr(triton_linear, "time_us", lambda fn: next(times))
+    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: next(times))
     assert MeasuredLinear.measure(x, weight) == fast
     times = iter([1.0] + [5.0] * len(CANDIDATES))
     assert MeasuredLinear.measure(x, weight) is None

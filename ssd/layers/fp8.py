@@ -1,15 +1,15 @@
 """FP8 (e4m3) weights, for a draft model: a forward streams half the bytes.
 
-Each linear layer's weight [N, K] (and the LM head's) is stored as float8_e4m3fn with one float32
-scale per output row (the row's absolute maximum / 448), quantized once after loading, each rank
-its own shard. The embedding stays as loaded (a tied LM head gets its own fp8 copy). What a draft
+The gate/up projections' and the LM head's weights [N, K] (FP8_LAYERS: where fp8 measured faster)
+are stored as float8_e4m3fn with one float32 scale per output row (the row's absolute maximum /
+448), quantized once after loading, each rank its own shard. The embedding stays as loaded (a tied LM head gets its own fp8 copy). What a draft
 computes only moves its acceptance rate: the target's verification keeps the output exact.
 
 The product, by where it runs:
-- CUDA, at most MAX_ROWS rows (decode, windows, the tree at small batch): the few-row Triton kernel
-  widens the weight to the activations' dtype as it loads it — weights-only, activations stay bf16;
-- CUDA, more rows: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized
-  with its own scale (its absolute maximum / 448);
+- CUDA: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized with its
+  own scale (its absolute maximum / 448); at most MAX_ROWS rows (decode, windows, the tree at small
+  batch), or the few-row Triton kernel widening the weight to bf16 as it loads it (weights-only),
+  whichever measured faster for the shape;
 - CPU: the weights-only product in the input's dtype (tests, real checkpoints on CPU).
 """
 from __future__ import annotations
@@ -24,7 +24,11 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max           # 448
-QUANTIZATIONS = ("fp8",)
+# the layers stored in fp8: where it measured faster on an H200 at the 1B draft's shapes (results/
+# fp8_gemm_sweep_h200.json, weights rotated as in a model): gate/up 18.8 -> 14.3 us and the LM head
+# 134 -> 89 us at 21 rows; the 8-13 MB attention and down weights are bound by each kernel's fixed
+# cost (~6 us), where fp8 was no faster or slower
+FP8_LAYERS = ("gate_up_proj", "lm_head")
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
 
 
@@ -78,13 +82,14 @@ class Fp8Linear:
 
 
 @torch.no_grad()
-def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[type, ...]) -> int:
-    """Every module of layer_types (each has .weight [N, K] and .linear) to fp8 weights computed by
-    `linear`; returns how many. A weight shared with another module (tied LM head) is copied, not
-    changed in place."""
+def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[type, ...],
+                       names: tuple[str, ...] = FP8_LAYERS) -> int:
+    """Every module of layer_types named (last part of its name) one of `names` (each has .weight
+    [N, K] and .linear) to fp8 weights computed by `linear`; returns how many. A weight shared with
+    another module (tied LM head) is copied, not changed in place."""
     count = 0
-    for module in model.modules():
-        if isinstance(module, layer_types):
+    for name, module in model.named_modules():
+        if isinstance(module, layer_types) and name.rsplit(".", 1)[-1] in names:
             quantized, scale = quantize_weight(module.weight)
             module.weight = nn.Parameter(quantized, requires_grad=False)
             module.register_buffer("weight_scale", scale)

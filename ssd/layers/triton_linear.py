@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,10 @@ class SkinnyTiling:
 
 CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256, 4, 3), SkinnyTiling(64, 128, 4, 3),
               SkinnyTiling(16, 512, 4, 3))
+# fp8 weights: half the bytes per column, so wider column blocks (each program re-reads x from L2);
+# the best of results/fp8_gemm_sweep_h200.json at the 1B draft's shapes
+FP8_CANDIDATES = (SkinnyTiling(64, 128), SkinnyTiling(64, 256, 4, 3), SkinnyTiling(128, 256, 8, 3),
+                  SkinnyTiling(32, 256, 4, 4, 4))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
@@ -112,8 +117,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
 @dataclass
 class MeasuredLinear:
     """F.linear, or the Triton kernel where it measured faster for this (rows, N, K, dtype). One per
-    model (the choices are its own); on CPU and for wide inputs it is F.linear."""
+    model (the choices are its own); on CPU and for wide inputs it is F.linear. For fp8 weights
+    (`quantized`) the library candidate is torch._scaled_mm (`library_fp8`: ssd.layers.fp8)."""
     choices: dict[tuple, SkinnyTiling | None] = field(default_factory=dict)
+    library_fp8: Callable | None = None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -129,34 +136,53 @@ class MeasuredLinear:
         return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling)
 
     def quantized(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x [..., K] (at most MAX_ROWS rows, CUDA), weight fp8 [N, K], scale [N]: the skinny kernel
-        (there is no F.linear of an fp8 weight), its tiling measured per shape like the others."""
+        """x [..., K] (at most MAX_ROWS rows, CUDA), weight fp8 [N, K], scale [N]: library_fp8 or the
+        skinny kernel widening the weight on load, whichever measured faster for the shape."""
         key = (x.numel() // x.shape[-1], *weight.shape, weight.dtype, x.dtype)
         if key not in self.choices:
             if torch.cuda.is_current_stream_capturing():
-                return skinny_linear(x, weight, CANDIDATES[0], scale)
-            self.choices[key] = self.measure(x, weight, scale) or CANDIDATES[0]
-        return skinny_linear(x, weight, self.choices[key], scale)
+                return self.library_fp8(x, weight, scale)
+            self.choices[key] = self.measure(x, weight, scale, self.library_fp8)
+        tiling = self.choices[key]
+        return self.library_fp8(x, weight, scale) if tiling is None else skinny_linear(x, weight, tiling, scale)
 
     @staticmethod
-    def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> SkinnyTiling | None:
-        """The fastest candidate that agrees with F.linear (None: F.linear itself); with scale (an fp8
-        weight) the candidates are the tilings only, checked against the dequantized product."""
-        reference = (F.linear(x, weight) if scale is None else F.linear(x, weight.to(x.dtype)) * scale).float()
-        tolerance = 1e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding of differently ordered sums
-        times = {None: time_us(lambda: F.linear(x, weight))} if scale is None else {}
-        for tiling in CANDIDATES:
+    def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                library_fp8: Callable | None = None) -> SkinnyTiling | None:
+        """The fastest candidate that agrees with the library product (None: the library product:
+        F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale)."""
+        if scale is None:
+            library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
+            reference = F.linear(x, weight).float()
+        else:
+            library, tilings = (lambda w: library_fp8(x, w, scale)), FP8_CANDIDATES
+            reference = (F.linear(x, weight.to(x.dtype)) * scale).float()
+        tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
+        times = {None: streaming_time_us(library, weight)}
+        for tiling in tilings:
+            if not tiling.fits(weight.shape[1]):
+                continue
             try:
                 wrong = (skinny_linear(x, weight, tiling, scale).float() - reference).abs().max().item() > tolerance
                 if wrong:  # a safety net: the interpreter tests pin the math
                     log.warning("skinny tiling %s disagrees with F.linear at %s: not used", tiling, tuple(weight.shape))
                     continue
-                times[tiling] = time_us(lambda: skinny_linear(x, weight, tiling, scale))
+                times[tiling] = streaming_time_us(lambda w: skinny_linear(x, w, tiling, scale), weight)
             except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
                 log.debug("skinny tiling %s failed at %s: %s", tiling, tuple(weight.shape), exc)
-        if not times:
-            return None
         best = min(times, key=times.get)
-        log.debug("linear rows=%d weight=%s: %s -> %s", x.numel() // x.shape[-1], tuple(weight.shape),
+        log.debug("linear rows=%d weight=%s %s: %s -> %s", x.numel() // x.shape[-1], tuple(weight.shape), weight.dtype,
                   {str(t): round(v, 2) for t, v in times.items()}, best)
         return best
+
+
+def streaming_time_us(product: Callable[[torch.Tensor], object], weight: torch.Tensor) -> float:
+    """Graph-timed product(weight) as a model runs it: back-to-back calls cycle through copies of the
+    weight twice the L2 cache in all, so each call streams its weight from memory, as a model's
+    layers do (one small weight timed alone is read from L2 after the first call and flatters the
+    kernels with the least fixed cost)."""
+    nbytes = weight.numel() * weight.element_size()
+    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
+    copies = [weight] + [weight.clone() for _ in range(min(15, -(-2 * l2 // nbytes) - 1))]
+    turn = iter(range(1 << 30))
+    return time_us(lambda: product(copies[next(turn) % len(copies)]), calls=2 * len(copies))
