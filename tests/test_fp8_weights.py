@@ -114,3 +114,21 @@ def test_sync_speculation_with_fp8_draft_of_the_target_is_exact(tiny_checkpoints
         stats = llm.last_run_stats
     assert outs == expected
     assert 1.0 < stats.acceptance_length < 5.0
+
+
+def test_only_listed_layers_at_least_the_threshold_are_quantized():
+    from torch import nn
+    from ssd.layers.fp8 import quantize_model_fp8
+    from ssd.layers.linear import ColumnParallelLinear
+    tp = TPGroup()
+    model = nn.ModuleDict({"gate_up_proj": ColumnParallelLinear(64, [128, 128], False, tp),
+                           "small": nn.ModuleDict({"gate_up_proj": ColumnParallelLinear(16, [8, 8], False, tp)}),
+                           "qkv_proj": ColumnParallelLinear(64, [256], False, tp)})
+    for p in model.parameters():
+        p.data.normal_()
+    assert quantize_model_fp8(model, Fp8Linear(), (ColumnParallelLinear,), min_elements=1000) == 1
+    assert model["gate_up_proj"].weight.dtype == FP8
+    assert model["small"]["gate_up_proj"].weight.dtype == model["qkv_proj"].weight.dtype == torch.float32
+    x = torch.randn(3, 64)
+    expected = F.linear(x, model["gate_up_proj"].weight.float() * model["gate_up_proj"].weight_scale[:, None])
+    torch.testing.assert_close(model["gate_up_proj"](x), expected)

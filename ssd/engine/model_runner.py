@@ -13,7 +13,7 @@ from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
 from ssd.layers.embed_head import ParallelLMHead
-from ssd.layers.fp8 import FP8_LAYERS, Fp8Linear, quantize_model_fp8, scaled_mm_linear
+from ssd.layers.fp8 import FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, quantize_model_fp8, scaled_mm_linear
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ssd.loading.checkpoint import load_checkpoint
@@ -44,18 +44,21 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     else:
         load_checkpoint(model, cfg.model)
     if cfg.weight_quant == "fp8":
-        quantize_fp8(model, kernels, compiled=cfg.use_cuda_graphs and cfg.compile)
+        # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
+        quantize_fp8(model, kernels, cfg.use_cuda_graphs and cfg.compile,
+                     FP8_MIN_ELEMENTS if device.type == "cuda" else 0)
     return model.eval()
 
 
-def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool) -> None:
+def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements: int = FP8_MIN_ELEMENTS) -> None:
     many_rows = torch.compile(scaled_mm_linear) if compiled else scaled_mm_linear
     few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
     if few_rows is not None:
         few_rows.library_fp8 = many_rows
     count = quantize_model_fp8(model, Fp8Linear(few_rows, many_rows),
-                               (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))
-    log.info("fp8 weights: %d layers (%s; per-row scales)", count, ", ".join(FP8_LAYERS))
+                               (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), min_elements=min_elements)
+    log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(FP8_LAYERS),
+             min_elements)
 
 
 class _default_dtype:

@@ -26,9 +26,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max           # 448
 # the layers stored in fp8: where it measured faster on an H200 at the 1B draft's shapes (results/
 # fp8_gemm_sweep_h200.json, weights rotated as in a model): gate/up 18.8 -> 14.3 us and the LM head
-# 134 -> 89 us at 21 rows; the 8-13 MB attention and down weights are bound by each kernel's fixed
-# cost (~6 us), where fp8 was no faster or slower
+# 134 -> 89 us at 21 rows; the 8-13 MB attention weights are bound by each product's fixed cost
+# (~6 us), and the down projection (N = 2048, K = 8192) was no faster. Smaller weights than
+# FP8_MIN_ELEMENTS stay too (qwen3-0.6b's 12.6 MB gate/up: its draft round was 3 % slower with it)
 FP8_LAYERS = ("gate_up_proj", "lm_head")
+FP8_MIN_ELEMENTS = 16 << 20
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
 
 
@@ -83,13 +85,15 @@ class Fp8Linear:
 
 @torch.no_grad()
 def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[type, ...],
-                       names: tuple[str, ...] = FP8_LAYERS) -> int:
+                       names: tuple[str, ...] = FP8_LAYERS, min_elements: int = FP8_MIN_ELEMENTS) -> int:
     """Every module of layer_types named (last part of its name) one of `names` (each has .weight
-    [N, K] and .linear) to fp8 weights computed by `linear`; returns how many. A weight shared with
-    another module (tied LM head) is copied, not changed in place."""
+    [N, K] and .linear) with at least min_elements weights to fp8 weights computed by `linear`;
+    returns how many. A weight shared with another module (tied LM head) is copied, not changed in
+    place."""
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, layer_types) and name.rsplit(".", 1)[-1] in names:
+        if (isinstance(module, layer_types) and name.rsplit(".", 1)[-1] in names
+                and module.weight.numel() >= min_elements):
             quantized, scale = quantize_weight(module.weight)
             module.weight = nn.Parameter(quantized, requires_grad=False)
             module.register_buffer("weight_scale", scale)
