@@ -148,6 +148,7 @@ def sampling_sweep(calls: int) -> list[dict]:
     """The chunked token-choice kernels (ssd.engine.triton_sampling / triton_temperature_sampling) per
     column-chunk count: argmax, the race, temperature sampling; each checked against one chunk."""
     from ssd.engine import triton_sampling, triton_temperature_sampling
+    from ssd.engine.random import uniform_from_counters
     rows = []
     for where, m in ROWS.items():
         logits = torch.randn(m, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
@@ -161,14 +162,20 @@ def sampling_sweep(calls: int) -> list[dict]:
                        logits, temperature, seed, counter, 3, out, c)[0]}
         blocks = -(-VOCAB // triton_sampling.BLOCK_V)
         default = triton_sampling.race_chunks(m, blocks, logits.device)
+        torch_race = lambda w: (w / -torch.log(uniform_from_counters(seed, counter, 3, VOCAB))).argmax(-1)  # noqa: E731
+        checks = {"argmax": lambda: bool(torch.equal(kernels["argmax"](None), logits.argmax(-1))),
+                  "race": lambda: bool(torch.equal(kernels["race"](None), torch_race(weights))),
+                  "temperature": lambda: bool(torch.equal(kernels["temperature"](None), torch_race(out)))}
         for name, fn in kernels.items():
+            rows.append({"kernel": name, "where": where, "rows": m, "equal_to_pytorch": guarded(name, checks[name])})
             reference = fn(1).clone()
             for chunks in sorted({1, 2, 4, 8, 16, 32, 63, default}):
                 result = guarded(f"{name} chunks={chunks}", lambda: {
                     "us": graph_us(lambda: fn(chunks), calls), "equal_to_one_chunk": bool(torch.equal(fn(chunks), reference))})
                 rows.append({"kernel": name, "where": where, "rows": m, "chunks": chunks, "default": chunks == default,
                              **result})
-            log.info("%s m=%d %s", name, m, [(r["chunks"], r.get("us")) for r in rows if r["kernel"] == name and r["rows"] == m])
+            log.info("%s m=%d %s", name, m, [(r.get("chunks"), r.get("us", r.get("equal_to_pytorch")))
+                                             for r in rows if r["kernel"] == name and r["rows"] == m])
     return rows
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd.engine.random import _GOLDEN32, _UNIFORM_BITS, _row_hash
+from ssd.engine.random import _GOLDEN32, _MASK32, _UNIFORM_BITS, _mix32 as _mix32_host
 
 BLOCK_V = 2048
 # H200, graph-timed (results/sampling_kernels_sweep_h200.json): 336 rows x 128k in 2 chunks (4 per SM)
@@ -35,6 +35,23 @@ def _mix32(x):
 
 
 @triton.jit
+def _row_state(seed_ptr, counter_ptr, row, SALT_STATE: tl.constexpr):
+    """ssd.engine.random._row_hash of (seed[row], counter[row]) in uint32, in the kernel (in PyTorch
+    it was ~45 small int64 kernels, ~57 us per tree step): from the salt's state (host), the seed's
+    low and high words, then the counter's high and low words."""
+    seed, counter = tl.load(seed_ptr + row), tl.load(counter_ptr + row)   # int64; >> is arithmetic
+    state = _mix32(tl.full((), SALT_STATE, tl.uint32) ^ (seed & 0xFFFFFFFF).to(tl.uint32))
+    state = _mix32(state ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    state = _mix32(state ^ ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    return _mix32(state ^ (counter & 0xFFFFFFFF).to(tl.uint32))
+
+
+def salt_state(salt: int) -> int:
+    """The hash state after the salt, before seed and counter (as _row_hash starts)."""
+    return int(_mix32_host((salt & _MASK32) ^ _GOLDEN32))
+
+
+@triton.jit
 def _race_score(w, state, cols, ok, GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr):
     """w / E with E = -log u, u the uniform hashed from (row state, column); -1 past the row's end."""
     bits = _mix32(state ^ _mix32(cols.to(tl.uint32) * GOLDEN)) >> SHIFT
@@ -42,9 +59,9 @@ def _race_score(w, state, cols, ok, GOLDEN: tl.constexpr, SHIFT: tl.constexpr, S
 
 
 @triton.jit
-def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.constexpr, CHUNK: tl.constexpr,
-                       GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                       RACE: tl.constexpr):
+def _race_chunk_kernel(w_ptr, seed_ptr, counter_ptr, score_ptr, index_ptr, sw_r, V: tl.constexpr,
+                       CHUNK: tl.constexpr, SALT_STATE: tl.constexpr, GOLDEN: tl.constexpr, SHIFT: tl.constexpr,
+                       SCALE: tl.constexpr, BLOCK: tl.constexpr, RACE: tl.constexpr):
     """Program (r, c): the best w[r, i] / E[r, i] over columns c*CHUNK .. (c+1)*CHUNK - 1 (E = -log u,
     u from (row state, column i)) and its column, the first on ties, into score / index [R, C].
     RACE False: the best w[r, i] itself (an argmax; state unused). Each lane keeps its own best
@@ -55,7 +72,7 @@ def _race_chunk_kernel(w_ptr, state_ptr, score_ptr, index_ptr, sw_r, V: tl.const
     best_score = tl.full((BLOCK,), -1.0 if RACE else float("-inf"), tl.float32)
     best_index = chunk * CHUNK + lane
     if RACE:
-        state = tl.load(state_ptr + row).to(tl.uint32)
+        state = _row_state(seed_ptr, counter_ptr, row, SALT_STATE)
     for offset in range(0, CHUNK, BLOCK):
         start = chunk * CHUNK + offset
         cols = start + lane
@@ -98,11 +115,11 @@ def exponential_race(weights: torch.Tensor, seed: torch.Tensor, counter: torch.T
     weights.shape[:-1]; chunks: column chunks per row (default race_chunks). Returns int64 [...]."""
     lead, vocab = weights.shape[:-1], weights.shape[-1]
     seed, counter = torch.broadcast_tensors(seed.long(), counter.long())
-    state = _row_hash(seed.expand(lead), counter.expand(lead), salt).reshape(-1).contiguous()
+    seed, counter = (t.expand(lead).reshape(-1).contiguous() for t in (seed, counter))
     w = weights.reshape(-1, vocab).float()
     if w.stride(-1) != 1:
         w = w.contiguous()
-    return _best_per_row(w, state, chunks, race=True).view(lead)
+    return _best_per_row(w, (seed, counter, salt_state(salt)), chunks).view(lead)
 
 
 def chunked_argmax(logits: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
@@ -111,12 +128,13 @@ def chunked_argmax(logits: torch.Tensor, chunks: int | None = None) -> torch.Ten
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _best_per_row(x, x, chunks, race=False).view(lead)
+    return _best_per_row(x, None, chunks).view(lead)
 
 
-def _best_per_row(w: torch.Tensor, state: torch.Tensor, chunks: int | None, race: bool) -> torch.Tensor:
+def _best_per_row(w: torch.Tensor, race: tuple | None, chunks: int | None) -> torch.Tensor:
     """Per row of w [R, V] (unit column stride): the first column of the best score, in (row, chunk)
-    programs and a pick over each row's chunks. state [R] uint32-valued (race only)."""
+    programs and a pick over each row's chunks. race: (seed [R], counter [R] int64, salt_state) for
+    the exponential race; None for a plain argmax."""
     (rows, vocab), block = w.shape, min(BLOCK_V, triton.next_power_of_2(w.shape[1]))
     blocks = triton.cdiv(vocab, block)
     chunks = min(chunks or race_chunks(rows, blocks, w.device), blocks)
@@ -124,9 +142,10 @@ def _best_per_row(w: torch.Tensor, state: torch.Tensor, chunks: int | None, race
     chunks = triton.cdiv(vocab, chunk)
     score = torch.empty((rows, chunks), dtype=torch.float32, device=w.device)
     index = torch.empty((rows, chunks), dtype=torch.int64, device=w.device)
+    seed, counter, state = race if race is not None else (w, w, 0)   # unused by an argmax
     _race_chunk_kernel[(rows, chunks)](
-        w, state, score, index, w.stride(0), V=vocab, CHUNK=chunk, GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS,
-        SCALE=2.0 ** -(_UNIFORM_BITS + 1), BLOCK=block, RACE=race)
+        w, seed, counter, score, index, w.stride(0), V=vocab, CHUNK=chunk, SALT_STATE=state, GOLDEN=_GOLDEN32,
+        SHIFT=32 - _UNIFORM_BITS, SCALE=2.0 ** -(_UNIFORM_BITS + 1), BLOCK=block, RACE=race is not None)
     out = torch.empty(rows, dtype=torch.int64, device=w.device)
     _race_pick_kernel[(rows,)](score, index, out, CHUNKS=chunks, CHUNKS_POW2=triton.next_power_of_2(chunks))
     return out

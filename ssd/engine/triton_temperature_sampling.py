@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd.engine.random import _GOLDEN32, _UNIFORM_BITS, _row_hash
-from ssd.engine.triton_sampling import BLOCK_V, _race_pick_kernel, _race_score, race_chunks
+from ssd.engine.random import _GOLDEN32, _UNIFORM_BITS
+from ssd.engine.triton_sampling import BLOCK_V, _race_pick_kernel, _race_score, _row_state, race_chunks, salt_state
 from ssd.sampling_params import GREEDY_TEMPERATURE_EPS
 
 
@@ -57,9 +57,10 @@ def _chunk_stats_kernel(x_ptr, t_ptr, stats_ptr, sx_r, V: tl.constexpr, CHUNK: t
 
 
 @triton.jit
-def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, state_ptr, q_ptr, score_ptr, index_ptr, sx_r, sq_r,
+def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr, score_ptr, index_ptr, sx_r, sq_r,
                            V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                           EPS: tl.constexpr, GOLDEN: tl.constexpr, SHIFT: tl.constexpr, SCALE: tl.constexpr):
+                           EPS: tl.constexpr, SALT_STATE: tl.constexpr, GOLDEN: tl.constexpr, SHIFT: tl.constexpr,
+                           SCALE: tl.constexpr):
     """q = exp(logits / T - M) / S over the chunk (one-hot of the argmax on greedy rows), stored, and
     the chunk's best q / E with its first column into score / index [R, C]."""
     row, chunk, chunks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
@@ -71,7 +72,7 @@ def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, state_ptr, q_ptr, score_ptr,
     total = tl.sum(tl.load(stats_ptr + rows + row * chunks + c, mask=c_ok, other=0.0) * tl.exp(chunk_max - top), 0)
     chunk_arg = tl.load(stats_ptr + 2 * rows + row * chunks + c, mask=c_ok, other=0.0)
     argmax = tl.min(tl.where(c_ok & (chunk_max == top), chunk_arg, float(V)), 0).to(tl.int32)
-    state = tl.load(state_ptr + row).to(tl.uint32)
+    state = _row_state(seed_ptr, counter_ptr, row, SALT_STATE)
     lane = tl.arange(0, BLOCK)
     best_score = tl.full((BLOCK,), -1.0, tl.float32)
     best_index = chunk * CHUNK + lane
@@ -110,13 +111,13 @@ def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: to
     stats = torch.empty((3, rows, chunks), dtype=torch.float32, device=logits.device)
     _chunk_stats_kernel[(rows, chunks)](logits, temperature, stats, logits.stride(0), V=vocab, CHUNK=chunk,
                                         BLOCK=block, EPS=GREEDY_TEMPERATURE_EPS)
-    state = _row_hash(seed.long(), counter.long(), salt).contiguous()
+    seed, counter = seed.long().contiguous(), counter.long().contiguous()
     score = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, chunks), dtype=torch.int64, device=logits.device)
     _write_and_race_kernel[(rows, chunks)](
-        logits, temperature, stats, state, q, score, index, logits.stride(0), q.stride(0), V=vocab, CHUNK=chunk,
-        CHUNKS_POW2=triton.next_power_of_2(chunks), BLOCK=block, EPS=GREEDY_TEMPERATURE_EPS, GOLDEN=_GOLDEN32,
-        SHIFT=32 - _UNIFORM_BITS, SCALE=2.0 ** -(_UNIFORM_BITS + 1))
+        logits, temperature, stats, seed, counter, q, score, index, logits.stride(0), q.stride(0), V=vocab,
+        CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(chunks), BLOCK=block, EPS=GREEDY_TEMPERATURE_EPS,
+        SALT_STATE=salt_state(salt), GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS, SCALE=2.0 ** -(_UNIFORM_BITS + 1))
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     _race_pick_kernel[(rows,)](score, index, tokens, CHUNKS=chunks, CHUNKS_POW2=triton.next_power_of_2(chunks))
     return tokens, q
