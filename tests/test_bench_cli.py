@@ -41,6 +41,7 @@ def refusal(argv: list[str], capsys) -> str:
     (CPU + ["--random-weights", "--profile", "humaneval"], "needs --spec"),
     (CPU + ["--b", "0"], "--b (batch size) must be at least 1"),
     (CPU + ["--dtemp", "0.5"], "--dtemp (draft temperature) needs --spec"),
+    (CPU + ["--draft-quant", "fp8"], "--draft-quant needs --spec"),
     (CPU + ["--size", "32"], "add --qwen"),
     (CPU + ["--qwen", "--size", "8"], "not a qwen size"),
     (CPU + ["--target", "/no/such/model"], "no such directory"),
@@ -102,6 +103,15 @@ def test_presets_exist_in_the_engine():
 def test_spec_defaults_the_draft_to_the_family_small_model():
     assert parse_args(CUDA + ["--size", "70", "--spec"]).draft.name == "llama-3.2-1b"
     assert parse_args(CPU + ["--qwen", "--size", "32", "--spec", "--draft", "0.6"]).draft.name == "qwen3-0.6b"
+
+
+def test_draft_quantization_reaches_the_engine_arguments():
+    from ssd.benchmark.runner import llm_kwargs
+    config = parse_args(CPU + ["--spec", "--draft-quant", "fp8"])
+    assert config.draft_quant == "fp8"
+    assert llm_kwargs(config, config.arms[-1], "d")["draft_quantization"] == "fp8"
+    plain = parse_args(CPU + ["--spec"])
+    assert "draft_quantization" not in llm_kwargs(plain, plain.arms[-1], "d")
 
 
 def test_default_cpu_run_is_the_offline_real_pair_and_small():
