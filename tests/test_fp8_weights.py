@@ -73,6 +73,8 @@ def test_cpu_product_adds_the_bias_after_the_scale():
     quantized, scale = quantize_weight(torch.randn(8, 16))
     expected = F.linear(x, quantized.float() * scale[:, None], bias)
     torch.testing.assert_close(Fp8Linear()(x, quantized, bias, scale=scale), expected)
+    widened = Fp8Linear()(x, quantized, bias, scale=scale, widened=quantized.float())   # as the CPU model runs it
+    torch.testing.assert_close(widened, expected)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])   # tied / untied LM head; qkv bias / none

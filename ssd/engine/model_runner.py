@@ -46,8 +46,8 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     if cfg.weight_quant == "fp8":
         # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
         if device.type != "cuda":
-            log.warning("fp8 weights on CPU are widened to %s in every product: slower than the float weights "
-                        "(useful to check accuracy only)", cfg.dtype)
+            log.warning("fp8 weights on CPU are also kept widened to %s (fp8 numbers, no memory or speed "
+                        "saved: for accuracy checks)", cfg.dtype)
         quantize_fp8(model, kernels, cfg.use_cuda_graphs and cfg.compile,
                      FP8_MIN_ELEMENTS if device.type == "cuda" else 0)
     return model.eval()

@@ -72,10 +72,11 @@ class Fp8Linear:
     max_rows: int = 64
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 scale: torch.Tensor) -> torch.Tensor:
+                 scale: torch.Tensor, widened: torch.Tensor | None = None) -> torch.Tensor:
+        """widened: the fp8 weight already widened to x's dtype (CPU: spares the conversion per call)."""
         rows = x.numel() // x.shape[-1]
         if not x.is_cuda:
-            y = dequantized_linear(x, weight, scale)
+            y = F.linear(x, widened) * scale.to(x.dtype) if widened is not None else dequantized_linear(x, weight, scale)
         elif self.few_rows is not None and rows <= self.max_rows:
             y = self.few_rows.quantized(x, weight, scale)
         else:
@@ -94,9 +95,12 @@ def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[t
     for name, module in model.named_modules():
         if (isinstance(module, layer_types) and name.rsplit(".", 1)[-1] in names
                 and module.weight.numel() >= min_elements):
+            dtype = module.weight.dtype
             quantized, scale = quantize_weight(module.weight)
             module.weight = nn.Parameter(quantized, requires_grad=False)
             module.register_buffer("weight_scale", scale)
-            module.linear = functools.partial(linear, scale=scale)
+            # CPU: fp8 values kept widened too (fp8 numbers at float speed, for accuracy checks)
+            widened = quantized.to(dtype) if quantized.device.type == "cpu" else None
+            module.linear = functools.partial(linear, scale=scale, widened=widened)
             count += 1
     return count
