@@ -45,6 +45,9 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
         load_checkpoint(model, cfg.model)
     if cfg.weight_quant == "fp8":
         # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"fp8 weights need fp8 tensor cores (compute capability >= 8.9: H100, H200, L40S); "
+                             f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
         if device.type != "cuda":
             log.warning("fp8 weights on CPU are also kept widened to %s (fp8 numbers, no memory or speed "
                         "saved: for accuracy checks)", cfg.dtype)

@@ -23,7 +23,7 @@ class RunnerConfig:
     compile: bool = True
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
-    weight_quant: str | None = None   # "fp8": linear and LM-head weights stored in fp8 (ssd.layers.fp8; drafts)
+    weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))

@@ -1,16 +1,18 @@
-"""FP8 (e4m3) weights, for a draft model: a forward streams half the bytes.
+"""FP8 (e4m3) weights for a draft model's largest products: half the bytes to stream.
 
 The gate/up projections' and the LM head's weights [N, K] (FP8_LAYERS: where fp8 measured faster)
 are stored as float8_e4m3fn with one float32 scale per output row (the row's absolute maximum /
-448), quantized once after loading, each rank its own shard. The embedding stays as loaded (a tied LM head gets its own fp8 copy). What a draft
-computes only moves its acceptance rate: the target's verification keeps the output exact.
+448), quantized once after loading, each rank its own shard. The embedding stays as loaded (a tied
+LM head gets its own fp8 copy). What a draft computes only moves its acceptance rate: the target's
+verification keeps the output exact.
 
 The product, by where it runs:
 - CUDA: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized with its
   own scale (its absolute maximum / 448); at most MAX_ROWS rows (decode, windows, the tree at small
   batch), or the few-row Triton kernel widening the weight to bf16 as it loads it (weights-only),
   whichever measured faster for the shape;
-- CPU: the weights-only product in the input's dtype (tests, real checkpoints on CPU).
+- CPU: the weights-only product in the input's dtype, from a widened copy of the fp8 weight (fp8
+  numbers at float speed: tests, accuracy checks with real checkpoints).
 """
 from __future__ import annotations
 
