@@ -60,9 +60,11 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
     return y.view(*lead, weight.shape[0])
 
 
-def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weights-only product on any device: x (weight * scale[:, None])^T in x's dtype."""
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       widened: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights-only product on any device: x (weight * scale[:, None])^T in x's dtype; widened:
+    weight already in x's dtype (spares the conversion per call)."""
+    return F.linear(x, widened if widened is not None else weight.to(x.dtype)) * scale.to(x.dtype)
 
 
 @dataclass
@@ -75,10 +77,10 @@ class Fp8Linear:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  scale: torch.Tensor, widened: torch.Tensor | None = None) -> torch.Tensor:
-        """widened: the fp8 weight already widened to x's dtype (CPU: spares the conversion per call)."""
+        """widened: the fp8 weight already widened to x's dtype (CPU, see quantize_model_fp8)."""
         rows = x.numel() // x.shape[-1]
         if not x.is_cuda:
-            y = F.linear(x, widened) * scale.to(x.dtype) if widened is not None else dequantized_linear(x, weight, scale)
+            y = dequantized_linear(x, weight, scale, widened)
         elif self.few_rows is not None and rows <= self.max_rows:
             y = self.few_rows.quantized(x, weight, scale)
         else:

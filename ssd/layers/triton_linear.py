@@ -15,6 +15,7 @@ is timed inside a small CUDA graph of its own, as the engine runs it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ssd.engine.gpu_timing import graph_time_us as time_us
+from ssd.layers.fp8 import dequantized_linear
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class SkinnyTiling:
 
     def fits(self, k: int) -> bool:
         """Every split is a whole number of BLOCK_K steps."""
-        return k % (self.split_k * self.block_k) == 0 if self.split_k > 1 else True
+        return self.split_k == 1 or k % (self.split_k * self.block_k) == 0
 
 
 CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256, 4, 3), SkinnyTiling(64, 128, 4, 3),
@@ -156,7 +158,7 @@ class MeasuredLinear:
             reference = F.linear(x, weight).float()
         else:
             library, tilings = (lambda w: library_fp8(x, w, scale)), FP8_CANDIDATES
-            reference = (F.linear(x, weight.to(x.dtype)) * scale).float()
+            reference = dequantized_linear(x, weight, scale).float()
         tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
         times = {None: streaming_time_us(library, weight)}
         for tiling in tilings:
@@ -184,5 +186,5 @@ def streaming_time_us(product: Callable[[torch.Tensor], object], weight: torch.T
     nbytes = weight.numel() * weight.element_size()
     l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
     copies = [weight] + [weight.clone() for _ in range(min(15, -(-2 * l2 // nbytes) - 1))]
-    turn = iter(range(1 << 30))
+    turn = itertools.count()
     return time_us(lambda: product(copies[next(turn) % len(copies)]), calls=2 * len(copies))
