@@ -34,6 +34,8 @@ from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
 from ssd.engine.sampler import SamplingTensors  # noqa: E402
 from ssd.sampling_params import SamplingParams  # noqa: E402
+from ssd.models.presets import preset_arch  # noqa: E402
+from ssd.spec.draft_vocabulary import kept_token_ids  # noqa: E402
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
 
 log = logging.getLogger("draft_round_bench")
@@ -41,13 +43,14 @@ log = logging.getLogger("draft_round_bench")
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
-                quant: str | None = None) -> AsyncDraft:
+                quant: str | None = None, vocab: int | None = None) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear)
-    cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec)
+    head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
+    cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
@@ -223,17 +226,20 @@ def main(argv: list[str]) -> int:
                         help="linear-layer choices to measure one after the other (with each attention)")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
+    parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
+                        help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
+                             "one after the other")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
-    for mode, linear, quant in itertools.product(args.attention, args.linear, args.quant):
+    for mode, linear, quant, vocab in itertools.product(args.attention, args.linear, args.quant, args.vocab):
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode == "fused", measured_linear=linear == "measured",
-                            quant=None if quant == "none" else quant)
+                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
-            rows.append({"attention": mode, "linear": linear, "weights": quant, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
+            rows.append({"attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
                                                              args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
         del draft

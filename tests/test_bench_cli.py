@@ -42,6 +42,9 @@ def refusal(argv: list[str], capsys) -> str:
     (CPU + ["--b", "0"], "--b (batch size) must be at least 1"),
     (CPU + ["--dtemp", "0.5"], "--dtemp (draft temperature) needs --spec"),
     (CPU + ["--draft-quant", "fp8"], "--draft-quant needs --spec"),
+    (CPU + ["--draft-vocab", "4096"], "--draft-vocab needs --spec"),
+    (CPU + ["--spec", "--draft-vocab", "0"], "--draft-vocab must be >= 1"),
+    (CPU + ["--spec", "--draft-vocab-ranking", "qwen2.5"], "--draft-vocab-ranking needs --draft-vocab N"),
     (CPU + ["--size", "32"], "add --qwen"),
     (CPU + ["--qwen", "--size", "8"], "not a qwen size"),
     (CPU + ["--target", "/no/such/model"], "no such directory"),
@@ -112,6 +115,15 @@ def test_draft_quantization_reaches_the_engine_arguments():
     assert llm_kwargs(config, config.arms[-1], "d")["draft_quantization"] == "fp8"
     plain = parse_args(CPU + ["--spec"])
     assert "draft_quantization" not in llm_kwargs(plain, plain.arms[-1], "d")
+
+
+def test_draft_vocabulary_reaches_the_engine_arguments():
+    from ssd.benchmark.runner import llm_kwargs
+    config = parse_args(CPU + ["--spec", "--async", "--draft-vocab", "32768", "--draft-vocab-ranking", "qwen2.5"])
+    assert llm_kwargs(config, config.arms[-1], "d")["draft_vocabulary"] == 32768
+    assert llm_kwargs(config, config.arms[-1], "d")["draft_vocabulary_ranking"] == "qwen2.5"
+    plain = parse_args(CPU + ["--spec"])
+    assert "draft_vocabulary" not in llm_kwargs(plain, plain.arms[-1], "d")
 
 
 def test_default_cpu_run_is_the_offline_real_pair_and_small():

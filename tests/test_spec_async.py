@@ -51,6 +51,7 @@ def test_greedy_async_matches_autoregressive(pair, batch, k):
     dict(fan_out=2, backup="fast"),
     dict(fan_out=2, backup="auto"),
     dict(fan_out=3, draft_quantization="fp8"),                      # the draft's weights in fp8
+    dict(fan_out=3, draft_vocabulary=60),                           # the draft's head over 60 of 97 tokens
 ])
 def test_greedy_async_matches_autoregressive_for_fanouts_and_backups(pair, options):
     prompts = prompts_for(5)
@@ -73,6 +74,7 @@ def test_async_with_tp2_target_and_agreeing_draft_hits_every_round(pair):
     dict(fan_out=4, backup="fast"),
     dict(fan_out=0, sampler_x=1.0),  # every lookup misses: the jit backup answers
     dict(fan_out=4, draft_quantization="fp8"),
+    dict(fan_out=4, draft_vocabulary=50),   # q = 0 outside the kept tokens: the residual covers them
 ])
 def test_sampled_async_output_follows_target_distribution(pair, options):
     n, prompt = 3000, [7, 8, 9]

@@ -3,7 +3,7 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | profile | llama | qwen | coordinator)
+#   (PART: draft | kernels | attention | round | fp8 | vocab | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -49,6 +49,13 @@ case $part in
              timeout 540 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches 1 16 --quant none fp8 \
                ${KERNELS:+--kernels} --out "$out/draft_round_${preset}_fp8.json" > "$out/round_fp8_$preset.log" 2>&1
              grep -E "batch|Error|error" "$out/round_fp8_$preset.log" | cut -c1-900
+           done ;;
+  vocab)   # the draft round with its LM head over all tokens and over VOCAB (default 32768) side by side
+           for preset in ${PRESETS:-llama-3.2-1b qwen3-0.6b}; do
+             timeout 540 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches 1 16 \
+               --vocab none ${VOCAB:-32768} ${KERNELS:+--kernels} --out "$out/draft_round_${preset}_vocab.json" \
+               > "$out/round_vocab_$preset.log" 2>&1
+             grep -E "batch|Error|error" "$out/round_vocab_$preset.log" | cut -c1-900
            done ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1

@@ -74,6 +74,8 @@ class BenchConfig:
     temp: float
     dtemp: float | None
     draft_quant: str | None
+    draft_vocab: int | None
+    draft_vocab_ranking: str | None
     eager: bool
     attention: str
     linear: str
@@ -199,6 +201,16 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
                             "on an H200, ~4%% lower acceptance on the real Qwen pair. Changes only the "
                             "draft's proposals, never the output; needs --spec and, on GPU, fp8 tensor "
                             "cores (H100/H200 class).")
+    group.add_argument("--draft-vocab", dest="draft_vocab", type=int, default=None, metavar="N",
+                       help="The draft's LM head keeps only N tokens (stop and special tokens, then the "
+                            "first of --draft-vocab-ranking, then the lowest ids: BPE merge order); the rest "
+                            "get probability 0 in the draft. The "
+                            "head of a 1B draft is a fifth of its weights and at B=16 its largest "
+                            "product. Changes only the draft's proposals (acceptance), never the output; "
+                            "needs --spec.")
+    group.add_argument("--draft-vocab-ranking", dest="draft_vocab_ranking", default=None, metavar="NAME|FILE",
+                       help="Token ranking for --draft-vocab: 'qwen2.5' (shipped: ShareGPT model turns, "
+                            "Qwen2.5/Qwen3 tokenizer) or a file of `python -m ssd.spec.rank_vocabulary`.")
     group.add_argument("--profile", default=None, metavar="NAME|FILE",
                        help="Replay an acceptance profile instead of real draft/target agreement "
                             "(random weights only); results are labelled 'simulated acceptance'.")
@@ -285,7 +297,8 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp,
-        draft_quant=ns.draft_quant, eager=ns.eager,
+        draft_quant=ns.draft_quant, draft_vocab=ns.draft_vocab,
+        draft_vocab_ranking=ns.draft_vocab_ranking, eager=ns.eager,
         attention=ns.attention, linear=ns.linear, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
         data_dir=ns.data_dir or os.environ.get("SSD_DATA_DIR") or "data",
         chat_template=ns.chat_template, random_weights=random_weights, profile=ns.profile,
@@ -369,6 +382,12 @@ def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str
         raise ValueError("--dtemp (draft temperature) needs --spec")
     if ns.draft_quant is not None and not uses_spec:
         raise ValueError("--draft-quant needs --spec (it quantizes the draft model)")
+    if ns.draft_vocab is not None and not uses_spec:
+        raise ValueError("--draft-vocab needs --spec (it restricts the draft model's LM head)")
+    if ns.draft_vocab_ranking is not None and ns.draft_vocab is None:
+        raise ValueError("--draft-vocab-ranking needs --draft-vocab N")
+    if ns.draft_vocab is not None and ns.draft_vocab < 1:
+        raise ValueError(f"--draft-vocab must be >= 1, got {ns.draft_vocab}")
     if "async" in arm_names and device == "cuda" and ns.gpus < 2:
         raise ValueError("async speculation on CUDA needs a draft GPU: use --gpus >= 2 "
                          "(N-1 for the target, 1 for the draft)")

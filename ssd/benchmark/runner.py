@@ -39,7 +39,15 @@ logger = logging.getLogger(__name__)
 ASYNC_OPTION_NAMES = {"f": "fan_out", "flh": "fan_out_list", "flm": "fan_out_list_miss",
                       "fanout": "fan_out_shape", "backup": "backup", "x": "sampler_x"}
 # ... and for every spec arm (sync and async).
-SPEC_OPTION_NAMES = {"dtemp": "draft_temperature", "profile": "acceptance_profile", "draft_quant": "draft_quantization"}
+SPEC_OPTION_NAMES = {"dtemp": "draft_temperature", "profile": "acceptance_profile", "draft_quant": "draft_quantization",
+                     "draft_vocab": "draft_vocabulary", "draft_vocab_ranking": "draft_vocabulary_ranking"}
+
+
+def draft_variant(config) -> str:
+    variants = [f"{config.draft_quant} weights" if config.draft_quant else "",
+                f"head over {config.draft_vocab} tokens" if config.draft_vocab else "",
+                f"ranked by {config.draft_vocab_ranking}" if config.draft_vocab_ranking else ""]
+    return "".join(f" ({v})" for v in variants if v)
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
@@ -50,7 +58,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     params = sampling_params_for(config, len(prompts))
     logger.info("target %s, draft %s%s, %d prompts in %d batches of <= %d, arms %s", target,
                 config.draft.name if config.draft else None,
-                f" ({config.draft_quant} weights)" if config.draft_quant else "", len(prompts), len(batches),
+                draft_variant(config), len(prompts), len(batches),
                 config.batch_size, ",".join(arm.name for arm in config.arms))
     runs = _run_with_llms(config, target, prompts, params, batches)
     return _finish(config, runs)

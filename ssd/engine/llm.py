@@ -24,6 +24,7 @@ from ssd.sampling_params import SamplingParams
 from ssd.spec.acceptance_profile import AcceptanceProfile, load_profile
 from ssd.spec.profile_replay import ProfileReplay
 from ssd.spec.async_decoder import AsyncSpeculativeDecoder, FanoutTuner
+from ssd.spec.draft_vocabulary import kept_token_ids, load_ranking, special_token_ids
 from ssd.spec.fanout import FanoutEstimator
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig
 from ssd.spec.sync_decoder import SpeculativeDecoder
@@ -77,15 +78,19 @@ class LLM:
                  measured_linear: bool = True,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
-                 draft_quantization: str | None = None,
+                 draft_quantization: str | None = None, draft_vocabulary: int | None = None,
+                 draft_vocabulary_ranking: str | None = None,
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
                  **async_options):
-        """async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
+        """draft_vocabulary: the draft's LM head keeps only this many tokens (stop and special
+        tokens, then the first of draft_vocabulary_ranking — a shipped name or a file of
+        ssd.spec.rank_vocabulary —, then id order; ssd.spec.draft_vocabulary): faster drafts, same output.
+        async_options (with async_spec): fan_out, fan_out_list, fan_out_list_miss, fan_out_shape,
         acceptance, miss_exponent, backup, sampler_x — see ssd.spec.spec_config.AsyncSpecConfig."""
         device_type = resolve_device(device)
         self.checkpoint = resolve_checkpoint(model)
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated,
-                                      draft_quantization)
+                                      draft_quantization, draft_vocabulary, draft_vocabulary_ranking)
         self.async_spec = self.make_async_config(async_spec, async_options)
         self.profile = self.load_profile(acceptance_profile)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
@@ -96,10 +101,10 @@ class LLM:
                                 enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
                                 measured_linear=measured_linear,
                                 seed=seed, timeout_s=timeout_s)
-        self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec) \
-            if self.spec else None
-        self.seed = seed
         self.tokenizer = load_tokenizer(self.checkpoint)
+        self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec,
+                                                 self.draft_head_vocabulary()) if self.spec else None
+        self.seed = seed
         self.last_run_stats = GenerationStats()
         self._closed = True
         self.check_models()
@@ -114,6 +119,15 @@ class LLM:
         self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
         self.fanout_tuner = self.async_spec and FanoutTuner(
             self.async_spec.shape.fanout_hit, FanoutEstimator() if self.async_spec.online_fanout else None)
+
+    def draft_head_vocabulary(self) -> tuple[int, ...] | None:
+        if self.spec.vocabulary is None:
+            return None
+        target = load_arch(self.cfg)
+        always = eos_token_ids(target, self.checkpoint) | special_token_ids(self.tokenizer)
+        ranking = load_ranking(self.spec.vocabulary_ranking, target.vocab_size) \
+            if self.spec.vocabulary_ranking else None
+        return kept_token_ids(self.spec.vocabulary, target.vocab_size, always, ranking)
 
     def make_async_config(self, async_spec: bool, options: dict) -> AsyncSpecConfig | None:
         if not async_spec:

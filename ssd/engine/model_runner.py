@@ -9,6 +9,7 @@ import torch
 
 from ssd.distributed.tp_group import TPGroup
 from ssd.engine.cuda_graphs import GraphPool
+from ssd.engine.greedy import greedy_tokens
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
@@ -43,6 +44,9 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
         init_random_weights(model, cfg.seed, tp.rank)
     else:
         load_checkpoint(model, cfg.model)
+    if cfg.head_vocabulary is not None:   # before fp8: the kept rows are what gets quantized
+        model.lm_head.restrict_vocabulary(torch.tensor(cfg.head_vocabulary, dtype=torch.int64, device=device))
+        log.info("LM head restricted to %d of %d tokens", len(cfg.head_vocabulary), arch.vocab_size)
     if cfg.weight_quant == "fp8":
         # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -109,14 +113,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def tree_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix_limit: torch.Tensor,
-                     tree: TreeContext, max_position: int) -> torch.Tensor:
+                     tree: TreeContext, max_position: int, greedy: bool = False) -> torch.Tensor:
         """Branch step of the draft's speculation tree (single-rank draft only): input_ids/positions/
         prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
-        Returns logits [B, N, V] in the model's dtype: greedy branches take the argmax of these as they
-        are (exact: the float32 cast is monotone), sampled ones convert when filtering — at B=16 a
-        float32 copy of 336 x 128k logits would cost more per step than the step's attention."""
+        Returns logits [B, N, V] in the model's dtype (sampled ones convert when filtering — at B=16 a
+        float32 copy of 336 x 128k logits would cost more per step than the step's attention), or with
+        greedy the argmax token ids [B, N] (a restricted head: over its kept tokens' logits, which
+        picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted)."""
         ctx = ForwardContext(positions, prefix_limit, self.attend_bucket(max_position + 1), self.kv.k, self.kv.v, 0, tree)
-        return self.model.compute_logits(self.model(input_ids, ctx))
+        hidden = self.model(input_ids, ctx)
+        head = self.model.lm_head
+        if not greedy:
+            return self.model.compute_logits(hidden)
+        if head.kept_ids is None:
+            return greedy_tokens(self.model.compute_logits(hidden))
+        return head.kept_ids[greedy_tokens(head.kept_logits(hidden))]
 
     def attend_bucket(self, needed: int) -> int:
         """Cache positions a forward attends to: a power of two >= needed (few graph shapes)."""

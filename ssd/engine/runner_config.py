@@ -24,6 +24,7 @@ class RunnerConfig:
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
+    head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
@@ -37,6 +38,8 @@ class RunnerConfig:
             raise ValueError("num_slots must be >= 1")
         if self.weight_quant not in (None, "fp8"):
             raise ValueError(f"weight quantization must be None or 'fp8', got {self.weight_quant!r}")
+        if self.head_vocabulary is not None and self.tp_size != 1:
+            raise ValueError("a restricted LM head vocabulary needs tp_size 1 (drafts run on one GPU)")
 
     def device_for(self, rank: int) -> torch.device:
         """Under srun/torchrun across nodes, LOCAL_RANK (this node's index) picks the GPU."""

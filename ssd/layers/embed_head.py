@@ -35,12 +35,35 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over the full vocabulary, gathered from every rank's slice."""
+    """Logits over the full vocabulary, gathered from every rank's slice (or, restricted to some
+    tokens, computed for those only and -inf elsewhere: ssd.spec.draft_vocabulary)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, linear: Callable = F.linear):
         super().__init__(vocab_size, hidden_size, tp)
         self.linear = linear
+        self.register_buffer("kept_ids", None)   # [N] token ids of a restricted head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.kept_ids is not None:
+            return spread_logits(self.kept_logits(hidden), self.kept_ids, self.vocab_size)
         logits = self.tp.all_gather_last_dim(self.linear(hidden, self.weight))
         return logits[..., : self.vocab_size]
+
+    def kept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A restricted head's logits of its kept tokens only, [..., N] (column i: token kept_ids[i])."""
+        return self.linear(hidden, self.weight)
+
+    @torch.no_grad()
+    def restrict_vocabulary(self, kept_ids: torch.Tensor) -> None:
+        """Keep only the rows of kept_ids [N] (sorted, unique; one rank): a copy, so a tied
+        embedding keeps its full table."""
+        if self.tp.size != 1:
+            raise ValueError("a restricted LM head runs on one rank (the draft)")
+        self.weight = nn.Parameter(self.weight[kept_ids].clone(), requires_grad=False)
+        self.register_buffer("kept_ids", kept_ids)
+
+
+def spread_logits(kept_logits: torch.Tensor, kept_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., N] logits of the kept tokens -> [..., vocab_size], -inf at every other token."""
+    logits = kept_logits.new_full((*kept_logits.shape[:-1], vocab_size), float("-inf"))
+    return logits.index_copy_(-1, kept_ids, kept_logits)

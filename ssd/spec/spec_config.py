@@ -53,13 +53,16 @@ class SpecConfig:
     draft_temperature: float | None = None
     colocated: bool = False   # draft on target rank 0's device, in its process (the usual SD layout)
     quantization: str | None = None   # the draft's weights: "fp8" (ssd.layers.fp8) or as loaded
+    vocabulary: int | None = None     # tokens the draft's LM head keeps (ssd.spec.draft_vocabulary); None: all
+    vocabulary_ranking: str | None = None   # which first: a shipped ranking's name or a file (None: id order)
 
     @classmethod
     def create(cls, draft: str | None, k: int, draft_temperature: float | None,
-               colocated: bool, quantization: str | None = None) -> "SpecConfig | None":
+               colocated: bool, quantization: str | None = None,
+               vocabulary: int | None = None, vocabulary_ranking: str | None = None) -> "SpecConfig | None":
         if draft is None:
-            if k:
-                raise ValueError("num_speculative_tokens needs a draft model")
+            if k or quantization is not None or vocabulary is not None:
+                raise ValueError("num_speculative_tokens, draft quantization and draft vocabulary need a draft model")
             return None
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 with a draft model, got {k}")
@@ -67,14 +70,20 @@ class SpecConfig:
             raise ValueError(f"draft temperature must be >= 0, got {draft_temperature}")
         if quantization not in (None, "fp8"):
             raise ValueError(f"draft quantization must be 'fp8' or None, got {quantization!r}")
-        return cls(draft, k, draft_temperature, colocated, quantization)
+        if vocabulary is not None and vocabulary < 1:
+            raise ValueError(f"draft vocabulary size must be >= 1, got {vocabulary}")
+        if vocabulary_ranking is not None and vocabulary is None:
+            raise ValueError("a draft vocabulary ranking needs a draft vocabulary size")
+        return cls(draft, k, draft_temperature, colocated, quantization, vocabulary, vocabulary_ranking)
 
     def runner_config(self, target: RunnerConfig, checkpoint: Path | None,
-                      async_spec: AsyncSpecConfig | None = None) -> RunnerConfig:
+                      async_spec: AsyncSpecConfig | None = None,
+                      head_vocabulary: tuple[int, ...] | None = None) -> RunnerConfig:
         """The draft runs at TP=1: on the GPU after the target group's, or on the target's first.
-        Async: it also forwards the K+1 window and keeps scratch KV for the tree's branches."""
+        Async: it also forwards the K+1 window and keeps scratch KV for the tree's branches.
+        head_vocabulary: the token ids its LM head keeps (with `vocabulary`: kept_token_ids)."""
         first_gpu = target.first_gpu + (0 if self.colocated else target.tp_size)
         windows, scratch = ((2,), 0) if async_spec is None else ((2, self.k + 1), async_spec.shape.scratch_len)
         return dataclasses.replace(target, model=str(checkpoint or self.draft), tp_size=1, first_gpu=first_gpu,
                                    window_sizes=windows, scratch_len=scratch, seed=target.seed + 1,
-                                   weight_quant=self.quantization)
+                                   weight_quant=self.quantization, head_vocabulary=head_vocabulary)

