@@ -29,6 +29,20 @@ def test_distribution_and_draw(chunks, dtype):
     assert int(tokens[3]) == 10
 
 
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_chunks_of_minus_inf_logits_get_zero_probability(chunks):
+    """A restricted draft head (ssd.spec.draft_vocabulary) leaves whole chunks at -inf."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.full((3, 4096), float("-inf"))
+    logits[:, :700] = torch.randn(3, 700, generator=g)
+    logits[2, 3000] = 1.0                                            # one kept token far out
+    temperature, seed, counter = torch.tensor([1.0, 0.6, 0.0]), torch.arange(3), torch.full((3,), 4)
+    tokens, q = temperature_sample(logits, temperature, seed, counter, RandomStream.DRAFT, chunks=chunks)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q[:2], (logits[:2] / temperature[:2, None]).softmax(-1), rtol=1e-5, atol=1e-7)
+    assert torch.equal(tokens, sample_from_weights(q, seed, counter, RandomStream.DRAFT))
+
+
 def test_writes_into_strided_rows_of_a_larger_buffer():
     """As the tree writes into its graph's probs buffer [B, N, K, V] at one depth."""
     g = torch.Generator().manual_seed(1)

@@ -47,7 +47,8 @@ def _chunk_stats_kernel(x_ptr, t_ptr, stats_ptr, sx_r, V: tl.constexpr, CHUNK: t
         lane_arg = tl.where(v > lane_max, cols, lane_arg)          # strictly: the earliest column on ties
         lane_max = new_max
     top = tl.max(lane_max, 0)
-    total = tl.sum(lane_sum * tl.exp(lane_max - top), 0)
+    # a chunk of -inf logits only (a restricted draft head's dropped tokens) sums to 0, not NaN
+    total = tl.sum(lane_sum * tl.exp(lane_max - tl.where(top == float("-inf"), 0.0, top)), 0)
     first = tl.min(tl.where(lane_max == top, lane_arg, V + BLOCK), 0)
     slot = row * chunks + chunk
     rows = tl.num_programs(0) * chunks
