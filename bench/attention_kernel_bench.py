@@ -4,7 +4,11 @@ one's time per call, at the shapes ssd runs (written to JSON).
     PYTHONUNBUFFERED=1 python bench/attention_kernel_bench.py --out $OUT/attention_kernels.json
 
 Cases: the target's decode / verification window (llama-3.1-8b heads, context ~512) and the draft's
-tree step (llama-3.2-1b heads, 21 branches per sequence with 6-deep scratch), at B = 1 and 16.
+tree step (llama-3.2-1b heads, 21 branches per sequence with 6-deep scratch, at its last depth: every
+branch entry read), at B = 1 and 16. The tree step is timed with its scratch on a split of its own
+and on the last key split, as a CUDA graph of back-to-back calls (no launch overhead, as the engine
+runs it: fused_scratch_split_graph_us / fused_scratch_last_graph_us; fused_us is the default,
+SCRATCH_SPLIT, timed eagerly like the rest); they differ only where the keys are split.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,9 +25,10 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from ssd.benchmark.kernel_profile import cuda_time_ms  # noqa: E402
+from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention  # noqa: E402
 from ssd.layers.kernels import Kernels  # noqa: E402
-from ssd.layers.triton_attention import fused_attention  # noqa: E402
+from ssd.layers.triton_attention import SCRATCH_SPLIT, fused_attention  # noqa: E402
 
 log = logging.getLogger("attention_kernel_bench")
 
@@ -31,14 +37,18 @@ CASES = {"decode_llama8b": (1, 32, 8, 128, 0), "window8_llama8b": (8, 32, 8, 128
          "tree_llama1b_k6f3": (21, 32, 8, 64, 6)}
 
 
-def context_for(batch: int, queries: int, scratch_depth: int, context: int, capacity: int, device) -> ForwardContext:
+def context_for(batch: int, queries: int, branch_len: int, context: int, capacity: int, device,
+                depth: int | None = None) -> tuple[torch.Tensor, TreeContext | None]:
+    """Positions [B, T] and, with branch_len K, the tree step at `depth` (default: the last, K - 1)."""
     positions = context + torch.arange(queries, device=device).expand(batch, queries).contiguous()
     tree = None
-    if scratch_depth:
-        entries = torch.arange(queries * scratch_depth, device=device)
-        mask = ((entries // scratch_depth)[None, :] == torch.arange(queries, device=device)[:, None]) & \
-            ((entries % scratch_depth)[None, :] <= 2)
-        tree = TreeContext(torch.zeros(batch, queries, dtype=torch.int64, device=device), capacity, mask)
+    if branch_len:
+        depth = branch_len - 1 if depth is None else depth
+        entries = torch.arange(queries * branch_len, device=device)
+        mask = ((entries // branch_len)[None, :] == torch.arange(queries, device=device)[:, None]) & \
+            ((entries % branch_len)[None, :] <= depth)
+        tree = TreeContext(torch.zeros(batch, queries, dtype=torch.int64, device=device), capacity, mask,
+                           branch_len, depth)
         positions = torch.full((batch, queries), context, device=device)
     return positions, tree
 
@@ -58,7 +68,20 @@ def run_case(name: str, batch: int, context: int, attend_len: int) -> dict:
     row = {"case": name, "batch": batch, "context": context, "attend_len": attend_len,
            "fused_us": round(1e3 * cuda_time_ms(fused, 200, 10), 2),
            "matmul_us": round(1e3 * cuda_time_ms(matmul, 200, 10), 2), "max_abs_diff": diff}
+    if tree is not None:
+        row.update(scratch_placements(q, ctx, dim ** -0.5, compiled, matmul()), default_scratch_split=SCRATCH_SPLIT)
     log.info("%s", row)
+    return row
+
+
+def scratch_placements(q, ctx: ForwardContext, scale: float, grouped, expected: torch.Tensor) -> dict:
+    """The tree step with its scratch on a split of its own and on the last key split (graph-timed)."""
+    row = {}
+    for key, own in (("scratch_split", True), ("scratch_last", False)):
+        fused = partial(fused_attention, scratch_split=own)
+        run = lambda: cached_attention(q, 0, ctx, scale, grouped, fused)  # noqa: E731
+        row[f"fused_{key}_graph_us"] = round(graph_time_us(run, calls=20, replays=20), 2)
+        row[f"max_abs_diff_{key}"] = (run().float() - expected.float()).abs().max().item()
     return row
 
 
@@ -71,8 +94,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = [run_case(name, batch, args.context, args.attend_len) for name in CASES for batch in (1, 16)]
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
-              "note": "matmul = torch.compile'd grouped_attention (the previous path); timings are "
-                      "back-to-back eager calls (launch overhead included in both)"}
+              "note": "matmul = torch.compile'd grouped_attention (the previous path); *_us timings are "
+                      "back-to-back eager calls (launch overhead included in both), *_graph_us ones a "
+                      "CUDA graph of back-to-back calls"}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

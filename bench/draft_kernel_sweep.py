@@ -63,7 +63,7 @@ def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
         q = torch.randn(batch, queries, HEADS, HEAD_DIM, device=device, dtype=dtype)
         positions, tree = context_for(batch, queries, depth, context, attend_len, device)
         keys_end = positions.amax(1) + 1
-        scratch = (attend_len, tree.scratch_mask) if tree else (0, None)
+        scratch = (attend_len, tree.branch_len, tree.depth) if tree else ()
         group_rows = queries * HEADS // KV_HEADS
         reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125, *scratch, splits=1)
         default = Tiling.default(group_rows, HEAD_DIM)

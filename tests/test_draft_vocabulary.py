@@ -99,7 +99,7 @@ def test_restricted_head_needs_one_rank():
 
 
 def test_draft_vocabulary_needs_a_draft():
-    with pytest.raises(ValueError, match="need a draft model"):
+    with pytest.raises(ValueError, match="draft vocabulary: speculative decoding needs a draft model"):
         LLM("llama-3.2-1b", draft_vocabulary=1000)
 
 

@@ -10,9 +10,13 @@ from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 
 
-def runner_for(path, scratch_len=0) -> ModelRunner:
+def runner_for(path, scratch_len=0, head_vocabulary=None) -> ModelRunner:
     return ModelRunner(RunnerConfig(model=str(path), max_len=128, num_slots=4, window_sizes=(2, 4),
-                                    scratch_len=scratch_len), TPGroup())
+                                    scratch_len=scratch_len, head_vocabulary=head_vocabulary), TPGroup())
+
+
+# a draft head over 50 of the 97 tokens, not a prefix of the ids (ssd.spec.draft_vocabulary)
+RESTRICTED = tuple(sorted(list(range(1, 97, 2)) + [0, 2]))
 
 
 def greedy_continuation(runner: ModelRunner, context: list[int], k: int) -> tuple[list[int], torch.Tensor]:
@@ -35,16 +39,18 @@ def use_fused_attention(runner: ModelRunner) -> None:
             module.kernels = dataclasses.replace(module.kernels, fused_attention=fused_attention)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "fused"])
-def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused):
-    """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask."""
+@pytest.mark.parametrize("fused,head", [(False, None), (True, None), (False, RESTRICTED)],
+                         ids=["matmul", "fused", "restricted-head"])
+def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused, head):
+    """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask; and
+    a restricted head's greedy tree steps (argmax over its kept logits) against full -inf-filled rows."""
     if fused:
         pytest.importorskip("triton")
     k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
-    tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len)
+    tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head)
     if fused:
         use_fused_attention(tree_runner)
-    reference = runner_for(tiny_checkpoints["llama"])
+    reference = runner_for(tiny_checkpoints["llama"], head_vocabulary=head)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
     width = max(map(len, prompts))
     ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
@@ -63,6 +69,7 @@ def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused):
             context = prompt[:-1] + window[row, : fork + 1].tolist() + [int(cache.guess[row, n])]
             expected, _ = greedy_continuation(reference, context, k)
             assert cache.tokens[row, n].tolist() == expected, (row, n)
+            assert head is None or set(expected) <= set(head)
 
 
 def test_fork_guesses_exclude_the_drafted_token(tiny_checkpoints):

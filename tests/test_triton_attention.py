@@ -6,7 +6,8 @@ import torch
 pytest.importorskip("triton")
 
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention, causal_mask, grouped_attention  # noqa: E402
-from ssd.layers.triton_attention import fused_attention  # noqa: E402
+from ssd.layers.triton_attention import Tiling, fused_attention  # noqa: E402
+from ssd.draft_worker.tree import TreeShape  # noqa: E402
 
 
 def random_case(batch, queries, heads, kv_heads, dim, capacity=288, slots=5, seed=0):
@@ -43,22 +44,83 @@ def test_keys_past_the_limit_do_not_matter(splits):
     torch.testing.assert_close(out, again)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3)])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads, splits):
-    batch, branches, depth, dim, scratch_start, attend_len = 2, 5, 3, 16, 256, 192
-    q, k_cache, v_cache = random_case(batch, branches, heads, kv_heads, dim, seed=7)
-    fork = torch.tensor([0, 0, 1, 2, 2])
+def scratch_mask(branches: int, k: int, depth: int) -> torch.Tensor:
+    """[N, N*K] the draft's own mask (TreeShape.scratch_mask) for N branches of K entries."""
+    return TreeShape(k, (branches,) + (0,) * k, (branches,) + (0,) * k).scratch_mask(depth, "cpu")
+
+
+def tree_case(heads, kv_heads, branches=5, k=4, seed=7):
+    """Two rows (slots 0, 1) of `branches` tree queries with K-entry branches in the scratch."""
+    batch, dim, scratch_start = 2, 16, 256
+    q, k_cache, v_cache = random_case(batch, branches, heads, kv_heads, dim, capacity=scratch_start + branches * k,
+                                      seed=seed)
+    fork = torch.arange(branches) % 3
     limit = torch.tensor([[9], [150]]) + fork                   # each branch sees its fork point
-    entry = torch.arange(branches * depth)
-    scratch_mask = ((entry // depth)[None, :] == torch.arange(branches)[:, None]) & ((entry % depth)[None, :] <= 1)
-    out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start,
-                          scratch_mask, splits=splits)
-    scratch = slice(scratch_start, scratch_start + branches * depth)
-    expected = grouped_attention(q, k_cache[:batch, :, :attend_len], v_cache[:batch, :, :attend_len],
-                                 causal_mask(limit, attend_len), 0.3,
-                                 k_cache[:batch, :, scratch], v_cache[:batch, :, scratch], scratch_mask[None, None])
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    return q, k_cache, v_cache, limit, scratch_start
+
+
+def tree_reference(q, k_cache, v_cache, limit, scratch_start, attend_len, k, depth, scale):
+    batch, branches = limit.shape
+    scratch = slice(scratch_start, scratch_start + branches * k)
+    return grouped_attention(q, k_cache[:batch, :, :attend_len], v_cache[:batch, :, :attend_len],
+                             causal_mask(limit, attend_len), scale, k_cache[:batch, :, scratch],
+                             v_cache[:batch, :, scratch], scratch_mask(branches, k, depth)[None, None])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3), (8, 1), (2, 2)])
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+@pytest.mark.parametrize("scratch_split", [True, False], ids=["own_split", "last_split"])
+def test_tree_queries_see_their_prefix_and_their_scratch_entries(heads, kv_heads, splits, scratch_split):
+    """At every depth (0 .. K-1) query t sees its prefix and entries 0..depth of branch t, as the
+    matmul path does with the draft's scratch mask."""
+    k, attend_len = 3, 192
+    q, k_cache, v_cache, limit, scratch_start = tree_case(heads, kv_heads, k=k, seed=heads + splits)
+    for depth in range(k):
+        out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start,
+                              k, depth, splits=splits, scratch_split=scratch_split)
+        expected = tree_reference(q, k_cache, v_cache, limit, scratch_start, attend_len, k, depth, 0.3)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"depth {depth}: {m}")
+
+
+@pytest.mark.parametrize("splits,scratch_split", [(1, True), (3, True), (3, False)])
+def test_tree_row_tiles_that_split_a_token_s_heads(splits, scratch_split):
+    """Small row tiles (16 rows, 6 heads a token: tiles begin mid-token, the second one touches 4
+    tokens, not 16 / 6 rounded up) and key blocks (16: a tile's branches span two blocks)."""
+    branches, k, attend_len = 7, 5, 192
+    q, k_cache, v_cache, limit, scratch_start = tree_case(6, 1, branches, k, seed=splits)
+    for depth in range(k):
+        out = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start, k,
+                              depth, splits=splits, tiling=Tiling(16, 16), scratch_split=scratch_split)
+        expected = tree_reference(q, k_cache, v_cache, limit, scratch_start, attend_len, k, depth, 0.3)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"depth {depth}: {m}")
+
+
+@pytest.mark.parametrize("splits,scratch_split", [(1, True), (3, True), (3, False)])
+def test_scratch_entries_a_row_does_not_own_do_not_matter(splits, scratch_split):
+    """Query t reads only entries 0..depth of branch t: with every other scratch entry (the other
+    branches', its own past depth) NaN or huge its output is as it was — the others' turn NaN."""
+    branches, k, depth, attend_len = 5, 4, 1, 192
+    q, k_cache, v_cache, limit, scratch_start = tree_case(4, 2, branches, k)
+
+    def run(k_cache, v_cache):
+        return fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start,
+                               k, depth, splits=splits, scratch_split=scratch_split)
+    out = run(k_cache, v_cache)
+    for branch in range(branches):
+        own = slice(scratch_start + branch * k, scratch_start + branch * k + depth + 1)
+        k_poisoned, v_poisoned = k_cache.clone(), v_cache.clone()
+        k_poisoned[:, :, scratch_start:], v_poisoned[:, :, scratch_start:] = float("nan"), 1e6
+        k_poisoned[:, :, own], v_poisoned[:, :, own] = k_cache[:, :, own], v_cache[:, :, own]
+        poisoned = run(k_poisoned, v_poisoned)
+        torch.testing.assert_close(poisoned[:, branch], out[:, branch])
+        others = [b for b in range(branches) if b != branch]
+        assert torch.isnan(poisoned[:, others]).all()
+
+
+def test_tree_depth_outside_the_branch_is_refused():
+    q, k_cache, v_cache, limit, scratch_start = tree_case(4, 2, k=3)
+    with pytest.raises(ValueError, match="depth"):
+        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 192, 0.3, scratch_start, 3, 3)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (8, 1, 32)])
@@ -87,7 +149,7 @@ def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():
     plain = ForwardContext(positions, positions, 32, [k_cache], [v_cache], first_slot=1)
     torch.testing.assert_close(cached_attention(q, 0, plain, 0.25, fused=fused_attention),
                                cached_attention(q, 0, plain, 0.25), rtol=1e-5, atol=1e-5)
-    tree = TreeContext(torch.zeros(2, 4, dtype=torch.int64), 64, torch.eye(4, 8, dtype=torch.bool))
+    tree = TreeContext(torch.zeros(2, 4, dtype=torch.int64), 64, scratch_mask(4, 2, 1), 2, 1)
     prefix = torch.tensor([[9, 9, 10, 11], [2, 3, 3, 3]])
     branchy = ForwardContext(positions, prefix, 32, [k_cache], [v_cache], tree=tree)
     torch.testing.assert_close(cached_attention(q, 0, branchy, 0.25, fused=fused_attention),

@@ -177,16 +177,20 @@ class TreeBuilder:
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
         prefix_limit = (lengths[:, None] - 1 + self.fork[None, :]).expand(batch, n)
         current, tokens, probs = guess, [], []
+        greedy = sampling is None or sampling.all_greedy
         for depth in range(k):
             positions = prefix_limit + 1 + depth
-            tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth])
-            logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
-            current, p = self.pick(logits, positions + 1, sampling, depth,
-                                   probs_out[:, :, depth] if probs_out is not None else None)
+            tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth], k, depth)
+            if greedy:   # the argmax straight from the head (a restricted one: over its kept tokens only)
+                current = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position, greedy=True)
+            else:
+                logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
+                current, p = self.pick(logits, positions + 1, sampling, depth,
+                                       probs_out[:, :, depth] if probs_out is not None else None)
+                if probs_out is None:
+                    probs.append(p)
             tokens.append(current)
-            if p is not None and probs_out is None:
-                probs.append(p)
-        if sampling is None or sampling.all_greedy:  # as in pick()
+        if greedy:
             return torch.stack(tokens, 2), None
         return torch.stack(tokens, 2), probs_out if probs_out is not None else torch.stack(probs, 2)
 

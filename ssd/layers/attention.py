@@ -11,10 +11,19 @@ import torch.nn.functional as F
 @dataclass
 class TreeContext:
     """Branch queries of the draft's speculation tree: each sees its sequence's committed cache up to
-    its fork point plus its own earlier branch tokens, which live in the slot's scratch area."""
+    its fork point plus its own earlier branch tokens, which live in the slot's scratch area. Query
+    n is branch n, whose entries are scratch_start + n*branch_len + i; at this step it sees those
+    with i <= depth (scratch_mask says the same as a tensor, for the matmul path)."""
     write_index: torch.Tensor      # [B, N] cache index where each query's k/v go (in the scratch area)
     scratch_start: int             # first scratch index of a slot (= committed capacity)
-    scratch_mask: torch.Tensor     # [N, S] bool: query n sees scratch entry s
+    scratch_mask: torch.Tensor     # [N, S] bool, S = N * branch_len: query n sees scratch entry s
+    branch_len: int                # K: scratch entries per branch (the tree's depth)
+    depth: int                     # this step: entry i of a branch is visible for i <= depth < K
+
+    def __post_init__(self):
+        if self.scratch_mask.shape[-1] != self.write_index.shape[-1] * self.branch_len:
+            raise ValueError(f"scratch mask {tuple(self.scratch_mask.shape)} is not N x N*K for "
+                             f"N={self.write_index.shape[-1]}, K={self.branch_len}")
 
 
 @dataclass
@@ -110,9 +119,9 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
     batch, seq = q.shape[:2]
     if fused_applies(fused, ctx, seq):
         tree = ctx.tree
+        scratch = (tree.scratch_start, tree.branch_len, tree.depth) if tree else ()
         return fused(q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.key_limit, ctx.keys_end, ctx.first_slot,
-                     ctx.attended_len, scale, tree.scratch_start if tree else 0, tree.scratch_mask if tree else None,
-                     rope=rope)
+                     ctx.attended_len, scale, *scratch, rope=rope)
     if rope is not None:
         raise ValueError("q must be rotated before attention outside the fused kernel")
     rows = slice(ctx.first_slot, ctx.first_slot + batch)

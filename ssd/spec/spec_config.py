@@ -61,8 +61,10 @@ class SpecConfig:
                colocated: bool, quantization: str | None = None,
                vocabulary: int | None = None, vocabulary_ranking: str | None = None) -> "SpecConfig | None":
         if draft is None:
-            if k or quantization is not None or vocabulary is not None:
-                raise ValueError("num_speculative_tokens, draft quantization and draft vocabulary need a draft model")
+            given = [name for name, value in (("num_speculative_tokens", k), ("draft quantization", quantization),
+                                              ("draft vocabulary", vocabulary)) if value]
+            if given:
+                raise ValueError(f"{' and '.join(given)}: speculative decoding needs a draft model")
             return None
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 with a draft model, got {k}")
