@@ -51,7 +51,7 @@ def test_ranking_files_load_and_are_checked_against_the_vocabulary(tmp_path):
     assert load_ranking(path, 10) == [7, 2]
     with pytest.raises(ValueError, match="vocabulary of 10 tokens"):
         load_ranking(path, 12)
-    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped ranking"):
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped token ranking"):
         load_ranking(tmp_path / "missing.json", 10)
 
 

@@ -66,7 +66,7 @@ def test_profile_file_round_trip_and_errors(tmp_path):
     profile.save(path)
     assert load_profile(path) == profile
     assert json.loads(path.read_text())["summary"]["num_traces"] == 3
-    with pytest.raises(FileNotFoundError, match="shipped profile"):
+    with pytest.raises(FileNotFoundError, match="shipped acceptance profile"):
         load_profile("no-such-profile")
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not an ssd-acceptance-profile"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
+
+from ssd.profiles import load_shipped_json
 
 FORMAT = "ssd-acceptance-profile"
 VERSION = 1
@@ -53,15 +54,7 @@ class AcceptanceProfile:
 
 def load_profile(name_or_path: str | Path) -> AcceptanceProfile:
     """A shipped profile by name (code, chat) or a profile file written by the record command."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        if str(name_or_path) not in SHIPPED:
-            raise FileNotFoundError(f"acceptance profile {str(name_or_path)!r} is neither a file nor a "
-                                    f"shipped profile ({', '.join(SHIPPED)})")
-        path = Path(str(resources.files("ssd.profiles").joinpath(f"{name_or_path}.json")))
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path} is not an {FORMAT} file of version {VERSION}")
+    _, data = load_shipped_json(name_or_path, SHIPPED, ".json", "acceptance profile", FORMAT, VERSION)
     return AcceptanceProfile(data["name"], tuple(tuple(t) for t in data["traces"]), data.get("source", {}))
 
 

@@ -18,11 +18,11 @@ and 32768 kept tokens, 18 of 512 target tokens fell outside, "```" (id 73594) am
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from ssd.profiles import load_shipped_json
 
 FORMAT, VERSION = "ssd-token-ranking", 1
 SHIPPED = ("qwen2.5",)
@@ -54,15 +54,7 @@ def frequency_ranking(token_id_lists: Iterable[Sequence[int]], vocab_size: int) 
 def load_ranking(name_or_path: str | Path, vocab_size: int) -> list[int]:
     """A shipped ranking by name (SHIPPED) or a file written by ssd.spec.rank_vocabulary, checked
     against the model's vocabulary size."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        if str(name_or_path) not in SHIPPED:
-            raise FileNotFoundError(f"token ranking {str(name_or_path)!r} is neither a file nor a shipped "
-                                    f"ranking ({', '.join(SHIPPED)})")
-        path = Path(str(resources.files("ssd.profiles").joinpath(f"{name_or_path}.ranking.json")))
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{path} is not an {FORMAT} file of version {VERSION}")
+    path, data = load_shipped_json(name_or_path, SHIPPED, ".ranking.json", "token ranking", FORMAT, VERSION)
     if data["vocab_size"] != vocab_size:
         raise ValueError(f"token ranking {path} is for a vocabulary of {data['vocab_size']} tokens; "
                          f"the model has {vocab_size}")
