@@ -43,8 +43,7 @@ log = logging.getLogger("draft_round_bench")
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
-                quant: str | None = None, vocab: int | None = None,
-                l2_prefetch_mb: tuple[float, float] = (0.0, 0.0)) -> AsyncDraft:
+                quant: str | None = None, vocab: int | None = None) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -53,16 +52,9 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
-    cfg.l2_prefetch_mb = l2_prefetch_mb
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
     return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
-
-
-def prefetch_mb(spec: str) -> tuple[float, float]:
-    """'G' or 'G:D' -> (gate/up MB, down MB)."""
-    parts = [float(part) for part in spec.split(":")]
-    return (parts[0], parts[1] if len(parts) > 1 else 0.0)
 
 
 def event_ms(fn, warmup: int, iters: int) -> list[float]:
@@ -237,25 +229,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
                         help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
                              "one after the other")
-    parser.add_argument("--l2-prefetch", nargs="+", default=["0"], metavar="MB[:MB]",
-                        help="MB of each layer's gate/up weight prefetched into L2 beside its attention [and of "
-                             "its down weight beside the gate/up GEMM] (ssd.layers.l2_prefetch; 0: none), "
-                             "one after the other")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
-    for mode, linear, quant, vocab, prefetch in itertools.product(args.attention, args.linear, args.quant, args.vocab,
-                                                                   args.l2_prefetch):
+    for mode, linear, quant, vocab in itertools.product(args.attention, args.linear, args.quant, args.vocab):
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode == "fused", measured_linear=linear == "measured",
-                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab),
-                            l2_prefetch_mb=prefetch_mb(prefetch))
+                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
-            rows.append({"attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab,
-                         "l2_prefetch_mb": prefetch,
-                         **measure_batch(draft, batch, args.context, args.warmup, args.iters, args.kernels)})
+            rows.append({"attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
+                                                             args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
         del draft
         if args.device == "cuda":

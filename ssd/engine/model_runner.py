@@ -34,9 +34,8 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
-    prefetch = tuple(int(mb * (1 << 20)) for mb in cfg.l2_prefetch_mb)
-    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, prefetch) \
-        if cfg.use_cuda_graphs and cfg.compile else EAGER
+    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear) if cfg.use_cuda_graphs and cfg.compile \
+        else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len
     max_positions = cfg.max_len + 2 * max(cfg.window_sizes, default=1)
     with torch.device(device), _default_dtype(cfg.dtype):

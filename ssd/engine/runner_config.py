@@ -25,8 +25,6 @@ class RunnerConfig:
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
-    # GPU graphs: MB of each MLP's (gate/up, down) weights prefetched into L2 (ssd.layers.l2_prefetch)
-    l2_prefetch_mb: tuple[float, float] = (0.0, 0.0)
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
@@ -40,8 +38,6 @@ class RunnerConfig:
             raise ValueError("num_slots must be >= 1")
         if self.weight_quant not in (None, "fp8"):
             raise ValueError(f"weight quantization must be None or 'fp8', got {self.weight_quant!r}")
-        if len(self.l2_prefetch_mb) != 2 or min(self.l2_prefetch_mb) < 0:
-            raise ValueError(f"l2_prefetch_mb must be (gate/up MB, down MB) >= 0, got {self.l2_prefetch_mb}")
         if self.head_vocabulary is not None and self.tp_size != 1:
             raise ValueError("a restricted LM head vocabulary needs tp_size 1 (drafts run on one GPU)")
 

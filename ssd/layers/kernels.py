@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ssd.layers.attention import grouped_attention
-from ssd.layers.l2_prefetch import L2Prefetch
 from ssd.layers.layernorm import add_rms_norm, rms_norm
 from ssd.layers.rotary import apply_rotary
 
@@ -46,15 +45,12 @@ class Kernels:
     grouped_attention: Callable = grouped_attention
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
     linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
-    l2_prefetch: L2Prefetch | None = None    # the MLP's gate/up weight prefetched into L2 beside the attention
 
     @classmethod
-    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
-                 l2_prefetch_bytes: tuple[int, int] = (0, 0)) -> "Kernels":
+    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests); measured_linear: few-row linears take F.linear
-        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear);
-        l2_prefetch_bytes: (gate/up, down) bytes per layer prefetched into L2 (ssd.layers.l2_prefetch)."""
+        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -65,8 +61,7 @@ class Kernels:
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
                    fuse(grouped_attention), load_fused_attention() if fused_attention else None,
-                   load_measured_linear() if measured_linear else F.linear,
-                   L2Prefetch(*l2_prefetch_bytes) if any(l2_prefetch_bytes) else None)
+                   load_measured_linear() if measured_linear else F.linear)
 
 
 def load_fused_attention() -> Callable | None:

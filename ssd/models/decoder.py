@@ -1,8 +1,6 @@
 """Llama-3.x / Qwen2 / Qwen3 decoder (one implementation; the families differ in qkv bias and q/k norm)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -31,14 +29,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext,
-                projected: Callable[[], object] | None = None):
-        """projected: called once the q/k/v projection is issued (where a side stream forks)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
         batch, seq = x.shape[:2]
-        qkv = self.qkv_proj(x)
-        if projected is not None:
-            projected()
-        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -65,18 +58,12 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp, kernels.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prefetch = self.kernels.l2_prefetch   # the down weight's prefetch runs beside the gate/up GEMM
-        started = prefetch is not None and prefetch.start(self.down_proj.weight, prefetch.down_bytes)
-        hidden = self.kernels.silu_and_mul(self.gate_up_proj(x))
-        if started:
-            prefetch.join(hidden.device)
-        return self.down_proj(hidden)
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer: int, tp: TPGroup, kernels: Kernels):
         super().__init__()
-        self.kernels = kernels
         self.self_attn = Attention(arch, layer, tp, kernels)
         self.mlp = MLP(arch, tp, kernels)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
@@ -87,13 +74,8 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        prefetch = self.kernels.l2_prefetch
-        started = []   # the gate/up weight's prefetch forks once the q/k/v projection is issued
-        x = self.self_attn(x, rope, ctx, None if prefetch is None else lambda: started.append(
-            prefetch.start(self.mlp.gate_up_proj.weight, prefetch.gate_up_bytes)))
+        x = self.self_attn(x, rope, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
-        if any(started):
-            prefetch.join(x.device)
         return self.mlp(x), residual
 
 
