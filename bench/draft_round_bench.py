@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
-from ssd.draft_worker.proposer import DraftProposer  # noqa: E402
+from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
@@ -137,6 +137,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         "branch_decode_temperature_only_ms": event_ms(calls["branch_decode_temperature_only"], warmup, iters),
     }
     graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
+    if device.type == "cuda" and graph_check is not None:
+        graph_check["top_candidates_vs_torch_topk"] = check_top_candidates(logits)
     kernel_tables = {name: profile_kernels(fn) for name, fn in calls.items()} if kernels else {}
 
     def build_wall():
@@ -157,6 +159,17 @@ def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool 
         return None
     eager = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, tree.fork_graphs.width)
     return bool(torch.equal(tree.fork_graphs.replay(batch, attend_len), eager))
+
+
+def check_top_candidates(logits: torch.Tensor, k: int = DRAFT_FILTER_CANDIDATES) -> dict:
+    """The filters' top-k kernel (ssd.engine.triton_topk) on real-shaped logits against torch.topk."""
+    from ssd.engine.triton_topk import top_candidates
+    rows = logits.reshape(-1, logits.shape[-1]).float()
+    values, index = top_candidates(rows, k)
+    expected = rows.topk(k)
+    return {"values_equal": bool(torch.equal(values, expected.values)),
+            "indices_hold_values": bool(torch.equal(rows.gather(1, index), values)),
+            "index_agreement": float((index == expected.indices).float().mean())}
 
 
 def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:

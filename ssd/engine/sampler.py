@@ -150,7 +150,7 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     vocab_size = logits.shape[-1]
     if candidates >= vocab_size:
         return _mask_top_k_top_p(logits, top_k, top_p)
-    values, index = logits.topk(candidates, dim=-1)  # sorted descending, [..., W]
+    values, index = _top_candidates(logits, candidates)  # sorted descending, [..., W]
     kept = _top_k_sorted(values, top_k)
     # top-p counts mass against the top-k distribution when k fits in the candidates, else the whole one
     k_fits = (top_k > 0) & (top_k <= candidates)
@@ -158,6 +158,24 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, _top_p_sorted(kept, top_p, log_normalizer))
     unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
     return torch.where(unfiltered, logits, filtered)
+
+
+def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits.topk(k) over the last dim; on CUDA one Triton kernel (ssd.engine.triton_topk)."""
+    op = _fused_topk() if logits.is_cuda and logits.dtype == torch.float32 else None
+    if op is None:
+        return logits.topk(k, dim=-1)
+    values, index = op(logits.reshape(-1, logits.shape[-1]), k)
+    return values.view(*logits.shape[:-1], k), index.view(*logits.shape[:-1], k)
+
+
+@lru_cache(maxsize=None)
+def _fused_topk():
+    try:
+        from ssd.engine.triton_topk import top_candidates_op
+    except ImportError:  # no Triton: torch.topk
+        return None
+    return top_candidates_op
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:

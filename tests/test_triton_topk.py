@@ -1,0 +1,60 @@
+"""The draft's top-candidates kernel (run here under Triton's CPU interpreter) returns what
+torch.topk returns: the same values sorted descending, indices that hold them; ties lowest index first."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ssd.engine.triton_topk import top_candidates, top_candidates_op  # noqa: E402
+
+
+@pytest.mark.parametrize("vocab, k", [(300, 256), (4103, 16), (9000, 256)])   # one block, ragged, several
+def test_same_as_torch_topk(vocab, k):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g) * 4
+    logits[1] -= 100.0                          # all negative: the order key flips the sign bit's meaning
+    logits[2, ::2] = -logits[2, ::2].abs()      # both signs
+    values, index = top_candidates(logits, k)
+    expected_values, expected_index = logits.topk(k)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(index, expected_index)   # no ties among random floats: the same indices
+    assert index.dtype == torch.int64
+
+
+def test_ties_take_the_lowest_indices_once_each():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.0, 3.0, 2.0]])
+    values, index = top_candidates(logits, 4)
+    assert values.tolist() == [[3.0, 3.0, 3.0, 3.0]] and index.tolist() == [[1, 3, 4, 6]]
+    values, index = top_candidates(logits, 2)
+    assert index.tolist() == [[1, 3]]
+    many = torch.randint(0, 3, (2, 5000), generator=torch.Generator().manual_seed(1)).float()
+    values, index = top_candidates(many, 256)
+    assert torch.equal(values, many.topk(256).values)
+    assert all(len(set(row)) == 256 for row in index.tolist())
+    assert torch.equal(many.gather(1, index), values)
+    assert index[0].tolist() == sorted(index[0].tolist())   # all tied at 2.0: index order
+
+
+def test_rows_with_fewer_finite_logits_than_k():
+    """A restricted draft head gives most tokens -inf: the finite ones first, then -inf entries."""
+    logits = torch.full((2, 3000), float("-inf"))
+    logits[0, 2900:] = torch.linspace(-1, 1, 100)
+    logits[1, 5] = 0.0
+    values, index = top_candidates(logits, 128)
+    assert torch.equal(values, logits.topk(128).values)
+    assert torch.equal(logits.gather(1, index), values)
+    assert index[0, :100].tolist() == list(range(2999, 2899, -1)) and index[1, 0] == 5
+
+
+def test_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="power of two"):
+        top_candidates(torch.randn(2, 100), 24)
+    with pytest.raises(ValueError, match="float32"):
+        top_candidates(torch.randn(2, 100, dtype=torch.float16), 16)
+
+
+def test_custom_op_is_torch_topk_off_the_gpu_and_traceable():
+    logits = torch.randn(4, 700)
+    values, index = top_candidates_op(logits, 32)
+    assert torch.equal(values, logits.topk(32).values) and torch.equal(index, logits.topk(32).indices)
+    torch.library.opcheck(top_candidates_op, (logits, 32))   # fake (meta) kernel, schema, autograd registration
