@@ -1,14 +1,16 @@
-"""The draft's top-candidates kernel (run here under Triton's CPU interpreter) returns what
-torch.topk returns: the same values sorted descending, indices that hold them; ties lowest index first."""
+"""The draft's top-candidates kernels (run here under Triton's CPU interpreter) return what
+torch.topk returns — the same values sorted descending, indices that hold them; ties lowest index
+first — unless a chunk of consecutive token ids holds more than PER_CHUNK of the largest."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from ssd.engine.triton_topk import top_candidates, top_candidates_op  # noqa: E402
+from ssd.engine.triton_topk import CHUNK, PER_CHUNK, top_candidates, top_candidates_op  # noqa: E402
 
 
-@pytest.mark.parametrize("vocab, k", [(300, 256), (4103, 16), (9000, 256)])   # one block, ragged, several
+# k / vocab as in the 1B draft (256 of 128k: a chunk holds 0.5 of them on average); one tile, ragged, several
+@pytest.mark.parametrize("vocab, k", [(300, 4), (4103, 8), (9000, 32)])
 def test_same_as_torch_topk(vocab, k):
     g = torch.Generator().manual_seed(vocab)
     logits = torch.randn(3, vocab, generator=g) * 4
@@ -28,27 +30,39 @@ def test_ties_take_the_lowest_indices_once_each():
     values, index = top_candidates(logits, 2)
     assert index.tolist() == [[1, 3]]
     many = torch.randint(0, 3, (2, 5000), generator=torch.Generator().manual_seed(1)).float()
-    values, index = top_candidates(many, 256)
-    assert torch.equal(values, many.topk(256).values)
-    assert all(len(set(row)) == 256 for row in index.tolist())
+    values, index = top_candidates(many, 128)
+    assert (values == 2.0).all()                              # every chunk holds > PER_CHUNK twos: still 2.0
+    assert all(len(set(row)) == 128 for row in index.tolist())
     assert torch.equal(many.gather(1, index), values)
     assert index[0].tolist() == sorted(index[0].tolist())   # all tied at 2.0: index order
 
 
 def test_rows_with_fewer_finite_logits_than_k():
     """A restricted draft head gives most tokens -inf: the finite ones first, then -inf entries."""
-    logits = torch.full((2, 3000), float("-inf"))
-    logits[0, 2900:] = torch.linspace(-1, 1, 100)
+    logits = torch.full((2, 5000), float("-inf"))
+    logits[0, 40::50] = torch.linspace(-1, 1, 100)            # kept tokens spread over the ids, as ranked
     logits[1, 5] = 0.0
     values, index = top_candidates(logits, 128)
     assert torch.equal(values, logits.topk(128).values)
     assert torch.equal(logits.gather(1, index), values)
-    assert index[0, :100].tolist() == list(range(2999, 2899, -1)) and index[1, 0] == 5
+    assert index[0, :100].tolist() == list(range(4990, 39, -50)) and index[1, 0] == 5
+
+
+def test_a_crowded_chunk_gives_up_its_lowest_extra_members():
+    """More than PER_CHUNK of the largest in one chunk: that chunk's PER_CHUNK largest stay, the
+    rest of the k are the next largest elsewhere — still sorted, still consistent."""
+    logits = torch.randn(1, 4 * CHUNK, generator=torch.Generator().manual_seed(3))
+    logits[0, :PER_CHUNK + 4] = 10.0 + torch.arange(PER_CHUNK + 4, dtype=torch.float32)
+    values, index = top_candidates(logits, 16)
+    assert set(range(4, PER_CHUNK + 4)) <= set(index[0].tolist())       # the chunk's 8 largest
+    assert not set(range(4)) & set(index[0].tolist())                    # its 4 smallest dropped
+    assert torch.equal(values, values.sort(descending=True).values)
+    assert torch.equal(logits.gather(1, index), values)
 
 
 def test_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="power of two"):
-        top_candidates(torch.randn(2, 100), 24)
+    with pytest.raises(ValueError, match="k must be"):
+        top_candidates(torch.randn(2, 100), 101)
     with pytest.raises(ValueError, match="float32"):
         top_candidates(torch.randn(2, 100, dtype=torch.float16), 16)
 
