@@ -144,7 +144,8 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                             candidates: int) -> torch.Tensor:
     """As _mask_top_k_top_p, among the `candidates` largest logits only (a top-k, not a sort of the
-    vocabulary): the same result whenever the kept set fits in them, else truncated to them. For
+    vocabulary; on CUDA ssd.engine.triton_topk's, which may swap the lowest few for the next largest):
+    the same result whenever the kept set fits in them, else truncated to them. For
     the draft only — any proposal distribution keeps verification exact, if the verifier is given it;
     the target's own distribution always takes the full sort. Rows without filters stay unfiltered."""
     vocab_size = logits.shape[-1]
