@@ -1,6 +1,10 @@
 """The draft's top-candidates kernels (run here under Triton's CPU interpreter) return what
 torch.topk returns — the same values sorted descending, indices that hold them; ties lowest index
 first — unless a chunk of consecutive token ids holds more than PER_CHUNK of the largest."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,7 +44,7 @@ def test_ties_take_the_lowest_indices_once_each():
 def test_rows_with_fewer_finite_logits_than_k():
     """A restricted draft head gives most tokens -inf: the finite ones first, then -inf entries."""
     logits = torch.full((2, 5000), float("-inf"))
-    kept = list(range(40, 5000, 160))                        # kept tokens spread over the ids, as ranked
+    kept = list(range(41, 5000, 163))
     logits[0, kept] = torch.linspace(-1, 1, len(kept))
     logits[1, 5] = 0.0
     values, index = top_candidates(logits, 64)
@@ -49,14 +53,27 @@ def test_rows_with_fewer_finite_logits_than_k():
     assert index[0, :len(kept)].tolist() == kept[::-1] and index[1, 0] == 5
 
 
+def test_consecutive_ids_spread_over_the_chunks():
+    """A restricted head keeping ids in id order: the row's largest are all consecutive ids, which
+    the strided chunks share out (a chunk of consecutive ids would keep only PER_CHUNK of them)."""
+    vocab = 40 * CHUNK
+    logits = torch.full((1, vocab), float("-inf"))
+    logits[0, :3 * CHUNK] = torch.randn(3 * CHUNK, generator=torch.Generator().manual_seed(5))
+    values, index = top_candidates(logits, 128)
+    assert torch.equal(values, logits.topk(128).values)
+    assert torch.equal(index, logits.topk(128).indices)
+
+
 def test_a_crowded_chunk_gives_up_its_lowest_extra_members():
     """More than PER_CHUNK of the largest in one chunk: that chunk's PER_CHUNK largest stay, the
     rest of the k are the next largest elsewhere — still sorted, still consistent."""
-    logits = torch.randn(1, 4 * CHUNK, generator=torch.Generator().manual_seed(3))
-    logits[0, :PER_CHUNK + 4] = 10.0 + torch.arange(PER_CHUNK + 4, dtype=torch.float32)
+    chunks = 4
+    logits = torch.randn(1, chunks * CHUNK, generator=torch.Generator().manual_seed(3))
+    crowded = list(range(0, chunks * (PER_CHUNK + 4), chunks))     # all in chunk 0 (ids = 0 mod 4)
+    logits[0, crowded] = 10.0 + torch.arange(PER_CHUNK + 4, dtype=torch.float32)
     values, index = top_candidates(logits, 16)
-    assert set(range(4, PER_CHUNK + 4)) <= set(index[0].tolist())       # the chunk's 8 largest
-    assert not set(range(4)) & set(index[0].tolist())                    # its 4 smallest dropped
+    assert set(crowded[4:]) <= set(index[0].tolist())              # the chunk's 8 largest
+    assert not set(crowded[:4]) & set(index[0].tolist())           # its 4 smallest dropped
     assert torch.equal(values, values.sort(descending=True).values)
     assert torch.equal(logits.gather(1, index), values)
 
@@ -73,3 +90,36 @@ def test_custom_op_is_torch_topk_off_the_gpu_and_traceable():
     values, index = top_candidates_op(logits, 32)
     assert torch.equal(values, logits.topk(32).values) and torch.equal(index, logits.topk(32).indices)
     torch.library.opcheck(top_candidates_op, (logits, 32))   # fake (meta) kernel, schema, autograd registration
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ssd.engine import triton_topk as topk
+vocab = 128256
+chunks = triton.cdiv(vocab, topk.CHUNK)
+candidates = chunks * topk.PER_CHUNK
+kernels = {
+    topk._chunk_candidates_kernel: ({"x_ptr": "*fp32", "out_ptr": "*u64", "sx_r": "i32"},
+        {"V": vocab, "CHUNKS": chunks, "CHUNK": topk.CHUNK, "PER_CHUNK": topk.PER_CHUNK, "TILE_CHUNKS": topk.TILE_CHUNKS}),
+    topk._select_kernel: ({"x_ptr": "*fp32", "cand_ptr": "*u64", "value_ptr": "*fp32", "index_ptr": "*i32", "sx_r": "i32"},
+        {"CANDIDATES": candidates, "PADDED": triton.next_power_of_2(candidates), "K": 256}),
+}
+for kernel, (signature, constants) in kernels.items():
+    source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in constants}}, constexprs=constants)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter does not compile: build both kernels for sm_90 at the 1B draft's vocabulary
+    with Triton's bundled ptxas (no GPU needed), in a process of its own without the interpreter."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no CUDA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
