@@ -68,6 +68,9 @@ def test_a_crowded_chunk_gives_up_its_lowest_extra_members():
 def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="k must be"):
         top_candidates(torch.randn(2, 100), 101)
+    with pytest.raises(ValueError, match=r"1\.\.9,"):   # a last chunk of one id gives one candidate
+        top_candidates(torch.randn(2, CHUNK + 1), 10)
+    assert top_candidates(torch.randn(2, CHUNK + 1), 9)[1].max() <= CHUNK
     with pytest.raises(ValueError, match="float32"):
         top_candidates(torch.randn(2, 100, dtype=torch.float16), 16)
 

@@ -162,7 +162,7 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits.topk(k) over the last dim; on CUDA one Triton kernel (ssd.engine.triton_topk)."""
+    """logits.topk(k) over the last dim; on CUDA ssd.engine.triton_topk's two kernels (see its bound)."""
     op = _fused_topk() if logits.is_cuda and logits.dtype == torch.float32 else None
     if op is None:
         return logits.topk(k, dim=-1)

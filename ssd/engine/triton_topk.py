@@ -68,6 +68,12 @@ def _select_kernel(x_ptr, cand_ptr, value_ptr, index_ptr, sx_r, CANDIDATES: tl.c
     tl.store(value_ptr + row * K + offs, tl.load(x_ptr + row.to(tl.int64) * sx_r + index, mask=top), mask=top)
 
 
+def candidate_count(vocab: int) -> int:
+    """Candidates a row of `vocab` logits yields (the last chunk may hold fewer than PER_CHUNK)."""
+    full, rest = divmod(vocab, CHUNK)
+    return full * PER_CHUNK + min(rest, PER_CHUNK)
+
+
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits float32 [R, V] (rows contiguous), k <= V -> (values [R, k] sorted descending,
     indices [R, k] int64): logits.topk(k), up to the chunk bound of the module docstring."""
@@ -76,8 +82,8 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         raise ValueError("top_candidates takes float32 logits with contiguous rows")
     chunks = triton.cdiv(vocab, CHUNK)
     candidates = chunks * PER_CHUNK
-    if not 0 < k <= min(vocab, candidates):
-        raise ValueError(f"k must be in 1..{min(vocab, candidates)}, got {k}")
+    if not 0 < k <= candidate_count(vocab):
+        raise ValueError(f"k must be in 1..{candidate_count(vocab)}, got {k}")
     values = torch.empty((rows, k), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, k), dtype=torch.int32, device=logits.device)
     if rows:
@@ -94,7 +100,7 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 def top_candidates_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """top_candidates of float32 [R, V], an opaque op for torch.compile: the Triton kernels on CUDA,
     logits.topk(k) elsewhere."""
-    if logits.is_cuda and k <= min(logits.shape[-1], triton.cdiv(logits.shape[-1], CHUNK) * PER_CHUNK):
+    if logits.is_cuda and k <= candidate_count(logits.shape[-1]):
         return top_candidates(logits.contiguous(), k)
     values, index = logits.topk(k, dim=-1)
     return values, index
