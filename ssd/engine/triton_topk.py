@@ -75,8 +75,8 @@ def candidate_count(vocab: int) -> int:
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits float32 [R, V] (rows contiguous), k <= V -> (values [R, k] sorted descending,
-    indices [R, k] int64): logits.topk(k), up to the chunk bound of the module docstring."""
+    """logits float32 [R, V] (rows contiguous), k <= candidate_count(V) -> (values [R, k] sorted
+    descending, indices [R, k] int64): logits.topk(k), up to the chunk bound of the module docstring."""
     rows, vocab = logits.shape
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError("top_candidates takes float32 logits with contiguous rows")
