@@ -4,16 +4,13 @@ its 256 largest logits only (ssd.draft_worker.proposer.DRAFT_FILTER_CANDIDATES),
 radix select over 336 x 128k logits cost ~540 us per tree step at B = 16 on an H200 (four
 digit-count passes, then a gather) — more than the step's token choice.
 
-1. Every chunk of CHUNK logits of a row keeps its PER_CHUNK largest (many programs per row, one
-   read of the logits, no sort: PER_CHUNK rounds of max over a tile of chunks). The chunks are
-   strided — of C chunks, chunk c holds ids c, c + C, c + 2C, ... — so that a run of consecutive ids
-   (related tokens; a restricted head's kept ids in id order: ssd.spec.draft_vocabulary) spreads
-   over all chunks instead of crowding a few;
+1. Every CHUNK consecutive logits of a row keep their PER_CHUNK largest (many programs per row, one
+   read of the logits, no sort: PER_CHUNK rounds of max over a tile of chunks);
 2. per row, those candidates are sorted in registers by (value, lower index first) and the first k
    taken.
 
-That is exactly logits.topk(k)'s values whenever no chunk holds more than PER_CHUNK of the row's k
-largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average);
+That is exactly logits.topk(k)'s values whenever no CHUNK consecutive token ids hold more than
+PER_CHUNK of the row's k largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average);
 otherwise the lowest of them are replaced by the next largest — a slightly different draft
 distribution, never an inexact verification (the verifier is given the distribution the draft
 sampled from). A radix select in one kernel (tl.histogram of 12-bit digits) was ~100x slower on
@@ -27,9 +24,9 @@ import triton.language as tl
 
 # a row of 128k logits gives 2008 candidates (a 2048-entry sort; 256-id chunks keeping 8 gave 4008,
 # whose sort took 186 us per tree step at B = 16 on the H200, half of the selection)
-CHUNK = 512        # token ids per chunk (strided: see the module docstring)
+CHUNK = 512        # consecutive token ids per chunk
 PER_CHUNK = 8      # candidates each chunk keeps
-TILE_CHUNKS = 16   # chunks per program of the first kernel (consecutive ids: 64-byte reads)
+TILE_CHUNKS = 8    # chunks per program of the first kernel
 
 
 @triton.jit
@@ -45,7 +42,7 @@ def _chunk_candidates_kernel(x_ptr, out_ptr, sx_r, V: tl.constexpr, CHUNKS: tl.c
     """out[row, c * PER_CHUNK + j] = the j-th largest of chunk c as (key << 32) | ~index (0: none)."""
     row, tile = tl.program_id(0), tl.program_id(1)
     chunk = tile * TILE_CHUNKS + tl.arange(0, TILE_CHUNKS)
-    col = chunk[:, None] + tl.arange(0, CHUNK)[None, :] * CHUNKS   # strided: chunk c holds c, c + CHUNKS, ...
+    col = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     ok = (chunk[:, None] < CHUNKS) & (col < V)
     key = tl.where(ok, _order_key(tl.load(x_ptr + row.to(tl.int64) * sx_r + col, mask=ok, other=0.0)), 0)
     out = out_ptr + row.to(tl.int64) * (CHUNKS * PER_CHUNK) + chunk * PER_CHUNK
@@ -72,13 +69,9 @@ def _select_kernel(x_ptr, cand_ptr, value_ptr, index_ptr, sx_r, CANDIDATES: tl.c
 
 
 def candidate_count(vocab: int) -> int:
-    """Candidates a row of `vocab` logits yields: of C = ceil(vocab / CHUNK) strided chunks, the
-    first vocab mod C (all when C divides vocab) hold ceil(vocab / C) ids, the others one fewer;
-    a chunk yields at most PER_CHUNK."""
-    chunks = triton.cdiv(vocab, CHUNK)
-    longer = vocab % chunks or chunks
-    size = triton.cdiv(vocab, chunks)
-    return longer * min(size, PER_CHUNK) + (chunks - longer) * min(size - 1, PER_CHUNK)
+    """Candidates a row of `vocab` logits yields (the last chunk may hold fewer than PER_CHUNK)."""
+    full, rest = divmod(vocab, CHUNK)
+    return full * PER_CHUNK + min(rest, PER_CHUNK)
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +90,7 @@ def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         packed = torch.empty((rows, candidates), dtype=torch.uint64, device=logits.device)
         _chunk_candidates_kernel[(rows, triton.cdiv(chunks, TILE_CHUNKS))](
             logits, packed, logits.stride(0), V=vocab, CHUNKS=chunks, CHUNK=CHUNK, PER_CHUNK=PER_CHUNK,
-            TILE_CHUNKS=TILE_CHUNKS, num_warps=8)
+            TILE_CHUNKS=TILE_CHUNKS, num_warps=4)
         _select_kernel[(rows,)](logits, packed, values, index, logits.stride(0), CANDIDATES=candidates,
                                 PADDED=triton.next_power_of_2(candidates), K=k, num_warps=8)
     return values, index.long()
