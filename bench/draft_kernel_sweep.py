@@ -53,7 +53,23 @@ def guarded(name: str, fn: Callable[[], dict]) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
+def broad_tilings(default: Tiling) -> list[Tiling]:
+    """Every (rows, keys) block and warp count, at the default pipeline depth, plus the default."""
+    return [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8))
+            if warps == 4 or m >= 64] + [default]
+
+
+def deep_tilings(default: Tiling) -> list[Tiling]:
+    """The few block shapes that came out best in the broad sweep, at pipeline depths 2 to 5."""
+    shapes = {(default.block_m, default.block_n, default.num_warps), (64, 64, 4), (64, 32, 4), (32, 64, 4),
+              (128, 64, 8), (128, 32, 8)}
+    return [Tiling(m, n, warps, stages) for (m, n, warps), stages in itertools.product(sorted(shapes), (2, 3, 4, 5))]
+
+
+def attention_sweep(calls: int, context: int, attend_len: int, tilings_for=broad_tilings,
+                    all_splits: bool = True) -> list[dict]:
+    """tilings_for(default tiling) -> the tilings to time; all_splits: 1..16 key splits besides the
+    automatic choice (else 1 and the automatic one)."""
     rows = []
     device, dtype = torch.device("cuda"), torch.bfloat16
     for case, batch, queries, depth in (("window", 1, 7, 0), ("tree", 1, 21, 6), ("window", 16, 7, 0),
@@ -67,13 +83,11 @@ def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
         group_rows = queries * HEADS // KV_HEADS
         reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125, *scratch, splits=1)
         default = Tiling.default(group_rows, HEAD_DIM)
-        tilings = [Tiling(m, n, warps) for m, n, warps in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8))
-                   if warps == 4 or m >= 64]
-        for tiling in tilings + [Tiling(default.block_m, default.block_n, 4, 3)]:
+        for tiling in tilings_for(default):
             block_m, block_n, warps, stages = tiling.block_m, tiling.block_n, tiling.num_warps, tiling.num_stages
             tiles = -(-group_rows // block_m)
             auto = choose_splits(batch * KV_HEADS * tiles, attend_len, block_n, device)
-            for splits in sorted({1, 2, 4, 8, 16, auto}):
+            for splits in sorted({1, 2, 4, 8, 16, auto} if all_splits else {1, auto}):
                 run = lambda: fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125,  # noqa: E731
                                               *scratch, splits=splits, tiling=tiling)
 
@@ -91,17 +105,20 @@ def attention_sweep(calls: int, context: int, attend_len: int) -> list[dict]:
 
 
 def gemm_sweep(calls: int, autotune: bool) -> list[dict]:
-    """autotune: only Inductor's max-autotune GEMM (slow to compile: its own part, run last)."""
+    """autotune: F.linear against Inductor's max-autotune GEMM (its Triton templates, persistent TMA
+    ones included) at the B = 16 rows only (slow to compile: its own part)."""
     rows = []
     device, dtype = torch.device("cuda"), torch.bfloat16
+    if autotune:
+        torch._inductor.config.triton.enable_persistent_tma_matmul = True
     tuned = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False) if autotune else None
     for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
-        if autotune and not where.startswith("tree"):
+        if autotune and not where.endswith("b16"):   # compute-bound rows: where a Triton GEMM could win
             continue
         weight = torch.randn(shape, device=device, dtype=dtype) * 0.02
         x = torch.randn(m, shape[1], device=device, dtype=dtype)
         if autotune:
-            candidates = {"inductor_autotuned": lambda: tuned(x, weight)}
+            candidates = {"linear": lambda: F.linear(x, weight), "inductor_autotuned": lambda: tuned(x, weight)}
         else:
             weight_t = weight.t().contiguous()
             padded = torch.randn(-(-m // 16) * 16, shape[1], device=device, dtype=dtype)
@@ -267,8 +284,10 @@ def fp8_gemm_sweep(calls: int) -> list[dict]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
-                        choices=("attention", "gemm", "argmax", "elementwise", "autotune", "sampling", "fp8"),
-                        help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling)")
+                        choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
+                                 "sampling", "fp8"),
+                        help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
+                             "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--attend-len", type=int, default=1024)
@@ -277,6 +296,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch._dynamo.config.cache_size_limit = 256
     parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len),
+             "attention_stages": lambda: attention_sweep(args.calls, args.context, args.attend_len, deep_tilings, False),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
              "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls)}

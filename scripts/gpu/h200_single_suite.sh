@@ -3,7 +3,7 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | profile | llama | qwen | coordinator)
+#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | profile | llama | qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -57,6 +57,14 @@ case $part in
                > "$out/round_vocab_$preset.log" 2>&1
              grep -E "batch|Error|error" "$out/round_vocab_$preset.log" | cut -c1-900
            done ;;
+  stages)  # attention block shapes at pipeline depths 2-5 (the draft's window and tree, B = 1 and 16)
+           timeout 300 python bench/draft_kernel_sweep.py --parts attention_stages \
+             --out "$out/attention_stages_sweep.json" > "$out/attention_stages.log" 2>&1
+           grep -E "best|Error|error" "$out/attention_stages.log" | cut -c1-500 ;;
+  autotune) # F.linear against Inductor's max-autotune GEMMs at the 1B draft's B = 16 rows
+           timeout 540 python bench/draft_kernel_sweep.py --parts autotune \
+             --out "$out/gemm_autotune_sweep.json" > "$out/gemm_autotune.log" 2>&1
+           grep -E "gemm |Error|error" "$out/gemm_autotune.log" | cut -c1-500 ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
