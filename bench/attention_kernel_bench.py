@@ -4,8 +4,9 @@ one's time per call, at the shapes ssd runs (written to JSON).
     PYTHONUNBUFFERED=1 python bench/attention_kernel_bench.py --out $OUT/attention_kernels.json
 
 Cases: the target's decode / verification window (llama-3.1-8b heads, context ~512) and the draft's
-tree step (llama-3.2-1b heads, 21 branches per sequence with 6-deep scratch, at its last depth: every
-branch entry read), at B = 1 and 16. The tree step is timed with its scratch on a split of its own
+tree step (llama-3.2-1b and qwen3-0.6b heads, 21 branches per sequence with 6-deep scratch, at its
+last depth: every branch entry read), at B = 1 and 16; for the tree also the step's own k/v written
+by the RoPE + KV-write kernel or by the attention kernel (tree_kv_*). The tree step is timed with its scratch on a split of its own
 and on the last key split, as a CUDA graph of back-to-back calls (no launch overhead, as the engine
 runs it: fused_scratch_split_graph_us / fused_scratch_last_graph_us; fused_us is the default,
 SCRATCH_SPLIT, timed eagerly like the rest); they differ only where the keys are split.
@@ -34,7 +35,7 @@ log = logging.getLogger("attention_kernel_bench")
 
 # name: (query tokens per row, q heads, kv heads, head dim, tree branches x depth or 0)
 CASES = {"decode_llama8b": (1, 32, 8, 128, 0), "window8_llama8b": (8, 32, 8, 128, 0),
-         "tree_llama1b_k6f3": (21, 32, 8, 64, 6)}
+         "tree_llama1b_k6f3": (21, 32, 8, 64, 6), "tree_qwen06b_k6f3": (21, 16, 8, 128, 6)}
 
 
 def context_for(batch: int, queries: int, branch_len: int, context: int, capacity: int, device,
@@ -70,6 +71,7 @@ def run_case(name: str, batch: int, context: int, attend_len: int) -> dict:
            "matmul_us": round(1e3 * cuda_time_ms(matmul, 200, 10), 2), "max_abs_diff": diff}
     if tree is not None:
         row.update(scratch_placements(q, ctx, dim ** -0.5, compiled, matmul()), default_scratch_split=SCRATCH_SPLIT)
+        row.update(tree_kv_writes(ctx, heads, kv_heads, dim))
     log.info("%s", row)
     return row
 
@@ -83,6 +85,35 @@ def scratch_placements(q, ctx: ForwardContext, scale: float, grouped, expected: 
         row[f"fused_{key}_graph_us"] = round(graph_time_us(run, calls=20, replays=20), 2)
         row[f"max_abs_diff_{key}"] = (run().float() - expected.float()).abs().max().item()
     return row
+
+
+def tree_kv_writes(ctx: ForwardContext, heads: int, kv_heads: int, dim: int) -> dict:
+    """A tree step's own k/v written by the RoPE + KV-write kernel before the attention kernel, or by
+    the attention kernel itself (new_kv): same output and caches? Both graph-timed. k/v are views of
+    one qkv projection output, as in the model."""
+    tree, (batch, queries), device = ctx.tree, ctx.positions.shape, ctx.positions.device
+    qkv = torch.randn(batch, queries, (heads + 2 * kv_heads) * dim, device=device, dtype=ctx.k_caches[0].dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (x.view(batch, queries, -1, dim) for x in (q, k, v))
+    rope = tuple(torch.randn(batch, queries, 1, dim // 2, device=device) for _ in range(2))
+    write_index = (tree.scratch_start + torch.arange(queries, device=device) * tree.branch_len + tree.depth)
+    write_index = write_index.expand(batch, queries).contiguous()
+    rope_and_cache = Kernels.compiled().rope_and_cache
+    args = (ctx.key_limit, ctx.keys_end, 0, ctx.attended_len, dim ** -0.5, tree.scratch_start, tree.branch_len,
+            tree.depth)
+    caches = {name: [c.clone() for c in (ctx.k_caches[0], ctx.v_caches[0])] for name in ("apart", "in_kernel")}
+
+    def apart():
+        rope_and_cache(None, k, v, *rope, *caches["apart"], ctx.slot_rows, write_index)
+        return fused_attention(q, *caches["apart"], *args, rope=rope)
+
+    def in_kernel():
+        return fused_attention(q, *caches["in_kernel"], *args, rope=rope, new_kv=(k, v))
+    out_diff = (apart().float() - in_kernel().float()).abs().max().item()
+    cache_diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(*caches.values()))
+    return {"tree_kv_apart_graph_us": round(graph_time_us(apart, calls=20, replays=20), 2),
+            "tree_kv_in_kernel_graph_us": round(graph_time_us(in_kernel, calls=20, replays=20), 2),
+            "tree_kv_max_abs_diff_out": out_diff, "tree_kv_max_abs_diff_cache": cache_diff}
 
 
 def main(argv: list[str]) -> int:

@@ -31,25 +31,28 @@ def greedy_continuation(runner: ModelRunner, context: list[int], k: int) -> tupl
     return out, first_logits
 
 
-def use_fused_attention(runner: ModelRunner) -> None:
-    """Swap the model's attention to the Triton kernel (on CPU: under Triton's interpreter)."""
+def use_fused_attention(runner: ModelRunner, tree_kv_in_attention: bool = False) -> None:
+    """Swap the model's attention to the Triton kernel (on CPU: under Triton's interpreter);
+    tree_kv_in_attention: the kernel also writes tree steps' k/v (no rope_and_cache there)."""
     from ssd.layers.triton_attention import fused_attention
     for module in runner.model.modules():
         if hasattr(module, "kernels"):
-            module.kernels = dataclasses.replace(module.kernels, fused_attention=fused_attention)
+            module.kernels = dataclasses.replace(module.kernels, fused_attention=fused_attention,
+                                                 tree_kv_in_attention=tree_kv_in_attention)
 
 
-@pytest.mark.parametrize("fused,head", [(False, None), (True, None), (False, RESTRICTED)],
-                         ids=["matmul", "fused", "restricted-head"])
+@pytest.mark.parametrize("fused,head", [(False, None), (True, None), ("kv", None), (False, RESTRICTED)],
+                         ids=["matmul", "fused", "fused-writes-kv", "restricted-head"])
 def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused, head):
-    """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask; and
-    a restricted head's greedy tree steps (argmax over its kept logits) against full -inf-filled rows."""
+    """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask (and,
+    "kv", the kernel writing the tree steps' k/v itself); and a restricted head's greedy tree steps
+    (argmax over its kept logits) against full -inf-filled rows."""
     if fused:
         pytest.importorskip("triton")
     k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
     tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head)
     if fused:
-        use_fused_attention(tree_runner)
+        use_fused_attention(tree_runner, tree_kv_in_attention=fused == "kv")
     reference = runner_for(tiny_checkpoints["llama"], head_vocabulary=head)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
     width = max(map(len, prompts))

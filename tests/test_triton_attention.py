@@ -142,6 +142,38 @@ def test_rotating_q_inside_the_kernel_equals_rotating_it_before(heads, kv_heads,
     assert not torch.allclose(plain, rotated, atol=1e-3)  # the rotation matters in this case
 
 
+@pytest.mark.parametrize("splits,scratch_split,tiling", [(1, True, None), (3, True, None), (3, False, None),
+                                                         (1, True, Tiling(16, 16))])
+def test_tree_step_writing_its_own_kv_equals_writing_them_before(splits, scratch_split, tiling):
+    """new_kv: the kernel rotates k and writes k/v to the step's scratch entries, then attends —
+    the same output and the same caches as rope_and_cache followed by the kernel (6 heads a token
+    with 16-row tiles: tiles that share a token both write it)."""
+    from ssd.layers.kernels import rope_and_cache
+    branches, k, depth, attend_len, kv_heads = 5, 3, 1, 192, 2
+    q, k_cache, v_cache, limit, scratch_start = tree_case(12, kv_heads, branches, k, seed=5)
+    g = torch.Generator().manual_seed(6)
+    new_k, new_v = (torch.randn(2, branches, kv_heads, 16, generator=g) for _ in range(2))
+    cos, sin = (torch.randn(2, branches, 1, 8, generator=g) for _ in range(2))
+    write_index = (scratch_start + torch.arange(branches) * k + depth).expand(2, branches)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    rope_and_cache(None, new_k, new_v, cos, sin, k_before, v_before, torch.arange(2)[:, None], write_index)
+    args = (limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start, k, depth)
+    options = {"splits": splits, "scratch_split": scratch_split, "tiling": tiling, "rope": (cos, sin)}
+    expected = fused_attention(q, k_before, v_before, *args, **options)
+    out = fused_attention(q, k_cache, v_cache, *args, new_kv=(new_k, new_v), **options)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k_before, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, v_before)
+
+
+def test_new_kv_outside_a_tree_step_is_refused():
+    q, k_cache, v_cache = random_case(2, 3, 4, 2, 16)
+    limit = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    kv = (torch.zeros(2, 3, 2, 16), torch.zeros(2, 3, 2, 16))
+    with pytest.raises(ValueError, match="tree steps only"):
+        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.3, new_kv=kv)
+
+
 def test_cached_attention_dispatches_to_the_fused_kernel_with_the_same_result():
     """Through ForwardContext, as a decoder layer calls it: plain rows and tree rows."""
     q, k_cache, v_cache = random_case(2, 4, 4, 2, 16, seed=3)

@@ -44,13 +44,17 @@ class Kernels:
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
+    tree_kv_in_attention: bool = False       # a tree step's k/v written by fused_attention (new_kv)
     linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
 
     @classmethod
-    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False) -> "Kernels":
+    def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
+                 tree_kv_in_attention: bool = True) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
-        under Triton's interpreter, as in the tests); measured_linear: few-row linears take F.linear
-        or a Triton kernel, whichever measured faster per shape (ssd.layers.triton_linear)."""
+        under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
+        (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
+        linears take F.linear or a Triton kernel, whichever measured faster per shape
+        (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -59,8 +63,9 @@ class Kernels:
         # runtime values (H200, 1B draft, B=16 tree step: SiLU-mul 11.5 -> 3.7 us, RoPE + KV write
         # 12.1 -> 5.2 us, RMSNorm 3.3 -> 2.3 us; bench/draft_kernel_sweep.py)
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
+        attention = load_fused_attention() if fused_attention else None
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
-                   fuse(grouped_attention), load_fused_attention() if fused_attention else None,
+                   fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
                    load_measured_linear() if measured_linear else F.linear)
 
 

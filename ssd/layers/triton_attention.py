@@ -88,12 +88,43 @@ def _branch_entries(q, k_ptr, v_ptr, cache, sk_l, t, tile, num_queries, scratch_
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr,
-            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
+def _load_rotated(rows_ptr, ok, cos_ptr, sin_ptr, trig_rows, HEAD_DIM: tl.constexpr):
+    """Rows [R, HEAD_DIM] at rows_ptr + d with RoPE applied (non-interleaved halves, float32 as
+    apply_rotary: x1 cos - x2 sin | x2 cos + x1 sin); trig_rows [R, 1]: each row's cos/sin offset."""
+    d = tl.arange(0, HEAD_DIM)
+    half = HEAD_DIM // 2
+    x = tl.load(rows_ptr + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    partner = tl.load(rows_ptr + ((d + half) % HEAD_DIM)[None, :], mask=ok, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + trig_rows + (d % half)[None, :], mask=ok, other=0.0)
+    sin = tl.load(sin_ptr + trig_rows + (d % half)[None, :], mask=ok, other=0.0)
+    return x * cos + (tl.where(d < half, -1.0, 1.0)[None, :] * partner) * sin
+
+
+@triton.jit
+def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, sn_b, sn_t, sn_h, sc_b, sc_t,
+                     b, kv_head, tile, num_queries, scratch_start, depth, GROUP: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BRANCH_LEN: tl.constexpr):
+    """This tree step's k (rotated) and v of the tile's tokens into their entries scratch_start +
+    t*K + depth, before the tile reads its branches (what rope_and_cache writes otherwise — one
+    kernel per layer fewer). A token two tiles share is written by both, with the same values."""
+    t = (tile * BLOCK_M) // GROUP + tl.arange(0, BLOCK_M)
+    ok = ((t <= (tile * BLOCK_M + BLOCK_M - 1) // GROUP) & (t < num_queries))[:, None]
+    d = tl.arange(0, HEAD_DIM)
+    new = b * sn_b + t[:, None] * sn_t + kv_head * sn_h
+    k = _load_rotated(kn_ptr + new, ok, cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, HEAD_DIM)
+    at = cache + (scratch_start + t[:, None] * BRANCH_LEN + depth) * sk_l + d[None, :]
+    tl.store(k_ptr + at, k.to(k_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_ptr + at, tl.load(vn_ptr + new + d[None, :], mask=ok, other=0.0), mask=ok)
+    tl.debug_barrier()   # the stores are seen by every thread of the program before it reads them
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr,
+            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h,
             first_slot, scratch_start, depth, num_queries, num_heads, num_splits, qk_scale,
             loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr):
+            BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, WRITE_KV: tl.constexpr):
     """Committed keys lo..hi-1 (walked in blocks from loop_lo to loop_hi) plus, on the last split,
     the tree's scratch (BRANCH_LEN > 0), for one row tile of one sequence and KV head."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,15 +132,11 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr,
     row_ok = t < num_queries
     d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h
-    q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
-    if ROTATE:  # RoPE on q here (non-interleaved halves, float32 as apply_rotary): no kernel of its own
-        half = HEAD_DIM // 2
-        partner = tl.load(q_rows + ((d + half) % HEAD_DIM)[None, :], mask=row_ok[:, None], other=0.0)
-        trig = b * sc_b + t[:, None] * sc_t + (d % half)[None, :]
-        cos = tl.load(cos_ptr + trig, mask=row_ok[:, None], other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=row_ok[:, None], other=0.0)
-        sign = tl.where(d < half, -1.0, 1.0)[None, :]   # x1 cos - x2 sin | x2 cos + x1 sin
-        q = (q.to(tl.float32) * cos + (sign * partner.to(tl.float32)) * sin).to(q_ptr.dtype.element_ty)
+    if ROTATE:  # RoPE on q here: no kernel of its own
+        q = _load_rotated(q_rows, row_ok[:, None], cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t,
+                          HEAD_DIM).to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
     limit = tl.load(limit_ptr + b * sl_b + t, mask=row_ok, other=-1)       # last committed key seen
 
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)   # finite: rows seeing nothing stay NaN-free
@@ -124,6 +151,10 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr,
         visible = in_range[None, :] & (n[None, :] <= limit[:, None])
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
     if split == num_splits - 1:   # no iterations without a scratch (BRANCH_LEN = 0)
+        if WRITE_KV:
+            _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, sn_b, sn_t, sn_h, sc_b,
+                             sc_t, b, kv_head, tile, num_queries, scratch_start, depth, GROUP, HEAD_DIM, BLOCK_M,
+                             BRANCH_LEN)
         m_i, l_i, acc = _branch_entries(q, k_ptr, v_ptr, cache, sk_l, t, tile, num_queries, scratch_start, depth,
                                         m_i, l_i, acc, qk_scale, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]   # l_i = 0: a padded row, or a split with no keys
@@ -138,41 +169,42 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr,
 
 # depth changes with every tree step: not specialised on (a value of 1 would compile a kernel of its own)
 @triton.jit(do_not_specialize=["depth"])
-def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr, sin_ptr,
-                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr,
+                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h,
                       first_slot, scratch_start, depth, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
-                      ROTATE: tl.constexpr):
+                      ROTATE: tl.constexpr, WRITE_KV: tl.constexpr):
     """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the
     device); a split past the last chunk (the scratch's own) walks none."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
-            sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, first_slot, scratch_start, depth, num_queries,
-            num_heads, num_splits,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h,
+            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start,
+            depth, num_queries, num_heads, num_splits,
             qk_scale, lo, hi, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV)
 
 
 @triton.jit
 def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr,
-                                  sin_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b,
-                                  sc_b, sc_t, first_slot, scratch_start, depth, num_queries, num_heads, num_splits,
-                                  chunk, attend_len, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr,
-                                  WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, KEYS: tl.constexpr):
+                                  sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t,
+                                  so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start, depth,
+                                  num_queries, num_heads, num_splits, chunk, attend_len, qk_scale,
+                                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
+                                  ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, KEYS: tl.constexpr):
     """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
     whole bucket (a constant) and masks what is not its chunk — the same result."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, sq_b, sq_t, sq_h, sk_s,
-            sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, first_slot, scratch_start, depth, num_queries,
-            num_heads, num_splits,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h,
+            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start,
+            depth, num_queries, num_heads, num_splits,
             qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV)
 
 
 @triton.jit
@@ -239,7 +271,8 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scratch_start: int = 0, branch_len: int = 0, depth: int = 0,
                     splits: int | None = None, tiling: Tiling | None = None,
                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    scratch_split: bool = SCRATCH_SPLIT) -> torch.Tensor:
+                    scratch_split: bool = SCRATCH_SPLIT,
+                    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer).
@@ -248,9 +281,13 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     depth runs the same compiled kernel). splits: key splits (default: choose_splits); scratch_split:
     where the keys are split, the scratch gets a split of its own (else it joins the last one);
     tiling: default Tiling.default; rope: (cos, sin) [B, T, 1, D/2] float32 when q is not rotated
-    yet (the kernel rotates it). Returns [B, T, Hq * D]."""
+    yet (the kernel rotates it); new_kv: a tree step's own k (not rotated) and v [B, T, Hkv, D],
+    which the kernel writes to entries scratch_start + t*K + depth (k rotated by rope) before it
+    reads them — the caches need not hold them yet. Returns [B, T, Hq * D]."""
     if branch_len and not 0 <= depth < branch_len:
         raise ValueError(f"tree depth {depth} outside 0..{branch_len - 1}")
+    if new_kv is not None and (not branch_len or rope is None):
+        raise ValueError("new_kv is written by tree steps only, and needs rope to rotate k")
     batch, queries, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -273,16 +310,26 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part, stats = out[None], out   # written directly; stats unused
     kernel, extra = (_attention_kernel, {}) if q.is_cuda else (_attention_kernel_interpreted, {"KEYS": attend_len})
     cos, sin = (t.contiguous() for t in rope) if rope is not None else (limit, limit)  # any pointer when unused
+    k_new, v_new = _same_strides(*new_kv) if new_kv is not None else (q, q)          # any pointer when unused
     kernel[(batch, kv_heads, tiles * splits)](
-        q, k_cache, v_cache, part, stats, limit, keys_end, cos, sin,
+        q, k_cache, v_cache, part, stats, limit, keys_end, cos, sin, k_new, v_new,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0), cos.stride(0),
-        cos.stride(1), first_slot, scratch_start, depth, queries, heads, splits, chunk, attend_len,
+        cos.stride(1), k_new.stride(0), k_new.stride(1), k_new.stride(2), first_slot, scratch_start, depth,
+        queries, heads, splits, chunk, attend_len,
         scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BRANCH_LEN=branch_len,
-        WRITE_STATS=splits > 1, ROTATE=rope is not None,
+        WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **extra)
     if splits > 1:
         rows_total = batch * queries * heads
         _merge_splits_kernel[(triton.cdiv(rows_total, MERGE_ROWS),)](
             part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits, BLOCK_R=MERGE_ROWS)
     return out.view(batch, queries, heads * dim)
+
+
+def _same_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [B, T, Hkv, D] sharing one set of strides, head dim contiguous (the kernel takes one set:
+    as split from one qkv projection they already do)."""
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        return k.contiguous(), v.contiguous()
+    return k, v

@@ -38,12 +38,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         fused = self.kernels.fused_attention if fused_applies(self.kernels.fused_attention, ctx, seq) else None
-        # the fused kernel rotates q as it loads it (one elementwise kernel fewer per layer)
-        rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
-                                              ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index)
+        # the fused kernel rotates q as it loads it, and in a tree step also writes k (rotated) and v to
+        # the step's scratch entries before reading them: no RoPE + KV-write kernel of their own
+        new_kv = (k, v) if fused and ctx.tree is not None and self.kernels.tree_kv_in_attention else None
+        rotated = None
+        if new_kv is None:
+            rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
+                                                  ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index)
         scale = self.head_dim ** -0.5
         if fused:
-            out = cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope)
+            out = cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv)
         else:
             out = cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
         return self.o_proj(out)
