@@ -3,7 +3,8 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | profile | llama | qwen | coordinator)
+#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | llama | qwen |
+#    coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -65,6 +66,15 @@ case $part in
            timeout 540 python bench/draft_kernel_sweep.py --parts autotune \
              --out "$out/gemm_autotune_sweep.json" > "$out/gemm_autotune.log" 2>&1
            grep -E "gemm |Error|error" "$out/gemm_autotune.log" | cut -c1-500 ;;
+  treekv)  # tree steps' k/v written by the attention kernel or by the RoPE + KV-write kernel first,
+           # interleaved (a variant run first measured slower in sequential runs); PRESETS overrides
+           for preset in ${PRESETS:-qwen3-0.6b llama-3.2-1b}; do
+             timeout 560 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches 1 16 \
+               --attention fused-separate-kv fused fused-separate-kv fused \
+               --out "$out/draft_round_${preset}_tree_kv.json" > "$out/round_tree_kv_$preset.log" 2>&1
+             grep -oE "'attention': '[a-z-]+'|'batch': [0-9]+|'(branch_decode_ms|build_wall_ms)': [0-9.]+|Error.*" \
+               "$out/round_tree_kv_$preset.log" | paste -sd' ' | sed 's/.attention/\n&/g'
+           done ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
