@@ -147,12 +147,14 @@ def test_rotating_q_inside_the_kernel_equals_rotating_it_before(heads, kv_heads,
 def test_tree_step_writing_its_own_kv_equals_writing_them_before(splits, scratch_split, tiling):
     """new_kv: the kernel rotates k and writes k/v to the step's scratch entries, then attends —
     the same output and the same caches as rope_and_cache followed by the kernel (6 heads a token
-    with 16-row tiles: tiles that share a token both write it)."""
+    with 16-row tiles: tiles that share a token both write it). k contiguous (as a k-norm returns
+    it), v a strided view of a wider projection output."""
     from ssd.layers.kernels import rope_and_cache
     branches, k, depth, attend_len, kv_heads = 5, 3, 1, 192, 2
     q, k_cache, v_cache, limit, scratch_start = tree_case(12, kv_heads, branches, k, seed=5)
     g = torch.Generator().manual_seed(6)
-    new_k, new_v = (torch.randn(2, branches, kv_heads, 16, generator=g) for _ in range(2))
+    new_k = torch.randn(2, branches, kv_heads, 16, generator=g)
+    new_v = torch.randn(2, branches, 3 * kv_heads * 16, generator=g)[..., -kv_heads * 16:].view(2, branches, kv_heads, 16)
     cos, sin = (torch.randn(2, branches, 1, 8, generator=g) for _ in range(2))
     write_index = (scratch_start + torch.arange(branches) * k + depth).expand(2, branches)
     k_before, v_before = k_cache.clone(), v_cache.clone()

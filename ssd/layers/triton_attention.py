@@ -101,8 +101,8 @@ def _load_rotated(rows_ptr, ok, cos_ptr, sin_ptr, trig_rows, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, sn_b, sn_t, sn_h, sc_b, sc_t,
-                     b, kv_head, tile, num_queries, scratch_start, depth, GROUP: tl.constexpr,
+def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, skn_b, skn_t, skn_h, svn_b,
+                     svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries, scratch_start, depth, GROUP: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BRANCH_LEN: tl.constexpr):
     """This tree step's k (rotated) and v of the tile's tokens into their entries scratch_start +
     t*K + depth, before the tile reads its branches (what rope_and_cache writes otherwise — one
@@ -110,18 +110,20 @@ def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr
     t = (tile * BLOCK_M) // GROUP + tl.arange(0, BLOCK_M)
     ok = ((t <= (tile * BLOCK_M + BLOCK_M - 1) // GROUP) & (t < num_queries))[:, None]
     d = tl.arange(0, HEAD_DIM)
-    new = b * sn_b + t[:, None] * sn_t + kv_head * sn_h
-    k = _load_rotated(kn_ptr + new, ok, cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, HEAD_DIM)
+    k_rows = kn_ptr + b * skn_b + t[:, None] * skn_t + kv_head * skn_h
+    k = _load_rotated(k_rows, ok, cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, HEAD_DIM)
+    v = tl.load(vn_ptr + b * svn_b + t[:, None] * svn_t + kv_head * svn_h + d[None, :], mask=ok, other=0.0)
     at = cache + (scratch_start + t[:, None] * BRANCH_LEN + depth) * sk_l + d[None, :]
     tl.store(k_ptr + at, k.to(k_ptr.dtype.element_ty), mask=ok)
-    tl.store(v_ptr + at, tl.load(vn_ptr + new + d[None, :], mask=ok, other=0.0), mask=ok)
+    tl.store(v_ptr + at, v, mask=ok)
     tl.debug_barrier()   # the stores are seen by every thread of the program before it reads them
 
 
 @triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr,
-            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h,
-            first_slot, scratch_start, depth, num_queries, num_heads, num_splits, qk_scale,
+            sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
+            skn_b, skn_t, skn_h, svn_b, svn_t, svn_h, first_slot, scratch_start, depth, num_queries, num_heads,
+            num_splits, qk_scale,
             loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, WRITE_KV: tl.constexpr):
@@ -152,9 +154,9 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
     if split == num_splits - 1:   # no iterations without a scratch (BRANCH_LEN = 0)
         if WRITE_KV:
-            _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, sn_b, sn_t, sn_h, sc_b,
-                             sc_t, b, kv_head, tile, num_queries, scratch_start, depth, GROUP, HEAD_DIM, BLOCK_M,
-                             BRANCH_LEN)
+            _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, skn_b, skn_t, skn_h,
+                             svn_b, svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries, scratch_start, depth,
+                             GROUP, HEAD_DIM, BLOCK_M, BRANCH_LEN)
         m_i, l_i, acc = _branch_entries(q, k_ptr, v_ptr, cache, sk_l, t, tile, num_queries, scratch_start, depth,
                                         m_i, l_i, acc, qk_scale, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]   # l_i = 0: a padded row, or a split with no keys
@@ -170,7 +172,8 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_
 # depth changes with every tree step: not specialised on (a value of 1 would compile a kernel of its own)
 @triton.jit(do_not_specialize=["depth"])
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr,
-                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h,
+                      sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
+                      skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
                       first_slot, scratch_start, depth, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -181,8 +184,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, co
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
     _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h,
-            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start,
-            depth, num_queries, num_heads, num_splits,
+            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
+            first_slot, scratch_start, depth, num_queries, num_heads, num_splits,
             qk_scale, lo, hi, lo, hi, b, kv_head, tile, split,
             GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV)
 
@@ -190,7 +193,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, co
 @triton.jit
 def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr,
                                   sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t,
-                                  so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start, depth,
+                                  so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t, svn_h, first_slot,
+                                  scratch_start, depth,
                                   num_queries, num_heads, num_splits, chunk, attend_len, qk_scale,
                                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -201,8 +205,8 @@ def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr,
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
     _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, sq_b, sq_t, sq_h,
-            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, sn_b, sn_t, sn_h, first_slot, scratch_start,
-            depth, num_queries, num_heads, num_splits,
+            sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
+            first_slot, scratch_start, depth, num_queries, num_heads, num_splits,
             qk_scale, 0, KEYS, lo, hi, b, kv_head, tile, split,
             GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV)
 
@@ -310,12 +314,14 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part, stats = out[None], out   # written directly; stats unused
     kernel, extra = (_attention_kernel, {}) if q.is_cuda else (_attention_kernel_interpreted, {"KEYS": attend_len})
     cos, sin = (t.contiguous() for t in rope) if rope is not None else (limit, limit)  # any pointer when unused
-    k_new, v_new = _same_strides(*new_kv) if new_kv is not None else (q, q)          # any pointer when unused
+    # any pointer when unused; k and v strided as they come (views of the qkv output, a q/k-norm's output)
+    k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (q, q)
     kernel[(batch, kv_heads, tiles * splits)](
         q, k_cache, v_cache, part, stats, limit, keys_end, cos, sin, k_new, v_new,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0), cos.stride(0),
-        cos.stride(1), k_new.stride(0), k_new.stride(1), k_new.stride(2), first_slot, scratch_start, depth,
+        cos.stride(1), k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1),
+        v_new.stride(2), first_slot, scratch_start, depth,
         queries, heads, splits, chunk, attend_len,
         scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BRANCH_LEN=branch_len,
         WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None,
@@ -326,10 +332,3 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits, BLOCK_R=MERGE_ROWS)
     return out.view(batch, queries, heads * dim)
 
-
-def _same_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v [B, T, Hkv, D] sharing one set of strides, head dim contiguous (the kernel takes one set:
-    as split from one qkv projection they already do)."""
-    if k.stride() != v.stride() or k.stride(-1) != 1:
-        return k.contiguous(), v.contiguous()
-    return k, v
