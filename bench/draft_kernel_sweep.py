@@ -8,8 +8,7 @@ Every candidate is captured `--calls` times back to back in one CUDA graph and t
 as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
 weight copy, optionally Inductor's autotuned Triton GEMM); greedy argmax over the vocabulary; the
-torch.compile'd elementwise kernels with all-dynamic, automatic-dynamic and static shapes; a
-layer's norm + projection as separate kernels or one (norm_linear).
+torch.compile'd elementwise kernels with all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
 
@@ -282,52 +281,11 @@ def fp8_gemm_sweep(calls: int) -> list[dict]:
     return rows
 
 
-# (hidden, qkv rows, gate/up rows) of the two drafts
-NORM_LINEAR_SHAPES = {"llama-3.2-1b": (HIDDEN, 3072, 2 * FFN), "qwen3-0.6b": (1024, 4096, 6144)}
-
-
-def norm_linear_sweep(calls: int) -> list[dict]:
-    """A layer's add + RMSNorm, its qkv or gate/up product and (gate/up) SiLU-mul as the engine's
-    separate kernels (compiled norm, F.linear, compiled SiLU-mul) against one fused Triton kernel
-    per tiling (ssd.layers.triton_norm_linear), weights rotated (see rotating), at the few-row
-    shapes where the fused kernel applies (B = 1 window and tree, B = 2 tree, B = 8 window)."""
-    from ssd.layers.triton_norm_linear import norm_linear
-    rows, device, dtype = [], torch.device("cuda"), torch.bfloat16
-    compiled = layer_kernels.Kernels.compiled()
-    for (preset, (hidden, qkv, gate_up)), (proj, gated), m in itertools.product(
-            NORM_LINEAR_SHAPES.items(), (("qkv", False), ("gate_up", True)), (7, 21, 42, 56)):
-        n = gate_up if gated else qkv
-        weight = rotating(lambda: torch.randn(n, hidden, device=device, dtype=dtype) * 0.02, 2 * n * hidden)
-        x, residual = (torch.randn(m, hidden, device=device, dtype=dtype) for _ in range(2))
-        norm_weight = torch.ones(hidden, device=device, dtype=dtype)
-
-        def separate(w):
-            h, r = compiled.add_rms_norm(x, residual, norm_weight, 1e-5)
-            y = F.linear(h, w)
-            return (compiled.silu_and_mul(y) if gated else y), r
-        reference = separate(weight())[0].float()
-        candidates = {"separate_kernels": lambda: separate(weight())}
-        candidates.update({f"fused_{t.block_n}x{t.block_k}_w{t.num_warps}_s{t.num_stages}":
-                           (lambda t=t: norm_linear(x, residual, norm_weight, 1e-5, weight(), t, gated))
-                           for t in CANDIDATES if t.split_k == 1})
-        for variant, fn in candidates.items():
-            def measure():
-                diff = (fn()[0].float() - reference).abs().max().item()
-                return {"us": graph_us(fn, calls), "max_abs_diff": round(diff, 5)}
-            rows.append({"preset": preset, "proj": proj, "rows": m, "variant": variant,
-                         **guarded(f"norm_linear {preset} {proj} m={m} {variant}", measure)})
-        done = rows[-len(candidates):]
-        best = min((r for r in done if "us" in r and r["variant"] != "separate_kernels"), key=lambda r: r["us"], default={})
-        log.info("norm_linear %s %s m=%d: separate %s us, best fused %s %s us", preset, proj, m, done[0].get("us"),
-                 best.get("variant"), best.get("us"))
-    return rows
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
                         choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
-                                 "sampling", "fp8", "norm_linear"),
+                                 "sampling", "fp8"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
                              "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
@@ -341,8 +299,7 @@ def main(argv: list[str]) -> int:
              "attention_stages": lambda: attention_sweep(args.calls, args.context, args.attend_len, deep_tilings, False),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
-             "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls),
-             "norm_linear": lambda: norm_linear_sweep(args.calls)}
+             "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
     with torch.inference_mode():

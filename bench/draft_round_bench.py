@@ -43,14 +43,13 @@ log = logging.getLogger("draft_round_bench")
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
-                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
-                fused_norm_linear: bool = False) -> AsyncDraft:
+                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear,
-                              tree_kv_in_attention=tree_kv_in_attention, fused_norm_linear=fused_norm_linear)
+                              tree_kv_in_attention=tree_kv_in_attention)
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
@@ -238,10 +237,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention", nargs="+", choices=("fused", "fused-separate-kv", "matmul"), default=["fused"],
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "cublas", "fused-norm"), default=["measured"],
-                        help="linear-layer choices to measure one after the other (with each attention); "
-                             "fused-norm: measured, and each norm + qkv / gate-up (+ SiLU-mul) as one kernel "
-                             "where that measured faster (ssd.layers.triton_norm_linear)")
+    parser.add_argument("--linear", nargs="+", choices=("measured", "cublas"), default=["measured"],
+                        help="linear-layer choices to measure one after the other (with each attention)")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
@@ -254,8 +251,7 @@ def main(argv: list[str]) -> int:
     rows = []
     for mode, linear, quant, vocab in itertools.product(args.attention, args.linear, args.quant, args.vocab):
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
-                            args.device, fused_attention=mode.startswith("fused"), measured_linear=linear != "cublas",
-                            fused_norm_linear=linear == "fused-norm",
+                            args.device, fused_attention=mode.startswith("fused"), measured_linear=linear == "measured",
                             tree_kv_in_attention=mode == "fused",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:

@@ -3,8 +3,8 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | normlinear | profile |
-#    llama | qwen | coordinator)
+#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | llama | qwen |
+#    coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -74,18 +74,6 @@ case $part in
                --out "$out/draft_round_${preset}_tree_kv.json" > "$out/round_tree_kv_$preset.log" 2>&1
              grep -oE "'attention': '[a-z-]+'|'batch': [0-9]+|'(branch_decode_ms|build_wall_ms)': [0-9.]+|Error.*" \
                "$out/round_tree_kv_$preset.log" | paste -sd' ' | sed 's/.attention/\n&/g'
-           done ;;
-  normlinear) # norm + qkv / gate-up (+ SiLU-mul) as one kernel against the separate kernels: per shape,
-           # then the draft round interleaved (PRESETS overrides the round's drafts; B <= 2 has <= 64 rows)
-           timeout 200 python bench/draft_kernel_sweep.py --parts norm_linear \
-             --out "$out/norm_linear_sweep.json" > "$out/norm_linear.log" 2>&1
-           grep -E "norm_linear|Error|error" "$out/norm_linear.log" | cut -c1-300
-           for preset in ${PRESETS:-llama-3.2-1b}; do
-             timeout 400 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches 1 2 \
-               --linear measured fused-norm measured fused-norm \
-               --out "$out/draft_round_${preset}_norm_linear.json" > "$out/round_norm_linear_$preset.log" 2>&1
-             grep -oE "'linear': '[a-z-]+'|'batch': [0-9]+|'(window_forward_ms|branch_decode_ms|build_wall_ms)': [0-9.]+|Error.*" \
-               "$out/round_norm_linear_$preset.log" | paste -sd' ' | sed 's/.linear/\n&/g'
            done ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1

@@ -24,7 +24,6 @@ class RunnerConfig:
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     tree_kv_in_attention: bool = True  # ... which also writes a tree step's k/v (no RoPE + KV-write kernel)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
-    fused_norm_linear: bool = False   # GPU graphs: norm + qkv / gate-up (+ SiLU-mul) as one Triton kernel where faster
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

@@ -46,18 +46,15 @@ class Kernels:
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
     tree_kv_in_attention: bool = False       # a tree step's k/v written by fused_attention (new_kv)
     linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
-    norm_linear: Callable | None = None       # the norm + qkv / gate-up (+ SiLU-mul) chooser (MeasuredNormLinear)
 
     @classmethod
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
-                 tree_kv_in_attention: bool = True, fused_norm_linear: bool = False) -> "Kernels":
+                 tree_kv_in_attention: bool = True) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
         linears take F.linear or a Triton kernel, whichever measured faster per shape
-        (ssd.layers.triton_linear); fused_norm_linear: a layer's norm and the projection after it
-        (with SiLU-mul for gate/up) as one Triton kernel where that measured faster per shape
-        (ssd.layers.triton_norm_linear)."""
+        (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -69,8 +66,7 @@ class Kernels:
         attention = load_fused_attention() if fused_attention else None
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
-                   load_measured_linear() if measured_linear else F.linear,
-                   load_measured_norm_linear() if fused_norm_linear else None)
+                   load_measured_linear() if measured_linear else F.linear)
 
 
 def load_fused_attention() -> Callable | None:
@@ -89,15 +85,6 @@ def load_measured_linear() -> Callable:
         log.warning("Triton is not installed: linear layers run as F.linear")
         return F.linear
     return MeasuredLinear()
-
-
-def load_measured_norm_linear() -> Callable | None:
-    try:
-        from ssd.layers.triton_norm_linear import MeasuredNormLinear
-    except ImportError:
-        log.warning("Triton is not installed: norms and projections run as separate kernels")
-        return None
-    return MeasuredNormLinear()
 
 
 EAGER = Kernels()

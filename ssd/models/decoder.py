@@ -1,8 +1,6 @@
 """Llama-3.x / Qwen2 / Qwen3 decoder (one implementation; the families differ in qkv bias and q/k norm)."""
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -31,10 +29,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
 
-    def forward(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
-        """qkv: qkv_proj's output (DecoderLayer runs it, fused with the norm before it where that is faster)."""
-        batch, seq = qkv.shape[:2]
-        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
+        batch, seq = x.shape[:2]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -57,30 +54,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The weights of down(SiLU(gate(x)) * up(x)); DecoderLayer runs it (gate/up fused with the norm
-    before it where that is faster)."""
     def __init__(self, arch: ModelArch, tp: TPGroup, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         f = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [f, f], False, tp, kernels.linear)
         self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp, kernels.linear)
 
-
-def norm_then_project(kernels: Kernels, norm: RMSNorm, proj: ColumnParallelLinear, gated: bool,
-                      x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(proj(norm(x + residual)), x + residual), gated: SiLU(gate) * up of the projection; residual
-    None: the first layer (no add). One kernel where kernels.norm_linear measured that faster."""
-    unfused = functools.partial(_unfused_norm_project, kernels, norm, proj, gated)
-    if kernels.norm_linear is None or proj.bias is not None:
-        return unfused(x, residual, proj.weight)
-    return kernels.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, gated, unfused)
-
-
-def _unfused_norm_project(kernels: Kernels, norm: RMSNorm, proj: ColumnParallelLinear, gated: bool,
-                          x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
-    h, residual = norm(x, residual) if residual is not None else (norm(x), x)
-    y = proj.linear(h, weight, proj.bias)
-    return (kernels.silu_and_mul(y) if gated else y), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,11 +74,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
 
     def forward(self, x, residual, rope, ctx: ForwardContext):
-        kernels, attn, mlp = self.self_attn.kernels, self.self_attn, self.mlp
-        qkv, residual = norm_then_project(kernels, self.input_layernorm, attn.qkv_proj, False, x, residual)
-        x = attn(qkv, rope, ctx)
-        hidden, residual = norm_then_project(kernels, self.post_attention_layernorm, mlp.gate_up_proj, True, x, residual)
-        return mlp.down_proj(hidden), residual
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
