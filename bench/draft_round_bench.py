@@ -28,11 +28,14 @@ import torch  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
+from ssd.draft_worker.compact_probs import CompactProbs  # noqa: E402
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
-from ssd.engine.sampler import SamplingTensors  # noqa: E402
+from ssd.engine.random import RandomStream  # noqa: E402
+from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
+                                sample_from_weights)
 from ssd.sampling_params import SamplingParams  # noqa: E402
 from ssd.models.presets import preset_arch  # noqa: E402
 from ssd.spec.draft_vocabulary import kept_token_ids  # noqa: E402
@@ -140,6 +143,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     graph_check = check_graphs_match_eager(tree, guess, lengths_d, sampled, horizon) if tree.graphs else None
     if device.type == "cuda" and graph_check is not None:
         graph_check["top_candidates_vs_torch_topk"] = check_top_candidates(logits)
+        graph_check["compact_vs_dense_filter"] = check_compact_filter(logits, sampled)
     kernel_tables = {name: profile_kernels(fn) for name, fn in calls.items()} if kernels else {}
 
     def build_wall():
@@ -173,9 +177,28 @@ def check_top_candidates(logits: torch.Tensor, k: int = DRAFT_FILTER_CANDIDATES)
             "index_agreement": float((index == expected.indices).float().mean())}
 
 
+def check_compact_filter(logits: torch.Tensor, sampling: SamplingTensors) -> dict:
+    """The filtered tree step's compact distribution and draw (as the tree runs them) against the
+    dense ones (probs_from_logits + sample_from_weights), on the window forward's logits."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    st = sampling.select_rows(torch.arange(logits.shape[0], device=logits.device).repeat_interleave(logits.shape[1]))
+    counter = torch.arange(rows.shape[0], device=rows.device)
+    ids, probs = compact_probs_from_logits(rows, st, DRAFT_FILTER_CANDIDATES)
+    dense = probs_from_logits(rows, st, DRAFT_FILTER_CANDIDATES)
+    compact_tokens = sample_among(ids, probs, st.seed, counter, RandomStream.DRAFT)
+    dense_tokens = sample_from_weights(dense, st.seed, counter, RandomStream.DRAFT)
+    return {"max_abs_prob_diff": float((CompactProbs(ids, probs, rows.shape[-1]).dense() - dense).abs().max()),
+            "token_agreement": float((compact_tokens == dense_tokens).float().mean())}
+
+
 def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:
     params = [SamplingParams(temperature=0.8, top_p=top_p, seed=i) for i in range(batch)]
     return SamplingTensors.from_params(params, device, 0)
+
+
+def widened(probs):
+    """[B, N, K, V] distributions from a cache's (filtered ones are kept compact)."""
+    return probs.dense() if isinstance(probs, CompactProbs) else probs
 
 
 def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
@@ -186,7 +209,7 @@ def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
         graph_tokens, graph_probs = tree.graphs.replay(guess, lengths, st, horizon)
         result[name] = {"tokens_equal": bool(torch.equal(eager_tokens, graph_tokens)),
                         "max_abs_prob_diff": None if eager_probs is None else
-                        float((eager_probs - graph_probs).abs().max())}
+                        float((widened(eager_probs) - widened(graph_probs)).abs().max())}
     if tree.temperature_sample is not None:   # the Triton temperature path against the compiled PyTorch one
         kernel_tokens, kernel_probs = tree.graphs.replay(guess, lengths, temperature_only := sampling_for(
             guess.shape[0], guess.device, 1.0), horizon)

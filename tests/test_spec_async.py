@@ -28,8 +28,8 @@ def ar_outputs(pair, prompts, params=GREEDY):
         return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def async_generate(pair, draft, k, prompts, params=GREEDY, tp=1, max_num_seqs=16, **options):
-    with LLM(str(pair["target"]), max_model_len=256, draft=str(pair[draft]), num_speculative_tokens=k,
+def async_generate(pair, draft, k, prompts, params=GREEDY, tp=1, max_num_seqs=16, max_model_len=256, **options):
+    with LLM(str(pair["target"]), max_model_len=max_model_len, draft=str(pair[draft]), num_speculative_tokens=k,
              async_spec=True, tensor_parallel_size=tp, max_num_seqs=max_num_seqs, **options) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [o.token_ids for o in outs], llm.last_run_stats
@@ -84,6 +84,55 @@ def test_sampled_async_output_follows_target_distribution(pair, options):
     p = exact_second_token_marginal(pair["target"], prompt, 1.0)
     expected = p * n
     keep = expected > 5
+    obs_cells = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
+    exp_cells = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    assert chisquare(obs_cells.numpy(), exp_cells.numpy()).pvalue > 1e-3
+    assert 0.5 * (observed / n - p).abs().sum() < 0.1
+
+
+def filtered(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """probs [..., V] through top-k, then top-p over the top-k distribution (as the sampler), renormalised."""
+    sorted_probs, index = probs.sort(-1, descending=True)
+    sorted_probs = torch.where(torch.arange(probs.shape[-1]) < top_k, sorted_probs, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+    sorted_probs = torch.where(sorted_probs.cumsum(-1) - sorted_probs < top_p, sorted_probs, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, index, sorted_probs)
+    return out / out.sum(-1, keepdim=True)
+
+
+def exact_third_token_marginal(path, prompt: list[int], top_k: int, top_p: float) -> torch.Tensor:
+    """P(token 3) under the target's filtered sampling (temperature 1), from the HF model."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    step = lambda contexts: filtered(torch.softmax(model(contexts).logits[:, -1].double(), -1), top_k, top_p)  # noqa: E731
+    with torch.no_grad():
+        p1 = step(torch.tensor([prompt]))[0]
+        firsts = p1.nonzero()[:, 0]
+        p2 = step(torch.cat([torch.tensor([prompt]).expand(len(firsts), -1), firsts[:, None]], 1))   # [T1, V]
+        pairs = [(a, b) for i, a in enumerate(firsts.tolist()) for b in p2[i].nonzero()[:, 0].tolist()]
+        weight = torch.tensor([float(p1[a] * p2[i, b]) for i, a in enumerate(firsts.tolist())
+                               for b in p2[i].nonzero()[:, 0].tolist()], dtype=torch.float64)
+        p3 = step(torch.tensor([prompt + [a, b] for a, b in pairs]))
+    marginal = weight @ p3
+    return marginal / marginal.sum()
+
+
+def test_filtered_sampling_from_cache_hits_follows_target_distribution(pair):
+    """top-k + top-p: the tree's filtered steps keep their distributions compact (the largest
+    logits only) and the answering branch's is widened at lookup. Token 3 comes from the second
+    round — from the cache on a hit — whenever the first round did not accept both drafts. All
+    sequences run in one batch: a new one joining would re-speculate every row afresh."""
+    n, prompt, top_k, top_p = 3000, [7, 8, 9], 12, 0.9
+    params = [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, max_tokens=3, seed=i, ignore_eos=True)
+              for i in range(n)]
+    outs, stats = async_generate(pair, "near", 2, [prompt] * n, params, max_num_seqs=n, max_model_len=64,
+                                  fan_out=4)
+    assert stats.cache_hits > n // 10 and stats.cache_hits < stats.cache_lookups
+    observed = torch.bincount(torch.tensor([o[2] for o in outs]), minlength=97).double()
+    p = exact_third_token_marginal(pair["target"], prompt, top_k, top_p)
+    expected = p * n
+    keep = expected > 5
+    assert observed[p == 0].sum() == 0   # nothing outside the target's filtered support
     obs_cells = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
     exp_cells = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
     assert chisquare(obs_cells.numpy(), exp_cells.numpy()).pvalue > 1e-3

@@ -109,3 +109,34 @@ def test_fork_guesses_equal_per_position_top_f_without_the_drafted_token():
                       if j == 4 or t != int(drafted[row, j])]
             expected += ranked[:f]
         assert guesses[row].tolist() == expected
+
+
+@pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
+def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_checkpoints, saguaro_c):
+    """Many rows with one context and their own seeds: each branch's first token, counted over the
+    rows, follows the distribution its cache lookup returns (kept compact, widened at lookup; with
+    Saguaro's C < 1 rescaled on the top F) — what the verifier is given as q on a hit."""
+    from scipy.stats import chisquare
+    from ssd import SamplingParams
+    from ssd.draft_worker.compact_probs import CompactProbs
+    from ssd.engine.sampler import SamplingTensors
+    rows, shape = 3000, TreeShape(1, (2, 1), (2, 1))
+    runner = ModelRunner(RunnerConfig(model=str(tiny_checkpoints["llama"]), max_len=16, num_slots=rows,
+                                      window_sizes=(2,), scratch_len=shape.scratch_len), TPGroup())
+    prompt = torch.tensor([[5, 6, 7, 8]]).expand(rows, 4)
+    runner.forward(prompt, torch.arange(4).expand(rows, 4).contiguous(), 4)
+    sampling = SamplingTensors.from_params(
+        [SamplingParams(temperature=1.0, top_k=10, top_p=0.9, seed=i) for i in range(rows)], "cpu", 0)
+    window = torch.tensor([[8, 40]]).expand(rows, 2)
+    cache = TreeBuilder(runner, shape, saguaro_c).build(window, torch.full((rows,), 4),
+                                                        torch.ones(rows, dtype=torch.bool), sampling, 4)
+    assert isinstance(cache.probs, CompactProbs)
+    for branch in range(shape.num_branches):
+        fork = int(cache.fork[branch])
+        _, tokens, q = cache.lookup(torch.full((rows,), fork), cache.guess[:, branch])
+        torch.testing.assert_close(q, q[:1].expand_as(q))          # one context: one distribution
+        q = q[0, 0].double()
+        assert (q > 0).sum() <= 10 and q[tokens[:, 0]].min() > 0
+        observed = torch.bincount(tokens[:, 0], minlength=q.numel()).double()
+        kept = q > 0
+        assert chisquare(observed[kept].numpy(), (q[kept] / q[kept].sum() * rows).numpy()).pvalue > 1e-3

@@ -10,8 +10,10 @@ import torch
 
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
-from ssd.draft_worker.proposer import draft_distribution
-from ssd.engine.sampler import SamplingTensors, sample_from_weights
+from ssd.draft_worker.compact_probs import CompactProbs
+from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, draft_distribution
+from ssd.engine.sampler import SamplingTensors, compact_probs_from_logits, sample_among, sample_from_weights
+from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
@@ -60,10 +62,13 @@ class SpeculationCache:
     guess: torch.Tensor           # [B, N] t* each branch assumes
     valid: torch.Tensor           # [B, N] branch exists under this row's fan-out list
     tokens: torch.Tensor          # [B, N, K] the branch's draft continuation
-    probs: torch.Tensor | None    # [B, N, K, V] distributions the continuation was drawn from
+    # [B, N, K, V] distributions the continuation was drawn from, compact ([B, N, K] rows of a
+    # few tokens) where the draft filters with top-k / top-p
+    probs: torch.Tensor | CompactProbs | None
 
     def lookup(self, accepted: torch.Tensor, recovered: torch.Tensor):
-        """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None."""
+        """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None
+        (the answering branch's distributions, widened to the vocabulary where kept compact)."""
         if self.guess.shape[1] == 0:  # fan-out of zero everywhere: nothing cached, every lookup misses
             batch = accepted.shape[0]
             return torch.zeros(batch, dtype=torch.bool, device=accepted.device), self.tokens[:, 0], None
@@ -72,6 +77,8 @@ class SpeculationCache:
         branch = match.int().argmax(dim=1)
         rows = torch.arange(branch.shape[0], device=branch.device)
         probs = self.probs[rows, branch] if self.probs is not None else None
+        if isinstance(probs, CompactProbs):
+            probs = probs.dense()
         return hit, self.tokens[rows, branch], probs
 
     def select_rows(self, rows: torch.Tensor) -> "SpeculationCache":
@@ -120,6 +127,9 @@ class TreeBuilder:
         # Saguaro rescale, the write into the cache's probs) run as a few fused kernels
         self.distribution = torch.compile(branch_distribution) if runner.cfg.use_cuda_graphs and runner.cfg.compile \
             else branch_distribution
+        # top-k / top-p: the distribution among the largest logits only, kept compact, and the draw from it
+        self.compact_step = torch.compile(compact_branch_step) if runner.cfg.use_cuda_graphs and runner.cfg.compile \
+            else compact_branch_step
         # temperature only (no top-k / top-p, C = 1): distribution and draw in three chunked kernels
         self.temperature_sample = load_temperature_sample() if runner.device.type == "cuda" and saguaro_c >= 1.0 \
             else None
@@ -171,7 +181,8 @@ class TreeBuilder:
     def decode_branches(self, guess, lengths, sampling, max_position: int, probs_out: torch.Tensor | None = None):
         """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.
         Free of host syncs (captured as CUDA graphs per batch bucket and attention length). Sampled
-        branches' distributions go to probs_out [B, N, K, V] when given (a graph's static buffer)."""
+        branches' distributions go to probs_out [B, N, K, V] (filtered: CompactProbs [B, N, K]) when
+        given (a graph's static buffer)."""
         k, batch, n = self.shape.k, *guess.shape
         scratch_start = self.runner.max_len
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
@@ -192,7 +203,9 @@ class TreeBuilder:
             tokens.append(current)
         if greedy:
             return torch.stack(tokens, 2), None
-        return torch.stack(tokens, 2), probs_out if probs_out is not None else torch.stack(probs, 2)
+        if probs_out is not None:
+            return torch.stack(tokens, 2), probs_out
+        return torch.stack(tokens, 2), CompactProbs.stack(probs, 2) if sampling.apply_filters else torch.stack(probs, 2)
 
     def pick(self, logits, counter, sampling, depth, out: torch.Tensor | None = None):
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
@@ -208,6 +221,11 @@ class TreeBuilder:
                                                out.view(batch * n, vocab) if out is not None else None)
             return token.view(batch, n), q.view(batch, n, vocab)
         rows = sampling.select_rows(sequence)
+        if sampling.apply_filters:
+            token, ids, probs = self.compact_step(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth],
+                                                  self.c, self.shape.num_branches, counter.reshape(-1))
+            q = out.copy_(ids, probs) if out is not None else CompactProbs(ids, probs, vocab).view(batch, n)
+            return token.view(batch, n), q
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
         # the cache will fork at that position with the hit list's F_m (a device tensor: an online
         # re-fit rewrites it in place, and captured graphs read the new value)
@@ -225,6 +243,17 @@ def load_temperature_sample():
     return temperature_sample
 
 
+def compact_branch_step(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,
+                        counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A filtered tree step over rows of logits [R, V]: the draft's distribution among its
+    DRAFT_FILTER_CANDIDATES largest logits (compact_probs_from_logits, Saguaro-rescaled on its top
+    F — see pick) and the token drawn from it, the one sample_from_weights would draw from the
+    dense rows: (tokens [R], ids [R, W], probs [R, W])."""
+    ids, probs = compact_probs_from_logits(logits, sampling, DRAFT_FILTER_CANDIDATES)
+    probs = saguaro_probs(probs, top_f, c, max_f)
+    return sample_among(ids, probs, sampling.seed, counter, RandomStream.DRAFT), ids, probs
+
+
 def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,
                         out: torch.Tensor | None) -> torch.Tensor:
     """draft_distribution of logits [B*N, V], written into out [B, N, V] when given (a slice of a
@@ -236,8 +265,9 @@ def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: 
 class BranchGraphs:
     """The branch decode (K tree steps + token choice) as CUDA graphs captured at start-up, per
     (batch bucket, attention length) and mode: greedy (argmax), or sampled with / without top-k/top-p
-    filters (the sampling parameters are static inputs; the distributions land in one static
-    [bucket, N, K, V] buffer per bucket). Ghost rows decode into free slots' scratch."""
+    filters (the sampling parameters are static inputs; the distributions land in static buffers
+    per bucket: [bucket, N, K, V], or compact [bucket, N, K] rows with filters). Ghost rows decode
+    into free slots' scratch."""
 
     MODES = ("greedy", "sampled", "filtered")
 
@@ -247,6 +277,9 @@ class BranchGraphs:
         runner, shape = builder.runner, builder.shape
         self.probs_out = {b: torch.empty((b, shape.num_branches, shape.k, runner.arch.vocab_size),
                                          dtype=torch.float32, device=runner.device) for b in pool.buckets}
+        width = min(DRAFT_FILTER_CANDIDATES, runner.arch.vocab_size)
+        self.compact_out = {b: CompactProbs.empty((b, shape.num_branches, shape.k), width, runner.arch.vocab_size,
+                                                  runner.device) for b in pool.buckets}
         self.sampling = {b: SamplingTensors.from_params([SamplingParams(temperature=1.0)] * b, runner.device, 0)
                          for b in pool.buckets}
         self.graphs: dict[tuple[str, int, int], tuple] = {}
@@ -269,7 +302,8 @@ class BranchGraphs:
         device = self.builder.runner.device
         guess = torch.zeros((bucket, self.builder.shape.num_branches), dtype=torch.int64, device=device)
         lengths = torch.full((bucket,), 2, dtype=torch.int64, device=device)
-        sampling, probs_out = self.static_sampling(mode, bucket), self.probs_out[bucket]
+        sampling = self.static_sampling(mode, bucket)
+        probs_out = self.compact_out[bucket] if mode == "filtered" else self.probs_out[bucket]
         for _ in range(2):
             self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
         torch.cuda.synchronize(device)

@@ -80,9 +80,16 @@ def uniform_from_counters(
     counter is usually the token position). Returns shape broadcast(seed, counter)
     + [n]; column j is a fresh stream for each (seed, counter, salt).
     """
+    return uniform_at_columns(seed, counter, salt, torch.arange(n, device=seed.device, dtype=torch.int64))
+
+
+def uniform_at_columns(
+    seed: torch.Tensor, counter: torch.Tensor, salt: int, columns: torch.Tensor
+) -> torch.Tensor:
+    """uniform_from_counters' numbers at the given columns only: columns int64 [..., W] (or [W])
+    broadcast against broadcast(seed, counter) + [1]; column j gets the value column j has there."""
     seed, counter = torch.broadcast_tensors(seed.long(), counter.long())
     state = _row_hash(seed, counter, salt).unsqueeze(-1)  # [..., 1]
-    columns = torch.arange(n, device=seed.device, dtype=torch.int64)
-    column_keys = _mix32(_mul_mod32(columns, _GOLDEN32))  # [n]
-    bits = _mix32(state ^ column_keys) >> (32 - _UNIFORM_BITS)  # [..., n] in [0, 2**23)
+    column_keys = _mix32(_mul_mod32(columns.long(), _GOLDEN32))  # [..., W]
+    bits = _mix32(state ^ column_keys) >> (32 - _UNIFORM_BITS)  # [..., W] in [0, 2**23)
     return (bits * 2 + 1).to(torch.float32) * 2.0 ** -(_UNIFORM_BITS + 1)

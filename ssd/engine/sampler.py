@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from ssd.engine.greedy import greedy_tokens
-from ssd.engine.random import RandomStream, uniform_from_counters
+from ssd.engine.random import RandomStream, uniform_at_columns, uniform_from_counters
 from ssd.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
 
 _UINT64_MASK = (1 << 64) - 1
@@ -151,14 +151,22 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     vocab_size = logits.shape[-1]
     if candidates >= vocab_size:
         return _mask_top_k_top_p(logits, top_k, top_p)
-    values, index = _top_candidates(logits, candidates)  # sorted descending, [..., W]
+    kept, index = _filtered_candidates(logits, top_k, top_p, candidates)
+    filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, kept)
+    unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
+    return torch.where(unfiltered, logits, filtered)
+
+
+def _filtered_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `candidates` largest logits [..., W] sorted descending, filtered (dropped -> -inf), and
+    their token ids [..., W]."""
+    values, index = _top_candidates(logits, candidates)
     kept = _top_k_sorted(values, top_k)
     # top-p counts mass against the top-k distribution when k fits in the candidates, else the whole one
     k_fits = (top_k > 0) & (top_k <= candidates)
     log_normalizer = torch.where(k_fits, kept.logsumexp(-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
-    filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, _top_p_sorted(kept, top_p, log_normalizer))
-    unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
-    return torch.where(unfiltered, logits, filtered)
+    return _top_p_sorted(kept, top_p, log_normalizer), index
 
 
 def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +209,33 @@ def probs_from_logits(logits: torch.Tensor, st: SamplingTensors, candidates: int
         scaled = _mask_top_k_top_p(scaled, top_k, top_p) if candidates is None else \
             _mask_top_k_top_p_among(scaled, top_k, top_p, candidates)
     return torch.where(greedy, _one_hot_argmax(logits), scaled.softmax(dim=-1))
+
+
+def compact_probs_from_logits(logits: torch.Tensor, st: SamplingTensors,
+                              candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs_from_logits(logits [R, V], st, candidates) kept compact, for a draft: the token ids
+    [R, W] of the W = min(candidates, V) largest temperature-scaled logits and their filtered,
+    renormalised float32 probabilities [R, W] (0 where filtered out; the rest of the vocabulary has
+    none). Unlike probs_from_logits, rows without filters are truncated to the candidates too —
+    another proposal distribution, still exact if the verifier is given it. Greedy rows: 1 on the
+    first candidate, the largest logit."""
+    logits = logits.float()
+    width = min(candidates, logits.shape[-1])
+    temperature = _per_row(st.temperature, logits)
+    greedy = temperature < GREEDY_TEMPERATURE_EPS
+    scaled = logits / torch.where(greedy, 1.0, temperature)
+    kept, ids = _filtered_candidates(scaled, _per_row(st.top_k, logits), _per_row(st.top_p, logits), width)
+    first = (torch.arange(width, device=logits.device) == 0).to(torch.float32)
+    return ids, torch.where(greedy, first, kept.softmax(dim=-1))
+
+
+def sample_among(ids: torch.Tensor, weights: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
+                 salt: int) -> torch.Tensor:
+    """sample_from_weights for rows whose only nonzero weights [..., W] sit at the token ids
+    [..., W] (distinct within a row): the same race at those columns, with the same numbers, so
+    the same token as sample_from_weights on the dense rows (up to exact float ties)."""
+    exponentials = -torch.log(uniform_at_columns(seed, counter, salt, ids))
+    return ids.gather(-1, (weights / exponentials).argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 
 def sample_from_weights(
