@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ssd.engine.triton_topk import CHUNK, PER_CHUNK, top_candidates, top_candidates_op  # noqa: E402
+from ssd.engine.triton_topk import (CHUNK, PER_CHUNK, scaled_top_candidates, scaled_top_candidates_op,  # noqa: E402
+                                    top_candidates, top_candidates_op)
 
 
 # k / vocab as in the 1B draft (256 of 128k: a chunk holds 1 of them on average); one tile, ragged, several
@@ -113,3 +114,24 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_candidates_and_log_sum_exp(dtype):
+    """Temperature-scaled in the kernels (greedy rows unscaled), with the rows' log-sum-exp from the
+    chunks' statistics: as dividing first and calling topk / logsumexp; a restricted head's -inf
+    chunks add nothing (no NaN)."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(4, 8000, generator=g) * 3).to(dtype)
+    logits[3] = float("-inf")
+    logits[3, 2048::170] = torch.randn(36, generator=g).to(dtype)   # the first 4 chunks all -inf
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.3])
+    values, index, lse = scaled_top_candidates(logits, temperature, 32)
+    scaled = logits.float() / torch.tensor([1.0, 0.7, 1.0, 1.3])[:, None]
+    expected_values, expected_index = scaled.topk(32)
+    assert torch.equal(values, expected_values) and torch.equal(scaled.gather(1, index), values)
+    assert dtype == torch.bfloat16 or torch.equal(index, expected_index)   # bf16 has ties: any order among them
+    torch.testing.assert_close(lse, scaled.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    op_values, op_index, op_lse = scaled_top_candidates_op(logits, temperature, 32)   # CPU: the PyTorch path
+    assert torch.equal(op_values, expected_values)
+    torch.testing.assert_close(op_lse, lse, rtol=1e-6, atol=1e-5)

@@ -151,22 +151,33 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     vocab_size = logits.shape[-1]
     if candidates >= vocab_size:
         return _mask_top_k_top_p(logits, top_k, top_p)
-    kept, index = _filtered_candidates(logits, top_k, top_p, candidates)
+    values, index = _top_candidates(logits, candidates)
+    kept = _filter_sorted(values, top_k, top_p, candidates, logits.logsumexp(-1, keepdim=True))
     filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, kept)
     unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
     return torch.where(unfiltered, logits, filtered)
 
 
-def _filtered_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                         candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `candidates` largest logits [..., W] sorted descending, filtered (dropped -> -inf), and
-    their token ids [..., W]."""
-    values, index = _top_candidates(logits, candidates)
+def _filter_sorted(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, candidates: int,
+                   log_normalizer: torch.Tensor) -> torch.Tensor:
+    """The `candidates` largest logits [..., W] sorted descending, filtered (dropped -> -inf);
+    log_normalizer [..., 1]: the log-sum-exp of all the row's logits."""
     kept = _top_k_sorted(values, top_k)
     # top-p counts mass against the top-k distribution when k fits in the candidates, else the whole one
     k_fits = (top_k > 0) & (top_k <= candidates)
-    log_normalizer = torch.where(k_fits, kept.logsumexp(-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
-    return _top_p_sorted(kept, top_p, log_normalizer), index
+    return _top_p_sorted(kept, top_p, torch.where(k_fits, kept.logsumexp(-1, keepdim=True), log_normalizer))
+
+
+def _scaled_candidates(logits: torch.Tensor, temperature: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of scaled = logits [R, V] / temperature [R] (1 on greedy rows): topk(k) (values, ids) and
+    logsumexp [R]; on CUDA ssd.engine.triton_topk's two kernels, which never write `scaled`."""
+    op = _fused_scaled_topk() if logits.is_cuda else None
+    if op is not None:
+        return op(logits, temperature, k)
+    scaled = logits.float() / torch.where(temperature < GREEDY_TEMPERATURE_EPS, 1.0, temperature)[:, None]
+    values, index = scaled.topk(k, dim=-1)
+    return values, index, scaled.logsumexp(-1)
 
 
 def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +187,15 @@ def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
         return logits.topk(k, dim=-1)
     values, index = op(logits.reshape(-1, logits.shape[-1]), k)
     return values.view(*logits.shape[:-1], k), index.view(*logits.shape[:-1], k)
+
+
+@lru_cache(maxsize=None)
+def _fused_scaled_topk():
+    try:
+        from ssd.engine.triton_topk import scaled_top_candidates_op
+    except ImportError:  # no Triton: PyTorch
+        return None
+    return scaled_top_candidates_op
 
 
 @lru_cache(maxsize=None)
@@ -219,12 +239,10 @@ def compact_probs_from_logits(logits: torch.Tensor, st: SamplingTensors,
     none). Unlike probs_from_logits, rows without filters are truncated to the candidates too —
     another proposal distribution, still exact if the verifier is given it. Greedy rows: 1 on the
     first candidate, the largest logit."""
-    logits = logits.float()
     width = min(candidates, logits.shape[-1])
-    temperature = _per_row(st.temperature, logits)
-    greedy = temperature < GREEDY_TEMPERATURE_EPS
-    scaled = logits / torch.where(greedy, 1.0, temperature)
-    kept, ids = _filtered_candidates(scaled, _per_row(st.top_k, logits), _per_row(st.top_p, logits), width)
+    values, ids, log_normalizer = _scaled_candidates(logits, st.temperature, width)
+    kept = _filter_sorted(values, st.top_k[:, None], st.top_p[:, None], width, log_normalizer[:, None])
+    greedy = (st.temperature < GREEDY_TEMPERATURE_EPS)[:, None]
     first = (torch.arange(width, device=logits.device) == 0).to(torch.float32)
     return ids, torch.where(greedy, first, kept.softmax(dim=-1))
 

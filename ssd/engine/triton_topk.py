@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssd.sampling_params import GREEDY_TEMPERATURE_EPS
+
 # a row of 128k logits gives 2008 candidates (a 2048-entry sort; 256-id chunks keeping 8 gave 4008,
 # whose sort took 186 us per tree step at B = 16 on the H200, half of the selection)
 CHUNK = 512        # consecutive token ids per chunk
@@ -37,14 +39,37 @@ def _order_key(x):
 
 
 @triton.jit
-def _chunk_candidates_kernel(x_ptr, out_ptr, sx_r, V: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                             PER_CHUNK: tl.constexpr, TILE_CHUNKS: tl.constexpr):
-    """out[row, c * PER_CHUNK + j] = the j-th largest of chunk c as (key << 32) | ~index (0: none)."""
+def _scaled_load(x_ptr, t_ptr, row, offsets, ok, SCALED: tl.constexpr, EPS: tl.constexpr):
+    """float32 logits of one row (SCALED: divided by the row's temperature T, T = 1 below EPS —
+    greedy rows —, as probs_from_logits divides them)."""
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if SCALED:
+        t = tl.load(t_ptr + row)
+        x = x / tl.where(t < EPS, 1.0, t)
+    return x
+
+
+@triton.jit
+def _chunk_candidates_kernel(x_ptr, t_ptr, out_ptr, stats_ptr, sx_r, V: tl.constexpr, CHUNKS: tl.constexpr,
+                             CHUNK: tl.constexpr, PER_CHUNK: tl.constexpr, TILE_CHUNKS: tl.constexpr,
+                             SCALED: tl.constexpr, EPS: tl.constexpr):
+    """out[row, c * PER_CHUNK + j] = the j-th largest of chunk c as (key << 32) | ~index (0: none).
+    SCALED: of the temperature-scaled logits, and stats[row, 0 / 1, c] = chunk c's max and sum of
+    exp(x - max) (0 for a chunk of -inf only), for the row's log-sum-exp."""
     row, tile = tl.program_id(0), tl.program_id(1)
     chunk = tile * TILE_CHUNKS + tl.arange(0, TILE_CHUNKS)
     col = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     ok = (chunk[:, None] < CHUNKS) & (col < V)
-    key = tl.where(ok, _order_key(tl.load(x_ptr + row.to(tl.int64) * sx_r + col, mask=ok, other=0.0)), 0)
+    x = _scaled_load(x_ptr, t_ptr, row, row.to(tl.int64) * sx_r + col, ok, SCALED, EPS)
+    if SCALED:
+        x_in = tl.where(ok, x, float("-inf"))
+        chunk_max = tl.max(x_in, 1)
+        finite = chunk_max > float("-inf")
+        chunk_sum = tl.sum(tl.exp(x_in - tl.where(finite, chunk_max, 0.0)[:, None]), 1)
+        stats = stats_ptr + row.to(tl.int64) * 2 * CHUNKS + chunk
+        tl.store(stats, chunk_max, mask=chunk < CHUNKS)
+        tl.store(stats + CHUNKS, tl.where(finite, chunk_sum, 0.0), mask=chunk < CHUNKS)
+    key = tl.where(ok, _order_key(x), 0)
     out = out_ptr + row.to(tl.int64) * (CHUNKS * PER_CHUNK) + chunk * PER_CHUNK
     for j in tl.static_range(PER_CHUNK):
         best = tl.max(key, 1)
@@ -55,9 +80,11 @@ def _chunk_candidates_kernel(x_ptr, out_ptr, sx_r, V: tl.constexpr, CHUNKS: tl.c
 
 
 @triton.jit
-def _select_kernel(x_ptr, cand_ptr, value_ptr, index_ptr, sx_r, CANDIDATES: tl.constexpr, PADDED: tl.constexpr,
-                   K: tl.constexpr):
-    """Per row: the K largest (key, ~index) of its candidates, as values and indices."""
+def _select_kernel(x_ptr, t_ptr, cand_ptr, stats_ptr, value_ptr, index_ptr, lse_ptr, sx_r, CANDIDATES: tl.constexpr,
+                   PADDED: tl.constexpr, K: tl.constexpr, CHUNKS: tl.constexpr, PADDED_CHUNKS: tl.constexpr,
+                   SCALED: tl.constexpr, EPS: tl.constexpr):
+    """Per row: the K largest (key, ~index) of its candidates, as values and indices; SCALED: of
+    the temperature-scaled logits, and lse[row] their log-sum-exp from the chunks' stats."""
     row = tl.program_id(0)
     offs = tl.arange(0, PADDED)
     packed = tl.load(cand_ptr + row.to(tl.int64) * CANDIDATES + offs, mask=offs < CANDIDATES, other=0)
@@ -65,7 +92,17 @@ def _select_kernel(x_ptr, cand_ptr, value_ptr, index_ptr, sx_r, CANDIDATES: tl.c
     top = tl.arange(0, PADDED) < K
     index = (0xFFFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
     tl.store(index_ptr + row * K + offs, index, mask=top)
-    tl.store(value_ptr + row * K + offs, tl.load(x_ptr + row.to(tl.int64) * sx_r + index, mask=top), mask=top)
+    value = _scaled_load(x_ptr, t_ptr, row, row.to(tl.int64) * sx_r + index, top, SCALED, EPS)
+    tl.store(value_ptr + row * K + offs, value, mask=top)
+    if SCALED:
+        c = tl.arange(0, PADDED_CHUNKS)
+        stats = stats_ptr + row.to(tl.int64) * 2 * CHUNKS + c
+        chunk_max = tl.load(stats, mask=c < CHUNKS, other=float("-inf"))
+        chunk_sum = tl.load(stats + CHUNKS, mask=c < CHUNKS, other=0.0)
+        row_max = tl.max(chunk_max, 0)
+        shift = tl.where(row_max > float("-inf"), row_max, 0.0)
+        total = tl.sum(tl.where(chunk_sum > 0, chunk_sum * tl.exp(chunk_max - shift), 0.0), 0)
+        tl.store(lse_ptr + row, row_max + tl.log(total))
 
 
 def candidate_count(vocab: int) -> int:
@@ -77,23 +114,45 @@ def candidate_count(vocab: int) -> int:
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits float32 [R, V] (rows contiguous), k <= candidate_count(V) -> (values [R, k] sorted
     descending, indices [R, k] int64): logits.topk(k), up to the chunk bound of the module docstring."""
-    rows, vocab = logits.shape
-    if logits.dtype != torch.float32 or logits.stride(-1) != 1:
+    if logits.dtype != torch.float32:
         raise ValueError("top_candidates takes float32 logits with contiguous rows")
+    values, index, _ = _run(logits, None, k)
+    return values, index
+
+
+def scaled_top_candidates(logits: torch.Tensor, temperature: torch.Tensor,
+                          k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [R, V] (float32, bfloat16 or float16; rows contiguous), temperature float32 [R] ->
+    top_candidates of scaled = logits.float() / T (T = 1 where below GREEDY_TEMPERATURE_EPS) and
+    scaled.logsumexp(-1) [R] float32, in the same two kernels: the scaled logits are never
+    written, and their log-sum-exp costs no pass of its own."""
+    return _run(logits, temperature, k)
+
+
+def _run(logits: torch.Tensor, temperature: torch.Tensor | None, k: int):
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1:
+        raise ValueError("top_candidates takes logits with contiguous rows")
     chunks = triton.cdiv(vocab, CHUNK)
     candidates = chunks * PER_CHUNK
     if not 0 < k <= candidate_count(vocab):
         raise ValueError(f"k must be in 1..{candidate_count(vocab)}, got {k}")
-    values = torch.empty((rows, k), dtype=torch.float32, device=logits.device)
-    index = torch.empty((rows, k), dtype=torch.int32, device=logits.device)
+    device, scaled = logits.device, temperature is not None
+    values = torch.empty((rows, k), dtype=torch.float32, device=device)
+    index = torch.empty((rows, k), dtype=torch.int32, device=device)
+    lse = torch.empty((rows,), dtype=torch.float32, device=device)
     if rows:
-        packed = torch.empty((rows, candidates), dtype=torch.uint64, device=logits.device)
+        packed = torch.empty((rows, candidates), dtype=torch.uint64, device=device)
+        stats = torch.empty((rows, 2, chunks) if scaled else (1,), dtype=torch.float32, device=device)
+        t = temperature.float().contiguous() if scaled else values
         _chunk_candidates_kernel[(rows, triton.cdiv(chunks, TILE_CHUNKS))](
-            logits, packed, logits.stride(0), V=vocab, CHUNKS=chunks, CHUNK=CHUNK, PER_CHUNK=PER_CHUNK,
-            TILE_CHUNKS=TILE_CHUNKS, num_warps=4)
-        _select_kernel[(rows,)](logits, packed, values, index, logits.stride(0), CANDIDATES=candidates,
-                                PADDED=triton.next_power_of_2(candidates), K=k, num_warps=8)
-    return values, index.long()
+            logits, t, packed, stats, logits.stride(0), V=vocab, CHUNKS=chunks, CHUNK=CHUNK, PER_CHUNK=PER_CHUNK,
+            TILE_CHUNKS=TILE_CHUNKS, SCALED=scaled, EPS=GREEDY_TEMPERATURE_EPS, num_warps=4)
+        _select_kernel[(rows,)](logits, t, packed, stats, values, index, lse, logits.stride(0), CANDIDATES=candidates,
+                                PADDED=triton.next_power_of_2(candidates), K=k, CHUNKS=chunks,
+                                PADDED_CHUNKS=triton.next_power_of_2(chunks), SCALED=scaled,
+                                EPS=GREEDY_TEMPERATURE_EPS, num_warps=8)
+    return values, index.long(), lse
 
 
 @torch.library.custom_op("ssd::top_candidates", mutates_args=())
@@ -110,3 +169,22 @@ def top_candidates_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = logits.shape[0]
     return logits.new_empty((rows, k)), logits.new_empty((rows, k), dtype=torch.int64)
+
+
+@torch.library.custom_op("ssd::scaled_top_candidates", mutates_args=())
+def scaled_top_candidates_op(logits: torch.Tensor, temperature: torch.Tensor,
+                             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scaled_top_candidates as an opaque op for torch.compile: the Triton kernels on CUDA, PyTorch
+    (topk and logsumexp of the scaled logits) elsewhere."""
+    if logits.is_cuda and k <= candidate_count(logits.shape[-1]):
+        return scaled_top_candidates(logits.contiguous(), temperature, k)
+    scaled = logits.float() / torch.where(temperature < GREEDY_TEMPERATURE_EPS, 1.0, temperature.float())[:, None]
+    values, index = scaled.topk(k, dim=-1)
+    return values, index, scaled.logsumexp(-1)
+
+
+@scaled_top_candidates_op.register_fake
+def _(logits: torch.Tensor, temperature: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = logits.shape[0]
+    return (logits.new_empty((rows, k), dtype=torch.float32), logits.new_empty((rows, k), dtype=torch.int64),
+            logits.new_empty((rows,), dtype=torch.float32))
