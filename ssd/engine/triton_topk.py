@@ -9,6 +9,11 @@ digit-count passes, then a gather) — more than the step's token choice.
 2. per row, those candidates are sorted in registers by (value, lower index first) and the first k
    taken.
 
+`scaled_top_candidates` does the same for logits / T (per-row temperature, divided as they are
+loaded) and also returns each row's log-sum-exp, combined from every chunk's max and sum of exp in
+the second kernel: the filtered draft step needs no scaled copy of the logits and no logsumexp
+pass of its own (H200, 1B draft, B = 16 tree step: that pass took 111 us).
+
 That is exactly logits.topk(k)'s values whenever no CHUNK consecutive token ids hold more than
 PER_CHUNK of the row's k largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average);
 otherwise the lowest of them are replaced by the next largest — a slightly different draft
