@@ -169,3 +169,31 @@ def test_kept_rows_carry_their_draft_kv_through_slot_moves(pair):
     assert outs == ar_outputs(pair, prompts, params)
     assert stats.num_accepted == 4 * stats.num_drafts
     assert stats.cache_hits == stats.cache_lookups > 0
+
+
+def test_sequences_joining_a_batch_in_flight_leave_the_others_speculation(pair):
+    """More prompts than slots: each admission speculates only for the new rows (JOIN); the rows in
+    flight keep their cache hits. Greedy output still equals AR; only the first batch is fresh."""
+    prompts = prompts_for(10)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * (i % 4), ignore_eos=True) for i in range(10)]
+    outs, stats = async_generate(pair, "near", 3, prompts, params, max_num_seqs=4, fan_out=3)
+    assert outs == ar_outputs(pair, prompts, params)
+    assert stats.fresh_speculations == 1 and stats.joined_rows == 6
+    assert 0 < stats.cache_hits < stats.cache_lookups
+
+
+def test_sampled_rows_joining_greedy_rows_in_flight_stay_exact(pair):
+    """A batch of greedy rows in flight (drafted without probabilities) joined by sampled rows: the
+    rows in flight get one-hot draft probabilities; the sampled outputs follow the target."""
+    n, prompt = 400, [7, 8, 9]
+    params = [SamplingParams(temperature=0, max_tokens=12 + 4 * i, ignore_eos=True) for i in range(4)] + \
+        [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]
+    outs, stats = async_generate(pair, "draft", 2, [prompt] * (n + 4), params, max_num_seqs=4, fan_out=4)
+    assert stats.joined_rows > n // 2   # (a batch whose rows all finished together starts afresh)
+    assert outs[:4] == ar_outputs(pair, [prompt] * 4, params[:4])
+    observed = torch.bincount(torch.tensor([o[1] for o in outs[4:]]), minlength=97).double()
+    p = exact_second_token_marginal(pair["target"], prompt, 1.0)
+    keep = p * n > 5
+    obs_cells = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
+    exp_cells = torch.cat([(p * n)[keep], (p * n)[~keep].sum(0, keepdim=True)])
+    assert chisquare(obs_cells.numpy(), exp_cells.numpy()).pvalue > 1e-3

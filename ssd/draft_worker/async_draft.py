@@ -22,6 +22,18 @@ class AsyncReply:
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
     timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
 
+    def extend(self, joined: "AsyncReply", vocab_size: int) -> "AsyncReply":
+        """These rows, then those of `joined` (sequences that joined the batch). Where only the new
+        rows carry probabilities, these rows were drafted greedily: one-hot."""
+        probs = self.proposal.probs
+        if probs is None and joined.proposal.probs is not None:
+            probs = one_hot_probs(self.proposal.tokens, vocab_size)
+        if probs is not None:
+            probs = torch.cat([probs, joined.proposal.probs])
+        proposal = Proposal(torch.cat([self.proposal.tokens, joined.proposal.tokens]), probs)
+        return AsyncReply(proposal, torch.cat([self.hit, joined.hit]), torch.cat([self.recovered, joined.recovered]),
+                          self.timings)
+
     def select_rows(self, rows: list[int]) -> "AsyncReply":
         index = torch.tensor(rows, device=self.hit.device)
         probs = self.proposal.probs
@@ -81,6 +93,20 @@ class AsyncDraft:
         hit = torch.zeros(prev.shape[0], dtype=torch.bool, device=proposal.tokens.device)
         self.remember(last, proposal, lengths, hit)
         return AsyncReply(proposal, hit, last, torch.zeros(3, dtype=torch.float64))
+
+    def join(self, prev, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
+        """The batch grew: its last `joined` rows are new (prefilled, no speculation yet) while the
+        others' speculation is in flight. A fresh speculation for the new rows from the backup's
+        neural path (drafted over the whole batch — slots are rows; the rows in flight keep theirs,
+        and the cache rebuild that follows rewrites their window's KV); the window in flight grows."""
+        proposal = self.proposer.propose(prev, last, lengths, max_length, want_probs)
+        new = slice(prev.shape[0] - joined, None)
+        fresh = Proposal(proposal.tokens[new], proposal.probs[new] if proposal.probs is not None else None)
+        hit = torch.zeros(joined, dtype=torch.bool, device=fresh.tokens.device)
+        self.window = torch.cat([self.window, torch.cat([last[new, None], fresh.tokens], 1)])
+        self.lengths = torch.cat([self.lengths, lengths[new]])
+        self.last_hit = torch.cat([self.last_hit, hit])
+        return AsyncReply(fresh, hit, last[new], torch.zeros(3, dtype=torch.float64))
 
     def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
                 replayed_ranks: torch.Tensor | None = None) -> AsyncReply:

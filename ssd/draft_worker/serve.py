@@ -40,9 +40,9 @@ class DraftServer:
             op, a, b, c, d, _ = self.header.tolist()
             if op == DraftOp.STOP:
                 return
-            self.handle(DraftOp(op), a, b, c)
+            self.handle(DraftOp(op), a, b, c, d)
 
-    def handle(self, op: DraftOp, a: int, b: int, c: int) -> None:
+    def handle(self, op: DraftOp, a: int, b: int, c: int, d: int = 0) -> None:
         if op == DraftOp.PREFILL:
             self.state.prefill(self.recv((a, b)), self.recv((a, b)), c)
         elif op == DraftOp.SET_SAMPLING:
@@ -63,6 +63,10 @@ class DraftServer:
             fanout = tuple(self.recv(a).tolist())
             self.async_draft.tree.set_fanout(fanout)
             self.proposer.saguaro_fanout = fanout
+        elif op == DraftOp.JOIN:
+            prev, last, lengths = self.recv((3, a))
+            self.send_reply(self.async_draft.join(prev, last, lengths, b, bool(c), d))
+            self.async_draft.build_cache(b)
         elif op == DraftOp.KEEP_ROWS:
             self.async_draft.keep_rows(self.recv(a))
         elif op == DraftOp.OUTCOME:

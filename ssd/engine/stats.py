@@ -31,6 +31,7 @@ class GenerationStats:
     backup_time_s: float = 0.0
     fanout_updates: int = 0          # online geometric fan-out lists sent to the draft
     fresh_speculations: int = 0      # async rounds that had no speculation in hand (new batch)
+    joined_rows: int = 0             # async: sequences that joined a batch in flight (the others kept theirs)
 
     @property
     def cache_hit_rate(self) -> float | None:

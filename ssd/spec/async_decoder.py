@@ -32,11 +32,13 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         self.tuner = tuner
         self.previous_accepted: list[int] = []
         self.pending: AsyncReply | None = None  # the speculation for the running batch's next round
-        self.pending_looked_up = False  # it answers an outcome (hits were possible), not a fresh batch
+        self.looked_up_rows = 0  # its leading rows that answered an outcome (hits were possible)
+        self.joined = 0          # rows admitted after it: no speculation yet
 
     def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
         super().prefill(fresh, first_slot)
-        self.pending = None  # new rows have no speculation yet: the next round speculates afresh
+        if self.pending is not None:  # appended after the rows in flight, which keep their speculation
+            self.joined += len(fresh)
 
     def decode_step(self, running: list[Sequence]) -> None:
         start = time.perf_counter()
@@ -45,8 +47,13 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         lengths, last, prev = committed_state(running)
         if self.pending is None:
             self.pending = self.draft.speculate(prev, last, lengths, int(lengths.max()), want_probs)
-            self.pending_looked_up = False
+            self.looked_up_rows, self.joined = 0, 0
             self.stats.fresh_speculations += 1
+        elif self.joined:
+            joined = self.draft.join(prev, last, lengths, int(lengths.max()), want_probs, self.joined)
+            self.pending = self.pending.extend(joined, self.runner.arch.vocab_size)
+            self.stats.joined_rows += self.joined
+            self.joined = 0
         reply = self.pending
         verify_start = time.perf_counter()
         accepted, emitted = self.verify(running, reply.proposal, last, lengths, sampling)
@@ -65,8 +72,8 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         if estimator is None:
             return
         estimator.observe_round(accepted, self.k)
-        if self.pending_looked_up:  # this reply answered last round's outcomes
-            for hit, n in zip(reply.hit.tolist(), self.previous_accepted):
+        if self.looked_up_rows:  # this reply answered last round's outcomes (its leading rows)
+            for hit, n in zip(reply.hit.tolist()[:self.looked_up_rows], self.previous_accepted):
                 estimator.observe_lookup(fanout[n], bool(hit))
         self.previous_accepted = accepted
         if self.stats.num_rounds % REFIT_EVERY_ROUNDS == REFIT_EVERY_ROUNDS - 1:
@@ -86,7 +93,7 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
         wait_start = time.perf_counter()
         self.pending = self.draft.outcome(torch.tensor(accepted), recovered, prev, lengths,
                                           int(lengths.max()), want_probs, self.replayed_ranks)
-        self.pending_looked_up = True
+        self.looked_up_rows = len(running)
         if self.replay is not None:  # the draft resolved the replayed rank to a token: commit that one
             for seq, token in zip(running, self.pending.recovered.tolist()):
                 if not seq.finished:
@@ -107,16 +114,18 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
             return
         rows = [before[id(seq)] for seq in running]  # old row of each surviving sequence, in new order
         self.pending = self.pending.select_rows(rows)
+        self.looked_up_rows = len(rows) if self.looked_up_rows else 0   # every row of an outcome reply
         self.previous_accepted = [self.previous_accepted[r] for r in rows] if self.previous_accepted else []
         self.draft.keep_rows(torch.tensor(rows))
 
     def record_round(self, reply: AsyncReply, accepted: list[int], kept: list[int]) -> None:
         hits = reply.hit.tolist()
-        if self.pending_looked_up:
-            self.stats.cache_hits += sum(hits)
-            self.stats.cache_lookups += len(hits)
-            by_batch = self.stats.lookups_by_batch.setdefault(len(hits), [0, 0])
-            by_batch[0], by_batch[1] = by_batch[0] + sum(hits), by_batch[1] + len(hits)
+        if self.looked_up_rows:
+            looked_up = hits[:self.looked_up_rows]
+            self.stats.cache_hits += sum(looked_up)
+            self.stats.cache_lookups += len(looked_up)
+            by_batch = self.stats.lookups_by_batch.setdefault(len(looked_up), [0, 0])
+            by_batch[0], by_batch[1] = by_batch[0] + sum(looked_up), by_batch[1] + len(looked_up)
         for hit, n in zip(hits, kept):
             if hit:
                 self.stats.hit_rows, self.stats.hit_tokens = self.stats.hit_rows + 1, self.stats.hit_tokens + n
