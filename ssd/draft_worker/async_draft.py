@@ -96,14 +96,19 @@ class AsyncDraft:
 
     def join(self, prev, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
         """The batch grew: its last `joined` rows are new (prefilled, no speculation yet) while the
-        others' speculation is in flight. A fresh speculation for the new rows from the backup's
-        neural path (drafted over the whole batch — slots are rows; the rows in flight keep theirs,
-        and the cache rebuild that follows rewrites their window's KV); the window in flight grows."""
-        proposal = self.proposer.propose(prev, last, lengths, max_length, want_probs)
-        new = slice(prev.shape[0] - joined, None)
-        fresh = Proposal(proposal.tokens[new], proposal.probs[new] if proposal.probs is not None else None)
-        hit = torch.zeros(joined, dtype=torch.bool, device=fresh.tokens.device)
-        self.window = torch.cat([self.window, torch.cat([last[new, None], fresh.tokens], 1)])
+        others' speculation is in flight. The new rows get the near-free n-gram proposal from their
+        own prompts (verified with its one-hot distribution: exact), so the round waits for no
+        drafting and the rows in flight keep their speculation; the window in flight grows (the
+        cache rebuilt next covers every row)."""
+        batch = lengths.shape[0]
+        new = slice(batch - joined, batch)
+        rows = torch.arange(batch - joined, batch, device=lengths.device)
+        self.history.tokens[rows, lengths[new] - 1] = last[new]
+        tokens = ngram_propose(self.history.tokens[new], lengths[new], self.proposer.k)
+        vocab = self.proposer.runner.arch.vocab_size
+        fresh = Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
+        hit = torch.zeros(joined, dtype=torch.bool, device=tokens.device)
+        self.window = torch.cat([self.window, torch.cat([last[new, None], tokens], 1)])
         self.lengths = torch.cat([self.lengths, lengths[new]])
         self.last_hit = torch.cat([self.last_hit, hit])
         return AsyncReply(fresh, hit, last[new], torch.zeros(3, dtype=torch.float64))

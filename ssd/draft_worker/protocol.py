@@ -24,4 +24,4 @@ class DraftOp(IntEnum):
     KEEP_ROWS = 9     # async, header: B'    then the surviving rows [B'] (old indices, in their new order)
     JOIN = 10         # async, header: B, max_length, want_probs, J   the batch's last J rows are new (prefilled):
                       # then prev/last/lengths [3, B]; reply for the J rows as OUTCOME's; then the draft
-                      # rebuilds the cache for all B rows
+                      # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on the critical path)
