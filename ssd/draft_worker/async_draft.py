@@ -22,12 +22,12 @@ class AsyncReply:
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
     timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
 
-    def extend(self, joined: "AsyncReply", vocab_size: int) -> "AsyncReply":
+    def extend(self, joined: "AsyncReply") -> "AsyncReply":
         """These rows, then those of `joined` (sequences that joined the batch). Where only the new
         rows carry probabilities, these rows were drafted greedily: one-hot."""
         probs = self.proposal.probs
         if probs is None and joined.proposal.probs is not None:
-            probs = one_hot_probs(self.proposal.tokens, vocab_size)
+            probs = one_hot_probs(self.proposal.tokens, joined.proposal.probs.shape[-1])
         if probs is not None:
             probs = torch.cat([probs, joined.proposal.probs])
         proposal = Proposal(torch.cat([self.proposal.tokens, joined.proposal.tokens]), probs)

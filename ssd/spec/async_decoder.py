@@ -51,7 +51,7 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
             self.stats.fresh_speculations += 1
         elif self.joined:
             joined = self.draft.join(prev, last, lengths, int(lengths.max()), want_probs, self.joined)
-            self.pending = self.pending.extend(joined, self.runner.arch.vocab_size)
+            self.pending = self.pending.extend(joined)
             self.stats.joined_rows += self.joined
             self.joined = 0
         reply = self.pending
