@@ -94,7 +94,7 @@ class AsyncDraft:
         self.remember(last, proposal, lengths, hit)
         return AsyncReply(proposal, hit, last, torch.zeros(3, dtype=torch.float64))
 
-    def join(self, prev, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
+    def join(self, last, lengths, want_probs: bool, joined: int) -> AsyncReply:
         """The batch grew: its last `joined` rows are new (prefilled, no speculation yet) while the
         others' speculation is in flight. The new rows get the near-free n-gram proposal from their
         own prompts (verified with its one-hot distribution: exact), so the round waits for no

@@ -23,5 +23,5 @@ class DraftOp(IntEnum):
     SET_FANOUT = 8    # async, header: K+1   then the new fan-out list [K+1] (same branch budget)
     KEEP_ROWS = 9     # async, header: B'    then the surviving rows [B'] (old indices, in their new order)
     JOIN = 10         # async, header: B, max_length, want_probs, J   the batch's last J rows are new (prefilled):
-                      # then prev/last/lengths [3, B]; reply for the J rows as OUTCOME's; then the draft
+                      # then last/lengths [2, B]; reply for the J rows as OUTCOME's; then the draft
                       # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on the critical path)

@@ -58,9 +58,9 @@ class RemoteDraft:
         self._send(torch.stack([accepted, recovered, prev, lengths, ranks]))
         return self._recv_reply(prev.shape[0], want_probs)
 
-    def join(self, prev, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
-        self._command(DraftOp.JOIN, prev.shape[0], max_length, int(want_probs), joined)
-        self._send(torch.stack([prev, last, lengths]))
+    def join(self, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
+        self._command(DraftOp.JOIN, last.shape[0], max_length, int(want_probs), joined)
+        self._send(torch.stack([last, lengths]))
         return self._recv_reply(joined, want_probs)
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -64,8 +64,8 @@ class DraftServer:
             self.async_draft.tree.set_fanout(fanout)
             self.proposer.saguaro_fanout = fanout
         elif op == DraftOp.JOIN:
-            prev, last, lengths = self.recv((3, a))
-            self.send_reply(self.async_draft.join(prev, last, lengths, b, bool(c), d))
+            last, lengths = self.recv((2, a))
+            self.send_reply(self.async_draft.join(last, lengths, bool(c), d))
             self.async_draft.build_cache(b)
         elif op == DraftOp.KEEP_ROWS:
             self.async_draft.keep_rows(self.recv(a))

@@ -50,7 +50,7 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
             self.looked_up_rows, self.joined = 0, 0
             self.stats.fresh_speculations += 1
         elif self.joined:
-            joined = self.draft.join(prev, last, lengths, int(lengths.max()), want_probs, self.joined)
+            joined = self.draft.join(last, lengths, int(lengths.max()), want_probs, self.joined)
             self.pending = self.pending.extend(joined)
             self.stats.joined_rows += self.joined
             self.joined = 0
