@@ -104,11 +104,9 @@ class AsyncDraft:
         new = slice(batch - joined, batch)
         rows = torch.arange(batch - joined, batch, device=lengths.device)
         self.history.tokens[rows, lengths[new] - 1] = last[new]
-        tokens = ngram_propose(self.history.tokens[new], lengths[new], self.proposer.k)
-        vocab = self.proposer.runner.arch.vocab_size
-        fresh = Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
-        hit = torch.zeros(joined, dtype=torch.bool, device=tokens.device)
-        self.window = torch.cat([self.window, torch.cat([last[new, None], tokens], 1)])
+        fresh = self.ngram_proposal(self.history.tokens[new], lengths[new], want_probs)
+        hit = torch.zeros(joined, dtype=torch.bool, device=lengths.device)
+        self.window = torch.cat([self.window, torch.cat([last[new, None], fresh.tokens], 1)])
         self.lengths = torch.cat([self.lengths, lengths[new]])
         self.last_hit = torch.cat([self.last_hit, hit])
         return AsyncReply(fresh, hit, last[new], torch.zeros(3, dtype=torch.float64))
@@ -163,8 +161,12 @@ class AsyncDraft:
     def backup_proposal(self, prev, recovered, lengths, max_length, want_probs, hit) -> Proposal:
         if self.choose_backup(hit.numel()) == "jit":
             return self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
-        rows = self.history.tokens[: lengths.shape[0]]
-        tokens = ngram_propose(rows, lengths, self.proposer.k)
+        return self.ngram_proposal(self.history.tokens[: lengths.shape[0]], lengths, want_probs)
+
+    def ngram_proposal(self, history: torch.Tensor, lengths: torch.Tensor, want_probs: bool) -> Proposal:
+        """The near-free proposal: K tokens by n-gram lookup in each row's history [R, L], with the
+        one-hot distribution they were drawn from (exact to verify)."""
+        tokens = ngram_propose(history, lengths, self.proposer.k)
         vocab = self.proposer.runner.arch.vocab_size
         return Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
 

@@ -173,9 +173,13 @@ def _scaled_candidates(logits: torch.Tensor, temperature: torch.Tensor,
     """Of scaled = logits [R, V] / temperature [R] (1 on greedy rows): topk(k) (values, ids) and
     logsumexp [R]; on CUDA ssd.engine.triton_topk's two kernels, which never write `scaled`."""
     op = _fused_scaled_topk() if logits.is_cuda else None
-    if op is not None:
-        return op(logits, temperature, k)
-    scaled = logits.float() / torch.where(temperature < GREEDY_TEMPERATURE_EPS, 1.0, temperature)[:, None]
+    return op(logits, temperature, k) if op is not None else scaled_topk_reference(logits, temperature, k)
+
+
+def scaled_topk_reference(logits: torch.Tensor, temperature: torch.Tensor,
+                          k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_scaled_candidates in PyTorch: the scaled logits written, then topk and logsumexp."""
+    scaled = logits.float() / torch.where(temperature < GREEDY_TEMPERATURE_EPS, 1.0, temperature.float())[:, None]
     values, index = scaled.topk(k, dim=-1)
     return values, index, scaled.logsumexp(-1)
 

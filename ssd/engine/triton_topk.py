@@ -183,9 +183,8 @@ def scaled_top_candidates_op(logits: torch.Tensor, temperature: torch.Tensor,
     (topk and logsumexp of the scaled logits) elsewhere."""
     if logits.is_cuda and k <= candidate_count(logits.shape[-1]):
         return scaled_top_candidates(logits.contiguous(), temperature, k)
-    scaled = logits.float() / torch.where(temperature < GREEDY_TEMPERATURE_EPS, 1.0, temperature.float())[:, None]
-    values, index = scaled.topk(k, dim=-1)
-    return values, index, scaled.logsumexp(-1)
+    from ssd.engine.sampler import scaled_topk_reference   # (the sampler imports this module lazily)
+    return scaled_topk_reference(logits, temperature, k)
 
 
 @scaled_top_candidates_op.register_fake
