@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ssd.draft_worker.proposer import DraftProposer, Proposal
+from ssd.draft_worker.outcome_lookup import compiled_settle_and_look_up, settle, settle_and_look_up
 from ssd.draft_worker.tree import SpeculationCache, TreeBuilder
 from ssd.spec.ngram import ngram_propose
 from ssd.spec.verifier import one_hot_probs
@@ -50,16 +51,6 @@ class TokenHistory:
     def write_prompts(self, ids: torch.Tensor, first_slot: int) -> None:
         self.tokens[first_slot:first_slot + ids.shape[0], : ids.shape[1]] = ids.to(self.tokens.device)
 
-    def write_round(self, window: torch.Tensor, lengths: torch.Tensor, accepted: torch.Tensor,
-                    recovered: torch.Tensor) -> None:
-        """window [B, K+1] verified from position lengths-1: its drafts d1..dK land at lengths..;
-        entries past the accepted ones are stale and overwritten below or later."""
-        batch, width = window.shape
-        rows = torch.arange(batch, device=window.device)
-        positions = (lengths[:, None] + torch.arange(width - 1, device=window.device)).clamp(max=self.tokens.shape[1] - 1)
-        self.tokens[rows[:, None], positions] = window[:, 1:]
-        self.tokens[rows, (lengths + accepted).clamp(max=self.tokens.shape[1] - 1)] = recovered
-
     def move_slot(self, src: int, dst: int) -> None:
         self.tokens[dst] = self.tokens[src]
 
@@ -76,6 +67,11 @@ class AsyncDraft:
         self.lengths: torch.Tensor | None = None
         self.build_s, self.built_at = 0.0, time.perf_counter()
         self.hits, self.lookups = 0, 0
+        if runner.cfg.use_cuda_graphs and runner.cfg.compile:
+            self.look_up = compiled_settle_and_look_up()
+            self.warm_up_look_up()
+        else:
+            self.look_up = settle_and_look_up
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -111,30 +107,59 @@ class AsyncDraft:
         self.last_hit = torch.cat([self.last_hit, hit])
         return AsyncReply(fresh, hit, last[new], torch.zeros(3, dtype=torch.float64))
 
+    @torch.inference_mode()
     def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
                 replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
         """accepted/recovered [B]: the verified outcome of the window in flight; lengths [B] the new
         committed lengths (recovered is the last committed token, prev the one before it).
         replayed_ranks [B] (acceptance-profile replay): the draft rank of the token that follows the
-        accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it."""
+        accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it.
+        On an all-hit outcome the only host synchronisation is reading `hit` back."""
         idle_s = time.perf_counter() - self.built_at
         if replayed_ranks is not None:
             recovered, covered = self.cache.resolve(accepted, replayed_ranks, recovered)
-        self.history.write_round(self.window, self.lengths, accepted, recovered)
-        hit, tokens, probs = self.cache.lookup(accepted, recovered)
+        hit, branch, tokens = self.settle_and_look_up(accepted, recovered)
         if replayed_ranks is not None:  # a stand-in token that happens to equal a guess is still a miss
             hit = hit & covered
+        probs = self.cache.branch_probs(branch) if want_probs and branch is not None else None
+        hit_host = hit.cpu()
         start = time.perf_counter()
-        if not bool(hit.all()):
+        if not bool(hit_host.all()):
             backup = self.backup_proposal(prev, recovered, lengths, max_length, want_probs, hit)
             tokens = torch.where(hit[:, None], tokens, backup.tokens)
             if want_probs:
                 probs = backup.probs if probs is None else torch.where(hit[:, None, None], probs, backup.probs)
         proposal = Proposal(tokens, probs if want_probs else None)
         timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
-        self.hits, self.lookups = self.hits + int(hit.sum()), self.lookups + hit.numel()
+        self.hits, self.lookups = self.hits + int(hit_host.sum()), self.lookups + hit_host.numel()
         self.remember(recovered, proposal, lengths, hit)
         return AsyncReply(proposal, hit, recovered, timings)
+
+    @torch.inference_mode()
+    def warm_up_look_up(self) -> None:
+        """Compile the lookup at start-up (batch 1 and the dynamic-batch program), not in the first
+        rounds; on scratch tensors shaped like the real ones."""
+        shape, device = self.tree.shape, self.proposer.runner.device
+        n, k = shape.num_branches, shape.k
+        if n == 0:
+            return
+        history = torch.zeros((3, 4 * (k + 1)), dtype=torch.int64, device=device)
+        for batch in (1, 2):
+            zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+            self.look_up(history, torch.zeros((batch, k + 1), dtype=torch.int64, device=device), zeros + 1, zeros,
+                         zeros, torch.ones((batch, n), dtype=torch.bool, device=device), self.tree.fork,
+                         torch.zeros((batch, n), dtype=torch.int64, device=device),
+                         torch.zeros((batch, n, k), dtype=torch.int64, device=device))
+
+    def settle_and_look_up(self, accepted, recovered):
+        """The window in flight and the outcome into the token history, then the cache's answer:
+        hit [B], branch [B] (None: nothing cached), continuation [B, K]."""
+        cache = self.cache
+        if cache.guess.shape[1] == 0:  # fan-out of zero everywhere: every lookup misses
+            settle(self.history.tokens, self.window, self.lengths, accepted, recovered)
+            return torch.zeros_like(accepted, dtype=torch.bool), None, cache.tokens[:, 0]
+        return self.look_up(self.history.tokens, self.window, self.lengths, accepted, recovered,
+                            cache.valid, cache.fork, cache.guess, cache.tokens)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The target retired sequences and compacted its batch (KV slots moved by move_slot): keep

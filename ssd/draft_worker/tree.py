@@ -11,6 +11,7 @@ import torch
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
 from ssd.draft_worker.compact_probs import CompactProbs
+from ssd.draft_worker.outcome_lookup import find_branch
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, draft_distribution
 from ssd.engine.sampler import SamplingTensors, compact_probs_from_logits, sample_among, sample_from_weights
 from ssd.spec.saguaro import saguaro_probs
@@ -72,14 +73,15 @@ class SpeculationCache:
         if self.guess.shape[1] == 0:  # fan-out of zero everywhere: nothing cached, every lookup misses
             batch = accepted.shape[0]
             return torch.zeros(batch, dtype=torch.bool, device=accepted.device), self.tokens[:, 0], None
-        match = self.valid & (self.fork[None, :] == accepted[:, None]) & (self.guess == recovered[:, None])
-        hit = match.any(dim=1)
-        branch = match.int().argmax(dim=1)
-        rows = torch.arange(branch.shape[0], device=branch.device)
-        probs = self.probs[rows, branch] if self.probs is not None else None
-        if isinstance(probs, CompactProbs):
-            probs = probs.dense()
-        return hit, self.tokens[rows, branch], probs
+        hit, branch, tokens = find_branch(self.valid, self.fork, self.guess, self.tokens, accepted, recovered)
+        return hit, tokens, self.branch_probs(branch)
+
+    def branch_probs(self, branch: torch.Tensor) -> torch.Tensor | None:
+        """branch [B] -> [B, K, V] the distributions its continuation was drawn from (None: greedy)."""
+        if self.probs is None:
+            return None
+        probs = self.probs[torch.arange(branch.shape[0], device=branch.device), branch]
+        return probs.dense() if isinstance(probs, CompactProbs) else probs
 
     def select_rows(self, rows: torch.Tensor) -> "SpeculationCache":
         probs = self.probs[rows] if self.probs is not None else None
