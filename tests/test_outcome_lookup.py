@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ssd.draft_worker.outcome_lookup import settle_and_look_up
+from ssd.draft_worker.protocol import pack_reply, reply_size, unpack_reply
 
 K, N, L = 3, 5, 12
 
@@ -57,3 +58,13 @@ def test_compiled_look_up_equals_eager_across_batch_sizes():
         got = compiled(*twin)
         assert torch.equal(twin[0], case[0])
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_packed_reply_unpacks_to_what_was_sent():
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    timings = torch.tensor([0.0123456789, 1e-7, 3.5], dtype=torch.float64)
+    packed = pack_reply(tokens, torch.tensor([True, False]), torch.tensor([41, 42]), timings)
+    assert packed.dtype == torch.int64 and packed.numel() == reply_size(2, 3)
+    got_tokens, hit, recovered, got_timings = unpack_reply(packed, 2, 3)
+    assert torch.equal(got_tokens, tokens) and hit.tolist() == [True, False] and recovered.tolist() == [41, 42]
+    assert torch.equal(got_timings, timings)   # bit for bit

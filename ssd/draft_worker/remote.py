@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from ssd.draft_worker.async_draft import AsyncReply
 from ssd.draft_worker.proposer import Proposal
-from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp
+from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp, reply_size, unpack_reply
 from ssd.engine.sampler import SamplingTensors
 
 
@@ -80,6 +80,7 @@ class RemoteDraft:
         return Proposal(tokens, probs)
 
     def _recv_reply(self, batch: int, want_probs: bool) -> AsyncReply:
-        hit, recovered = self._recv((2, batch))
-        proposal = self._recv_proposal(batch, want_probs)
-        return AsyncReply(proposal, hit.bool(), recovered, self._recv(3, torch.float64).cpu())
+        packed = self._recv(reply_size(batch, self.k))
+        probs = self._recv((batch, self.k, self.vocab_size), torch.float32) if want_probs else None
+        tokens, hit, recovered, timings = unpack_reply(packed, batch, self.k)   # waits for both transfers
+        return AsyncReply(Proposal(tokens, probs), hit, recovered, timings)

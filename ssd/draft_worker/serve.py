@@ -11,7 +11,7 @@ from ssd.draft_worker.async_draft import AsyncDraft, AsyncReply
 from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.tree import TreeBuilder
 from ssd.spec.spec_config import AsyncSpecConfig
-from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp
+from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp, pack_reply
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sampler import SamplingTensors
@@ -81,9 +81,10 @@ class DraftServer:
             dist.send(proposal.probs.contiguous(), TARGET_RANK0)
 
     def send_reply(self, reply: AsyncReply) -> None:
-        dist.send(torch.stack([reply.hit.to(torch.int64), reply.recovered.to(torch.int64)]), TARGET_RANK0)
-        self.send_proposal(reply.proposal)
-        dist.send(reply.timings.to(self.device), TARGET_RANK0)
+        proposal = reply.proposal
+        dist.send(pack_reply(proposal.tokens, reply.hit, reply.recovered, reply.timings), TARGET_RANK0)
+        if proposal.probs is not None:
+            dist.send(proposal.probs.contiguous(), TARGET_RANK0)
 
 
 def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecConfig | None = None) -> None:
