@@ -227,22 +227,25 @@ def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
 
 def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: int, iters: int) -> dict:
     """Reply latency for an all-hit outcome (the cache's first branch: 0 accepted, its guess) and an
-    all-miss one (0 accepted, then the drafted token itself, which no fork guesses)."""
-    results = {}
-    for name in ("hit", "miss"):
+    all-miss one (0 accepted, then the drafted token itself, which no fork guesses) answered by each
+    backup (`jit`: K draft steps; `fast`: the n-gram proposal)."""
+    results, configured = {}, draft.backup
+    for name, backup in (("hit", configured), ("miss", "jit"), ("miss_fast", "fast")):
+        hit, draft.backup = name == "hit", backup
         times = []
         for i in range(warmup + iters):
             draft.build_cache(int(lengths.max()))
             accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
-            recovered = (draft.cache.guess[:, 0] if name == "hit" else draft.window[:, 1]).clone()
+            recovered = (draft.cache.guess[:, 0] if hit else draft.window[:, 1]).clone()
             start = time.perf_counter()
             reply = draft.outcome(accepted, recovered, recovered, lengths, int(lengths.max()), False)
             synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
-            if bool(reply.hit.all()) != (name == "hit"):
+            if bool(reply.hit.all()) != hit:
                 raise RuntimeError(f"the {name} case did not {name}: lookup and cache disagree")
         results[f"outcome_{name}_ms"] = median(times)
+    draft.backup = configured
     return results
 
 

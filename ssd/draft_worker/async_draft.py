@@ -67,11 +67,13 @@ class AsyncDraft:
         self.lengths: torch.Tensor | None = None
         self.build_s, self.built_at = 0.0, time.perf_counter()
         self.hits, self.lookups = 0, 0
+        # on the graph path the critical path's small ops (the lookup, the n-gram backup) run as a few
+        # fused kernels, compiled at start-up
         if runner.cfg.use_cuda_graphs and runner.cfg.compile:
-            self.look_up = compiled_settle_and_look_up()
-            self.warm_up_look_up()
+            self.look_up, self.propose_ngram = compiled_settle_and_look_up(), torch.compile(ngram_propose, dynamic=True)
+            self.warm_up_compiled()
         else:
-            self.look_up = settle_and_look_up
+            self.look_up, self.propose_ngram = settle_and_look_up, ngram_propose
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -136,20 +138,20 @@ class AsyncDraft:
         return AsyncReply(proposal, hit, recovered, timings)
 
     @torch.inference_mode()
-    def warm_up_look_up(self) -> None:
-        """Compile the lookup at start-up (batch 1 and the dynamic-batch program), not in the first
-        rounds; on scratch tensors shaped like the real ones."""
+    def warm_up_compiled(self) -> None:
+        """Compile the lookup and the n-gram backup at start-up (batch 1 and the dynamic-batch
+        program), not in the first rounds; on scratch tensors shaped like the real ones."""
         shape, device = self.tree.shape, self.proposer.runner.device
         n, k = shape.num_branches, shape.k
-        if n == 0:
-            return
         history = torch.zeros((3, 4 * (k + 1)), dtype=torch.int64, device=device)
         for batch in (1, 2):
             zeros = torch.zeros(batch, dtype=torch.int64, device=device)
-            self.look_up(history, torch.zeros((batch, k + 1), dtype=torch.int64, device=device), zeros + 1, zeros,
-                         zeros, torch.ones((batch, n), dtype=torch.bool, device=device), self.tree.fork,
-                         torch.zeros((batch, n), dtype=torch.int64, device=device),
-                         torch.zeros((batch, n, k), dtype=torch.int64, device=device))
+            self.propose_ngram(history[:batch], zeros + 2 * k, k)
+            if n:
+                self.look_up(history, torch.zeros((batch, k + 1), dtype=torch.int64, device=device), zeros + 1, zeros,
+                             zeros, torch.ones((batch, n), dtype=torch.bool, device=device), self.tree.fork,
+                             torch.zeros((batch, n), dtype=torch.int64, device=device),
+                             torch.zeros((batch, n, k), dtype=torch.int64, device=device))
 
     def settle_and_look_up(self, accepted, recovered):
         """The window in flight and the outcome into the token history, then the cache's answer:
@@ -191,7 +193,7 @@ class AsyncDraft:
     def ngram_proposal(self, history: torch.Tensor, lengths: torch.Tensor, want_probs: bool) -> Proposal:
         """The near-free proposal: K tokens by n-gram lookup in each row's history [R, L], with the
         one-hot distribution they were drawn from (exact to verify)."""
-        tokens = ngram_propose(history, lengths, self.proposer.k)
+        tokens = self.propose_ngram(history, lengths, self.proposer.k)
         vocab = self.proposer.runner.arch.vocab_size
         return Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
 
