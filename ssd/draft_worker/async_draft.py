@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ssd.draft_worker.proposer import DraftProposer, Proposal
-from ssd.draft_worker.outcome_lookup import compiled_settle_and_look_up, settle, settle_and_look_up
+from ssd.draft_worker.outcome_lookup import answer_outcome
 from ssd.draft_worker.tree import SpeculationCache, TreeBuilder
 from ssd.spec.ngram import ngram_propose
 from ssd.spec.verifier import one_hot_probs
@@ -67,13 +67,6 @@ class AsyncDraft:
         self.lengths: torch.Tensor | None = None
         self.build_s, self.built_at = 0.0, time.perf_counter()
         self.hits, self.lookups = 0, 0
-        # on the graph path the critical path's small ops (the lookup, the n-gram backup) run as a few
-        # fused kernels, compiled at start-up
-        if runner.cfg.use_cuda_graphs and runner.cfg.compile:
-            self.look_up, self.propose_ngram = compiled_settle_and_look_up(), torch.compile(ngram_propose, dynamic=True)
-            self.warm_up_compiled()
-        else:
-            self.look_up, self.propose_ngram = settle_and_look_up, ngram_propose
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -116,52 +109,38 @@ class AsyncDraft:
         committed lengths (recovered is the last committed token, prev the one before it).
         replayed_ranks [B] (acceptance-profile replay): the draft rank of the token that follows the
         accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it.
-        On an all-hit outcome the only host synchronisation is reading `hit` back."""
+        With the `fast` backup (or all hits) the answer is one kernel and one read of `hit`."""
         idle_s = time.perf_counter() - self.built_at
-        if replayed_ranks is not None:
-            recovered, covered = self.cache.resolve(accepted, replayed_ranks, recovered)
-        hit, branch, tokens = self.settle_and_look_up(accepted, recovered)
-        if replayed_ranks is not None:  # a stand-in token that happens to equal a guess is still a miss
-            hit = hit & covered
-        probs = self.cache.branch_probs(branch) if want_probs and branch is not None else None
+        backup = self.choose_backup(accepted.shape[0])
+        hit, branch, recovered, tokens, window = self.answer(accepted, recovered, lengths, replayed_ranks,
+                                                             ngram=backup == "fast")
+        probs = self.cache.branch_probs(branch) if want_probs else None
         hit_host = hit.cpu()
         start = time.perf_counter()
         if not bool(hit_host.all()):
-            backup = self.backup_proposal(prev, recovered, lengths, max_length, want_probs, hit)
-            tokens = torch.where(hit[:, None], tokens, backup.tokens)
+            if backup == "jit":
+                drafted = self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
+                tokens = torch.where(hit[:, None], tokens, drafted.tokens)
+                window, missed_probs = torch.cat([recovered[:, None], tokens], 1), drafted.probs
+            else:   # the n-gram proposal is in `tokens` already: verified with its one-hot distribution
+                missed_probs = one_hot_probs(tokens, self.proposer.runner.arch.vocab_size) if want_probs else None
             if want_probs:
-                probs = backup.probs if probs is None else torch.where(hit[:, None, None], probs, backup.probs)
-        proposal = Proposal(tokens, probs if want_probs else None)
+                probs = missed_probs if probs is None else torch.where(hit[:, None, None], probs, missed_probs)
         timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
         self.hits, self.lookups = self.hits + int(hit_host.sum()), self.lookups + hit_host.numel()
-        self.remember(recovered, proposal, lengths, hit)
-        return AsyncReply(proposal, hit, recovered, timings)
+        self.window, self.lengths, self.last_hit = window, lengths, hit
+        return AsyncReply(Proposal(tokens, probs), hit, recovered, timings)
 
-    @torch.inference_mode()
-    def warm_up_compiled(self) -> None:
-        """Compile the lookup and the n-gram backup at start-up (batch 1 and the dynamic-batch
-        program), not in the first rounds; on scratch tensors shaped like the real ones."""
-        shape, device = self.tree.shape, self.proposer.runner.device
-        n, k = shape.num_branches, shape.k
-        history = torch.zeros((3, 4 * (k + 1)), dtype=torch.int64, device=device)
-        for batch in (1, 2):
-            zeros = torch.zeros(batch, dtype=torch.int64, device=device)
-            self.propose_ngram(history[:batch], zeros + 2 * k, k)
-            if n:
-                self.look_up(history, torch.zeros((batch, k + 1), dtype=torch.int64, device=device), zeros + 1, zeros,
-                             zeros, torch.ones((batch, n), dtype=torch.bool, device=device), self.tree.fork,
-                             torch.zeros((batch, n), dtype=torch.int64, device=device),
-                             torch.zeros((batch, n, k), dtype=torch.int64, device=device))
-
-    def settle_and_look_up(self, accepted, recovered):
-        """The window in flight and the outcome into the token history, then the cache's answer:
-        hit [B], branch [B] (None: nothing cached), continuation [B, K]."""
+    def answer(self, accepted, recovered, lengths, replayed_ranks, ngram: bool):
+        """answer_outcome on this draft's history, window in flight and cache: one Triton kernel on
+        the GPU (with at least one branch), the PyTorch ops elsewhere."""
         cache = self.cache
-        if cache.guess.shape[1] == 0:  # fan-out of zero everywhere: every lookup misses
-            settle(self.history.tokens, self.window, self.lengths, accepted, recovered)
-            return torch.zeros_like(accepted, dtype=torch.bool), None, cache.tokens[:, 0]
-        return self.look_up(self.history.tokens, self.window, self.lengths, accepted, recovered,
-                            cache.valid, cache.fork, cache.guess, cache.tokens)
+        args = (self.history.tokens, self.window, self.lengths, accepted, recovered, lengths, cache.valid, cache.fork,
+                cache.rank, cache.guess, cache.tokens, replayed_ranks, ngram)
+        if self.history.tokens.is_cuda and cache.guess.shape[1] > 0:
+            from ssd.draft_worker.triton_outcome import answer_outcome_kernel   # triton: with CUDA only
+            return answer_outcome_kernel(*args)
+        return answer_outcome(*args)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The target retired sequences and compacted its batch (KV slots moved by move_slot): keep
@@ -185,15 +164,10 @@ class AsyncDraft:
         self.built_at = time.perf_counter()
         self.build_s = self.built_at - start
 
-    def backup_proposal(self, prev, recovered, lengths, max_length, want_probs, hit) -> Proposal:
-        if self.choose_backup(hit.numel()) == "jit":
-            return self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
-        return self.ngram_proposal(self.history.tokens[: lengths.shape[0]], lengths, want_probs)
-
     def ngram_proposal(self, history: torch.Tensor, lengths: torch.Tensor, want_probs: bool) -> Proposal:
         """The near-free proposal: K tokens by n-gram lookup in each row's history [R, L], with the
         one-hot distribution they were drawn from (exact to verify)."""
-        tokens = self.propose_ngram(history, lengths, self.proposer.k)
+        tokens = ngram_propose(history, lengths, self.proposer.k)
         vocab = self.proposer.runner.arch.vocab_size
         return Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
 

@@ -1,23 +1,27 @@
 """The draft's answer to a verified outcome, on the critical path of every asynchronous round: the
 target waits for it before it can verify again.
 
-Answering a hit used to take ~35 small PyTorch ops and two host synchronisations (~1 ms on an H200
-host at B = 1 and B = 16, bench/draft_round_bench.py `outcome_hit_ms`, longer than the lookup's
-arithmetic by orders of magnitude). Here the round's bookkeeping (the window's drafts and the
-recovered token written into the token history the n-gram backup reads) and the cache lookup are
-one function, which the draft compiles into a few fused kernels (`compiled_settle_and_look_up`);
-the caller then reads `hit` back once.
+`answer_outcome` is the whole answer in PyTorch: the round's bookkeeping (the window's drafts and
+the recovered token written into the token history the n-gram backup reads), the cache lookup, the
+`fast` backup for the rows that missed and the next window. On the GPU the draft runs the same as
+one Triton kernel (ssd.draft_worker.triton_outcome, which says why); this is its CPU path and the
+reference the tests hold it to.
 """
 from __future__ import annotations
 
 import torch
+
+from ssd.spec.ngram import DEFAULT_N, ngram_propose
 
 
 def find_branch(valid: torch.Tensor, fork: torch.Tensor, guess: torch.Tensor, tokens: torch.Tensor,
                 accepted: torch.Tensor, recovered: torch.Tensor):
     """The cached branch that forked at window position accepted[b] on token recovered[b], per row.
     valid/guess [B, N], fork [N], tokens [B, N, K], accepted/recovered [B] -> hit [B] bool, branch [B]
-    (the first match; 0 where none), its continuation [B, K] (branch 0's where none)."""
+    (the first match; 0 where none), its continuation [B, K] (branch 0's where none). N = 0 (a
+    fan-out of zero everywhere): every row misses."""
+    if guess.shape[1] == 0:
+        return torch.zeros_like(accepted, dtype=torch.bool), torch.zeros_like(accepted), tokens[:, 0]
     match = valid & (fork[None, :] == accepted[:, None]) & (guess == recovered[:, None])
     branch = match.to(torch.int32).argmax(dim=1)
     continuation = tokens.gather(1, branch[:, None, None].expand(-1, 1, tokens.shape[2])).squeeze(1)
@@ -38,15 +42,38 @@ def settle(history: torch.Tensor, window: torch.Tensor, lengths: torch.Tensor, a
     rows.scatter_(1, (lengths + accepted).clamp(max=last)[:, None], recovered[:, None])
 
 
-def settle_and_look_up(history: torch.Tensor, window: torch.Tensor, lengths: torch.Tensor, accepted: torch.Tensor,
-                       recovered: torch.Tensor, valid: torch.Tensor, fork: torch.Tensor, guess: torch.Tensor,
-                       tokens: torch.Tensor):
-    """settle, then find_branch (at least one branch: N > 0)."""
-    settle(history, window, lengths, accepted, recovered)
-    return find_branch(valid, fork, guess, tokens, accepted, recovered)
+def resolve_rank(valid: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor, guess: torch.Tensor,
+                 accepted: torch.Tensor, replayed_rank: torch.Tensor, fallback: torch.Tensor, k: int):
+    """Profile replay: the token of draft rank replayed_rank [B] at window position accepted [B] —
+    the cached guess where this row's fan-out holds it, else fallback [B] — and whether it was held
+    (covered [B]: the replayed hit or miss). Guesses before the last position exclude the drafted
+    rank-0 token, so guess ordinal = rank - 1 there."""
+    if guess.shape[1] == 0:
+        return fallback, torch.zeros_like(fallback, dtype=torch.bool)
+    ordinal = torch.where(accepted < k, replayed_rank - 1, replayed_rank)
+    match = valid & (fork[None, :] == accepted[:, None]) & (rank[None, :] == ordinal[:, None])
+    held = guess.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
+    covered = match.any(dim=1)
+    return torch.where(covered, held, fallback), covered
 
 
-def compiled_settle_and_look_up():
-    """settle_and_look_up as fused kernels, one compiled program for every batch size above 1 (and
-    one for 1, which dynamic shapes specialise)."""
-    return torch.compile(settle_and_look_up, dynamic=True)
+def answer_outcome(history: torch.Tensor, window: torch.Tensor, window_lengths: torch.Tensor, accepted: torch.Tensor,
+                   recovered: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor, fork: torch.Tensor,
+                   rank: torch.Tensor, guess: torch.Tensor, tokens: torch.Tensor,
+                   replayed_rank: torch.Tensor | None = None, ngram: bool = False, ngram_n: int = DEFAULT_N):
+    """The draft's answer to the outcome (accepted, recovered) [B] of window [B, K+1] (verified from
+    window_lengths - 1; lengths [B] the new committed lengths) from its cache (valid/guess [B, N],
+    fork/rank [N], tokens [B, N, K]):
+    replayed_rank [B] (profile replay): recovered becomes the cached guess of that rank where the
+    fan-out holds it (a hit), stays as given elsewhere (a miss); settle; find_branch; ngram: missed
+    rows take the n-gram proposal from the history just written (`fast` backup), else branch 0's.
+    -> hit [B] bool, branch [B], recovered [B], proposal [B, K], the next window [B, K+1]."""
+    if replayed_rank is not None:
+        recovered, covered = resolve_rank(valid, fork, rank, guess, accepted, replayed_rank, recovered, tokens.shape[2])
+        valid = valid & covered[:, None]   # a stand-in token that happens to equal a guess is still a miss
+    settle(history, window, window_lengths, accepted, recovered)
+    hit, branch, proposal = find_branch(valid, fork, guess, tokens, accepted, recovered)
+    if ngram:
+        batch, k = proposal.shape
+        proposal = torch.where(hit[:, None], proposal, ngram_propose(history[:batch], lengths, k, ngram_n))
+    return hit, branch, recovered, proposal, torch.cat([recovered[:, None], proposal], 1)

@@ -70,9 +70,6 @@ class SpeculationCache:
     def lookup(self, accepted: torch.Tensor, recovered: torch.Tensor):
         """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None
         (the answering branch's distributions, widened to the vocabulary where kept compact)."""
-        if self.guess.shape[1] == 0:  # fan-out of zero everywhere: nothing cached, every lookup misses
-            batch = accepted.shape[0]
-            return torch.zeros(batch, dtype=torch.bool, device=accepted.device), self.tokens[:, 0], None
         hit, branch, tokens = find_branch(self.valid, self.fork, self.guess, self.tokens, accepted, recovered)
         return hit, tokens, self.branch_probs(branch)
 
@@ -86,20 +83,6 @@ class SpeculationCache:
     def select_rows(self, rows: torch.Tensor) -> "SpeculationCache":
         probs = self.probs[rows] if self.probs is not None else None
         return SpeculationCache(self.fork, self.rank, self.guess[rows], self.valid[rows], self.tokens[rows], probs)
-
-    def resolve(self, accepted: torch.Tensor, replayed_rank: torch.Tensor, fallback: torch.Tensor):
-        """Profile replay: the token of draft rank replayed_rank [B] at window position accepted [B] —
-        the cached guess where this row's fan-out holds it, else fallback [B] — and whether it was
-        held (covered [B]: the replayed hit or miss). Guesses before the last position exclude the
-        drafted rank-0 token, so guess ordinal = rank - 1 there."""
-        if self.guess.shape[1] == 0:
-            return fallback, torch.zeros_like(fallback, dtype=torch.bool)
-        k = self.tokens.shape[2]
-        ordinal = torch.where(accepted < k, replayed_rank - 1, replayed_rank)
-        match = self.valid & (self.fork[None, :] == accepted[:, None]) & (self.rank[None, :] == ordinal[:, None])
-        guess = self.guess.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
-        covered = match.any(dim=1)
-        return torch.where(covered, guess, fallback), covered
 
 
 def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor,

@@ -22,6 +22,8 @@ import torch
 
 from ssd.spec.verifier import one_hot_probs
 
+DEFAULT_N = 3   # longest suffix matched
+
 
 def _latest_match_end(history: torch.Tensor, lengths: torch.Tensor, m: int) -> torch.Tensor:
     """[B] int64: end (exclusive) of the latest occurrence of each row's last m tokens
@@ -41,7 +43,7 @@ def _latest_match_end(history: torch.Tensor, lengths: torch.Tensor, m: int) -> t
     return torch.where(latest_start >= 0, latest_start + m, -1)
 
 
-def ngram_propose(history: torch.Tensor, lengths: torch.Tensor, k: int, n: int = 3) -> torch.Tensor:
+def ngram_propose(history: torch.Tensor, lengths: torch.Tensor, k: int, n: int = DEFAULT_N) -> torch.Tensor:
     """Propose K tokens per row by n-gram lookup in the row's own history.
 
     history [B, L] int64, right-padded (entries at and after lengths[b] are
@@ -70,7 +72,7 @@ def ngram_propose(history: torch.Tensor, lengths: torch.Tensor, k: int, n: int =
 
 
 def ngram_draft(
-    history: torch.Tensor, lengths: torch.Tensor, k: int, vocab_size: int, n: int = 3
+    history: torch.Tensor, lengths: torch.Tensor, k: int, vocab_size: int, n: int = DEFAULT_N
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, K], draft_probs [B, K, V]): the n-gram proposal and the one-hot
     distribution it was drawn from, ready for verify()."""
