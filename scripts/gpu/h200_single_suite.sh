@@ -3,8 +3,8 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | llama | qwen |
-#    coordinator)
+#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
+#    qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -75,6 +75,10 @@ case $part in
              grep -oE "'attention': '[a-z-]+'|'batch': [0-9]+|'(branch_decode_ms|build_wall_ms)': [0-9.]+|Error.*" \
                "$out/round_tree_kv_$preset.log" | paste -sd' ' | sed 's/.attention/\n&/g'
            done ;;
+  outcome) # the draft's answer to an outcome (the async round's critical path): host time and profiler tables
+           timeout 240 python bench/outcome_profile.py --preset llama-3.2-1b --batches 1 16 \
+             > "$out/outcome_profile_llama1b.txt" 2>&1
+           grep -E "^== |Error|error" "$out/outcome_profile_llama1b.txt" ;;
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
