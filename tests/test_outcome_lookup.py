@@ -121,7 +121,7 @@ def test_kernel_n_gram_scans_a_long_history_in_blocks():
 
 def test_a_packed_reply_unpacks_to_what_was_sent():
     tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    timings = torch.tensor([0.0123456789, 1e-7, 3.5], dtype=torch.float64)
+    timings = torch.tensor([0.0123456789, 1e-7, 3.5, 2.0], dtype=torch.float64)
     packed = pack_reply(tokens, torch.tensor([True, False]), torch.tensor([41, 42]), timings)
     assert packed.dtype == torch.int64 and packed.numel() == reply_size(2, 3)
     got_tokens, hit, recovered, got_timings = unpack_reply(packed, 2, 3)

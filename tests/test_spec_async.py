@@ -58,6 +58,9 @@ def test_greedy_async_matches_autoregressive_for_fanouts_and_backups(pair, optio
     outs, stats = async_generate(pair, "near", 6, prompts, max_num_seqs=3, **options)
     assert outs == ar_outputs(pair, prompts)
     assert stats.cache_lookups > 0
+    backup = options.get("backup", "jit")   # the rounds that missed, counted by the backup that answered
+    assert stats.jit_backups + stats.fast_backups > 0
+    assert backup == "auto" or (stats.fast_backups if backup == "jit" else stats.jit_backups) == 0
 
 
 def test_async_with_tp2_target_and_agreeing_draft_hits_every_round(pair):

@@ -28,8 +28,8 @@ METRIC_NAMES = (
     "decode_tok_s", "e2e_tok_s", "ttft_s", "tpot_s", "e2e_latency_s",
     "num_rounds", "acceptance_length", "per_position_acceptance",
     "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
-    "target_wait_ms", "draft_wait_ms", "backup_ms", "accepted_histogram", "cache_hit_rate_by_batch",
-    "predicted_speedup_over_ar",
+    "target_wait_ms", "draft_wait_ms", "backup_ms", "jit_backups", "fast_backups", "accepted_histogram",
+    "cache_hit_rate_by_batch", "predicted_speedup_over_ar",
 )
 # Spec statistics reported per round; across batches they are averaged weighted by rounds.
 ROUND_WEIGHTED = ("acceptance_length", "draft_round_ms", "verify_ms", "cache_hit_rate", "tokens_per_round_on_hit",
@@ -101,6 +101,9 @@ def _totals(runs: Sequence[BatchRun], outputs: list, stats: list) -> dict[str, A
         "prefill_time_s": sum(_stat(s, "prefill_time_s") or 0.0 for s in stats),
         "decode_time_s": sum(_stat(s, "decode_time_s") or 0.0 for s in stats),
         "num_rounds": sum(_stat(s, "num_rounds") or 0 for s in stats),
+        # async rounds whose misses each backup answered (--backup auto chooses per round)
+        "jit_backups": sum(_stat(s, "jit_backups") or 0 for s in stats),
+        "fast_backups": sum(_stat(s, "fast_backups") or 0 for s in stats),
     }
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ssd.draft_worker.proposer import DraftProposer, Proposal
+from ssd.draft_worker.protocol import BACKUP_CODES, REPLY_TIMINGS
+from ssd.draft_worker.backup_choice import BackupChooser
 from ssd.draft_worker.outcome_lookup import answer_outcome
 from ssd.draft_worker.tree import SpeculationCache, TreeBuilder
 from ssd.spec.ngram import ngram_propose
@@ -21,7 +23,9 @@ class AsyncReply:
     proposal: Proposal
     hit: torch.Tensor          # [B] bool: the proposal came from the cache
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
-    timings: torch.Tensor      # [3] float64 seconds: last tree build, this backup, draft idle before the outcome
+    # [REPLY_TIMINGS] float64: seconds of the last tree build, of this backup, of the draft's idling
+    # before the outcome; then the backup that answered misses (protocol.BACKUP_CODES, 0: none)
+    timings: torch.Tensor
 
     def extend(self, joined: "AsyncReply") -> "AsyncReply":
         """These rows, then those of `joined` (sequences that joined the batch). Where only the new
@@ -66,7 +70,9 @@ class AsyncDraft:
         self.window: torch.Tensor | None = None   # [B, K+1] the speculation the target is verifying
         self.lengths: torch.Tensor | None = None
         self.build_s, self.built_at = 0.0, time.perf_counter()
-        self.hits, self.lookups = 0, 0
+        self.chooser = BackupChooser(proposer.k)
+        self.from_ngram: torch.Tensor | None = None   # [B] bool, host: the window in flight's row is an n-gram's
+        self.unobserved = None   # (accepted [B], from_ngram [B]) of the last verified window, for the chooser
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -83,7 +89,7 @@ class AsyncDraft:
         proposal = self.proposer.propose(prev, last, lengths, max_length, want_probs)
         hit = torch.zeros(prev.shape[0], dtype=torch.bool, device=proposal.tokens.device)
         self.remember(last, proposal, lengths, hit)
-        return AsyncReply(proposal, hit, last, torch.zeros(3, dtype=torch.float64))
+        return AsyncReply(proposal, hit, last, torch.zeros(REPLY_TIMINGS, dtype=torch.float64))
 
     def join(self, last, lengths, want_probs: bool, joined: int) -> AsyncReply:
         """The batch grew: its last `joined` rows are new (prefilled, no speculation yet) while the
@@ -100,7 +106,8 @@ class AsyncDraft:
         self.window = torch.cat([self.window, torch.cat([last[new, None], fresh.tokens], 1)])
         self.lengths = torch.cat([self.lengths, lengths[new]])
         self.last_hit = torch.cat([self.last_hit, hit])
-        return AsyncReply(fresh, hit, last[new], torch.zeros(3, dtype=torch.float64))
+        self.from_ngram = torch.cat([self.from_ngram, torch.ones(joined, dtype=torch.bool)])
+        return AsyncReply(fresh, hit, last[new], torch.zeros(REPLY_TIMINGS, dtype=torch.float64))
 
     @torch.inference_mode()
     def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
@@ -111,13 +118,15 @@ class AsyncDraft:
         accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it.
         With the `fast` backup (or all hits) the answer is one kernel and one read of `hit`."""
         idle_s = time.perf_counter() - self.built_at
+        self.chooser.observe_round(self.build_s, idle_s)
         backup = self.choose_backup(accepted.shape[0])
         hit, branch, recovered, tokens, window = self.answer(accepted, recovered, lengths, replayed_ranks,
                                                              ngram=backup == "fast")
         probs = self.cache.branch_probs(branch) if want_probs else None
+        self.unobserved = (accepted, self.from_ngram)   # folded into the chooser after the reply (build_cache)
         hit_host = hit.cpu()
-        start = time.perf_counter()
-        if not bool(hit_host.all()):
+        start, missed = time.perf_counter(), not bool(hit_host.all())
+        if missed:
             if backup == "jit":
                 drafted = self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
                 tokens = torch.where(hit[:, None], tokens, drafted.tokens)
@@ -126,9 +135,12 @@ class AsyncDraft:
                 missed_probs = one_hot_probs(tokens, self.proposer.runner.arch.vocab_size) if want_probs else None
             if want_probs:
                 probs = missed_probs if probs is None else torch.where(hit[:, None, None], probs, missed_probs)
-        timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s], dtype=torch.float64)
-        self.hits, self.lookups = self.hits + int(hit_host.sum()), self.lookups + hit_host.numel()
+            self.chooser.waits[backup].add(time.perf_counter() - start)
+        timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s,
+                                BACKUP_CODES[backup] if missed else 0], dtype=torch.float64)
+        self.chooser.lookups.add(int(hit_host.sum()), hit_host.numel())
         self.window, self.lengths, self.last_hit = window, lengths, hit
+        self.from_ngram = ~hit_host if backup == "fast" else torch.zeros_like(hit_host)
         return AsyncReply(Proposal(tokens, probs), hit, recovered, timings)
 
     def answer(self, accepted, recovered, lengths, replayed_ranks, ngram: bool):
@@ -147,16 +159,23 @@ class AsyncDraft:
         the speculation in flight and its cache for the surviving rows, in their new order."""
         rows = rows.to(self.window.device)
         self.window, self.lengths, self.last_hit = self.window[rows], self.lengths[rows], self.last_hit[rows]
+        self.from_ngram = self.from_ngram[rows.cpu()]
         if self.cache is not None:
             self.cache = self.cache.select_rows(rows)
 
     def remember(self, last, proposal: Proposal, lengths, hit) -> None:
+        """A fresh (neural) speculation for the whole batch is in flight."""
         self.window = torch.cat([last[:, None], proposal.tokens], 1)
         self.lengths, self.last_hit = lengths, hit
+        self.from_ngram = torch.zeros(hit.shape[0], dtype=torch.bool)
 
     def build_cache(self, max_length: int) -> None:
         """Runs after the reply went out: overlaps the target's verification of self.window."""
         start = time.perf_counter()
+        if self.unobserved is not None:
+            accepted, from_ngram = self.unobserved
+            self.chooser.observe_proposals(accepted.tolist(), from_ngram.tolist())
+            self.unobserved = None
         self.cache = self.tree.build(self.window, self.lengths, self.last_hit, self.proposer.sampling, max_length)
         device = self.proposer.runner.device
         if device.type == "cuda":  # the draft idles until the outcome anyway: make the build time GPU time
@@ -172,9 +191,5 @@ class AsyncDraft:
         return Proposal(tokens, one_hot_probs(tokens, vocab) if want_probs else None)
 
     def choose_backup(self, batch: int) -> str:
-        """`auto`: a round waits for the backup whenever any row misses (chance 1 - p_hit^B); when that
-        is likelier than not, the near-free n-gram proposal beats drafting K steps (DESIGN.md §6)."""
-        if self.backup != "auto":
-            return self.backup
-        p_hit = (self.hits + 1) / (self.lookups + 2)
-        return "fast" if 1 - p_hit ** batch > 0.5 else "jit"
+        """`auto`: the backup with more expected tokens per second (ssd.draft_worker.backup_choice)."""
+        return self.backup if self.backup != "auto" else self.chooser.choose(batch)

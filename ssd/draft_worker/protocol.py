@@ -29,13 +29,17 @@ class DraftOp(IntEnum):
                       # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on the critical path)
 
 
+REPLY_TIMINGS = 4   # build s, backup s, idle s, the backup that answered misses (BACKUP_CODES; 0: none)
+BACKUP_CODES = {"jit": 1, "fast": 2}
+
+
 def reply_size(batch: int, k: int) -> int:
-    return batch * (k + 2) + 3
+    return batch * (k + 2) + REPLY_TIMINGS
 
 
 def pack_reply(tokens: torch.Tensor, hit: torch.Tensor, recovered: torch.Tensor, timings: torch.Tensor) -> torch.Tensor:
     """An asynchronous reply as one int64 message (one p2p transfer on the critical path instead of
-    three): tokens [B, K], hit [B], recovered [B], then timings [3] float64 by bit pattern."""
+    three): tokens [B, K], hit [B], recovered [B], then timings [REPLY_TIMINGS] float64 by bit pattern."""
     device = tokens.device
     return torch.cat([tokens.flatten(), hit.to(device, torch.int64), recovered.to(device, torch.int64),
                       timings.to(device, torch.float64).view(torch.int64)])
@@ -43,7 +47,7 @@ def pack_reply(tokens: torch.Tensor, hit: torch.Tensor, recovered: torch.Tensor,
 
 def unpack_reply(packed: torch.Tensor, batch: int, k: int):
     """pack_reply's message (on the device it was received on) -> tokens [B, K] there; hit [B] bool,
-    recovered [B] int64, timings [3] float64 on the host (one device-to-host copy, which waits for
+    recovered [B] int64, timings [REPLY_TIMINGS] float64 on the host (one device-to-host copy, which waits for
     every transfer received before it on the stream)."""
     host = packed.cpu()
     tokens = packed[: batch * k].view(batch, k)

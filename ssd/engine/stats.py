@@ -29,6 +29,8 @@ class GenerationStats:
     target_wait_s: float = 0.0      # rank 0 waiting for the draft's reply after verifying
     draft_wait_s: float = 0.0       # the draft idle between finishing its cache and the outcome
     backup_time_s: float = 0.0
+    jit_backups: int = 0             # async rounds whose misses the neural backup answered ...
+    fast_backups: int = 0            # ... and the n-gram one (--backup auto chooses per round)
     fanout_updates: int = 0          # online geometric fan-out lists sent to the draft
     fresh_speculations: int = 0      # async rounds that had no speculation in hand (new batch)
     joined_rows: int = 0             # async: sequences that joined a batch in flight (the others kept theirs)

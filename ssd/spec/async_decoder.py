@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ssd.draft_worker.async_draft import AsyncReply
+from ssd.draft_worker.protocol import BACKUP_CODES
 from ssd.spec.fanout import FanoutEstimator
 from ssd.engine.sequence import Sequence
 from ssd.spec.sync_decoder import SpeculativeDecoder, committed_state
@@ -99,7 +100,9 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
                 if not seq.finished:
                     seq.replace_last(token)
         self.stats.target_wait_s += time.perf_counter() - wait_start
-        build_s, backup_s, idle_s = self.pending.timings.tolist()
+        build_s, backup_s, idle_s, backup = self.pending.timings.tolist()
+        self.stats.jit_backups += backup == BACKUP_CODES["jit"]
+        self.stats.fast_backups += backup == BACKUP_CODES["fast"]
         self.stats.draft_time_s += build_s
         self.stats.backup_time_s += backup_s
         self.stats.draft_wait_s += idle_s
