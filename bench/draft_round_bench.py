@@ -153,8 +153,19 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
+            "linear_choices": linear_choices(draft),
             "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph,
             **({"kernel_profiles": kernel_tables} if kernels else {})}
+
+
+def linear_choices(draft: AsyncDraft) -> dict[str, str] | None:
+    """What MeasuredLinear picked per (rows, N, K): F.linear (cuBLAS) or a skinny tiling."""
+    linear = next((m.kernels.linear for m in draft.proposer.runner.model.modules() if hasattr(m, "kernels")), None)
+    choices = getattr(linear, "choices", None)
+    if choices is None:
+        return None
+    return {"x".join(str(d) for d in key[:3]) + (f" {key[3]}" if len(key) > 4 else ""): str(tiling or "F.linear")
+            for key, tiling in sorted(choices.items(), key=lambda item: item[0][:3])}
 
 
 def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool | None:

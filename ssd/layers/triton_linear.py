@@ -4,7 +4,8 @@ At M <= 64 rows a linear layer is a weight stream: the time is the weight's byte
 bandwidth plus the kernel's ramp-up. cuBLAS reaches ~3.6 TB/s on an H200 for a 1B model's 67 MB
 gate/up weight at M = 21, but ~1.4-2.1 TB/s on its 8-12 MB attention weights (measured), where a
 few microseconds of fixed cost weigh most. This kernel gives each program a narrow column block of
-W over the whole K (no split-K, so no reduction kernel) and pipelines its loads deeply. Measured on
+W over the whole K (or over 1/SPLIT_K of it, then a small kernel sums the parts) and pipelines its
+loads deeply. Measured on
 an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) and a draft round
 gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
 
@@ -84,8 +85,11 @@ class SkinnyTiling:
         return self.split_k == 1 or k % (self.split_k * self.block_k) == 0
 
 
+# the last two split K (4 or 8 parts, then a small summing kernel): more programs for the narrow
+# weights (N = 2048 at K = 2048 or 8192: o and down of a 1B draft), where whole-K columns leave
+# too few programs to stream at full speed
 CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256, 4, 3), SkinnyTiling(64, 128, 4, 3),
-              SkinnyTiling(16, 512, 4, 3))
+              SkinnyTiling(16, 512, 4, 3), SkinnyTiling(32, 128, 4, 4, 4), SkinnyTiling(16, 128, 4, 4, 8))
 # fp8 weights: half the bytes per column, so wider column blocks (each program re-reads x from L2);
 # the best of results/fp8_gemm_sweep_h200.json at the 1B draft's shapes
 FP8_CANDIDATES = (SkinnyTiling(64, 128), SkinnyTiling(64, 256, 4, 3), SkinnyTiling(128, 256, 8, 3),
