@@ -190,7 +190,8 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
                        help="Shape of the default fan-out lists when --flh/--flm are not given.")
     group.add_argument("--backup", choices=("jit", "fast", "auto"), default="jit",
                        help="Backup speculation on a cache miss: jit (draft just in time), "
-                            "fast (cheap fallback), auto (engine picks by batch size).")
+                            "fast (n-gram proposal), auto (per round, the one with more expected tokens per "
+                            "second from the measured hit rate, round time, backup waits and acceptance).")
     group.add_argument("--x", type=float, default=None, metavar="C",
                        help="Saguaro sampling coefficient C, 0 < C <= 1.")
     group.add_argument("--dtemp", type=float, default=None,
