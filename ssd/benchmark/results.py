@@ -101,9 +101,10 @@ def _totals(runs: Sequence[BatchRun], outputs: list, stats: list) -> dict[str, A
         "prefill_time_s": sum(_stat(s, "prefill_time_s") or 0.0 for s in stats),
         "decode_time_s": sum(_stat(s, "decode_time_s") or 0.0 for s in stats),
         "num_rounds": sum(_stat(s, "num_rounds") or 0 for s in stats),
-        # async rounds whose misses each backup answered (--backup auto chooses per round)
-        "jit_backups": sum(_stat(s, "jit_backups") or 0 for s in stats),
-        "fast_backups": sum(_stat(s, "fast_backups") or 0 for s in stats),
+        # async rounds whose misses each backup answered (--backup auto chooses per round); None
+        # for arms without a speculation cache
+        **{name: sum(_stat(s, name) or 0 for s in stats) if any(_stat(s, "cache_lookups") for s in stats) else None
+           for name in ("jit_backups", "fast_backups")},
     }
 
 

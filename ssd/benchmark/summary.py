@@ -43,6 +43,8 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("target waits for draft (ms/round)", "target_wait_ms", _number(2)),
     ("draft waits for target (ms/round)", "draft_wait_ms", _number(2)),
     ("backup after a miss (ms/round)", "backup_ms", _number(2)),
+    ("rounds answered by jit backup", "jit_backups", str),
+    ("rounds answered by fast backup", "fast_backups", str),
     ("DESIGN §7 predicted speedup vs AR", "predicted_speedup_over_ar", _number(2)),
     ("accepted-length histogram", "accepted_histogram", lambda h: " ".join(map(str, h))),
 )
