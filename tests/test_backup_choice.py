@@ -1,6 +1,6 @@
 """`--backup auto` takes the backup with more expected tokens per second, from the measured hit
 rate, round time, backup waits and acceptance of neural and n-gram proposals."""
-from ssd.draft_worker.backup_choice import BackupChooser
+from ssd.draft_worker.backup_choice import EXPLORE_EVERY, PRIOR_ROWS, BackupChooser, Tally
 
 
 def chooser(hits: int, lookups: int, round_ms: float, jit_ms: float, draft_accepts: float, ngram_accepts: float,
@@ -43,3 +43,13 @@ def test_priors_try_the_n_gram_first_and_measurements_correct_them():
     assert c.choose(1) == "jit" and c.choose(16) == "fast"
     c.waits["jit"].add(0.200)       # measured: a jit draft takes far longer than the prior said
     assert c.choose(1) == "fast"
+
+
+def test_the_arm_not_chosen_is_tried_now_and_then_until_measured():
+    c = chooser(80, 100, round_ms=20, jit_ms=7, draft_accepts=4, ngram_accepts=0)
+    c.waits["jit"] = Tally()          # jit never measured: its prior stands in
+    choices = [c.choose(16) for _ in range(EXPLORE_EVERY * 3)]
+    assert choices.count("jit") == 3 and choices[EXPLORE_EVERY - 1] == "jit"
+    for _ in range(PRIOR_ROWS):
+        c.waits["jit"].add(0.007)
+    assert {c.choose(16) for _ in range(EXPLORE_EVERY * 2)} == {"fast"}   # measured enough: no more tries

@@ -13,8 +13,9 @@ the target's verification) and a_d / a_n the mean tokens a neural / n-gram propo
 
 and auto takes the larger. Every quantity is measured online by the draft itself; before the first
 measurement of a quantity its prior stands in (W_jit: K/(K+1) of a cache build, which runs K+1
-forwards; an n-gram proposal yields PRIOR_NGRAM_TOKENS). The arm not chosen is not measured, so a
-prior that underrates it is never corrected — the priors lean towards trying `fast`.
+forwards; an n-gram proposal yields PRIOR_NGRAM_TOKENS). The arm not chosen would never be measured,
+so every EXPLORE_EVERY-th decision takes it while it has fewer than PRIOR_ROWS measurements (a
+prior that underrates it is corrected; either choice is exact).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 PRIOR_ROWS = 4             # weight of a token prior, in verified proposals
 PRIOR_DRAFT_TOKENS = 2.0   # tokens per neural proposal before any was verified
 PRIOR_NGRAM_TOKENS = 1.5   # ... per n-gram proposal
+EXPLORE_EVERY = 32         # decisions
 
 
 @dataclass
@@ -49,6 +51,7 @@ class BackupChooser:
     draft_tokens: Tally = field(default_factory=Tally)     # tokens per verified neural proposal
     ngram_tokens: Tally = field(default_factory=Tally)     # ... per n-gram proposal
     waits: dict[str, Tally] = field(default_factory=lambda: {"jit": Tally(), "fast": Tally()})
+    decisions: int = 0
 
     def observe_round(self, build_s: float, idle_s: float) -> None:
         """The draft built its cache for build_s, then idled idle_s until the outcome came."""
@@ -70,4 +73,10 @@ class BackupChooser:
         wait_jit = self.waits["jit"].mean(self.build_s.mean(0.0) * self.k / (self.k + 1))
         jit = a_d / (round_s + miss_round * wait_jit + 1e-9)
         fast = (p * a_d + (1 - p) * a_n) / (round_s + miss_round * self.waits["fast"].mean(0.0) + 1e-9)
-        return "jit" if jit > fast else "fast"
+        best, other = ("jit", "fast") if jit > fast else ("fast", "jit")
+        self.decisions += 1
+        return other if self.decisions % EXPLORE_EVERY == 0 and self.measurements(other) < PRIOR_ROWS else best
+
+    def measurements(self, backup: str) -> int:
+        """What is known of an arm beyond its prior: jit draft waits, verified n-gram proposals."""
+        return self.waits["jit"].count if backup == "jit" else self.ngram_tokens.count
