@@ -281,18 +281,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
                         help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
                              "one after the other")
+    parser.add_argument("--blas", nargs="+", choices=("cublas", "cublaslt"), default=["cublas"],
+                        help="torch's preferred BLAS library for F.linear, one after the other "
+                             "(torch.backends.cuda.preferred_blas_library)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
-    for mode, linear, quant, vocab in itertools.product(args.attention, args.linear, args.quant, args.vocab):
+    for blas, mode, linear, quant, vocab in itertools.product(args.blas, args.attention, args.linear, args.quant,
+                                                              args.vocab):
+        if args.device == "cuda":
+            torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), measured_linear=linear == "measured",
                             tree_kv_in_attention=mode == "fused",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
-            rows.append({"attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
+            rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
                                                              args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
         del draft
