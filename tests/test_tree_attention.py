@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ssd.distributed.tp_group import TPGroup
+from ssd.draft_worker.outcome_lookup import find_branch
 from ssd.draft_worker.tree import TreeBuilder, TreeShape
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
@@ -133,7 +134,9 @@ def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_
     assert isinstance(cache.probs, CompactProbs)
     for branch in range(shape.num_branches):
         fork = int(cache.fork[branch])
-        _, tokens, q = cache.lookup(torch.full((rows,), fork), cache.guess[:, branch])
+        _, found, tokens = find_branch(cache.valid, cache.fork, cache.guess, cache.tokens, torch.full((rows,), fork),
+                                       cache.guess[:, branch])
+        q = cache.branch_probs(found)
         torch.testing.assert_close(q, q[:1].expand_as(q))          # one context: one distribution
         q = q[0, 0].double()
         assert (q > 0).sum() <= 10 and q[tokens[:, 0]].min() > 0

@@ -11,7 +11,6 @@ import torch
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
 from ssd.draft_worker.compact_probs import CompactProbs
-from ssd.draft_worker.outcome_lookup import find_branch
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, draft_distribution
 from ssd.engine.sampler import SamplingTensors, compact_probs_from_logits, sample_among, sample_from_weights
 from ssd.spec.saguaro import saguaro_probs
@@ -66,12 +65,6 @@ class SpeculationCache:
     # [B, N, K, V] distributions the continuation was drawn from, compact ([B, N, K] rows of a
     # few tokens) where the draft filters with top-k / top-p
     probs: torch.Tensor | CompactProbs | None
-
-    def lookup(self, accepted: torch.Tensor, recovered: torch.Tensor):
-        """Outcome (accepted [B], t* [B]) -> hit [B] bool, tokens [B, K], probs [B, K, V] | None
-        (the answering branch's distributions, widened to the vocabulary where kept compact)."""
-        hit, branch, tokens = find_branch(self.valid, self.fork, self.guess, self.tokens, accepted, recovered)
-        return hit, tokens, self.branch_probs(branch)
 
     def branch_probs(self, branch: torch.Tensor) -> torch.Tensor | None:
         """branch [B] -> [B, K, V] the distributions its continuation was drawn from (None: greedy)."""
