@@ -143,3 +143,50 @@ def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_
         observed = torch.bincount(tokens[:, 0], minlength=q.numel()).double()
         kept = q > 0
         assert chisquare(observed[kept].numpy(), (q[kept] / q[kept].sum() * rows).numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "filtered"])
+def test_tree_split_into_row_groups_decodes_the_same(tiny_checkpoints, mode):
+    """decode_branches with the sequences in groups (on a GPU: on streams of their own; here one
+    after the other), each group in its own slots, gives the same tokens and distributions as one
+    batch: slots, sampling rows and the probs buffer's rows line up with the groups."""
+    from ssd import SamplingParams
+    from ssd.draft_worker.compact_probs import CompactProbs
+    from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES
+    from ssd.draft_worker.tree import MIN_SPLIT_BATCH, row_groups
+    from ssd.engine.sampler import SamplingTensors
+    rows, shape = 5, TreeShape(2, (2, 1, 1), (2, 1, 1))
+    assert rows >= MIN_SPLIT_BATCH and row_groups(rows, 2) == [(0, 2), (2, 5)]
+    runner = ModelRunner(RunnerConfig(model=str(tiny_checkpoints["qwen3"]), max_len=32, num_slots=rows,
+                                      window_sizes=(3,), scratch_len=shape.scratch_len), TPGroup())
+    prompts = torch.randint(3, 90, (rows, 6), generator=torch.Generator().manual_seed(1))
+    runner.forward(prompts, torch.arange(6).expand(rows, 6).contiguous(), 6)
+    guess = torch.randint(3, 90, (rows, shape.num_branches), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([6, 5, 6, 4, 6])
+    sampling = None if mode == "greedy" else SamplingTensors.from_params(
+        [SamplingParams(temperature=0.8, seed=i, **({"top_p": 0.9} if mode == "filtered" else {}))
+         for i in range(rows)], "cpu", 0)
+
+    def decode(streams: int):
+        builder = TreeBuilder(runner, shape, row_streams=streams)
+        lead = (rows, shape.num_branches, shape.k)
+        width = min(DRAFT_FILTER_CANDIDATES, runner.arch.vocab_size)
+        out = None if mode == "greedy" else CompactProbs.empty(lead, width, runner.arch.vocab_size, "cpu") \
+            if mode == "filtered" else torch.zeros((*lead, runner.arch.vocab_size))
+        return builder.decode_branches(guess, lengths, sampling, 12, out)
+    (tokens, probs), (split_tokens, split_probs) = decode(1), decode(2)
+    assert torch.equal(tokens, split_tokens)
+    if mode == "greedy":
+        assert probs is None and split_probs is None
+    else:
+        dense = (lambda p: p.dense()) if mode == "filtered" else (lambda p: p)
+        torch.testing.assert_close(dense(split_probs), dense(probs))
+        assert dense(probs).sum(-1).gt(0.99).all()
+
+
+def test_row_groups():
+    from ssd.draft_worker.tree import MIN_SPLIT_BATCH, row_groups
+    assert row_groups(16, 2) == [(0, 8), (8, 16)]
+    assert row_groups(16, 3) == [(0, 5), (5, 10), (10, 16)]
+    assert row_groups(MIN_SPLIT_BATCH - 1, 2) == [(0, MIN_SPLIT_BATCH - 1)]
+    assert row_groups(16, 1) == [(0, 16)]
