@@ -30,7 +30,7 @@ from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
 from ssd.draft_worker.compact_probs import CompactProbs  # noqa: E402
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # noqa: E402
-from ssd.draft_worker.tree import TREE_ROW_STREAMS, TreeBuilder, fork_guesses  # noqa: E402
+from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
 from ssd.engine.random import RandomStream  # noqa: E402
@@ -46,8 +46,7 @@ log = logging.getLogger("draft_round_bench")
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
-                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
-                tree_streams: int = TREE_ROW_STREAMS) -> AsyncDraft:
+                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -59,7 +58,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
     cfg.first_gpu = 0
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
-    return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c, tree_streams), "jit")
+    return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
 
 
 def event_ms(fn, warmup: int, iters: int) -> list[float]:
@@ -285,26 +284,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--blas", nargs="+", choices=("cublas", "cublaslt"), default=["cublas"],
                         help="torch's preferred BLAS library for F.linear, one after the other "
                              "(torch.backends.cuda.preferred_blas_library)")
-    parser.add_argument("--tree-streams", type=int, nargs="+", default=[TREE_ROW_STREAMS],
-                        help="groups of sequences whose tree steps run on CUDA streams of their own (from "
-                             "ssd.draft_worker.tree.MIN_SPLIT_BATCH sequences on), one after the other; "
-                             "repeat values to interleave an A/B")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
-    for streams, blas, mode, linear, quant, vocab in itertools.product(args.tree_streams, args.blas, args.attention,
-                                                                       args.linear, args.quant, args.vocab):
+    for blas, mode, linear, quant, vocab in itertools.product(args.blas, args.attention, args.linear, args.quant,
+                                                              args.vocab):
         if args.device == "cuda":
             torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), measured_linear=linear == "measured",
                             tree_kv_in_attention=mode == "fused",
-                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab),
-                            tree_streams=streams)
+                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
-            rows.append({"tree_streams": streams, "blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
+            rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
                                                              args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
             if args.out:   # after every row: a run cut short by a time limit keeps what it measured

@@ -3,7 +3,7 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | streams | profile | outcome | llama |
+#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
 #    qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
@@ -74,15 +74,6 @@ case $part in
                --out "$out/draft_round_${preset}_tree_kv.json" > "$out/round_tree_kv_$preset.log" 2>&1
              grep -oE "'attention': '[a-z-]+'|'batch': [0-9]+|'(branch_decode_ms|build_wall_ms)': [0-9.]+|Error.*" \
                "$out/round_tree_kv_$preset.log" | paste -sd' ' | sed 's/.attention/\n&/g'
-           done ;;
-  streams) # tree steps with the batch's sequences in groups on CUDA streams of their own, interleaved A/B
-           # (STREAMS: the group counts in run order, BATCHES, PRESETS override)
-           for preset in ${PRESETS:-llama-3.2-1b}; do
-             timeout 580 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches ${BATCHES:-4 8 16} \
-               --warmup 3 --iters 20 --tree-streams ${STREAMS:-1 2 3 1 2 3} \
-               --out "$out/draft_round_${preset}_tree_streams.json" > "$out/round_streams_$preset.log" 2>&1
-             grep -oE "'tree_streams': [0-9]+|'batch': [0-9]+|'(window_forward_ms|branch_decode_ms|branch_decode_sampled_ms|build_wall_ms)': [0-9.]+|Error.*" \
-               "$out/round_streams_$preset.log" | paste -sd' ' | sed 's/.tree_streams/\n&/g'
            done ;;
   outcome) # the draft's answer to an outcome (the async round's critical path): host time and profiler tables
            timeout 240 python bench/outcome_profile.py --preset llama-3.2-1b --batches 1 16 \

@@ -3,7 +3,6 @@
 guess's K-token continuation, batched over sequences and branches with a tree attention mask."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -18,12 +17,6 @@ from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
-
-
-# decode_branches' groups of sequences on side streams, from MIN_SPLIT_BATCH sequences on (to be
-# measured: bench/draft_round_bench.py --tree-streams)
-TREE_ROW_STREAMS = 1
-MIN_SPLIT_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -100,16 +93,9 @@ def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fork: torch.Tensor
 
 
 class TreeBuilder:
-    def __init__(self, runner: ModelRunner, shape: TreeShape, saguaro_c: float = 1.0,
-                 row_streams: int = TREE_ROW_STREAMS):
+    def __init__(self, runner: ModelRunner, shape: TreeShape, saguaro_c: float = 1.0):
         self.runner, self.shape, self.c = runner, shape, saguaro_c
         device = runner.device
-        # the sequences' trees are independent: at batch >= MIN_SPLIT_BATCH on a GPU, groups of
-        # sequences decode on streams of their own (see decode_branches)
-        # (off the GPU the groups run one after the other: what the tests check)
-        self.row_streams = row_streams
-        self.side_streams = [torch.cuda.Stream(device) if device.type == "cuda" else None
-                             for _ in range(row_streams)] if row_streams > 1 else []
         self.fork = shape.branch_fork(device)
         self.rank = shape.branch_rank(device)
         self.masks = [shape.scratch_mask(d, device) for d in range(shape.k)]
@@ -170,33 +156,11 @@ class TreeBuilder:
             tokens, probs = self.decode_branches(guess, lengths, sampling, max_length + 2 * k)
         return SpeculationCache(self.fork.clone(), self.rank.clone(), guess, valid, tokens, probs)
 
-    def decode_branches(self, guess, lengths, sampling, max_position: int, probs_out=None):
+    def decode_branches(self, guess, lengths, sampling, max_position: int, probs_out: torch.Tensor | None = None):
         """K tree steps: depth m feeds each branch's latest token at position lengths + fork + m.
         Free of host syncs (captured as CUDA graphs per batch bucket and attention length). Sampled
         branches' distributions go to probs_out [B, N, K, V] (filtered: CompactProbs [B, N, K]) when
-        given (a graph's static buffer). Returns (tokens [B, N, K], probs or None)."""
-        groups = row_groups(guess.shape[0], self.row_streams)
-        if len(groups) == 1 or (probs_out is None and sampling is not None and not sampling.all_greedy):
-            return self.decode_rows(guess, lengths, sampling, max_position, probs_out)
-        # one group of sequences per side stream, forked from and joined back into the current one:
-        # a step's small kernels (qkv / o / down products that fill part of the SMs, attention,
-        # norms) of one group run beside another group's
-        streams = self.side_streams[:len(groups)]
-        main, tokens = torch.cuda.current_stream(guess.device) if guess.is_cuda else None, []
-        for (start, end), stream in zip(groups, streams):
-            if stream is not None:
-                stream.wait_stream(main)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                rows = slice(start, end)
-                tokens.append(self.decode_rows(guess[rows], lengths[rows], rows_of(sampling, rows), max_position,
-                                               probs_out[rows] if probs_out is not None else None, start)[0])
-        for stream in streams:
-            if stream is not None:
-                main.wait_stream(stream)
-        return torch.cat(tokens), probs_out if sampling is not None and not sampling.all_greedy else None
-
-    def decode_rows(self, guess, lengths, sampling, max_position: int, probs_out=None, first_slot: int = 0):
-        """decode_branches for the sequences in slots first_slot .. first_slot + B - 1."""
+        given (a graph's static buffer)."""
         k, batch, n = self.shape.k, *guess.shape
         scratch_start = self.runner.max_len
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
@@ -207,11 +171,9 @@ class TreeBuilder:
             positions = prefix_limit + 1 + depth
             tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth], k, depth)
             if greedy:   # the argmax straight from the head (a restricted one: over its kept tokens only)
-                current = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position, greedy=True,
-                                                    first_slot=first_slot)
+                current = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position, greedy=True)
             else:
-                logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position,
-                                                  first_slot=first_slot)
+                logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
                 current, p = self.pick(logits, positions + 1, sampling, depth,
                                        probs_out[:, :, depth] if probs_out is not None else None)
                 if probs_out is None:
@@ -249,23 +211,6 @@ class TreeBuilder:
                               self.shape.num_branches, out).view(batch * n, vocab)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
-
-
-def row_groups(batch: int, streams: int) -> list[tuple[int, int]]:
-    """Contiguous (start, end) ranges of sequences for decode_branches' streams: one range below
-    MIN_SPLIT_BATCH (at a few rows a step streams the weights once per group), else up to `streams`
-    near-equal ones."""
-    groups = min(streams, batch) if batch >= MIN_SPLIT_BATCH else 1
-    bounds = [batch * g // groups for g in range(groups + 1)]
-    return list(zip(bounds, bounds[1:]))
-
-
-def rows_of(sampling: SamplingTensors | None, rows: slice) -> SamplingTensors | None:
-    """The sampling parameters of a contiguous range of rows (views: a graph reads them at replay)."""
-    if sampling is None:
-        return None
-    return dataclasses.replace(sampling, temperature=sampling.temperature[rows], top_k=sampling.top_k[rows],
-                               top_p=sampling.top_p[rows], seed=sampling.seed[rows])
 
 
 def load_temperature_sample():

@@ -114,16 +114,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def tree_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix_limit: torch.Tensor,
-                     tree: TreeContext, max_position: int, greedy: bool = False, first_slot: int = 0) -> torch.Tensor:
+                     tree: TreeContext, max_position: int, greedy: bool = False) -> torch.Tensor:
         """Branch step of the draft's speculation tree (single-rank draft only): input_ids/positions/
         prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
         Returns logits [B, N, V] in the model's dtype (sampled ones convert when filtering — at B=16 a
         float32 copy of 336 x 128k logits would cost more per step than the step's attention), or with
         greedy the argmax token ids [B, N] (a restricted head: over its kept tokens' logits, which
-        picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted).
-        Row b is the sequence in slot first_slot + b."""
-        ctx = ForwardContext(positions, prefix_limit, self.attend_bucket(max_position + 1), self.kv.k, self.kv.v,
-                             first_slot, tree)
+        picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted)."""
+        ctx = ForwardContext(positions, prefix_limit, self.attend_bucket(max_position + 1), self.kv.k, self.kv.v, 0, tree)
         hidden = self.model(input_ids, ctx)
         head = self.model.lm_head
         if not greedy:
