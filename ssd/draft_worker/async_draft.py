@@ -135,10 +135,10 @@ class AsyncDraft:
                 missed_probs = one_hot_probs(tokens, self.proposer.runner.arch.vocab_size) if want_probs else None
             if want_probs:
                 probs = missed_probs if probs is None else torch.where(hit[:, None, None], probs, missed_probs)
-            self.chooser.waits[backup].add(time.perf_counter() - start)
+            self.chooser.observe_wait(backup, time.perf_counter() - start)
         timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s,
                                 BACKUP_CODES[backup] if missed else 0], dtype=torch.float64)
-        self.chooser.lookups.add(int(hit_host.sum()), hit_host.numel())
+        self.chooser.observe_lookups(int(hit_host.sum()), hit_host.numel())
         self.window, self.lengths, self.last_hit = window, lengths, hit
         self.from_ngram = ~hit_host if backup == "fast" else torch.zeros_like(hit_host)
         return AsyncReply(Proposal(tokens, probs), hit, recovered, timings)
