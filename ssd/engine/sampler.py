@@ -151,7 +151,7 @@ def _mask_top_k_top_p_among(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     vocab_size = logits.shape[-1]
     if candidates >= vocab_size:
         return _mask_top_k_top_p(logits, top_k, top_p)
-    values, index = _top_candidates(logits, candidates)
+    values, index = largest_logits(logits, candidates)
     kept = _filter_sorted(values, top_k, top_p, candidates, logits.logsumexp(-1, keepdim=True))
     filtered = torch.full_like(logits, float("-inf")).scatter_(-1, index, kept)
     unfiltered = ((top_k <= 0) | (top_k >= vocab_size)) & (top_p >= 1.0)
@@ -184,8 +184,9 @@ def scaled_topk_reference(logits: torch.Tensor, temperature: torch.Tensor,
     return values, index, scaled.logsumexp(-1)
 
 
-def _top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits.topk(k) over the last dim; on CUDA ssd.engine.triton_topk's two kernels (see its bound)."""
+def largest_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits.topk(k) over the last dim (values, indices); for float32 on CUDA ssd.engine.triton_topk's
+    two kernels (see its bound: exact for k <= its PER_CHUNK)."""
     op = _fused_topk() if logits.is_cuda and logits.dtype == torch.float32 else None
     if op is None:
         return logits.topk(k, dim=-1)
