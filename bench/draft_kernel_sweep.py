@@ -31,6 +31,7 @@ from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
 from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, SkinnyTiling, skinny_linear  # noqa: E402
+from ssd.models.presets import preset_arch  # noqa: E402
 
 log = logging.getLogger("draft_kernel_sweep")
 
@@ -67,28 +68,30 @@ def deep_tilings(default: Tiling) -> list[Tiling]:
 
 
 def attention_sweep(calls: int, context: int, attend_len: int, tilings_for=broad_tilings,
-                    all_splits: bool = True) -> list[dict]:
+                    all_splits: bool = True, heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_DIM)) -> list[dict]:
     """tilings_for(default tiling) -> the tilings to time; all_splits: 1..16 key splits besides the
-    automatic choice (else 1 and the automatic one)."""
+    automatic choice (else 1 and the automatic one); heads: (query heads, KV heads, head dim)."""
     rows = []
     device, dtype = torch.device("cuda"), torch.bfloat16
+    num_heads, kv_heads, head_dim = heads
     for case, batch, queries, depth in (("window", 1, 7, 0), ("tree", 1, 21, 6), ("window", 16, 7, 0),
                                         ("tree", 16, 21, 6)):
         capacity = attend_len + queries * depth
-        k_cache, v_cache = (torch.randn(batch, KV_HEADS, capacity, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
-        q = torch.randn(batch, queries, HEADS, HEAD_DIM, device=device, dtype=dtype)
+        k_cache, v_cache = (torch.randn(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(batch, queries, num_heads, head_dim, device=device, dtype=dtype)
         positions, tree = context_for(batch, queries, depth, context, attend_len, device)
         keys_end = positions.amax(1) + 1
         scratch = (attend_len, tree.branch_len, tree.depth) if tree else ()
-        group_rows = queries * HEADS // KV_HEADS
-        reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125, *scratch, splits=1)
-        default = Tiling.default(group_rows, HEAD_DIM)
+        group_rows = queries * num_heads // kv_heads
+        scale = head_dim ** -0.5
+        reference = fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, scale, *scratch, splits=1)
+        default = Tiling.default(group_rows, head_dim)
         for tiling in tilings_for(default):
             block_m, block_n, warps, stages = tiling.block_m, tiling.block_n, tiling.num_warps, tiling.num_stages
             tiles = -(-group_rows // block_m)
-            auto = choose_splits(batch * KV_HEADS * tiles, attend_len, block_n, device)
+            auto = choose_splits(batch * kv_heads * tiles, attend_len, block_n, device, bool(tree))
             for splits in sorted({1, 2, 4, 8, 16, auto} if all_splits else {1, auto}):
-                run = lambda: fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, 0.125,  # noqa: E731
+                run = lambda: fused_attention(q, k_cache, v_cache, positions, keys_end, 0, attend_len, scale,  # noqa: E731
                                               *scratch, splits=splits, tiling=tiling)
 
                 def measure():
@@ -291,16 +294,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--attend-len", type=int, default=1024)
+    parser.add_argument("--attention-preset", default="llama-3.2-1b",
+                        help="the preset whose heads (query, KV, head dim) the attention parts use")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    arch = preset_arch(args.attention_preset)
+    heads = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch._dynamo.config.cache_size_limit = 256
-    parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len),
-             "attention_stages": lambda: attention_sweep(args.calls, args.context, args.attend_len, deep_tilings, False),
+    parts = {"attention": lambda: attention_sweep(args.calls, args.context, args.attend_len, heads=heads),
+             "attention_stages": lambda: attention_sweep(args.calls, args.context, args.attend_len, deep_tilings, False,
+                                                         heads),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
              "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
+              "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
     with torch.inference_mode():
         for part in args.parts:
