@@ -7,7 +7,7 @@ what the engine uses. Written to JSON; random inputs (kernel times do not depend
 Every candidate is captured `--calls` times back to back in one CUDA graph and the graph replayed,
 as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
-weight copy, optionally Inductor's autotuned Triton GEMM); greedy argmax over the vocabulary; the
+weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's algorithms); greedy argmax over the vocabulary; the
 torch.compile'd elementwise kernels with all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
@@ -284,11 +284,43 @@ def fp8_gemm_sweep(calls: int) -> list[dict]:
     return rows
 
 
+def lt_gemm_sweep(calls: int, count: int = 16) -> list[dict]:
+    """F.linear against each of cuBLASLt's listed algorithms (ssd.layers.cublaslt) at the 1B draft's
+    shapes, weights rotated (see rotating); every algorithm's product checked against F.linear's."""
+    from ssd.layers.cublaslt import CublasLt
+    rows, device, dtype = [], torch.device("cuda"), torch.bfloat16
+    lt = CublasLt(device)
+    for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
+        x = torch.randn(m, shape[1], device=device, dtype=dtype)
+        weight = rotating(lambda: torch.randn(shape, device=device, dtype=dtype) * 0.02, 2 * shape[0] * shape[1])
+        reference = F.linear(x, weight()).float()
+        candidates = {"linear": lambda: F.linear(x, weight())}
+        for algorithm in lt.algorithms(x, weight(), count):
+            w = weight()
+            error = (lt.linear(x, w, algorithm).float() - F.linear(x, w).float()).abs().max().item()
+            if error > 2e-2 * reference.abs().max().item() + 1e-3:
+                rows.append({"weight": name, "rows": m, "variant": str(algorithm), "error": "disagrees", "max_abs": error})
+                continue
+            candidates[str(algorithm)] = lambda a=algorithm: lt.linear(x, weight(), a)
+        for variant, fn in candidates.items():
+            result = guarded(f"lt gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+            if "us" in result:
+                result["weight_tb_s"] = round(2 * shape[0] * shape[1] / result["us"] / 1e6, 2)
+                result["tflop_s"] = round(2 * m * shape[0] * shape[1] / result["us"] / 1e6, 1)
+            rows.append({"weight": name, "shape": list(shape), "where": where, "rows": m, "variant": variant, **result})
+        timed = [r for r in rows[-len(candidates):] if "us" in r]
+        best = min(timed, key=lambda r: r["us"], default={})
+        log.info("lt gemm %s m=%d: F.linear %s us, best %s %s us (%d algorithms)", name, m,
+                 next((r["us"] for r in timed if r["variant"] == "linear"), None), best.get("variant"), best.get("us"),
+                 len(candidates) - 1)
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
                         choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
-                                 "sampling", "fp8"),
+                                 "sampling", "fp8", "lt"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
                              "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
@@ -307,7 +339,8 @@ def main(argv: list[str]) -> int:
                                                          heads),
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
-             "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls)}
+             "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls),
+             "lt": lambda: lt_gemm_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}

@@ -46,13 +46,14 @@ log = logging.getLogger("draft_round_bench")
 
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
-                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True) -> AsyncDraft:
+                quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
+                linear_algorithms: int = 12) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear,
-                              tree_kv_in_attention=tree_kv_in_attention)
+                              tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms)
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
@@ -159,7 +160,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
 
 
 def linear_choices(draft: AsyncDraft) -> dict[str, str] | None:
-    """What MeasuredLinear picked per (rows, N, K): F.linear (cuBLAS) or a skinny tiling."""
+    """What MeasuredLinear picked per (rows, N, K): F.linear (cuBLAS), a skinny tiling or a cuBLASLt
+    algorithm (its rank in the heuristic's list)."""
     linear = next((m.kernels.linear for m in draft.proposer.runner.model.modules() if hasattr(m, "kernels")), None)
     choices = getattr(linear, "choices", None)
     if choices is None:
@@ -274,8 +276,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention", nargs="+", choices=("fused", "fused-separate-kv", "matmul"), default=["fused"],
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "cublas"), default=["measured"],
-                        help="linear-layer choices to measure one after the other (with each attention)")
+    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "cublas"),
+                        default=["measured"],
+                        help="linear-layer choices to measure one after the other (with each attention): "
+                             "measured per shape among F.linear, the Triton kernels and cuBLASLt's algorithms, "
+                             "the same without cuBLASLt's, or F.linear throughout")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
@@ -294,7 +299,8 @@ def main(argv: list[str]) -> int:
         if args.device == "cuda":
             torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
-                            args.device, fused_attention=mode.startswith("fused"), measured_linear=linear == "measured",
+                            args.device, fused_attention=mode.startswith("fused"), measured_linear=linear.startswith("measured"),
+                            linear_algorithms=0 if linear == "measured-without-lt" else 12,
                             tree_kv_in_attention=mode == "fused",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:

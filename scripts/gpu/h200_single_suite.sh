@@ -3,7 +3,7 @@
 # acceptance profile, so their acceptance is SIMULATED). The draft shares the target's GPU (sync,
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
-#   (PART: draft | kernels | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
+#   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
 #    qwen | coordinator)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
@@ -37,6 +37,18 @@ case $part in
            timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \
              --out "$out/decode_profile_llama8b.json" >> "$log" 2>&1
            grep -E "attention_kernel_bench|draft_round_bench|roofline|agree|Error|error" "$log" | cut -c1-400 ;;
+  lt)      # cuBLASLt's algorithms among MeasuredLinear's candidates: their GPU test, each algorithm timed
+           # at the 1B draft's shapes, then the draft round without and with them (PRESETS: the drafts)
+           timeout 120 python -m pytest -q tests/test_cublaslt.py > "$out/lt_tests.log" 2>&1; tail -2 "$out/lt_tests.log"
+           timeout 180 python bench/draft_kernel_sweep.py --parts lt --out "$out/lt_gemm_sweep.json" \
+             > "$out/lt_sweep.log" 2>&1
+           grep -E "lt gemm .*best|Error|error" "$out/lt_sweep.log" | cut -c1-300
+           for preset in ${PRESETS:-llama-3.2-1b}; do
+             timeout 400 python bench/draft_round_bench.py --preset "$preset" --k 6 --f 3 --batches 1 16 --warmup 3 \
+               --iters 20 --linear measured-without-lt measured --out "$out/draft_round_${preset}_lt.json" \
+               > "$out/round_lt_$preset.log" 2>&1
+             grep -E "batch|Error|error" "$out/round_lt_$preset.log" | cut -c1-400
+           done ;;
   round)   # the draft round at B = 1 and 16, both drafts, with kernel tables for the 1B one
            timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 --kernels \
              --out "$out/draft_round_llama1b.json" > "$out/round_llama.log" 2>&1

@@ -285,8 +285,9 @@ class BranchGraphs:
         lengths = torch.full((bucket,), 2, dtype=torch.int64, device=device)
         sampling = self.static_sampling(mode, bucket)
         probs_out = self.compact_out[bucket] if mode == "filtered" else self.probs_out[bucket]
-        for _ in range(2):
-            self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
+        with self.builder.runner.measuring_shapes():
+            for _ in range(2):
+                self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool.pool):

@@ -56,8 +56,9 @@ class GraphPool:
         device = self.runner.device
         ids = torch.zeros((bucket, width), dtype=torch.int64, device=device)
         pos = torch.arange(width, device=device).expand(bucket, width).contiguous()
-        for _ in range(2):  # warm-up (also triggers torch.compile) before capture
-            self.runner.run_forward(ids, pos, None, 0, attend_len)
+        with self.runner.measuring_shapes():
+            for _ in range(2):  # warm-up (also triggers torch.compile and the linears' measurements) before capture
+                self.runner.run_forward(ids, pos, None, 0, attend_len)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

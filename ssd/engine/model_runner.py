@@ -4,7 +4,9 @@ In a tensor-parallel group, rank 0 calls the public methods; every call is first
 small command so the other ranks (in `serve_commands`) execute the same forward in lockstep."""
 from __future__ import annotations
 
+import contextlib
 import logging
+
 import torch
 
 from ssd.distributed.tp_group import TPGroup
@@ -34,7 +36,8 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
-    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, cfg.tree_kv_in_attention) \
+    kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, cfg.tree_kv_in_attention,
+                               cfg.linear_algorithms) \
         if cfg.use_cuda_graphs and cfg.compile \
         else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len
@@ -98,6 +101,11 @@ class ModelRunner:
                           cfg.scratch_len)
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         self.graphs = GraphPool(self, cfg) if cfg.use_cuda_graphs else None
+
+    def measuring_shapes(self):
+        """Around a CUDA graph's warm-up: the linear layers measure the shapes they see there, wide
+        ones included (ssd.layers.triton_linear.MeasuredLinear.measuring_wide)."""
+        return getattr(self.model.kernels.linear, "measuring_wide", contextlib.nullcontext)()
 
     # ---- the forward itself (identical on every rank) ----
     @torch.inference_mode()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,14 @@ import triton.language as tl
 from ssd.engine.gpu_timing import graph_time_us as time_us
 from ssd.layers.fp8 import dequantized_linear
 
+if TYPE_CHECKING:
+    from ssd.layers.cublaslt import LtAlgorithm
+
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 64
+MAX_ROWS = 64          # the Triton kernel's limit
+WIDE_ROWS = 512        # wider shapes measured inside measuring_wide (a B = 16 tree step has 336 rows)
+LT_ALGORITHMS = 12     # cuBLASLt algorithms timed per shape besides F.linear (0: none)
 
 
 @triton.jit
@@ -122,24 +128,64 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
 
 @dataclass
 class MeasuredLinear:
-    """F.linear, or the Triton kernel where it measured faster for this (rows, N, K, dtype). One per
-    model (the choices are its own); on CPU and for wide inputs it is F.linear. For fp8 weights
-    (`quantized`) the library candidate is torch._scaled_mm (`library_fp8`: ssd.layers.fp8)."""
-    choices: dict[tuple, SkinnyTiling | None] = field(default_factory=dict)
+    """F.linear, a Triton tiling or one of cuBLASLt's algorithms (ssd.layers.cublaslt), whichever
+    measured fastest for this (rows, N, K, dtype). One per model (the choices are its own); on CPU
+    and for wide inputs it is F.linear. For fp8 weights (`quantized`) the library candidate is
+    torch._scaled_mm (`library_fp8`: ssd.layers.fp8).
+
+    Shapes of up to MAX_ROWS rows are measured when first seen; wider ones (cuBLASLt's algorithms
+    only) up to `wide_rows`, which is 0 except inside `measuring_wide` — CUDA-graph warm-ups open
+    it, so the batched tree and window shapes are measured once at start-up, and prompts of every
+    length are not."""
+    choices: dict[tuple, "SkinnyTiling | LtAlgorithm | None"] = field(default_factory=dict)
     library_fp8: Callable | None = None
+    lt_algorithms: int = LT_ALGORITHMS
+    wide_rows: int = 0
+    _lt: dict[torch.device, object] = field(default_factory=dict, repr=False)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if (bias is not None or not x.is_cuda or not 0 < rows <= MAX_ROWS or weight.stride(-1) != 1
+        if (bias is not None or not x.is_cuda or rows == 0 or weight.stride(-1) != 1
                 or x.dtype not in (torch.bfloat16, torch.float16)):
             return F.linear(x, weight, bias)
         key = (rows, *weight.shape, x.dtype)
         if key not in self.choices:
-            if torch.cuda.is_current_stream_capturing():   # never measured: cannot time inside a capture
+            if not self.measures(rows) or torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return F.linear(x, weight)
-            self.choices[key] = self.measure(x, weight)
-        tiling = self.choices[key]
-        return F.linear(x, weight) if tiling is None else skinny_linear(x, weight, tiling)
+            lt = self.cublaslt(x.device)
+            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms if lt else 0)
+        choice = self.choices[key]
+        if choice is None:
+            return F.linear(x, weight)
+        if isinstance(choice, SkinnyTiling):
+            return skinny_linear(x, weight, choice)
+        return lt_linear(self.cublaslt(x.device), x, weight, choice)
+
+    def measures(self, rows: int) -> bool:
+        """Whether a new shape of this many rows is measured (else it runs F.linear)."""
+        return 0 < rows <= MAX_ROWS or (self.lt_algorithms > 0 and rows <= self.wide_rows)
+
+    @contextmanager
+    def measuring_wide(self, rows: int = WIDE_ROWS):
+        """Shapes of up to `rows` rows seen inside are measured too (cuBLASLt's algorithms)."""
+        previous, self.wide_rows = self.wide_rows, rows
+        try:
+            yield
+        finally:
+            self.wide_rows = previous
+
+    def cublaslt(self, device: torch.device):
+        """This device's cuBLASLt handle, or None (not asked for, or the library did not load)."""
+        if not self.lt_algorithms:
+            return None
+        if device not in self._lt:
+            try:
+                from ssd.layers.cublaslt import CublasLt
+                self._lt[device] = CublasLt(device)
+            except (OSError, RuntimeError, AttributeError) as exc:
+                log.warning("cuBLASLt's algorithms are not measured (%s): F.linear and the Triton kernels only", exc)
+                self._lt[device] = None
+        return self._lt[device]
 
     def quantized(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [..., K] (at most MAX_ROWS rows, CUDA), weight fp8 [N, K], scale [N]: library_fp8 or the
@@ -154,32 +200,56 @@ class MeasuredLinear:
 
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                library_fp8: Callable | None = None) -> SkinnyTiling | None:
+                library_fp8: Callable | None = None, lt=None, lt_count: int = 0) -> "SkinnyTiling | LtAlgorithm | None":
         """The fastest candidate that agrees with the library product (None: the library product:
-        F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale)."""
+        F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
+        Triton tilings (up to MAX_ROWS rows) and, given a CublasLt `lt`, up to lt_count of its
+        algorithms (bf16 / fp16 weights)."""
+        rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
             reference = F.linear(x, weight).float()
         else:
             library, tilings = (lambda w: library_fp8(x, w, scale)), FP8_CANDIDATES
             reference = dequantized_linear(x, weight, scale).float()
+        candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
+                      for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
+        if lt is not None and lt_count and scale is None:
+            x2 = lt_rows(x)
+            candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
+                               for algorithm in lt.algorithms(x2, weight, lt_count)})
         tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
         times = {None: streaming_time_us(library, weight)}
-        for tiling in tilings:
-            if not tiling.fits(weight.shape[1]):
-                continue
+        for candidate, product in candidates.items():
             try:
-                wrong = (skinny_linear(x, weight, tiling, scale).float() - reference).abs().max().item() > tolerance
+                wrong = (product(weight).float().view_as(reference) - reference).abs().max().item() > tolerance
                 if wrong:  # a safety net: the interpreter tests pin the math
-                    log.warning("skinny tiling %s disagrees with F.linear at %s: not used", tiling, tuple(weight.shape))
+                    log.warning("%s disagrees with F.linear at %s: not used", candidate, tuple(weight.shape))
                     continue
-                times[tiling] = streaming_time_us(lambda w: skinny_linear(x, w, tiling, scale), weight)
+                times[candidate] = streaming_time_us(product, weight)
             except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
-                log.debug("skinny tiling %s failed at %s: %s", tiling, tuple(weight.shape), exc)
+                log.debug("%s failed at %s: %s", candidate, tuple(weight.shape), exc)
         best = min(times, key=times.get)
-        log.debug("linear rows=%d weight=%s %s: %s -> %s", x.numel() // x.shape[-1], tuple(weight.shape), weight.dtype,
+        log.debug("linear rows=%d weight=%s %s: %s -> %s", rows, tuple(weight.shape), weight.dtype,
                   {str(t): round(v, 2) for t, v in times.items()}, best)
         return best
+
+
+def lt_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the [M, K] matrix a cuBLASLt problem describes (rows contiguous)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
+
+
+def lt_linear(lt, x: torch.Tensor, weight: torch.Tensor, algorithm) -> torch.Tensor:
+    """x W^T with a measured cuBLASLt algorithm; F.linear where this call's strides or pointer
+    alignment are not those the algorithm was chosen for."""
+    from ssd.layers.cublaslt import aligned
+    x2 = lt_rows(x)
+    if algorithm.problem.key != (x2.shape[0], weight.shape[0], x2.shape[1], x2.stride(0), weight.stride(0),
+                                 x2.dtype) or not aligned(x2, weight):
+        return F.linear(x, weight)
+    return lt.linear(x2, weight, algorithm).view(*x.shape[:-1], weight.shape[0])
 
 
 def streaming_time_us(product: Callable[[torch.Tensor], object], weight: torch.Tensor) -> float:

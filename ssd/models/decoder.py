@@ -107,7 +107,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int, kernels: Kernels = EAGER):
         super().__init__()
-        self.arch = arch
+        self.arch, self.kernels = arch, kernels
         self.model = DecoderModel(arch, tp, max_positions, kernels)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, kernels.linear)
         if arch.tie_word_embeddings:
