@@ -74,11 +74,15 @@ def test_every_listed_algorithm_computes_f_linear_eager_and_in_a_graph(rows):
     lt = CublasLt(device)
     x = torch.randn(rows, 256, device=device, dtype=torch.bfloat16)
     weight = torch.randn(384, 256, device=device, dtype=torch.bfloat16) * 0.05
-    expected = F.linear(x, weight).float()
     algorithms = lt.algorithms(x, weight, 8)
     assert algorithms, "the heuristic listed no algorithm"
     for algorithm in algorithms:
-        torch.testing.assert_close(lt.linear(x, weight, algorithm).float(), expected, rtol=2e-2, atol=2e-2)
+        x.copy_(torch.randn_like(x))
+        # poison the allocator's free blocks: an algorithm that wrote nothing must not pass by
+        # handing back a block that held F.linear's result
+        torch.full((rows, 384), float("nan"), device=device, dtype=torch.bfloat16)
+        torch.testing.assert_close(lt.linear(x, weight, algorithm).float(), F.linear(x, weight).float(),
+                                   rtol=2e-2, atol=2e-2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = lt.linear(x, weight, algorithm)

@@ -208,10 +208,13 @@ class MeasuredLinear:
         rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
-            reference = F.linear(x, weight).float()
+            library_out = F.linear(x, weight)
         else:
             library, tilings = (lambda w: library_fp8(x, w, scale)), FP8_CANDIDATES
-            reference = dequantized_linear(x, weight, scale).float()
+            library_out = dequantized_linear(x, weight, scale)
+        # library_out stays allocated: a candidate that wrote nothing would otherwise be handed its
+        # freed block back, holding the very values it is compared with
+        reference = library_out.float()
         candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
         if lt is not None and lt_count and scale is None:
