@@ -70,10 +70,9 @@ class LtAlgorithm:
     rank: int
     algo: _Algo
     workspace: int
-    label: str = ""   # a configuration's own name (ssd.layers.cublaslt_search); else "cublasLt#rank"
 
     def __str__(self) -> str:
-        return self.label or f"cublasLt#{self.rank}"
+        return f"cublasLt#{self.rank}"
 
 
 class LtProblem:
@@ -130,15 +129,11 @@ class CublasLt:
         _check(self.lib.cublasLtMatmulPreferenceSetAttribute(self.preference, attr, ctypes.byref(value),
                                                              ctypes.sizeof(value)), "MatmulPreferenceSetAttribute")
 
-    def problem(self, x2: torch.Tensor, weight: torch.Tensor) -> LtProblem:
-        """The descriptors of x2 [M, K] (row-major rows) times weight [N, K]^T."""
-        (rows, k), n = x2.shape, weight.shape[0]
-        return LtProblem(self.lib, rows, n, k, x2.stride(0), weight.stride(0), x2.dtype)
-
     def algorithms(self, x2: torch.Tensor, weight: torch.Tensor, count: int) -> list[LtAlgorithm]:
         """Up to `count` algorithms for x2 [M, K] (row-major rows) times weight [N, K]^T, the heuristic's
         first choice first; only those it reports as runnable."""
-        problem = self.problem(x2, weight)
+        (rows, k), n = x2.shape, weight.shape[0]
+        problem = LtProblem(self.lib, rows, n, k, x2.stride(0), weight.stride(0), x2.dtype)
         a, b, d = problem.layouts
         results = (_HeuristicResult * count)()
         returned = ctypes.c_int(0)
@@ -185,12 +180,6 @@ _SIGNATURES = {   # cublasLt.h; handles, descriptors and device pointers as void
     "cublasLtMatmulPreferenceSetAttribute": [_P, _I32, _P, _SIZE],
     "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, _I32, _P, _P],
     "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SIZE, _P],
-    # enumerating configurations (ssd.layers.cublaslt_search)
-    "cublasLtMatmulAlgoGetIds": [_P, _I32, _I32, _I32, _I32, _I32, _I32, _I32, _P, _P],
-    "cublasLtMatmulAlgoInit": [_P, _I32, _I32, _I32, _I32, _I32, _I32, _I32, _P],
-    "cublasLtMatmulAlgoCapGetAttribute": [_P, _I32, _P, _SIZE, _P],
-    "cublasLtMatmulAlgoConfigSetAttribute": [_P, _I32, _P, _SIZE],
-    "cublasLtMatmulAlgoCheck": [_P, _P, _P, _P, _P, _P, _P, _P],
 }
 
 
