@@ -45,15 +45,16 @@ def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> 
     return llm.last_run_stats.decode_tok_s, [o.token_ids for o in outputs]
 
 
-def profile_mode(args, fused: bool, measured_linear: bool, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
+def profile_mode(args, fused: bool, linear: str, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
              max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused,
-             measured_linear=measured_linear) as llm:
+             measured_linear=linear.startswith("measured"),
+             linear_algorithms=0 if linear == "measured-without-lt" else 12) as llm:
         step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
     step_ms = step["wall_ms"]
-    result = {"attention": "fused" if fused else "matmul", "linear": "measured" if measured_linear else "cublas",
+    result = {"attention": "fused" if fused else "matmul", "linear": linear,
               "generate_decode_tok_s": round(tok_s, 2),
               "generate_roofline_fraction": round(tok_s * weight_bytes / args.batch / bandwidth, 4) if bandwidth else None,
               "step_ms": step_ms, "kernel_ms": step["kernel_ms"], "gap_ms": round(step_ms - step["kernel_ms"], 4),
@@ -84,8 +85,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
     parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
                         help="attention implementations to profile one after the other (same prompts)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "cublas"), default=["measured"],
-                        help="linear-layer choices to profile one after the other (with each attention)")
+    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "cublas"),
+                        default=["measured"],
+                        help="linear-layer choices to profile one after the other (with each attention): measured "
+                             "per shape among F.linear, the Triton kernel and cuBLASLt's algorithms, the same "
+                             "without cuBLASLt's, or F.linear throughout")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,7 +97,7 @@ def main(argv: list[str]) -> int:
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
     modes, tokens = [], []
     for mode, linear in itertools.product(args.attention, args.linear):
-        result, generated = profile_mode(args, mode == "fused", linear == "measured", bandwidth)
+        result, generated = profile_mode(args, mode == "fused", linear, bandwidth)
         modes.append(result)
         tokens.append(generated)
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
