@@ -89,3 +89,12 @@ def test_every_listed_algorithm_computes_f_linear_eager_and_in_a_graph(rows):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.testing.assert_close(captured.float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
+    # apply: leading dims kept; strided rows copied into the layout the algorithm was made for; a
+    # pointer off the 16-byte alignment the heuristic was promised runs F.linear instead
+    torch.testing.assert_close(lt.apply(x.view(1, rows, 256), weight, algorithms[0]),
+                               F.linear(x, weight).view(1, rows, 384), rtol=2e-2, atol=2e-2)
+    strided = torch.randn(rows, 2, 256, device=device, dtype=torch.bfloat16)[:, 0]
+    torch.testing.assert_close(lt.apply(strided, weight, algorithms[0]).float(), F.linear(strided, weight).float(),
+                               rtol=2e-2, atol=2e-2)
+    misaligned = torch.empty(rows * 256 + 1, device=device, dtype=torch.bfloat16)[1:].view(rows, 256).copy_(x)
+    assert torch.equal(lt.apply(misaligned, weight, algorithms[0]), F.linear(misaligned, weight))

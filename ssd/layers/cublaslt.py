@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ class CublasLt:
         return [LtAlgorithm(problem, rank, results[rank].algo, results[rank].workspace_size)
                 for rank in range(returned.value) if results[rank].state == 0]
 
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, algorithm: LtAlgorithm) -> torch.Tensor:
+        """x [..., K] W^T with a measured algorithm; F.linear where this call's strides or pointer
+        alignment are not those the algorithm was chosen for."""
+        x2 = row_matrix(x)
+        if (algorithm.problem.key != (x2.shape[0], weight.shape[0], x2.shape[1], x2.stride(0), weight.stride(0),
+                                      x2.dtype) or not aligned(x2, weight)):
+            return F.linear(x, weight)
+        return self.linear(x2, weight, algorithm).view(*x.shape[:-1], weight.shape[0])
+
     def linear(self, x2: torch.Tensor, weight: torch.Tensor, algorithm: LtAlgorithm) -> torch.Tensor:
         """x2 [M, K] @ weight^T with `algorithm` (made for this shape, strides and dtype) on the
         current stream; [M, N]."""
@@ -168,6 +178,12 @@ def _release(lib: ctypes.CDLL, handle: ctypes.c_void_p, preference: ctypes.c_voi
 
 def aligned(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % ALIGNMENT_BYTES == 0 for t in tensors)
+
+
+def row_matrix(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the [M, K] matrix a problem describes (rows contiguous, ld = K)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
 
 
 _P, _I32, _U64, _I64, _SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t

@@ -20,7 +20,7 @@ import itertools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,8 @@ import triton
 import triton.language as tl
 
 from ssd.engine.gpu_timing import graph_time_us as time_us
+from ssd.layers.cublaslt import CublasLt, LtAlgorithm, row_matrix
 from ssd.layers.fp8 import dequantized_linear
-
-if TYPE_CHECKING:
-    from ssd.layers.cublaslt import LtAlgorithm
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +135,11 @@ class MeasuredLinear:
     only) up to `wide_rows`, which is 0 except inside `measuring_wide` — CUDA-graph warm-ups open
     it, so the batched tree and window shapes are measured once at start-up, and prompts of every
     length are not."""
-    choices: dict[tuple, "SkinnyTiling | LtAlgorithm | None"] = field(default_factory=dict)
+    choices: dict[tuple, SkinnyTiling | LtAlgorithm | None] = field(default_factory=dict)
     library_fp8: Callable | None = None
     lt_algorithms: int = LT_ALGORITHMS
     wide_rows: int = 0
-    _lt: dict[torch.device, object] = field(default_factory=dict, repr=False)
+    _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -159,7 +157,7 @@ class MeasuredLinear:
             return F.linear(x, weight)
         if isinstance(choice, SkinnyTiling):
             return skinny_linear(x, weight, choice)
-        return lt_linear(self.cublaslt(x.device), x, weight, choice)
+        return self.cublaslt(x.device).apply(x, weight, choice)
 
     def measures(self, rows: int) -> bool:
         """Whether a new shape of this many rows is measured (else it runs F.linear)."""
@@ -174,13 +172,12 @@ class MeasuredLinear:
         finally:
             self.wide_rows = previous
 
-    def cublaslt(self, device: torch.device):
+    def cublaslt(self, device: torch.device) -> CublasLt | None:
         """This device's cuBLASLt handle, or None (not asked for, or the library did not load)."""
         if not self.lt_algorithms:
             return None
         if device not in self._lt:
             try:
-                from ssd.layers.cublaslt import CublasLt
                 self._lt[device] = CublasLt(device)
             except (OSError, RuntimeError, AttributeError) as exc:
                 log.warning("cuBLASLt's algorithms are not measured (%s): F.linear and the Triton kernels only", exc)
@@ -200,7 +197,8 @@ class MeasuredLinear:
 
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                library_fp8: Callable | None = None, lt=None, lt_count: int = 0) -> "SkinnyTiling | LtAlgorithm | None":
+                library_fp8: Callable | None = None, lt: CublasLt | None = None,
+                lt_count: int = 0) -> SkinnyTiling | LtAlgorithm | None:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
         Triton tilings (up to MAX_ROWS rows) and, given a CublasLt `lt`, up to lt_count of its
@@ -218,7 +216,7 @@ class MeasuredLinear:
         candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
         if lt is not None and lt_count and scale is None:
-            x2 = lt_rows(x)
+            x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
                                for algorithm in lt.algorithms(x2, weight, lt_count)})
         tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
@@ -236,23 +234,6 @@ class MeasuredLinear:
         log.debug("linear rows=%d weight=%s %s: %s -> %s", rows, tuple(weight.shape), weight.dtype,
                   {str(t): round(v, 2) for t, v in times.items()}, best)
         return best
-
-
-def lt_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as the [M, K] matrix a cuBLASLt problem describes (rows contiguous)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
-
-
-def lt_linear(lt, x: torch.Tensor, weight: torch.Tensor, algorithm) -> torch.Tensor:
-    """x W^T with a measured cuBLASLt algorithm; F.linear where this call's strides or pointer
-    alignment are not those the algorithm was chosen for."""
-    from ssd.layers.cublaslt import aligned
-    x2 = lt_rows(x)
-    if algorithm.problem.key != (x2.shape[0], weight.shape[0], x2.shape[1], x2.stride(0), weight.stride(0),
-                                 x2.dtype) or not aligned(x2, weight):
-        return F.linear(x, weight)
-    return lt.linear(x2, weight, algorithm).view(*x.shape[:-1], weight.shape[0])
 
 
 def streaming_time_us(product: Callable[[torch.Tensor], object], weight: torch.Tensor) -> float:
