@@ -9,10 +9,11 @@ loads deeply. Measured on
 an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) and a draft round
 gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
 
-Which one runs is measured, not assumed: `MeasuredLinear` times F.linear and a few tilings of this
-kernel once per (rows, weight shape) when it first sees the shape outside CUDA-graph capture
-(graph warm-up runs every shape eagerly first) and uses the fastest from then on. Each candidate
-is timed inside a small CUDA graph of its own, as the engine runs it.
+Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few tilings of this
+kernel and cuBLASLt's listed algorithms for the problem (ssd.layers.cublaslt) once per (rows,
+weight shape) when it first sees the shape outside CUDA-graph capture (graph warm-up runs every
+shape eagerly first) and uses the fastest from then on. Each candidate is timed inside a small
+CUDA graph of its own, as the engine runs it.
 """
 from __future__ import annotations
 
