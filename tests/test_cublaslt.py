@@ -98,3 +98,11 @@ def test_every_listed_algorithm_computes_f_linear_eager_and_in_a_graph(rows):
                                rtol=2e-2, atol=2e-2)
     misaligned = torch.empty(rows * 256 + 1, device=device, dtype=torch.bfloat16)[1:].view(rows, 256).copy_(x)
     assert torch.equal(lt.apply(misaligned, weight, algorithms[0]), F.linear(misaligned, weight))
+
+
+def test_summary_counts_what_each_shape_runs():
+    linear = MeasuredLinear()
+    linear.choices = {(1, 8, 8, torch.bfloat16): None, (2, 8, 8, torch.bfloat16): triton_linear.CANDIDATES[0],
+                      (3, 8, 8, torch.bfloat16): "an LtAlgorithm"}
+    linear.measuring_s = 1.25
+    assert linear.summary() == "3 linear shapes measured in 1.2 s (F.linear 1, Triton 1, cuBLASLt 1)"

@@ -4,6 +4,7 @@ guess's K-token continuation, batched over sequences and branches with a tree at
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,8 @@ class BranchGraphs:
             for attend_len in reversed(pool.attend_lens):
                 for bucket in reversed(pool.buckets):
                     self.graphs[mode, bucket, attend_len] = self.capture(mode, bucket, attend_len, pool)
+        log.info("captured %d tree graphs (%s)%s", len(self.graphs), ", ".join(self.MODES),
+                 builder.runner.linear_summary())
 
     def has(self, batch: int, attend_len: int) -> bool:
         bucket = self.builder.runner.graphs.bucket_for(batch)

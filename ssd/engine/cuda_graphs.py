@@ -41,8 +41,8 @@ class GraphPool:
             for width in reversed(self.widths):
                 for bucket in reversed(self.buckets):
                     self.graphs[bucket, width, attend_len] = self._capture(bucket, width, attend_len)
-        log.info("captured %d CUDA graphs (batch buckets %s, widths %s, attention lengths %s)",
-                 len(self.graphs), self.buckets, self.widths, self.attend_lens)
+        log.info("captured %d CUDA graphs (batch buckets %s, widths %s, attention lengths %s)%s",
+                 len(self.graphs), self.buckets, self.widths, self.attend_lens, runner.linear_summary())
 
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)

@@ -107,6 +107,11 @@ class ModelRunner:
         ones included (ssd.layers.triton_linear.MeasuredLinear.measuring_wide)."""
         return getattr(self.model.kernels.linear, "measuring_wide", contextlib.nullcontext)()
 
+    def linear_summary(self) -> str:
+        """What the measured linear layers chose so far ('' where they are plain F.linear)."""
+        summary = getattr(self.model.kernels.linear, "summary", None)
+        return f"; {summary()}" if summary else ""
+
     # ---- the forward itself (identical on every rank) ----
     @torch.inference_mode()
     def run_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -140,6 +142,7 @@ class MeasuredLinear:
     library_fp8: Callable | None = None
     lt_algorithms: int = LT_ALGORITHMS
     wide_rows: int = 0
+    measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,14 +154,22 @@ class MeasuredLinear:
         if key not in self.choices:
             if not self.measures(rows) or torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return F.linear(x, weight)
-            lt = self.cublaslt(x.device)
+            lt, start = self.cublaslt(x.device), time.perf_counter()
             self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms if lt else 0)
+            self.measuring_s += time.perf_counter() - start
         choice = self.choices[key]
         if choice is None:
             return F.linear(x, weight)
         if isinstance(choice, SkinnyTiling):
             return skinny_linear(x, weight, choice)
         return self.cublaslt(x.device).apply(x, weight, choice)
+
+    def summary(self) -> str:
+        """How many shapes run what, and what measuring them cost."""
+        kinds = Counter("F.linear" if c is None else "Triton" if isinstance(c, SkinnyTiling) else "cuBLASLt"
+                        for c in self.choices.values())
+        return (f"{len(self.choices)} linear shapes measured in {self.measuring_s:.1f} s ("
+                + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) + ")")
 
     def measures(self, rows: int) -> bool:
         """Whether a new shape of this many rows is measured (else it runs F.linear)."""
