@@ -1,11 +1,12 @@
 """cuBLASLt's own list of matmul algorithms for one problem, so that y = x W^T can run the fastest.
 
-F.linear runs the first algorithm of cuBLAS's heuristic. For the draft's odd row counts (21 tree
-rows at B = 1, 336 at B = 16) that pick is not always the fastest: the same qkv product padded to
-32 rows took 5.3 instead of 7.6 us (H200), and the 336-row down / qkv / o products leave SMs idle
-with 3 x 16 output tiles. cublasLtMatmulAlgoGetHeuristic lists up to `count` algorithms (tile
-shapes, split-K and stream-K variants) for a problem; MeasuredLinear (ssd.layers.triton_linear)
-times them beside F.linear and keeps the fastest per shape.
+F.linear runs the first algorithm of cuBLAS's heuristic. For the draft's odd row counts that pick
+is not always the fastest: the 1B draft's qkv product at 21 rows took 7.6 us, 5.3 with its rows
+padded to 32 (H200). cublasLtMatmulAlgoGetHeuristic lists up to `count` algorithms for a problem
+(8 at every draft shape); MeasuredLinear (ssd.layers.triton_linear) times them beside F.linear and
+keeps the fastest per shape — qkv at 21 rows 8.0 -> 6.6 us, the LM head 4-6 % faster; for the
+336-row products of the B = 16 tree none of the listed ones beat the first
+(results/lt_gemm_sweep_h200.json).
 
 The binding is ctypes over the libcublasLt that torch itself loaded (the same library, found in
 the process's memory map), with one handle and one workspace per device. A call takes fixed
