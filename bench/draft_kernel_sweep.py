@@ -7,8 +7,9 @@ what the engine uses. Written to JSON; random inputs (kernel times do not depend
 Every candidate is captured `--calls` times back to back in one CUDA graph and the graph replayed,
 as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
-weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's algorithms); greedy argmax over the vocabulary; the
-torch.compile'd elementwise kernels with all-dynamic, automatic-dynamic and static shapes.
+weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's listed
+algorithms); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
+all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
 
