@@ -300,7 +300,8 @@ def lt_gemm_sweep(calls: int, count: int = 16) -> list[dict]:
             w = weight()
             error = (lt.linear(x, w, algorithm).float() - F.linear(x, w).float()).abs().max().item()
             if error > 2e-2 * reference.abs().max().item() + 1e-3:
-                rows.append({"weight": name, "rows": m, "variant": str(algorithm), "error": "disagrees", "max_abs": error})
+                rows.append({"weight": name, "rows": m, "variant": str(algorithm), "error": "disagrees",
+                             "max_abs": error})
                 continue
             candidates[str(algorithm)] = lambda a=algorithm: lt.linear(x, weight(), a)
         for variant, fn in candidates.items():
