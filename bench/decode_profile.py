@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
+from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 
@@ -49,7 +50,7 @@ def profile_mode(args, fused: bool, linear: str, bandwidth: float | None) -> tup
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
              max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused,
              measured_linear=linear.startswith("measured"),
-             linear_algorithms=0 if linear == "measured-without-lt" else 12) as llm:
+             linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS) as llm:
         step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)

@@ -33,6 +33,7 @@ from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # 
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
+from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
 from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
                                 sample_from_weights)
@@ -47,7 +48,7 @@ log = logging.getLogger("draft_round_bench")
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
-                linear_algorithms: int = 12) -> AsyncDraft:
+                linear_algorithms: int = LISTED_ALGORITHMS) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -300,7 +301,7 @@ def main(argv: list[str]) -> int:
             torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), measured_linear=linear.startswith("measured"),
-                            linear_algorithms=0 if linear == "measured-without-lt" else 12,
+                            linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS,
                             tree_kv_in_attention=mode == "fused",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:

@@ -15,6 +15,7 @@ from ssd.draft_worker.remote import RemoteDraft
 from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
 from ssd.engine.model_runner import ModelRunner, load_arch
+from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence
 from ssd.engine.stats import GenerationStats
@@ -75,7 +76,7 @@ class LLM:
                  max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
                  window_sizes: tuple[int, ...] = (), compile: bool = True, fused_attention: bool = True,
-                 measured_linear: bool = True, linear_algorithms: int = 12,
+                 measured_linear: bool = True, linear_algorithms: int = LISTED_ALGORITHMS,
                  draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
                  draft_quantization: str | None = None, draft_vocabulary: int | None = None,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ssd.layers.cublaslt import LISTED_ALGORITHMS
+
 
 @dataclass(slots=True)
 class RunnerConfig:
@@ -24,7 +26,7 @@ class RunnerConfig:
     fused_attention: bool = True      # GPU graphs: one Triton kernel per attention (else matmuls + softmax)
     tree_kv_in_attention: bool = True  # ... which also writes a tree step's k/v (no RoPE + KV-write kernel)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
-    linear_algorithms: int = 12       # ... and cuBLASLt's algorithms (up to this many per shape; 0: none)
+    linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 32 << 20
+LISTED_ALGORITHMS = 12   # how many of the heuristic's algorithms a shape's measurement times (0: none)
 ALIGNMENT_BYTES = 16   # what every pointer handed to a call must be aligned to (asked of the heuristic)
 
 _COMPUTE_32F = 68                      # cublasComputeType_t CUBLAS_COMPUTE_32F
@@ -115,7 +116,6 @@ class CublasLt:
 
     def __init__(self, device: torch.device):
         self.lib = _library()
-        self.device = device
         self.handle = ctypes.c_void_p()
         _check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "Create")
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)

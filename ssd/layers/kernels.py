@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd.layers.attention import grouped_attention
+from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.layers.layernorm import add_rms_norm, rms_norm
 from ssd.layers.rotary import apply_rotary
 
@@ -49,7 +50,8 @@ class Kernels:
 
     @classmethod
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
-                 tree_kv_in_attention: bool = True, linear_algorithms: int = 12) -> "Kernels":
+                 tree_kv_in_attention: bool = True,
+                 linear_algorithms: int = LISTED_ALGORITHMS) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
@@ -78,7 +80,7 @@ def load_fused_attention() -> Callable | None:
     return fused_attention
 
 
-def load_measured_linear(linear_algorithms: int = 12) -> Callable:
+def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS) -> Callable:
     try:
         from ssd.layers.triton_linear import MeasuredLinear
     except ImportError:

@@ -31,14 +31,13 @@ import triton
 import triton.language as tl
 
 from ssd.engine.gpu_timing import graph_time_us as time_us
-from ssd.layers.cublaslt import CublasLt, LtAlgorithm, row_matrix
+from ssd.layers.cublaslt import LISTED_ALGORITHMS, CublasLt, LtAlgorithm, row_matrix
 from ssd.layers.fp8 import dequantized_linear
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64          # the Triton kernel's limit
 WIDE_ROWS = 512        # wider shapes measured inside measuring_wide (a B = 16 tree step has 336 rows)
-LT_ALGORITHMS = 12     # cuBLASLt algorithms timed per shape besides F.linear (0: none)
 
 
 @triton.jit
@@ -140,7 +139,7 @@ class MeasuredLinear:
     length are not."""
     choices: dict[tuple, SkinnyTiling | LtAlgorithm | None] = field(default_factory=dict)
     library_fp8: Callable | None = None
-    lt_algorithms: int = LT_ALGORITHMS
+    lt_algorithms: int = LISTED_ALGORITHMS
     wide_rows: int = 0
     measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
@@ -155,7 +154,7 @@ class MeasuredLinear:
             if not self.measures(rows) or torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return F.linear(x, weight)
             lt, start = self.cublaslt(x.device), time.perf_counter()
-            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms if lt else 0)
+            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms)
             self.measuring_s += time.perf_counter() - start
         choice = self.choices[key]
         if choice is None:
