@@ -30,6 +30,7 @@ from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
 from ssd.draft_worker.compact_probs import CompactProbs  # noqa: E402
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # noqa: E402
+from ssd.draft_worker.protocol import outcome_payload  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
@@ -252,7 +253,7 @@ def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: 
             accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
             recovered = (draft.cache.guess[:, 0] if hit else draft.window[:, 1]).clone()
             start = time.perf_counter()
-            reply = draft.outcome(accepted, recovered, recovered, lengths, int(lengths.max()), False)
+            reply = draft.outcome(outcome_payload(accepted, recovered, recovered, lengths), int(lengths.max()), False)
             synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)

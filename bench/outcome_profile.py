@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import logging
+import pstats
 import statistics
 import sys
 import time
@@ -22,6 +25,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from draft_round_bench import build_draft, prefill  # noqa: E402
+from ssd.draft_worker.protocol import outcome_payload  # noqa: E402
 
 log = logging.getLogger("outcome_profile")
 
@@ -37,11 +41,56 @@ def answer(draft, batch: int, lengths: torch.Tensor, hit: bool, around=None):
     torch.cuda.synchronize()
     with around or contextlib.nullcontext():
         start = time.perf_counter()
-        reply = draft.outcome(accepted, recovered, recovered, lengths, max_length, False)
+        reply = draft.outcome(outcome_payload(accepted, recovered, recovered, lengths), max_length, False)
         torch.cuda.synchronize()
     if bool(reply.hit.all()) != hit:
         raise RuntimeError("the cache did not answer as built")
     return (time.perf_counter() - start) * 1e3
+
+
+def host_us(call, repeats: int = 200) -> float:
+    """Host microseconds per call, calls issued back to back (the GPU is not waited for)."""
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / repeats * 1e6
+
+
+def launch_costs(draft, batch: int, lengths: torch.Tensor, hit: bool) -> str:
+    """The answer's host-side pieces, each timed alone (us per call)."""
+    draft.build_cache(int(lengths.max()))
+    accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
+    recovered = (draft.cache.guess[:, 0] if hit else draft.window[:, 1]).clone()
+    history = draft.history.tokens.clone()
+    cache = draft.cache
+    args = (history, draft.window, draft.lengths, outcome_payload(accepted, recovered, recovered, lengths),
+            cache.valid, cache.fork, cache.rank, cache.guess, cache.tokens, False, not hit)
+    from ssd.draft_worker.triton_outcome import answer_outcome_kernel
+    small = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
+    host = torch.zeros(4, dtype=torch.float64)
+    costs = {
+        "answer_outcome_kernel (its buffer allocated + Triton launch)": host_us(lambda: answer_outcome_kernel(*args)),
+        "torch.empty (one [B] int64)": host_us(lambda: torch.empty(batch, dtype=torch.int64, device=lengths.device)),
+        "a small PyTorch op (add_)": host_us(lambda: small.add_(1)),
+        "[B] tensor .cpu() (with its sync)": host_us(lambda: small.cpu()),
+        "4 float64 host -> device (.to)": host_us(lambda: host.to(lengths.device)),
+        "chooser.choose": host_us(lambda: draft.chooser.choose(batch)),
+    }
+    return "\n".join(f"  host us {name}: {us:.1f}" for name, us in costs.items())
+
+
+def python_profile(one_answer, repeats: int) -> str:
+    """cProfile's table over `repeats` answers (the outcome alone, each after its cache build)."""
+    profiler = cProfile.Profile()
+    for _ in range(repeats):
+        one_answer(profiler)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    return text.getvalue()
 
 
 def main(argv: list[str]) -> int:
@@ -50,6 +99,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--launch-costs", action="store_true",
+                        help="also time the answer's host-side pieces one by one (launches unsynchronised)")
+    parser.add_argument("--python-profile", type=int, default=0, metavar="N",
+                        help="also print cProfile's table (host functions) over N more answers of each kind")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -65,6 +118,10 @@ def main(argv: list[str]) -> int:
             answer(draft, batch, lengths, hit, trace)
             print(f"== B={batch} {name}: median {statistics.median(times[2:]):.3f} ms (host wall, synchronised)")
             print(trace.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+            if args.launch_costs:
+                print(launch_costs(draft, batch, lengths, hit))
+            if args.python_profile:
+                print(python_profile(lambda around: answer(draft, batch, lengths, hit, around), args.python_profile))
     return 0
 
 

@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-from ssd.draft_worker.outcome_lookup import answer_outcome
-from ssd.draft_worker.protocol import pack_reply, reply_size, unpack_reply
+from ssd.draft_worker.answer_buffer import AnswerBuffer, answer_size
+from ssd.draft_worker.outcome_lookup import answer_outcome, answer_outcome_buffer
+from ssd.draft_worker.protocol import (DraftOp, command_message, command_payload, command_size, outcome_payload,
+                                       pack_reply, reply_size, unpack_reply)
 from ssd.spec.ngram import ngram_propose
 
 K, N, L = 3, 5, 12
@@ -83,6 +85,14 @@ def test_replay_takes_the_guess_of_the_replayed_rank_where_the_fan_out_holds_it(
     assert 0 < int(hit.sum()) < 16
 
 
+def buffer_args(case: dict) -> tuple:
+    """answer_outcome's case as the buffer answers take it: the outcome rows as the target sends them."""
+    outcome = outcome_payload(case["accepted"], case["recovered"], case["recovered"] * 0 + 7, case["lengths"],
+                              case.get("replayed_rank"))
+    return (case["history"], case["window"], case["window_lengths"], outcome, case["valid"], case["fork"],
+            case["rank"], case["guess"], case["tokens"], "replayed_rank" in case)
+
+
 @pytest.mark.parametrize("batch, ngram, replay", [(1, False, False), (3, True, False), (16, True, False),
                                                   (16, False, True), (5, True, True)])
 def test_one_kernel_answers_as_the_pytorch_ops(batch, ngram, replay):
@@ -93,11 +103,35 @@ def test_one_kernel_answers_as_the_pytorch_ops(batch, ngram, replay):
         if replay:
             case["replayed_rank"] = torch.randint(0, 4, (batch,), generator=torch.Generator().manual_seed(seed))
         kernel_case = {name: t.clone() for name, t in case.items()}
-        expected = answer_outcome(**case, ngram=ngram)
-        got = answer_outcome_kernel(**kernel_case, ngram=ngram)
+        timings = (0.0123456789, 3.5 + seed, 2)
+        expected = answer_outcome_buffer(*buffer_args(case), ngram=ngram, timings=timings)
+        got = answer_outcome_kernel(*buffer_args(kernel_case), ngram=ngram, timings=timings)
         assert torch.equal(kernel_case["history"], case["history"])
-        for name, a, b in zip(("hit", "branch", "recovered", "proposal", "window"), got, expected):
-            assert torch.equal(a, b), (name, a, b)
+        assert torch.equal(got.data, expected.data), (got.data, expected.data)   # every part, timings bit for bit
+
+
+def test_the_answer_buffer_holds_the_answer_and_its_prefix_is_the_reply():
+    for seed, ngram in ((0, False), (1, True)):
+        case = outcome_case(6, seed)
+        history = case["history"].clone()
+        hit, branch, recovered, proposal, window = answer_outcome(**{**case, "history": history}, ngram=ngram)
+        answer = answer_outcome_buffer(*buffer_args(case), ngram=ngram, timings=(0.25, 1.5, 1))
+        assert torch.equal(case["history"], history) and answer.data.numel() == answer_size(6, K)
+        assert torch.equal(answer.hit, hit.long()) and torch.equal(answer.branch, branch)
+        assert torch.equal(answer.tokens, proposal) and torch.equal(answer.window, window)
+        assert torch.equal(answer.lengths, case["lengths"]) and torch.equal(answer.accepted, case["accepted"])
+        tokens, got_hit, got_recovered, timings = unpack_reply(answer.message.clone(), 6, K)
+        assert torch.equal(tokens, proposal) and torch.equal(got_hit, hit) and torch.equal(got_recovered, recovered)
+        assert timings.tolist() == [0.25, 0.0, 1.5, 1.0]
+
+
+def test_a_command_is_one_message_with_its_payload_inline():
+    payload = torch.arange(15).view(5, 3)
+    message = command_message(DraftOp.OUTCOME, (3, 99, 1), payload, max_batch=4)
+    assert message.shape == (command_size(4),) and message[:6].tolist() == [DraftOp.OUTCOME, 3, 99, 1, 0, 0]
+    assert torch.equal(command_payload(message, 5, 3), payload)
+    assert not message[6 + 15:].any()
+    assert command_message(DraftOp.STOP, (), None, max_batch=4).tolist() == [DraftOp.STOP] + [0] * 25
 
 
 def test_kernel_n_gram_scans_a_long_history_in_blocks():
@@ -113,10 +147,10 @@ def test_kernel_n_gram_scans_a_long_history_in_blocks():
     case["window"][1] = torch.tensor([0, 1, 2, 3])   # row 1 settles ..., 1, 2, 3 at 2100..2102
     case["accepted"][1], case["recovered"][1] = 3, 4
     twin = {name: t.clone() for name, t in case.items()}
-    expected = answer_outcome(**case, ngram=True)
-    got = answer_outcome_kernel(**twin, ngram=True)
+    expected = answer_outcome_buffer(*buffer_args(case), ngram=True)
+    got = answer_outcome_kernel(*buffer_args(twin), ngram=True)
     assert torch.equal(twin["history"], case["history"])
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(got.data, expected.data)
 
 
 def test_a_packed_reply_unpacks_to_what_was_sent():
@@ -134,14 +168,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ssd.draft_worker.triton_outcome import _answer_outcome_kernel
-pointers = ["history_ptr", "window_ptr", "window_len_ptr", "accepted_ptr", "recovered_ptr", "length_ptr", "valid_ptr",
-            "fork_ptr", "rank_ptr", "guess_ptr", "tokens_ptr", "replayed_ptr", "hit_ptr", "branch_ptr",
-            "recovered_out_ptr", "proposal_ptr", "next_window_ptr"]
-signature = {p: "*i1" if p in ("valid_ptr", "hit_ptr") else "*i64" for p in pointers}
-signature.update(history_stride="i32", N="i32")
+pointers = ["history_ptr", "window_ptr", "window_len_ptr", "outcome_ptr", "valid_ptr", "fork_ptr", "rank_ptr",
+            "guess_ptr", "tokens_ptr", "out_ptr"]
+signature = {p: "*i1" if p == "valid_ptr" else "*i64" for p in pointers}
+signature.update(timings_ptr="*fp64", history_stride="i32", outcome_stride="i32", N="i32", B="i32", build_s="fp32",
+                 idle_s="fp32", backup_code="fp32")
 for replay, ngram in ((False, True), (True, False)):
     constants = {"K": 6, "L": 4352, "BLOCK_N": 32, "BLOCK_K": 8, "BLOCK_L": 1024, "REPLAY": replay, "NGRAM": ngram,
-                 "NGRAM_N": 3}
+                 "NGRAM_N": 3, "TIMINGS": 4}
     source = ASTSource(fn=_answer_outcome_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
                        constexprs=constants)
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ssd.draft_worker.answer_buffer import AnswerBuffer
 from ssd.draft_worker.proposer import DraftProposer, Proposal
 from ssd.draft_worker.protocol import BACKUP_CODES, REPLY_TIMINGS
 from ssd.draft_worker.backup_choice import BackupChooser
-from ssd.draft_worker.outcome_lookup import answer_outcome
+from ssd.draft_worker.outcome_lookup import answer_outcome_buffer
 from ssd.draft_worker.tree import SpeculationCache, TreeBuilder
 from ssd.spec.ngram import ngram_propose
 from ssd.spec.verifier import one_hot_probs
@@ -21,11 +22,12 @@ BACKUPS = ("jit", "fast", "auto")
 @dataclass
 class AsyncReply:
     proposal: Proposal
-    hit: torch.Tensor          # [B] bool: the proposal came from the cache
+    hit: torch.Tensor          # [B] bool (int64 0/1 in the draft's answer buffer): the proposal came from the cache
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
-    # [REPLY_TIMINGS] float64: seconds of the last tree build, of this backup, of the draft's idling
-    # before the outcome; then the backup that answered misses (protocol.BACKUP_CODES, 0: none)
+    # [REPLY_TIMINGS] float64: seconds of the last tree build, of the host's drafting of misses (jit), of
+    # the draft's idling before the outcome; then the backup chosen for misses (protocol.BACKUP_CODES, 0: none)
     timings: torch.Tensor
+    packed: torch.Tensor | None = None   # the draft's reply already packed (pack_reply's layout), sent as is
 
     def extend(self, joined: "AsyncReply") -> "AsyncReply":
         """These rows, then those of `joined` (sequences that joined the batch). Where only the new
@@ -44,6 +46,16 @@ class AsyncReply:
         probs = self.proposal.probs
         proposal = Proposal(self.proposal.tokens[index], probs[index] if probs is not None else None)
         return AsyncReply(proposal, self.hit[index], self.recovered[index], self.timings)
+
+
+@dataclass
+class UnobservedReply:
+    """An outcome answered but not yet folded into the chooser (observe_reply)."""
+    answer: AnswerBuffer
+    backup: str
+    hit_host: torch.Tensor | None   # [B] bool, where read already (jit)
+    wait_s: float                   # the host's drafting of misses
+    from_ngram: torch.Tensor        # [B] bool, host: rows of the verified window that the n-gram proposed
 
 
 class TokenHistory:
@@ -72,7 +84,7 @@ class AsyncDraft:
         self.build_s, self.built_at = 0.0, time.perf_counter()
         self.chooser = BackupChooser(proposer.k)
         self.from_ngram: torch.Tensor | None = None   # [B] bool, host: the window in flight's row is an n-gram's
-        self.unobserved = None   # (accepted [B], from_ngram [B]) of the last verified window, for the chooser
+        self.unobserved: UnobservedReply | None = None   # the last outcome, for observe_reply
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -110,49 +122,68 @@ class AsyncDraft:
         return AsyncReply(fresh, hit, last[new], torch.zeros(REPLY_TIMINGS, dtype=torch.float64))
 
     @torch.inference_mode()
-    def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
-                replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
-        """accepted/recovered [B]: the verified outcome of the window in flight; lengths [B] the new
-        committed lengths (recovered is the last committed token, prev the one before it).
-        replayed_ranks [B] (acceptance-profile replay): the draft rank of the token that follows the
-        accepted ones — the cache's guess of that rank replaces `recovered` where the fan-out holds it.
-        With the `fast` backup (or all hits) the answer is one kernel and one read of `hit`."""
+    def outcome(self, outcome: torch.Tensor, max_length: int, want_probs: bool, replay: bool = False) -> AsyncReply:
+        """outcome [OUTCOME_ROWS, B] (protocol): accepted/recovered, the verified outcome of the window in
+        flight; prev, the token before recovered; lengths, the new committed lengths (recovered is the
+        last committed token); ranks, on profile replay (`replay`), the draft rank of the token that
+        follows the accepted ones — the cache's guess of that rank replaces `recovered` where the
+        fan-out holds it. The answer is one kernel writing the reply in place (AnswerBuffer); only the
+        `jit` backup reads `hit` back before the reply leaves (to draft the misses); the bookkeeping
+        that needs it on the host waits for build_cache, after the reply was sent."""
         idle_s = time.perf_counter() - self.built_at
         self.chooser.observe_round(self.build_s, idle_s)
-        backup = self.choose_backup(accepted.shape[0])
-        hit, branch, recovered, tokens, window = self.answer(accepted, recovered, lengths, replayed_ranks,
-                                                             ngram=backup == "fast")
-        probs = self.cache.branch_probs(branch) if want_probs else None
-        self.unobserved = (accepted, self.from_ngram)   # folded into the chooser after the reply (build_cache)
-        hit_host = hit.cpu()
-        start, missed = time.perf_counter(), not bool(hit_host.all())
-        if missed:
-            if backup == "jit":
-                drafted = self.proposer.propose(prev, recovered, lengths, max_length, want_probs)
-                tokens = torch.where(hit[:, None], tokens, drafted.tokens)
-                window, missed_probs = torch.cat([recovered[:, None], tokens], 1), drafted.probs
-            else:   # the n-gram proposal is in `tokens` already: verified with its one-hot distribution
-                missed_probs = one_hot_probs(tokens, self.proposer.runner.arch.vocab_size) if want_probs else None
-            if want_probs:
-                probs = missed_probs if probs is None else torch.where(hit[:, None, None], probs, missed_probs)
-            self.chooser.observe_wait(backup, time.perf_counter() - start)
-        timings = torch.tensor([self.build_s, time.perf_counter() - start, idle_s,
-                                BACKUP_CODES[backup] if missed else 0], dtype=torch.float64)
-        self.chooser.observe_lookups(int(hit_host.sum()), hit_host.numel())
-        self.window, self.lengths, self.last_hit = window, lengths, hit
-        self.from_ngram = ~hit_host if backup == "fast" else torch.zeros_like(hit_host)
-        return AsyncReply(Proposal(tokens, probs), hit, recovered, timings)
+        backup = self.choose_backup(outcome.shape[1])
+        answer = self.answer(outcome, replay, ngram=backup == "fast",
+                             timings=(self.build_s, idle_s, BACKUP_CODES[backup]))
+        probs = self.cache.branch_probs(answer.branch) if want_probs else None
+        hit_host, wait_s = None, 0.0
+        if backup == "jit":
+            start = time.perf_counter()
+            hit_host = answer.hit.cpu().bool()
+            if not bool(hit_host.all()):
+                probs = self.draft_misses(answer, outcome[2], hit_host, max_length, want_probs, probs)
+                wait_s = time.perf_counter() - start
+                answer.timings[1] = wait_s
+        elif want_probs:   # the n-gram's proposals (missed rows) are verified with their one-hot distribution
+            missed = one_hot_probs(answer.tokens, self.proposer.runner.arch.vocab_size)
+            probs = missed if probs is None else torch.where(answer.hit.bool()[:, None, None], probs, missed)
+        self.unobserved = UnobservedReply(answer, backup, hit_host, wait_s, self.from_ngram)
+        self.window, self.lengths = answer.window, answer.lengths
+        return AsyncReply(Proposal(answer.tokens, probs), answer.hit, answer.recovered, answer.timings, answer.message)
 
-    def answer(self, accepted, recovered, lengths, replayed_ranks, ngram: bool):
-        """answer_outcome on this draft's history, window in flight and cache: one Triton kernel on
-        the GPU (with at least one branch), the PyTorch ops elsewhere."""
+    def draft_misses(self, answer: AnswerBuffer, prev, hit_host, max_length: int, want_probs: bool, probs):
+        """`jit`: K draft steps from the real outcome for every row, kept where the cache missed (in the
+        answer's proposal and next window). Returns the reply's distributions."""
+        drafted = self.proposer.propose(prev, answer.recovered, answer.lengths, max_length, want_probs)
+        hit = hit_host.to(answer.data.device)
+        answer.tokens.copy_(torch.where(hit[:, None], answer.tokens, drafted.tokens))
+        answer.window[:, 1:].copy_(answer.tokens)
+        if not want_probs:
+            return None
+        return drafted.probs if probs is None else torch.where(hit[:, None, None], probs, drafted.probs)
+
+    def answer(self, outcome: torch.Tensor, replay: bool, ngram: bool, timings) -> AnswerBuffer:
+        """answer_outcome on this draft's history, window in flight and cache, into an AnswerBuffer: one
+        Triton kernel on the GPU (with at least one branch), the PyTorch ops elsewhere."""
         cache = self.cache
-        args = (self.history.tokens, self.window, self.lengths, accepted, recovered, lengths, cache.valid, cache.fork,
-                cache.rank, cache.guess, cache.tokens, replayed_ranks, ngram)
+        args = (self.history.tokens, self.window, self.lengths, outcome, cache.valid, cache.fork, cache.rank,
+                cache.guess, cache.tokens, replay, ngram, timings)
         if self.history.tokens.is_cuda and cache.guess.shape[1] > 0:
             from ssd.draft_worker.triton_outcome import answer_outcome_kernel   # triton: with CUDA only
             return answer_outcome_kernel(*args)
-        return answer_outcome(*args)
+        return answer_outcome_buffer(*args)
+
+    def observe_reply(self) -> None:
+        """The last outcome's bookkeeping, after its reply left: the chooser's lookups, waits and
+        proposals; which rows of the new window the n-gram proposed; the hit rows (the tree's fan-out)."""
+        seen, self.unobserved = self.unobserved, None
+        hit_host = seen.hit_host if seen.hit_host is not None else seen.answer.hit.cpu().bool()
+        self.chooser.observe_lookups(int(hit_host.sum()), hit_host.numel())
+        if not bool(hit_host.all()):
+            self.chooser.observe_wait(seen.backup, seen.wait_s)
+        self.chooser.observe_proposals(seen.answer.accepted.tolist(), seen.from_ngram.tolist())
+        self.from_ngram = ~hit_host if seen.backup == "fast" else torch.zeros_like(hit_host)
+        self.last_hit = hit_host.to(seen.answer.data.device)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The target retired sequences and compacted its batch (KV slots moved by move_slot): keep
@@ -173,9 +204,7 @@ class AsyncDraft:
         """Runs after the reply went out: overlaps the target's verification of self.window."""
         start = time.perf_counter()
         if self.unobserved is not None:
-            accepted, from_ngram = self.unobserved
-            self.chooser.observe_proposals(accepted.tolist(), from_ngram.tolist())
-            self.unobserved = None
+            self.observe_reply()
         self.cache = self.tree.build(self.window, self.lengths, self.last_hit, self.proposer.sampling, max_length)
         device = self.proposer.runner.device
         if device.type == "cuda":  # the draft idles until the outcome anyway: make the build time GPU time

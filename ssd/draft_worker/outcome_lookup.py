@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ssd.draft_worker.answer_buffer import AnswerBuffer
 from ssd.spec.ngram import DEFAULT_N, ngram_propose
 
 
@@ -77,3 +78,24 @@ def answer_outcome(history: torch.Tensor, window: torch.Tensor, window_lengths: 
         batch, k = proposal.shape
         proposal = torch.where(hit[:, None], proposal, ngram_propose(history[:batch], lengths, k, ngram_n))
     return hit, branch, recovered, proposal, torch.cat([recovered[:, None], proposal], 1)
+
+
+def answer_outcome_buffer(history: torch.Tensor, window: torch.Tensor, window_lengths: torch.Tensor,
+                          outcome: torch.Tensor, valid: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor,
+                          guess: torch.Tensor, tokens: torch.Tensor, replay: bool = False, ngram: bool = False,
+                          timings: tuple[float, float, int] = (0.0, 0.0, 0), ngram_n: int = DEFAULT_N) -> AnswerBuffer:
+    """answer_outcome as ssd.draft_worker.triton_outcome.answer_outcome_kernel gives it: outcome
+    [OUTCOME_ROWS, B] in, a filled AnswerBuffer out (timings rounded through float32 as the kernel's
+    arguments are), bit for bit what the kernel writes."""
+    accepted, recovered, _, lengths, ranks = outcome
+    hit, branch, recovered, proposal, next_window = answer_outcome(
+        history, window, window_lengths, accepted, recovered, lengths, valid, fork, rank, guess, tokens,
+        ranks if replay else None, ngram, ngram_n)
+    answer = AnswerBuffer.empty(window.shape[0], window.shape[1] - 1, window.device)
+    build_s, idle_s, backup_code = timings
+    answer.timings.copy_(torch.tensor([build_s, 0.0, idle_s, backup_code], dtype=torch.float32))
+    for part, value in ((answer.tokens, proposal), (answer.hit, hit), (answer.recovered, recovered),
+                        (answer.branch, branch), (answer.window, next_window), (answer.lengths, lengths),
+                        (answer.accepted, accepted)):
+        part.copy_(value)
+    return answer

@@ -1,7 +1,9 @@
 """Commands from target rank 0 to a draft worker in its own process (torch.distributed p2p).
 
-Every command starts with a fixed-size int64 header; the tensors that follow have shapes the
-header determines, so both sides allocate them without further negotiation."""
+Every command is one int64 message of a fixed size (command_size: both sides know the batch
+limit): a header, then the command's small per-row payload inline — one transfer and one
+device-to-host read on the draft per round. Larger tensors (prompts, sampling parameters, a
+fan-out list) follow as messages of their own, with shapes the header determines."""
 from __future__ import annotations
 
 from enum import IntEnum
@@ -9,27 +11,58 @@ from enum import IntEnum
 import torch
 
 HEADER_LEN = 6
+PAYLOAD_ROWS = 5   # the widest inline payload: OUTCOME's [5, B]
 REPLAY_FLAG = 2  # OUTCOME: the ranks row holds replayed acceptance-profile ranks
+OUTCOME_ROWS = ("accepted", "recovered", "prev", "lengths", "ranks")
 
 
 class DraftOp(IntEnum):
     PREFILL = 1       # header: B, T, first_slot      then ids [B,T], positions [B,T]
     SET_SAMPLING = 2  # header: B                      then temperature [B] f32, top_p [B] f32, top_k [B], seed [B], flags
-    PROPOSE = 3       # header: B, max_length, want_probs   then prev/last/lengths [3, B]; reply tokens [B,K] (+probs [B,K,V])
+    PROPOSE = 3       # header: B, max_length, want_probs; payload prev/last/lengths [3, B];
+                      # reply tokens [B,K] (+probs [B,K,V])
     MOVE_SLOT = 4     # header: src, dst, length
     STOP = 5
     SPECULATE = 6     # async: like PROPOSE, then the draft builds the speculation cache for it
-    OUTCOME = 7       # async, header: B, max_length, want_probs | REPLAY_FLAG   then accepted/recovered/prev/
-                      # lengths/replayed ranks [5, B]; reply: one packed int64 message (pack_reply)
+    OUTCOME = 7       # async, header: B, max_length, want_probs | REPLAY_FLAG; payload OUTCOME_ROWS [5, B]
+                      # (ranks: replayed ranks, or -1); reply: one packed int64 message (pack_reply)
                       # (+probs [B,K,V] f32); then the draft builds the next cache
     SET_FANOUT = 8    # async, header: K+1   then the new fan-out list [K+1] (same branch budget)
-    KEEP_ROWS = 9     # async, header: B'    then the surviving rows [B'] (old indices, in their new order)
+    KEEP_ROWS = 9     # async, header: B'; payload the surviving rows [B'] (old indices, in their new order)
     JOIN = 10         # async, header: B, max_length, want_probs, J   the batch's last J rows are new (prefilled):
-                      # then last/lengths [2, B]; reply for the J rows as OUTCOME's; then the draft
+                      # payload last/lengths [2, B]; reply for the J rows as OUTCOME's; then the draft
                       # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on the critical path)
 
 
-REPLY_TIMINGS = 4   # build s, backup s, idle s, the backup that answered misses (BACKUP_CODES; 0: none)
+def command_size(max_batch: int) -> int:
+    return HEADER_LEN + PAYLOAD_ROWS * max_batch
+
+
+def command_message(op: DraftOp, args: tuple[int, ...], payload: torch.Tensor | None, max_batch: int) -> torch.Tensor:
+    """The int64 host message: [op, *args, 0...] (HEADER_LEN), then payload (host, [R, B] with R <=
+    PAYLOAD_ROWS, B <= max_batch) flattened, then zeros."""
+    message = torch.zeros(command_size(max_batch), dtype=torch.int64)
+    message[: 1 + len(args)] = torch.tensor((op, *args), dtype=torch.int64)
+    if payload is not None:
+        message[HEADER_LEN: HEADER_LEN + payload.numel()] = payload.flatten()
+    return message
+
+
+def outcome_payload(accepted: torch.Tensor, recovered: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor,
+                    replayed_ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """OUTCOME's payload [OUTCOME_ROWS, B] (ranks -1 without profile replay), on accepted's device."""
+    ranks = replayed_ranks.to(accepted.device) if replayed_ranks is not None else torch.full_like(accepted, -1)
+    return torch.stack([accepted, recovered, prev, lengths, ranks])
+
+
+def command_payload(message: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
+    """The [rows, batch] payload of a received command (a view of the message)."""
+    return message[HEADER_LEN: HEADER_LEN + rows * batch].view(rows, batch)
+
+
+# build s, backup s (the host's drafting of misses: jit), idle s, the backup chosen for this round's
+# misses (BACKUP_CODES; 0: none — the target counts it where a row missed)
+REPLY_TIMINGS = 4
 BACKUP_CODES = {"jit": 1, "fast": 2}
 
 

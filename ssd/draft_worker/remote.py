@@ -6,17 +6,18 @@ import torch.distributed as dist
 
 from ssd.draft_worker.async_draft import AsyncReply
 from ssd.draft_worker.proposer import Proposal
-from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp, reply_size, unpack_reply
+from ssd.draft_worker.protocol import REPLAY_FLAG, DraftOp, command_message, outcome_payload, reply_size, unpack_reply
 from ssd.engine.sampler import SamplingTensors
 
 
 class RemoteDraft:
-    def __init__(self, draft_rank: int, device: torch.device, k: int, vocab_size: int):
+    def __init__(self, draft_rank: int, device: torch.device, k: int, vocab_size: int, max_batch: int):
         self.rank, self.device, self.k, self.vocab_size = draft_rank, device, k, vocab_size
+        self.max_batch = max_batch   # the draft's slots: every command message is sized for it
 
-    def _command(self, op: DraftOp, *args: int) -> None:
-        header = torch.tensor([op, *args] + [0] * (HEADER_LEN - 1 - len(args)), dtype=torch.int64)
-        dist.send(header.to(self.device), self.rank)
+    def _command(self, op: DraftOp, *args: int, payload: torch.Tensor | None = None) -> None:
+        """One message: the header, then the payload (host, [rows, B]) inline."""
+        dist.send(command_message(op, args, payload, self.max_batch).to(self.device), self.rank)
 
     def _send(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -37,13 +38,13 @@ class RemoteDraft:
         self._command(DraftOp.STOP)
 
     def propose(self, prev, last, lengths, max_length: int, want_probs: bool) -> Proposal:
-        self._command(DraftOp.PROPOSE, prev.shape[0], max_length, int(want_probs))
-        self._send(torch.stack([prev, last, lengths]))
+        self._command(DraftOp.PROPOSE, prev.shape[0], max_length, int(want_probs),
+                      payload=torch.stack([prev, last, lengths]))
         return self._recv_proposal(prev.shape[0], want_probs)
 
     def speculate(self, prev, last, lengths, max_length: int, want_probs: bool) -> AsyncReply:
-        self._command(DraftOp.SPECULATE, prev.shape[0], max_length, int(want_probs))
-        self._send(torch.stack([prev, last, lengths]))
+        self._command(DraftOp.SPECULATE, prev.shape[0], max_length, int(want_probs),
+                      payload=torch.stack([prev, last, lengths]))
         return self._recv_reply(prev.shape[0], want_probs)
 
     def set_fanout(self, fanout: tuple[int, ...]) -> None:
@@ -53,19 +54,17 @@ class RemoteDraft:
     def outcome(self, accepted, recovered, prev, lengths, max_length: int, want_probs: bool,
                 replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
         replay = replayed_ranks is not None
-        self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs) | REPLAY_FLAG * replay)
-        ranks = replayed_ranks.to(accepted.device) if replay else torch.full_like(accepted, -1)
-        self._send(torch.stack([accepted, recovered, prev, lengths, ranks]))
+        self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs) | REPLAY_FLAG * replay,
+                      payload=outcome_payload(accepted, recovered, prev, lengths, replayed_ranks))
         return self._recv_reply(prev.shape[0], want_probs)
 
     def join(self, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
-        self._command(DraftOp.JOIN, last.shape[0], max_length, int(want_probs), joined)
-        self._send(torch.stack([last, lengths]))
+        self._command(DraftOp.JOIN, last.shape[0], max_length, int(want_probs), joined,
+                      payload=torch.stack([last, lengths]))
         return self._recv_reply(joined, want_probs)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self._command(DraftOp.KEEP_ROWS, rows.shape[0])
-        self._send(rows)
+        self._command(DraftOp.KEEP_ROWS, rows.shape[0], payload=rows[None])
 
     def _recv(self, shape, dtype=torch.int64) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)

@@ -11,7 +11,8 @@ from ssd.draft_worker.async_draft import AsyncDraft, AsyncReply
 from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.tree import TreeBuilder
 from ssd.spec.spec_config import AsyncSpecConfig
-from ssd.draft_worker.protocol import HEADER_LEN, REPLAY_FLAG, DraftOp, pack_reply
+from ssd.draft_worker.protocol import (HEADER_LEN, OUTCOME_ROWS, REPLAY_FLAG, DraftOp, command_payload, command_size,
+                                      pack_reply)
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sampler import SamplingTensors
@@ -26,18 +27,23 @@ class DraftServer:
         self.proposer, self.async_draft = proposer, async_draft
         self.state = async_draft or proposer  # owner of prefill / move_slot
         self.device = proposer.runner.device
-        self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self.message = torch.zeros(command_size(proposer.runner.cfg.num_slots), dtype=torch.int64, device=self.device)
 
     def recv(self, shape, dtype=torch.int64) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(t, TARGET_RANK0)
         return t
 
+    def payload(self, rows: int, batch: int) -> torch.Tensor:
+        """The command's inline [rows, batch] payload: a view of the message buffer, which the next
+        command overwrites (what outlives this command is cloned)."""
+        return command_payload(self.message, rows, batch)
+
     @torch.inference_mode()
     def serve(self) -> None:
         while True:
-            dist.recv(self.header, TARGET_RANK0)
-            op, a, b, c, d, _ = self.header.tolist()
+            dist.recv(self.message, TARGET_RANK0)
+            op, a, b, c, d, _ = self.message[:HEADER_LEN].tolist()
             if op == DraftOp.STOP:
                 return
             self.handle(DraftOp(op), a, b, c, d)
@@ -52,11 +58,11 @@ class DraftServer:
         elif op == DraftOp.MOVE_SLOT:
             self.state.move_slot(a, b, c)
         elif op == DraftOp.PROPOSE:
-            prev, last, lengths = self.recv((3, a))
+            prev, last, lengths = self.payload(3, a)
             proposal = self.proposer.propose(prev, last, lengths, b, bool(c))
             self.send_proposal(proposal)
         elif op == DraftOp.SPECULATE:
-            prev, last, lengths = self.recv((3, a))
+            prev, last, lengths = self.payload(3, a).clone()
             self.send_reply(self.async_draft.speculate(prev, last, lengths, b, bool(c)))
             self.async_draft.build_cache(b)
         elif op == DraftOp.SET_FANOUT:
@@ -64,15 +70,14 @@ class DraftServer:
             self.async_draft.tree.set_fanout(fanout)
             self.proposer.saguaro_fanout = fanout
         elif op == DraftOp.JOIN:
-            last, lengths = self.recv((2, a))
+            last, lengths = self.payload(2, a).clone()
             self.send_reply(self.async_draft.join(last, lengths, bool(c), d))
             self.async_draft.build_cache(b)
         elif op == DraftOp.KEEP_ROWS:
-            self.async_draft.keep_rows(self.recv(a))
+            self.async_draft.keep_rows(self.payload(1, a)[0])
         elif op == DraftOp.OUTCOME:
-            accepted, recovered, prev, lengths, ranks = self.recv((5, a))
-            replayed = ranks if c & REPLAY_FLAG else None
-            self.send_reply(self.async_draft.outcome(accepted, recovered, prev, lengths, b, bool(c & 1), replayed))
+            reply = self.async_draft.outcome(self.payload(len(OUTCOME_ROWS), a), b, bool(c & 1), bool(c & REPLAY_FLAG))
+            self.send_reply(reply)
             self.async_draft.build_cache(b)
 
     def send_proposal(self, proposal) -> None:
@@ -82,7 +87,9 @@ class DraftServer:
 
     def send_reply(self, reply: AsyncReply) -> None:
         proposal = reply.proposal
-        dist.send(pack_reply(proposal.tokens, reply.hit, reply.recovered, reply.timings), TARGET_RANK0)
+        packed = reply.packed if reply.packed is not None else \
+            pack_reply(proposal.tokens, reply.hit, reply.recovered, reply.timings)
+        dist.send(packed, TARGET_RANK0)
         if proposal.probs is not None:
             dist.send(proposal.probs.contiguous(), TARGET_RANK0)
 

@@ -6,7 +6,9 @@ On the GPU host the answer is launch-bound: ~1 us of GPU work spread over many s
 PyTorch ops (settle + lookup + backup + the next window: ~35-80 launches) a hit took 0.8-1.0 ms and
 a `fast` miss more; compiled by torch.compile, 0.46 ms (hit) and 0.66-1.0 ms (miss), seven kernels
 and the compiled regions' guards (H200, `python bench/draft_round_bench.py --preset llama-3.2-1b`,
-outcome_hit_ms / outcome_miss_fast_ms). Here it is one launch; the caller reads `hit` back once.
+outcome_hit_ms / outcome_miss_fast_ms). Here it is one launch, which also writes the packed reply
+(tokens, hit, recovered, timings) and what the draft keeps into one AnswerBuffer: the reply leaves
+as it is, and only the `jit` backup reads `hit` back before it does.
 ssd.draft_worker.outcome_lookup holds the PyTorch version the tests hold this one to.
 """
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssd.draft_worker.answer_buffer import AnswerBuffer
+from ssd.draft_worker.protocol import REPLY_TIMINGS
 from ssd.spec.ngram import DEFAULT_N
 
 
@@ -51,21 +55,23 @@ def _ngram_tokens(row, length, i, K: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.
 
 
 @triton.jit
-def _answer_outcome_kernel(history_ptr, window_ptr, window_len_ptr, accepted_ptr, recovered_ptr, length_ptr,
-                           valid_ptr, fork_ptr, rank_ptr, guess_ptr, tokens_ptr, replayed_ptr,
-                           hit_ptr, branch_ptr, recovered_out_ptr, proposal_ptr, next_window_ptr,
-                           history_stride, N, K: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+def _answer_outcome_kernel(history_ptr, window_ptr, window_len_ptr, outcome_ptr, valid_ptr, fork_ptr, rank_ptr,
+                           guess_ptr, tokens_ptr, out_ptr, timings_ptr, history_stride, outcome_stride, N, B,
+                           build_s, idle_s, backup_code, K: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, REPLAY: tl.constexpr,
-                           NGRAM: tl.constexpr, NGRAM_N: tl.constexpr):
+                           NGRAM: tl.constexpr, NGRAM_N: tl.constexpr, TIMINGS: tl.constexpr):
+    """Program b answers row b into out (answer_buffer's layout; outcome rows: protocol.OUTCOME_ROWS);
+    program 0 also writes the reply's timings (timings_ptr: the same buffer as float64)."""
     b = tl.program_id(0)
-    accepted = tl.load(accepted_ptr + b)
-    recovered = tl.load(recovered_ptr + b)
+    accepted = tl.load(outcome_ptr + b)
+    recovered = tl.load(outcome_ptr + outcome_stride + b)
+    length = tl.load(outcome_ptr + 3 * outcome_stride + b)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
     match = n_ok & (tl.load(valid_ptr + b * N + n, mask=n_ok, other=0) != 0)
     match = match & (tl.load(fork_ptr + n, mask=n_ok, other=-1) == accepted)
     if REPLAY:   # the branch holding the replayed rank (guess ordinal = rank - 1 before the last position)
-        rank = tl.load(replayed_ptr + b)
+        rank = tl.load(outcome_ptr + 4 * outcome_stride + b)
         ordinal = tl.where(accepted < K, rank - 1, rank)
         match = match & (tl.load(rank_ptr + n, mask=n_ok, other=-1) == ordinal)
     else:
@@ -88,30 +94,40 @@ def _answer_outcome_kernel(history_ptr, window_ptr, window_len_ptr, accepted_ptr
     proposal = tl.load(tokens_ptr + (b * N + branch) * K + i, mask=i < K, other=0)
     if NGRAM:
         tl.debug_barrier()   # the history just written is read back by every thread
-        proposal = tl.where(hit, proposal, _ngram_tokens(row, tl.load(length_ptr + b), i, K, L, BLOCK_L, NGRAM_N))
-    tl.store(hit_ptr + b, hit)
-    tl.store(branch_ptr + b, branch)
-    tl.store(recovered_out_ptr + b, recovered)
-    tl.store(proposal_ptr + b * K + i, proposal, mask=i < K)
-    tl.store(next_window_ptr + b * (K + 1), recovered)   # the next window: [recovered, proposal]
-    tl.store(next_window_ptr + b * (K + 1) + 1 + i, proposal, mask=i < K)
+        proposal = tl.where(hit, proposal, _ngram_tokens(row, length, i, K, L, BLOCK_L, NGRAM_N))
+    # the reply: tokens [B, K], hit [B], recovered [B], timings; then branch, window [B, K+1], lengths, accepted
+    tl.store(out_ptr + b * K + i, proposal, mask=i < K)
+    tl.store(out_ptr + B * K + b, hit.to(tl.int64))
+    tl.store(out_ptr + B * (K + 1) + b, recovered)
+    kept = out_ptr + B * (K + 2) + TIMINGS
+    tl.store(kept + b, branch)
+    tl.store(kept + B + b * (K + 1), recovered)   # the next window: [recovered, proposal]
+    tl.store(kept + B + b * (K + 1) + 1 + i, proposal, mask=i < K)
+    tl.store(kept + B * (K + 2) + b, length)
+    tl.store(kept + B * (K + 3) + b, accepted)
+    if b == 0:
+        times = timings_ptr + B * (K + 2)
+        tl.store(times, build_s)   # float32 arguments, stored as float64
+        tl.store(times + 1, 0.0)   # backup time: the host's drafting of misses (jit) rewrites it
+        tl.store(times + 2, idle_s)
+        tl.store(times + 3, backup_code)
 
 
-def answer_outcome_kernel(history, window, window_lengths, accepted, recovered, lengths, valid, fork, rank, guess,
-                          tokens, replayed_rank=None, ngram: bool = False, ngram_n: int = DEFAULT_N):
-    """ssd.draft_worker.outcome_lookup.answer_outcome in one launch (N >= 1 branches)."""
+def answer_outcome_kernel(history, window, window_lengths, outcome, valid, fork, rank, guess, tokens,
+                          replay: bool = False, ngram: bool = False, timings: tuple[float, float, int] = (0.0, 0.0, 0),
+                          ngram_n: int = DEFAULT_N) -> AnswerBuffer:
+    """ssd.draft_worker.outcome_lookup.answer_outcome in one launch (N >= 1 branches), into a new
+    AnswerBuffer. outcome [OUTCOME_ROWS, B] (rows with unit stride; `replay`: its ranks row holds
+    replayed ranks); timings (build s, idle s, backup code) go into the reply as they are, with a
+    backup time of 0."""
     batch, width = window.shape
     k, branches = width - 1, guess.shape[1]
-    device = window.device
-    hit = torch.empty(batch, dtype=torch.bool, device=device)
-    branch = torch.empty(batch, dtype=torch.int64, device=device)
-    recovered_out = torch.empty(batch, dtype=torch.int64, device=device)
-    proposal = torch.empty((batch, k), dtype=torch.int64, device=device)
-    next_window = torch.empty((batch, width), dtype=torch.int64, device=device)
+    answer = AnswerBuffer.empty(batch, k, window.device)
+    build_s, idle_s, backup_code = timings
     _answer_outcome_kernel[(batch,)](
-        history, window.contiguous(), window_lengths, accepted, recovered, lengths, valid.contiguous(), fork, rank,
-        guess.contiguous(), tokens.contiguous(), replayed_rank if replayed_rank is not None else accepted,
-        hit, branch, recovered_out, proposal, next_window, history.stride(0), branches,
+        history, window.contiguous(), window_lengths, outcome, valid.contiguous(), fork, rank, guess.contiguous(),
+        tokens.contiguous(), answer.data, answer.data.view(torch.float64), history.stride(0), outcome.stride(0),
+        branches, batch, float(build_s), float(idle_s), float(backup_code),
         K=k, L=history.shape[1], BLOCK_N=triton.next_power_of_2(branches), BLOCK_K=triton.next_power_of_2(width),
-        BLOCK_L=1024, REPLAY=replayed_rank is not None, NGRAM=ngram, NGRAM_N=ngram_n, num_warps=4)
-    return hit, branch, recovered_out, proposal, next_window
+        BLOCK_L=1024, REPLAY=replay, NGRAM=ngram, NGRAM_N=ngram_n, TIMINGS=REPLY_TIMINGS, num_warps=4)
+    return answer

@@ -190,7 +190,8 @@ class LLM:
             return None
         if self.spec.colocated:
             return DraftProposer(ModelRunner(self.draft_cfg, TPGroup()), self.spec.k)
-        return RemoteDraft(self.cfg.tp_size, self.runner.device, self.spec.k, self.runner.arch.vocab_size)
+        return RemoteDraft(self.cfg.tp_size, self.runner.device, self.spec.k, self.runner.arch.vocab_size,
+                           self.cfg.num_slots)
 
     @property
     def max_model_len(self) -> int:

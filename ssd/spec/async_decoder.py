@@ -101,6 +101,7 @@ class AsyncSpeculativeDecoder(SpeculativeDecoder):
                     seq.replace_last(token)
         self.stats.target_wait_s += time.perf_counter() - wait_start
         build_s, backup_s, idle_s, backup = self.pending.timings.tolist()
+        backup = 0 if bool(self.pending.hit.all()) else backup   # the chosen backup answered no row
         self.stats.jit_backups += backup == BACKUP_CODES["jit"]
         self.stats.fast_backups += backup == BACKUP_CODES["fast"]
         self.stats.draft_time_s += build_s
