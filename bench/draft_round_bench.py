@@ -252,8 +252,10 @@ def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: 
             draft.build_cache(int(lengths.max()))
             accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
             recovered = (draft.cache.guess[:, 0] if hit else draft.window[:, 1]).clone()
+            outcome = outcome_payload(accepted, recovered, recovered, lengths)   # as received
+            synchronize()
             start = time.perf_counter()
-            reply = draft.outcome(outcome_payload(accepted, recovered, recovered, lengths), int(lengths.max()), False)
+            reply = draft.outcome(outcome, int(lengths.max()), False)
             synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)

@@ -1,6 +1,8 @@
 """Where the draft's answer to an outcome spends its time (the critical path of an asynchronous
-round): torch.profiler tables of AsyncDraft.outcome for an all-hit outcome and an all-miss one
-answered by the `fast` (n-gram) backup, with the median host wall time of each. GPU, random weights.
+round): torch.profiler tables of AsyncDraft.outcome for an all-hit outcome (under the `jit` backup,
+which reads the hits back before replying, and under `fast`, which does not) and an all-miss one
+answered by the `fast` (n-gram) backup, with the median host wall time of each; first a check that
+the answer kernel writes what the PyTorch ops compute. GPU, random weights.
 
     python bench/outcome_profile.py --preset llama-3.2-1b --batches 1 16 > outcome_profile.txt
 """
@@ -38,10 +40,11 @@ def answer(draft, batch: int, lengths: torch.Tensor, hit: bool, around=None):
     accepted = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
     recovered = (draft.cache.guess[:, 0] if hit else draft.window[:, 1]).clone()
     max_length = int(lengths.max())
+    outcome = outcome_payload(accepted, recovered, recovered, lengths)   # as received: no work of the draft's
     torch.cuda.synchronize()
     with around or contextlib.nullcontext():
         start = time.perf_counter()
-        reply = draft.outcome(outcome_payload(accepted, recovered, recovered, lengths), max_length, False)
+        reply = draft.outcome(outcome, max_length, False)
         torch.cuda.synchronize()
     if bool(reply.hit.all()) != hit:
         raise RuntimeError("the cache did not answer as built")
@@ -83,6 +86,27 @@ def launch_costs(draft, batch: int, lengths: torch.Tensor, hit: bool) -> str:
     return "\n".join(f"  host us {name}: {us:.1f}" for name, us in costs.items())
 
 
+def kernel_matches_pytorch(draft, batch: int, lengths: torch.Tensor) -> bool:
+    """The answer kernel's AnswerBuffer and token history equal the PyTorch ops' bit for bit, for a
+    hit, a miss under each backup and a profile replay, on this cache."""
+    from ssd.draft_worker.outcome_lookup import answer_outcome_buffer
+    from ssd.draft_worker.triton_outcome import answer_outcome_kernel
+    draft.build_cache(int(lengths.max()))
+    cache, same = draft.cache, True
+    accepted = torch.arange(batch, device=lengths.device) % (draft.proposer.k + 1)
+    cases = {"hit": (cache.guess[:, 0], None), "miss": (draft.window[:, 1], None),
+             "replay": (draft.window[:, 1], torch.arange(batch, device=lengths.device) % 4)}
+    for name, (recovered, ranks) in cases.items():
+        outcome = outcome_payload(accepted * (name != "hit"), recovered.clone(), recovered.clone(), lengths, ranks)
+        for ngram in (False, True):
+            histories = [draft.history.tokens.clone() for _ in range(2)]
+            answers = [answer(history, draft.window, draft.lengths, outcome, cache.valid, cache.fork, cache.rank,
+                              cache.guess, cache.tokens, ranks is not None, ngram, (0.5, 0.25, 2))
+                       for answer, history in zip((answer_outcome_kernel, answer_outcome_buffer), histories)]
+            same &= torch.equal(answers[0].data, answers[1].data) and torch.equal(*histories)
+    return bool(same)
+
+
 def python_profile(one_answer, repeats: int) -> str:
     """cProfile's table over `repeats` answers (the outcome alone, each after its cache build)."""
     profiler = cProfile.Profile()
@@ -111,7 +135,9 @@ def main(argv: list[str]) -> int:
     for batch in args.batches:
         lengths = prefill(draft, batch, args.context, 32000).cuda()
         draft.speculate(lengths * 0 + 5, lengths * 0 + 6, lengths, int(lengths.max()), False)
-        for name, backup, hit in (("hit", "jit", True), ("miss_fast", "fast", False)):
+        print(f"== B={batch} answer kernel == PyTorch ops (hit, miss, replay; with and without the n-gram): "
+              f"{kernel_matches_pytorch(draft, batch, lengths)}")
+        for name, backup, hit in (("hit", "jit", True), ("hit_fast", "fast", True), ("miss_fast", "fast", False)):
             draft.backup = backup
             times = [answer(draft, batch, lengths, hit) for _ in range(args.iters)]
             trace = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

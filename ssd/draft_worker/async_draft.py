@@ -84,7 +84,7 @@ class AsyncDraft:
         self.build_s, self.built_at = 0.0, time.perf_counter()
         self.chooser = BackupChooser(proposer.k)
         self.from_ngram: torch.Tensor | None = None   # [B] bool, host: the window in flight's row is an n-gram's
-        self.unobserved: UnobservedReply | None = None   # the last outcome, for observe_reply
+        self.unobserved: UnobservedReply | None = None   # the last outcome, for observe_reply (in build_cache)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         self.proposer.prefill(ids, positions, first_slot)
@@ -173,17 +173,14 @@ class AsyncDraft:
             return answer_outcome_kernel(*args)
         return answer_outcome_buffer(*args)
 
-    def observe_reply(self) -> None:
+    def observe_reply(self, seen: UnobservedReply, hit_host: torch.Tensor, accepted: list[int]) -> None:
         """The last outcome's bookkeeping, after its reply left: the chooser's lookups, waits and
-        proposals; which rows of the new window the n-gram proposed; the hit rows (the tree's fan-out)."""
-        seen, self.unobserved = self.unobserved, None
-        hit_host = seen.hit_host if seen.hit_host is not None else seen.answer.hit.cpu().bool()
+        proposals, and which rows of the new window the n-gram proposed."""
         self.chooser.observe_lookups(int(hit_host.sum()), hit_host.numel())
         if not bool(hit_host.all()):
             self.chooser.observe_wait(seen.backup, seen.wait_s)
-        self.chooser.observe_proposals(seen.answer.accepted.tolist(), seen.from_ngram.tolist())
+        self.chooser.observe_proposals(accepted, seen.from_ngram.tolist())
         self.from_ngram = ~hit_host if seen.backup == "fast" else torch.zeros_like(hit_host)
-        self.last_hit = hit_host.to(seen.answer.data.device)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """The target retired sequences and compacted its batch (KV slots moved by move_slot): keep
@@ -195,7 +192,9 @@ class AsyncDraft:
             self.cache = self.cache.select_rows(rows)
 
     def remember(self, last, proposal: Proposal, lengths, hit) -> None:
-        """A fresh (neural) speculation for the whole batch is in flight."""
+        """A fresh (neural) speculation for the whole batch is in flight (an outcome of an earlier
+        batch not yet observed is dropped)."""
+        self.unobserved = None
         self.window = torch.cat([last[:, None], proposal.tokens], 1)
         self.lengths, self.last_hit = lengths, hit
         self.from_ngram = torch.zeros(hit.shape[0], dtype=torch.bool)
@@ -203,12 +202,17 @@ class AsyncDraft:
     def build_cache(self, max_length: int) -> None:
         """Runs after the reply went out: overlaps the target's verification of self.window."""
         start = time.perf_counter()
-        if self.unobserved is not None:
-            self.observe_reply()
+        seen, self.unobserved = self.unobserved, None
+        if seen is not None:   # the rows the cache answered: the tree's fan-out (hit / miss lists) and the chooser
+            self.last_hit = seen.answer.hit != 0
+            hit_copy = seen.hit_host if seen.hit_host is not None else seen.answer.hit.to("cpu", non_blocking=True)
+            accepted_copy = seen.answer.accepted.to("cpu", non_blocking=True)
         self.cache = self.tree.build(self.window, self.lengths, self.last_hit, self.proposer.sampling, max_length)
         device = self.proposer.runner.device
         if device.type == "cuda":  # the draft idles until the outcome anyway: make the build time GPU time
             torch.cuda.synchronize(device)
+        if seen is not None:   # read back behind the build, not before it
+            self.observe_reply(seen, hit_copy.bool(), accepted_copy.tolist())
         self.built_at = time.perf_counter()
         self.build_s = self.built_at - start
 
