@@ -132,6 +132,8 @@ def test_a_command_is_one_message_with_its_payload_inline():
     assert torch.equal(command_payload(message, 5, 3), payload)
     assert not message[6 + 15:].any()
     assert command_message(DraftOp.STOP, (), None, max_batch=4).tolist() == [DraftOp.STOP] + [0] * 25
+    with pytest.raises(ValueError, match="do not fit a command for 4 sequences"):
+        command_message(DraftOp.OUTCOME, (5, 99, 1), torch.zeros((5, 5), dtype=torch.int64), max_batch=4)
 
 
 def test_kernel_n_gram_scans_a_long_history_in_blocks():

@@ -41,6 +41,10 @@ def command_size(max_batch: int) -> int:
 def command_message(op: DraftOp, args: tuple[int, ...], payload: torch.Tensor | None, max_batch: int) -> torch.Tensor:
     """The int64 host message: [op, *args, 0...] (HEADER_LEN), then payload (host, [R, B] with R <=
     PAYLOAD_ROWS, B <= max_batch) flattened, then zeros."""
+    shape = tuple(payload.shape) if payload is not None else ()
+    if len(args) >= HEADER_LEN or (payload is not None and payload.numel() > PAYLOAD_ROWS * max_batch):
+        raise ValueError(f"{op.name}: {len(args)} header arguments / a payload of {shape} do not fit "
+                         f"a command for {max_batch} sequences")
     message = torch.zeros(command_size(max_batch), dtype=torch.int64)
     message[: 1 + len(args)] = torch.tensor((op, *args), dtype=torch.int64)
     if payload is not None:
