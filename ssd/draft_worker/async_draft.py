@@ -22,7 +22,7 @@ BACKUPS = ("jit", "fast", "auto")
 @dataclass
 class AsyncReply:
     proposal: Proposal
-    hit: torch.Tensor          # [B] bool (int64 0/1 in the draft's answer buffer): the proposal came from the cache
+    hit: torch.Tensor          # [B] bool (int64 0/1 in the draft's answer): the proposal came from the cache
     recovered: torch.Tensor    # [B] the outcome's last committed token (resolved by the draft on profile replay)
     # [REPLY_TIMINGS] float64: seconds of the last tree build, of the host's drafting of misses (jit), of
     # the draft's idling before the outcome; then the backup chosen for misses (protocol.BACKUP_CODES, 0: none)
@@ -149,7 +149,8 @@ class AsyncDraft:
             probs = missed if probs is None else torch.where(answer.hit.bool()[:, None, None], probs, missed)
         self.unobserved = UnobservedReply(answer, backup, hit_host, wait_s, self.from_ngram)
         self.window, self.lengths = answer.window, answer.lengths
-        return AsyncReply(Proposal(answer.tokens, probs), answer.hit, answer.recovered, answer.timings, answer.message)
+        return AsyncReply(Proposal(answer.tokens, probs), answer.hit, answer.recovered, answer.timings,
+                          packed=answer.message)
 
     def draft_misses(self, answer: AnswerBuffer, prev, hit_host, max_length: int, want_probs: bool, probs):
         """`jit`: K draft steps from the real outcome for every row, kept where the cache missed (in the

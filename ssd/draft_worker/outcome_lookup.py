@@ -83,7 +83,8 @@ def answer_outcome(history: torch.Tensor, window: torch.Tensor, window_lengths: 
 def answer_outcome_buffer(history: torch.Tensor, window: torch.Tensor, window_lengths: torch.Tensor,
                           outcome: torch.Tensor, valid: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor,
                           guess: torch.Tensor, tokens: torch.Tensor, replay: bool = False, ngram: bool = False,
-                          timings: tuple[float, float, int] = (0.0, 0.0, 0), ngram_n: int = DEFAULT_N) -> AnswerBuffer:
+                          timings: tuple[float, float, int] = (0.0, 0.0, 0),
+                          ngram_n: int = DEFAULT_N) -> AnswerBuffer:
     """answer_outcome as ssd.draft_worker.triton_outcome.answer_outcome_kernel gives it: outcome
     [OUTCOME_ROWS, B] in, a filled AnswerBuffer out (timings rounded through float32 as the kernel's
     arguments are), bit for bit what the kernel writes."""

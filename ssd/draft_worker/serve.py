@@ -76,8 +76,8 @@ class DraftServer:
         elif op == DraftOp.KEEP_ROWS:
             self.async_draft.keep_rows(self.payload(1, a)[0])
         elif op == DraftOp.OUTCOME:
-            reply = self.async_draft.outcome(self.payload(len(OUTCOME_ROWS), a), b, bool(c & 1), bool(c & REPLAY_FLAG))
-            self.send_reply(reply)
+            outcome = self.payload(len(OUTCOME_ROWS), a)
+            self.send_reply(self.async_draft.outcome(outcome, b, bool(c & 1), bool(c & REPLAY_FLAG)))
             self.async_draft.build_cache(b)
 
     def send_proposal(self, proposal) -> None:
