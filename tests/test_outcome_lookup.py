@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ssd.draft_worker.answer_buffer import AnswerBuffer, answer_size
+from ssd.draft_worker.answer_buffer import answer_size
 from ssd.draft_worker.outcome_lookup import answer_outcome, answer_outcome_buffer
 from ssd.draft_worker.protocol import (DraftOp, command_message, command_payload, command_size, outcome_payload,
                                        pack_reply, reply_size, unpack_reply)
@@ -131,7 +131,9 @@ def test_a_command_is_one_message_with_its_payload_inline():
     assert message.shape == (command_size(4),) and message[:6].tolist() == [DraftOp.OUTCOME, 3, 99, 1, 0, 0]
     assert torch.equal(command_payload(message, 5, 3), payload)
     assert not message[6 + 15:].any()
-    assert command_message(DraftOp.STOP, (), None, max_batch=4).tolist() == [DraftOp.STOP] + [0] * 25
+    rows = command_message(DraftOp.OUTCOME, (3,), [payload[0], payload[1], payload[2], payload[3], None], max_batch=4)
+    assert torch.equal(command_payload(rows, 5, 3), outcome_payload(*payload[:4]))   # None: the -1 ranks row
+    assert command_message(DraftOp.STOP, (), max_batch=4).tolist() == [DraftOp.STOP] + [0] * 25
     with pytest.raises(ValueError, match="do not fit a command for 4 sequences"):
         command_message(DraftOp.OUTCOME, (5, 99, 1), torch.zeros((5, 5), dtype=torch.int64), max_batch=4)
 

@@ -38,17 +38,19 @@ def command_size(max_batch: int) -> int:
     return HEADER_LEN + PAYLOAD_ROWS * max_batch
 
 
-def command_message(op: DraftOp, args: tuple[int, ...], payload: torch.Tensor | None, max_batch: int) -> torch.Tensor:
-    """The int64 host message: [op, *args, 0...] (HEADER_LEN), then payload (host, [R, B] with R <=
-    PAYLOAD_ROWS, B <= max_batch) flattened, then zeros."""
-    shape = tuple(payload.shape) if payload is not None else ()
-    if len(args) >= HEADER_LEN or (payload is not None and payload.numel() > PAYLOAD_ROWS * max_batch):
-        raise ValueError(f"{op.name}: {len(args)} header arguments / a payload of {shape} do not fit "
-                         f"a command for {max_batch} sequences")
+def command_message(op: DraftOp, args: tuple[int, ...], rows=(), max_batch: int = 1) -> torch.Tensor:
+    """The int64 host message: [op, *args, 0...] (HEADER_LEN), then the payload rows (each [B] int64,
+    B <= max_batch; None: a row of -1; a [R, B] tensor is R rows) one after the other, then zeros."""
+    rows = list(rows)
+    batch = next((row.numel() for row in rows if row is not None), 0)
+    if len(args) >= HEADER_LEN or len(rows) > PAYLOAD_ROWS or batch > max_batch:
+        raise ValueError(f"{op.name}: {len(args)} header arguments / {len(rows)} payload rows of {batch} do not "
+                         f"fit a command for {max_batch} sequences")
     message = torch.zeros(command_size(max_batch), dtype=torch.int64)
-    message[: 1 + len(args)] = torch.tensor((op, *args), dtype=torch.int64)
-    if payload is not None:
-        message[HEADER_LEN: HEADER_LEN + payload.numel()] = payload.flatten()
+    values = message.numpy()   # written in place: numpy's slicing is ~3x cheaper than the tensor's here
+    values[: 1 + len(args)] = (int(op), *args)
+    for i, row in enumerate(rows):
+        values[HEADER_LEN + i * batch: HEADER_LEN + (i + 1) * batch] = -1 if row is None else row.cpu().numpy()
     return message
 
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from ssd.draft_worker.async_draft import AsyncReply
 from ssd.draft_worker.proposer import Proposal
-from ssd.draft_worker.protocol import REPLAY_FLAG, DraftOp, command_message, outcome_payload, reply_size, unpack_reply
+from ssd.draft_worker.protocol import REPLAY_FLAG, DraftOp, command_message, reply_size, unpack_reply
 from ssd.engine.sampler import SamplingTensors
 
 
@@ -15,9 +15,9 @@ class RemoteDraft:
         self.rank, self.device, self.k, self.vocab_size = draft_rank, device, k, vocab_size
         self.max_batch = max_batch   # the draft's slots: every command message is sized for it
 
-    def _command(self, op: DraftOp, *args: int, payload: torch.Tensor | None = None) -> None:
-        """One message: the header, then the payload (host, [rows, B]) inline."""
-        dist.send(command_message(op, args, payload, self.max_batch).to(self.device), self.rank)
+    def _command(self, op: DraftOp, *args: int, rows=()) -> None:
+        """One message: the header, then the payload rows ([B] each, on the host) inline."""
+        dist.send(command_message(op, args, rows, self.max_batch).to(self.device), self.rank)
 
     def _send(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -39,12 +39,12 @@ class RemoteDraft:
 
     def propose(self, prev, last, lengths, max_length: int, want_probs: bool) -> Proposal:
         self._command(DraftOp.PROPOSE, prev.shape[0], max_length, int(want_probs),
-                      payload=torch.stack([prev, last, lengths]))
+                      rows=(prev, last, lengths))
         return self._recv_proposal(prev.shape[0], want_probs)
 
     def speculate(self, prev, last, lengths, max_length: int, want_probs: bool) -> AsyncReply:
         self._command(DraftOp.SPECULATE, prev.shape[0], max_length, int(want_probs),
-                      payload=torch.stack([prev, last, lengths]))
+                      rows=(prev, last, lengths))
         return self._recv_reply(prev.shape[0], want_probs)
 
     def set_fanout(self, fanout: tuple[int, ...]) -> None:
@@ -55,16 +55,16 @@ class RemoteDraft:
                 replayed_ranks: torch.Tensor | None = None) -> AsyncReply:
         replay = replayed_ranks is not None
         self._command(DraftOp.OUTCOME, prev.shape[0], max_length, int(want_probs) | REPLAY_FLAG * replay,
-                      payload=outcome_payload(accepted, recovered, prev, lengths, replayed_ranks))
+                      rows=(accepted, recovered, prev, lengths, replayed_ranks))
         return self._recv_reply(prev.shape[0], want_probs)
 
     def join(self, last, lengths, max_length: int, want_probs: bool, joined: int) -> AsyncReply:
         self._command(DraftOp.JOIN, last.shape[0], max_length, int(want_probs), joined,
-                      payload=torch.stack([last, lengths]))
+                      rows=(last, lengths))
         return self._recv_reply(joined, want_probs)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self._command(DraftOp.KEEP_ROWS, rows.shape[0], payload=rows[None])
+        self._command(DraftOp.KEEP_ROWS, rows.shape[0], rows=(rows,))
 
     def _recv(self, shape, dtype=torch.int64) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
