@@ -144,9 +144,8 @@ class AsyncDraft:
                 probs = self.draft_misses(answer, outcome[2], hit_host, max_length, want_probs, probs)
                 wait_s = time.perf_counter() - start
                 answer.timings[1] = wait_s
-        elif want_probs:   # the n-gram's proposals (missed rows) are verified with their one-hot distribution
-            missed = one_hot_probs(answer.tokens, self.proposer.runner.arch.vocab_size)
-            probs = missed if probs is None else torch.where(answer.hit.bool()[:, None, None], probs, missed)
+        elif want_probs:
+            probs = self.one_hot_misses(answer, probs)
         self.unobserved = UnobservedReply(answer, backup, hit_host, wait_s, self.from_ngram)
         self.window, self.lengths = answer.window, answer.lengths
         return AsyncReply(Proposal(answer.tokens, probs), answer.hit, answer.recovered, answer.timings,
@@ -162,6 +161,16 @@ class AsyncDraft:
         if not want_probs:
             return None
         return drafted.probs if probs is None else torch.where(hit[:, None, None], probs, drafted.probs)
+
+    def one_hot_misses(self, answer: AnswerBuffer, probs: torch.Tensor | None) -> torch.Tensor:
+        """`fast`: the n-gram's proposals (the rows that missed) are verified with their one-hot
+        distribution; probs [B, K, V] (the cached branches', a fresh tensor) is rewritten in place on
+        the device — which rows missed is not known on the host yet."""
+        if probs is None:
+            return one_hot_probs(answer.tokens, self.proposer.runner.arch.vocab_size)
+        missed = (answer.hit == 0).to(probs.dtype)[:, None, None].expand(-1, answer.k, 1)
+        probs.mul_(answer.hit[:, None, None])
+        return probs.scatter_add_(2, answer.tokens[..., None], missed)
 
     def answer(self, outcome: torch.Tensor, replay: bool, ngram: bool, timings) -> AnswerBuffer:
         """answer_outcome on this draft's history, window in flight and cache, into an AnswerBuffer: one
