@@ -60,3 +60,17 @@ def test_speculation_and_parallel_settings_are_checked(tiny_checkpoints, tmp_pat
         LLM(path, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="must lie in"):
         LLM(path, draft=path, num_speculative_tokens=2, async_spec=True, sampler_x=1.5)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_srun_task_count_that_does_not_fit_the_layout_is_refused(tiny_checkpoints, monkeypatch, tasks):
+    """Under srun the launcher decides the process count: a target + remote draft needs exactly 2."""
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", str(tasks))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    checkpoint = str(tiny_checkpoints["llama"])
+    with pytest.raises(ValueError, match=rf"rank 0 of {tasks} processes, but this configuration runs 2 "
+                                         r"\(1 target rank\(s\) \+ 1 draft rank\)"):
+        LLM(checkpoint, draft=checkpoint, num_speculative_tokens=2, async_spec=True, max_model_len=64)

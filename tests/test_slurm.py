@@ -1,8 +1,10 @@
 """Slurm tests.
 
-End to end: a real single-node Slurm cluster (Debian's slurm-wlm daemons) is started inside the
-test, scripts/slurm/cpu_smoke.sbatch is submitted to it with `sbatch --wait`, and the bench JSON the
-job writes is checked. Everything lives in a temporary directory: a generated slurm.conf with ports
+End to end: a real Slurm cluster (Debian's slurm-wlm daemons) is started inside the test and jobs
+are submitted to it with `sbatch --wait`: scripts/slurm/cpu_smoke.sbatch on one node, and
+scripts/slurm/ssd_two_node.sbatch on CPU across two nodes (two slurmd daemons on this host, each
+with its own port and spool: Slurm places the tasks by node as on a real cluster); the bench JSON
+the jobs write is checked. Everything lives in a temporary directory: a generated slurm.conf with ports
 chosen free at run time, the state/spool directories and (with munge) a private munged with a
 fresh key on its own socket. Nothing under /etc is read or written and no system daemon is touched;
 root is not needed. Without the Slurm binaries the test skips, or fails when SSD_REQUIRE_SLURM=1
@@ -117,10 +119,18 @@ def stop_process(proc: subprocess.Popen, name: str, timeout_s: float = 10) -> No
 
 @dataclass
 class SlurmCluster:
+    """A private cluster on this machine. With `nodes` it has several compute nodes, one slurmd each
+    (its own port, spool, pid and log file: %n is the node name), all on this host — enough for
+    Slurm to place a multi-node job's tasks by node as on a real cluster."""
     root: Path
     auth: str
-    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    nodes: tuple[str, ...] = ()
+    host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return self.nodes or (self.host,)
 
     @property
     def conf(self) -> Path:
@@ -139,26 +149,26 @@ class SlurmCluster:
             return ["AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket()}"]
         return ["AuthType=auth/none", "CredType=cred/none"]
 
-    def node_line(self) -> str:
+    def node_lines(self) -> list[str]:
         hw = node_hardware()
         memory = min(int(hw.get("RealMemory", "1024")), 1024)
         topology = " ".join(f"{k}={hw[k]}" for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket",
                                                      "ThreadsPerCore") if k in hw)
-        return f"NodeName={self.node} NodeAddr=127.0.0.1 {topology} RealMemory={memory} State=UNKNOWN"
+        return [f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} {topology} "
+                f"RealMemory={memory} State=UNKNOWN" for name in self.node_names]
 
     def write_conf(self) -> None:
         user = getpass.getuser()
         r = self.root
         lines = [
             "ClusterName=ssdtest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
             f"SlurmUser={user}", f"SlurmdUser={user}",
             *self.auth_lines(),
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd-%n.log'}",
             "SlurmctldDebug=info", "SlurmdDebug=info",
             # no cgroups: linuxproc tracks job processes via /proc, task/none binds nothing
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
@@ -166,11 +176,12 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin", "MpiDefault=none", "ReturnToService=2",
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0", "KillWait=5",
-            self.node_line(),
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=30 State=UP",
+            *self.node_lines(),
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=30 State=UP",
         ]
-        for d in ("state", "spool"):
-            (r / d).mkdir()
+        (r / "state").mkdir()
+        for name in self.node_names:
+            (r / "spool" / name).mkdir(parents=True)
         self.conf.write_text("\n".join(lines) + "\n")
 
     # ---- daemons
@@ -197,14 +208,16 @@ class SlurmCluster:
             self.start_munge()
         self.spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self.wait_for(self.controller_up, NODE_UP_TIMEOUT_S, "slurmctld answering")
-        self.spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-        self.wait_for(lambda: self.node_state() == "idle", NODE_UP_TIMEOUT_S, f"node {self.node} idle")
+        for name in self.node_names:
+            self.spawn(f"slurmd-{name}", ["slurmd", "-D", "-f", str(self.conf), "-N", name])
+        self.wait_for(lambda: self.node_states() == ["idle"] * len(self.node_names), NODE_UP_TIMEOUT_S,
+                      f"nodes {', '.join(self.node_names)} idle")
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.run(["scancel", "--full", "--user", getpass.getuser()])
             self.wait_for(lambda: not self.run(["squeue", "-h"]).stdout.strip(), 15, "jobs gone")
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [n for n in self.procs if n.startswith("slurmd-")] + ["slurmctld", "munged"]:
             if name in self.procs:
                 stop_process(self.procs[name], name)
 
@@ -216,8 +229,8 @@ class SlurmCluster:
     def controller_up(self) -> bool:
         return self.run(["sinfo", "-h"]).returncode == 0
 
-    def node_state(self) -> str:
-        return self.run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip()
+    def node_states(self) -> list[str]:
+        return self.run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.split()
 
     def wait_for(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -231,24 +244,42 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{self.diagnostics()}")
 
+    def slurmd_log(self, node: str) -> str:
+        path = self.root / f"slurmd-{node}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
     def diagnostics(self) -> str:
-        files = [self.root / f for f in ("slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log")]
-        return "\n".join(tail(f, 25) for f in files)
+        names = ["slurmctld.out", "slurmctld.log"] + [f"slurmd-{n}{ext}" for n in self.node_names
+                                                      for ext in (".out", ".log")]
+        return "\n".join(tail(self.root / f, 25) for f in names)
 
 
-@pytest.fixture
-def slurm_cluster():
+@contextlib.contextmanager
+def private_cluster(nodes: tuple[str, ...] = ()):
     require_slurm()
     root = Path(tempfile.mkdtemp(prefix="ssd-slurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    cluster = SlurmCluster(root, choose_auth())
+    cluster = SlurmCluster(root, choose_auth(), nodes)
     started = time.monotonic()
     try:
         cluster.start()
-        log.info("slurm cluster (auth/%s) up in %.1fs at %s", cluster.auth, time.monotonic() - started, root)
+        log.info("slurm cluster (auth/%s, nodes %s) up in %.1fs at %s", cluster.auth,
+                 ",".join(cluster.node_names), time.monotonic() - started, root)
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_cluster():
+    with private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def two_node_cluster():
+    with private_cluster(("n1", "n2")) as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------- the test
@@ -302,6 +333,46 @@ def test_cpu_smoke_job_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path:
     assert result["metrics"]["decode_tok_s"] > 0, context
     assert len(result["outputs"]) == 2, context
     assert all(len(o["token_ids"]) == 8 for o in result["outputs"]), context
+
+
+
+TWO_NODE_SCRIPT = REPO / "scripts" / "slurm" / "ssd_two_node.sbatch"
+
+
+def test_two_node_job_runs_through_slurm(two_node_cluster: SlurmCluster, tmp_path: Path):
+    """scripts/slurm/ssd_two_node.sbatch for real on a two-node cluster, on CPU with a tiny pair: Slurm
+    places the target rank on n1 and the draft rank on n2 (srun, arbitrary distribution), they
+    rendezvous from Slurm's environment, and asynchronous speculation runs end to end; its greedy
+    output equals autoregressive decoding (--ab ar,async)."""
+    models = {}
+    for name, seed in (("target", 0), ("draft", 1)):
+        models[name] = make_checkpoint("llama", tmp_path / name, seed=seed)
+        write_char_tokenizer(models[name])
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {**two_node_cluster.env, "SSD_DEVICE": "cpu", "TP": "1", "MODEL_DIR": str(models["target"]),
+           "DRAFT_DIR": str(models["draft"]), "SSD_BENCH_ARGS": "--numseqs 2 --output_len 8 --warmup 0 --ab ar,async",
+           "RESULTS_DIR": str(results), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # the script's #SBATCH lines ask for a GPU node's resources: one CPU task per node instead
+    argv = ["sbatch", "--wait", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+            "--gres=none", "--mem=1000M", "--time=10", f"--chdir={REPO}", f"--output={results / 'job-%j.out'}", str(TWO_NODE_SCRIPT)]
+    try:
+        proc = two_node_cluster.run(argv, timeout_s=JOB_TIMEOUT_S, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sbatch --wait did not return in {JOB_TIMEOUT_S}s\n{job_logs(results)}\n"
+                    f"{two_node_cluster.diagnostics()}")
+    context = f"sbatch: {proc.stdout}{proc.stderr}\n{job_logs(results)}\n{two_node_cluster.diagnostics()}"
+    assert proc.returncode == 0, f"two-node job failed (rc {proc.returncode})\n{context}"
+    job_id = proc.stdout.strip().split(";")[0]
+    for node in ("n1", "n2"):   # the job step (srun) started a task on each node
+        assert f"launch task StepId={job_id}.0 " in two_node_cluster.slurmd_log(node), f"no task on {node}\n{context}"
+    assert (results / "hostfile").read_text().split() == ["n1", "n2"], context
+    result = json.loads((results / "two_node_tp1_async_k6_f3.json").read_text())
+    assert result["ab"]["greedy_identical"] is True, context
+    assert result["primary_arm"] == "async" and len(result["outputs"]) == 2, context
+    assert all(len(o["token_ids"]) == 8 for o in result["outputs"]), context
+    assert result["metrics"]["cache_hit_rate"] is not None, context   # the draft answered outcomes
 
 
 # ---------------------------------------------------------------- the GPU scripts, without GPUs

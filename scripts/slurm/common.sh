@@ -102,8 +102,18 @@ ssd_single_node_env() {
     unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
 }
 
+# The address Slurm itself reaches node $1 at: its NodeAddr (slurm.conf), which is the node's name
+# unless the site set an address (then the name may not even resolve).
+ssd_node_address() {
+    local line addr
+    line="$(scontrol show node -o "$1" 2>/dev/null || true)"
+    addr="$(sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' <<< "$line")"
+    echo "${addr:-$1}"
+}
+
 # Multi-node jobs: rendezvous address from Slurm's environment (see ssd_two_node.sbatch).
-#   MASTER_ADDR: the first host of the allocation, where world rank 0 (target TP rank 0) runs.
+#   MASTER_ADDR: the address of the allocation's first node (ssd_node_address), where world rank 0
+#                (target TP rank 0) runs and hosts the TCP store.
 #   MASTER_PORT: derived from the job id, so two jobs sharing a node never pick the same port.
 # Network interfaces: NCCL and Gloo must use an interface the nodes can reach each other on.
 #   NCCL_SOCKET_IFNAME: NCCL's bootstrap / socket transport; default here excludes loopback and
@@ -115,7 +125,7 @@ ssd_multi_node_env() {
     local hosts
     # no `| head`: under pipefail an early-closing reader can kill the job with SIGPIPE (exit 141)
     mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    MASTER_ADDR="${hosts[0]}"
+    MASTER_ADDR="$(ssd_node_address "${hosts[0]}")"
     MASTER_PORT="$((10000 + SLURM_JOB_ID % 50000))"
     export MASTER_ADDR MASTER_PORT
     export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"

@@ -36,6 +36,17 @@ def external_rank_and_size() -> tuple[int, int]:
     return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
 
 
+def check_external_world_size(needed: int, tp_size: int, remote_draft: bool) -> None:
+    """Under torchrun / srun the launcher, not the engine, decides how many processes there are:
+    a count that does not match the engine's layout would otherwise fail late or hang."""
+    rank, size = external_rank_and_size()
+    if size != needed:
+        layout = f"{tp_size} target rank(s)" + (" + 1 draft rank" if remote_draft else "")
+        raise ValueError(f"launched as rank {rank} of {size} processes, but this configuration runs {needed} "
+                         f"({layout}): start {needed} tasks (srun --ntasks / torchrun --nproc-per-node) "
+                         f"or change the tensor-parallel size")
+
+
 def make_tp_group(rank: int, tp_size: int, world_size: int) -> TPGroup:
     """The target's TP group is world ranks 0..tp_size-1; a draft rank (if any) comes after them.
     Every world rank must call this (group creation is collective)."""

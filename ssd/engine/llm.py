@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ssd.distributed.launch import Role, SpawnedGroup, init_from_environment, launched_externally, spawn_group
+from ssd.distributed.launch import (Role, SpawnedGroup, check_external_world_size, init_from_environment,
+                                    launched_externally, spawn_group)
 from ssd.distributed.tp_group import TPGroup
 from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.remote import RemoteDraft
@@ -178,9 +179,11 @@ class LLM:
     def _start_group(self) -> SpawnedGroup:
         if not launched_externally():
             return spawn_group(self.cfg.tp_size, self.cfg.device_type, self.cfg.timeout_s, self.roles())
+        roles = self.roles()
+        check_external_world_size(len(roles) + 1, self.cfg.tp_size, self.has_remote_draft)
         rank, tp = init_from_environment(self.cfg.device_type, self.cfg.timeout_s, self.cfg.tp_size)
         if rank > 0:  # torchrun/srun: other ranks serve rank 0 and leave when it stops
-            role = self.roles()[rank - 1]
+            role = roles[rank - 1]
             role.main(tp, *role.args)
             raise SystemExit(0)
         return SpawnedGroup(tp)
