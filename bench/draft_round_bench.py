@@ -49,13 +49,14 @@ log = logging.getLogger("draft_round_bench")
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
-                linear_algorithms: int = LISTED_ALGORITHMS) -> AsyncDraft:
+                linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear,
-                              tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms)
+                              tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms,
+                              linear_tma=linear_tma)
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
@@ -280,11 +281,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention", nargs="+", choices=("fused", "fused-separate-kv", "matmul"), default=["fused"],
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "cublas"),
+    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "measured-without-tma",
+                                                        "cublas"),
                         default=["measured"],
                         help="linear-layer choices to measure one after the other (with each attention): "
-                             "measured per shape among F.linear, the Triton kernels and cuBLASLt's algorithms, "
-                             "the same without cuBLASLt's, or F.linear throughout")
+                             "measured per shape among F.linear, the Triton kernels (few-row and TMA) and "
+                             "cuBLASLt's algorithms, the same without cuBLASLt's or without the TMA kernel, "
+                             "or F.linear throughout")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
@@ -305,7 +308,7 @@ def main(argv: list[str]) -> int:
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), measured_linear=linear.startswith("measured"),
                             linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS,
-                            tree_kv_in_attention=mode == "fused",
+                            linear_tma=linear != "measured-without-tma", tree_kv_in_attention=mode == "fused",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
             rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from ssd.layers import triton_linear  # noqa: E402
-from ssd.layers.triton_linear import CANDIDATES, MeasuredLinear, SkinnyTiling, skinny_linear  # noqa: E402
+from ssd.layers.triton_linear import (CANDIDATES, TMA_CANDIDATES, MeasuredLinear, SkinnyTiling,  # noqa: E402
+                                     TmaTiling, tma_aligned, tma_linear, skinny_linear)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 21, 64])
@@ -67,3 +68,45 @@ def test_cpu_tensors_take_f_linear():
     linear = MeasuredLinear()
     assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
     assert linear.choices == {}
+
+
+@pytest.mark.parametrize("rows", [1, 7, 21, 64])
+@pytest.mark.parametrize("tiling", [TmaTiling(64, 32, 2), TmaTiling(128, 64, 2), TmaTiling(64, 32, 2, split_k=4)])
+def test_tma_kernel_matches_f_linear(rows, tiling):
+    """The weight-as-M-side kernel with TMA loads (rows past M arrive as zeros), split-K included."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 256, generator=g), torch.randn(128, 256, generator=g)
+    torch.testing.assert_close(tma_linear(x, weight, tiling), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_tma_kernel_copies_rows_tma_cannot_read():
+    """A row stride that is no multiple of 16 bytes is copied first; leading dims are kept."""
+    g = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(3, 5, 64 + 1, generator=g)[..., :64], torch.randn(64, 64, generator=g)
+    out = tma_linear(x, weight, TmaTiling(64, 32, 2))
+    assert out.shape == (3, 5, 64)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+def test_tma_tilings_refuse_what_they_do_not_tile():
+    assert TmaTiling(64, 128, 4, split_k=4).fits(2048, 8192) and not TmaTiling(64, 128, 4).fits(2040, 2048)
+    with pytest.raises(ValueError, match="does not take"):
+        tma_linear(torch.zeros(3, 96), torch.zeros(64, 96), TmaTiling(64, 64, 2))
+    assert tma_aligned(torch.zeros(64, 64)) and not tma_aligned(torch.zeros(64, 65)[:, :64])
+
+
+def test_tma_tilings_are_candidates_only_when_asked(monkeypatch):
+    """measure(tma=True) times the TMA tilings that fit the shape too, and may choose one."""
+    x, weight = torch.randn(5, 256), torch.randn(128, 256)
+    fitting = [t for t in TMA_CANDIDATES if t.fits(*weight.shape)]
+    assert fitting
+    timed = []
+    def fake_time(product, w):
+        timed.append(product)
+        return 1.0 if len(timed) == 1 + len(CANDIDATES) + 1 else 5.0   # the first TMA tiling is fastest
+    monkeypatch.setattr(triton_linear, "streaming_time_us", fake_time)
+    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t: F.linear(x, w))
+    assert MeasuredLinear.measure(x, weight, tma=True) == fitting[0]
+    timed.clear()
+    assert not isinstance(MeasuredLinear.measure(x, weight), TmaTiling)
+    assert len(timed) == 1 + len([t for t in CANDIDATES if t.fits(256)])

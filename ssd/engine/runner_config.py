@@ -27,6 +27,7 @@ class RunnerConfig:
     tree_kv_in_attention: bool = True  # ... which also writes a tree step's k/v (no RoPE + KV-write kernel)
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
     linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
+    linear_tma: bool = True           # ... and the TMA Triton kernel's tilings (Hopper and later)
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

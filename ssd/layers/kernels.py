@@ -51,12 +51,13 @@ class Kernels:
     @classmethod
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
                  tree_kv_in_attention: bool = True,
-                 linear_algorithms: int = LISTED_ALGORITHMS) -> "Kernels":
+                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
-        linears take F.linear, a Triton kernel or one of up to linear_algorithms cuBLASLt
-        algorithms, whichever measured fastest per shape (ssd.layers.triton_linear)."""
+        linears take F.linear, a Triton kernel (the TMA one too with linear_tma, on Hopper) or one of
+        up to linear_algorithms cuBLASLt algorithms, whichever measured fastest per shape
+        (ssd.layers.triton_linear)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -68,7 +69,7 @@ class Kernels:
         attention = load_fused_attention() if fused_attention else None
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
-                   load_measured_linear(linear_algorithms) if measured_linear else F.linear)
+                   load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear)
 
 
 def load_fused_attention() -> Callable | None:
@@ -80,13 +81,13 @@ def load_fused_attention() -> Callable | None:
     return fused_attention
 
 
-def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS) -> Callable:
+def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True) -> Callable:
     try:
         from ssd.layers.triton_linear import MeasuredLinear
     except ImportError:
         log.warning("Triton is not installed: linear layers run as F.linear")
         return F.linear
-    return MeasuredLinear(lt_algorithms=linear_algorithms)
+    return MeasuredLinear(lt_algorithms=linear_algorithms, tma=tma)
 
 
 EAGER = Kernels()

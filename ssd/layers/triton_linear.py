@@ -9,8 +9,12 @@ loads deeply. Measured on
 an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) and a draft round
 gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
 
-Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few tilings of this
-kernel and cuBLASLt's listed algorithms for the problem (ssd.layers.cublaslt) once per (rows,
+On Hopper a second kernel loads both operands by TMA and puts the weight on the MMA's M side
+(`tma_linear`): at the 1B draft's 21-row tree products it streams the small attention weights
+faster than cuBLAS (qkv 6.3 vs 8.1 us on an H200).
+
+Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few tilings of these
+kernels and cuBLASLt's listed algorithms for the problem (ssd.layers.cublaslt) once per (rows,
 weight shape) when it first sees the shape outside CUDA-graph capture (graph warm-up runs every
 shape eagerly first) and uses the fastest from then on. Each candidate is timed inside a small
 CUDA graph of its own, as the engine runs it.
@@ -78,6 +82,26 @@ def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.c
     tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _tma_matmul_kernel(x_desc, w_desc, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+    """Program (p, s): y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the s-th of SPLIT_K equal parts of K, as
+    (W x^T)^T: the weight tile is the MMA's M side (Hopper's warpgroup MMA wants M >= 64; the few rows
+    of x are its N side) and both operands arrive by TMA (x's rows past M as zeros). SPLIT_K > 1: y
+    is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them)."""
+    n0 = tl.program_id(0) * BLOCK_N
+    k_start = tl.program_id(1) * (K // SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(0, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
+        w = w_desc.load([n0, k_start + k0])
+        x = x_desc.load([0, k_start + k0])
+        acc = tl.dot(w, x.T, acc)
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    y = y_ptr + tl.program_id(1) * M * N + rm[None, :] * N + rn[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rm[None, :] < M)
+
+
 @dataclass(frozen=True)
 class SkinnyTiling:
     block_n: int
@@ -100,6 +124,58 @@ CANDIDATES = (SkinnyTiling(16, 256), SkinnyTiling(32, 128), SkinnyTiling(32, 256
 # the best of results/fp8_gemm_sweep_h200.json at the 1B draft's shapes
 FP8_CANDIDATES = (SkinnyTiling(64, 128), SkinnyTiling(64, 256, 4, 3), SkinnyTiling(128, 256, 8, 3),
                   SkinnyTiling(32, 256, 4, 4, 4))
+
+
+@dataclass(frozen=True)
+class TmaTiling:
+    """A tiling of _tma_matmul_kernel (Hopper and later: TMA)."""
+    block_n: int
+    block_k: int
+    stages: int
+    split_k: int = 1
+    num_warps: int = 4
+
+    def fits(self, n: int, k: int) -> bool:
+        return n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
+
+
+# H200, llama-3.2-1b products cycled past L2 (README 2026-12-04 session 7), us, cuBLAS -> best of these:
+# qkv at 21 rows 8.08 -> 6.32, o 6.26 -> 5.91, gate/up 19.28 -> 18.76; down (K = 8192, only 32 column
+# blocks of 64) needs the split-K ones
+TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 256, 3), TmaTiling(128, 128, 4), TmaTiling(64, 128, 6, 2),
+                  TmaTiling(64, 128, 6, 4))
+
+
+def tma_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_aligned(weight: torch.Tensor) -> bool:
+    """TMA reads rows that start on 16-byte boundaries."""
+    return weight.stride(-1) == 1 and not (weight.stride(0) * weight.element_size()) % 16 and not weight.data_ptr() % 16
+
+
+def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) -> [..., N]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()   # TMA: 16-byte aligned base and row stride
+    rows, n = x2.shape[0], weight.shape[0]
+    if rows > MAX_ROWS or not tiling.fits(n, k):
+        raise ValueError(f"{tiling} does not take {rows} rows x K = {k} -> N = {n}")
+    block_m = max(16, triton.next_power_of_2(rows))
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    out = y if tiling.split_k == 1 else torch.empty((tiling.split_k, rows, n), dtype=torch.float32, device=x.device)
+    _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](
+        TensorDescriptor.from_tensor(x2, [block_m, tiling.block_k]),
+        TensorDescriptor.from_tensor(weight, [tiling.block_n, tiling.block_k]), out, rows, n, K=k,
+        BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k,
+        STAGES=tiling.stages, num_warps=tiling.num_warps)
+    if tiling.split_k > 1:
+        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024)
+    return y.view(*lead, n)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
@@ -128,7 +204,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
 
 @dataclass
 class MeasuredLinear:
-    """F.linear, a Triton tiling or one of cuBLASLt's algorithms (ssd.layers.cublaslt), whichever
+    """F.linear, a Triton tiling (the few-row kernel, or on Hopper the TMA kernel) or one of cuBLASLt's
+    algorithms (ssd.layers.cublaslt), whichever
     measured fastest for this (rows, N, K, dtype). One per model (the choices are its own); on CPU
     and for wide inputs it is F.linear. For fp8 weights (`quantized`) the library candidate is
     torch._scaled_mm (`library_fp8`: ssd.layers.fp8).
@@ -137,9 +214,10 @@ class MeasuredLinear:
     only) up to `wide_rows`, which is 0 except inside `measuring_wide` — CUDA-graph warm-ups open
     it, so the batched tree and window shapes are measured once at start-up, and prompts of every
     length are not."""
-    choices: dict[tuple, SkinnyTiling | LtAlgorithm | None] = field(default_factory=dict)
+    choices: dict[tuple, SkinnyTiling | TmaTiling | LtAlgorithm | None] = field(default_factory=dict)
     library_fp8: Callable | None = None
     lt_algorithms: int = LISTED_ALGORITHMS
+    tma: bool = True           # also the TMA kernel's tilings (Hopper and later)
     wide_rows: int = 0
     measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
@@ -154,19 +232,22 @@ class MeasuredLinear:
             if not self.measures(rows) or torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return F.linear(x, weight)
             lt, start = self.cublaslt(x.device), time.perf_counter()
-            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms)
+            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms,
+                                             tma=self.tma and tma_available(x.device))
             self.measuring_s += time.perf_counter() - start
         choice = self.choices[key]
         if choice is None:
             return F.linear(x, weight)
         if isinstance(choice, SkinnyTiling):
             return skinny_linear(x, weight, choice)
+        if isinstance(choice, TmaTiling):
+            return tma_linear(x, weight, choice)
         return self.cublaslt(x.device).apply(x, weight, choice)
 
     def summary(self) -> str:
         """How many shapes run what, and what measuring them cost."""
-        kinds = Counter("F.linear" if c is None else "Triton" if isinstance(c, SkinnyTiling) else "cuBLASLt"
-                        for c in self.choices.values())
+        kinds = Counter("F.linear" if c is None else "Triton" if isinstance(c, SkinnyTiling)
+                        else "Triton TMA" if isinstance(c, TmaTiling) else "cuBLASLt" for c in self.choices.values())
         return (f"{len(self.choices)} linear shapes measured in {self.measuring_s:.1f} s ("
                 + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) + ")")
 
@@ -209,11 +290,11 @@ class MeasuredLinear:
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 library_fp8: Callable | None = None, lt: CublasLt | None = None,
-                lt_count: int = 0) -> SkinnyTiling | LtAlgorithm | None:
+                lt_count: int = 0, tma: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
-        Triton tilings (up to MAX_ROWS rows) and, given a CublasLt `lt`, up to lt_count of its
-        algorithms (bf16 / fp16 weights)."""
+        Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's, for bf16 / fp16
+        weights) and, given a CublasLt `lt`, up to lt_count of its algorithms (bf16 / fp16 weights)."""
         rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
@@ -226,6 +307,9 @@ class MeasuredLinear:
         reference = library_out.float()
         candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
+        if tma and scale is None and rows <= MAX_ROWS and tma_aligned(weight):
+            candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t))
+                               for tiling in TMA_CANDIDATES if tiling.fits(*weight.shape)})
         if lt is not None and lt_count and scale is None:
             x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
