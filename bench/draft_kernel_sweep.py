@@ -8,7 +8,7 @@ Every candidate is captured `--calls` times back to back in one CUDA graph and t
 as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
 weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's listed
-algorithms); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
+algorithms; `tma`: the TMA kernel's tilings, split-K included); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
 all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ from attention_kernel_bench import context_for  # noqa: E402  (this directory is
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
-from ssd.layers.triton_linear import CANDIDATES, MAX_ROWS, SkinnyTiling, skinny_linear  # noqa: E402
+from ssd.layers.triton_linear import (CANDIDATES, MAX_ROWS, SkinnyTiling, TmaTiling, skinny_linear,  # noqa: E402
+                                     tma_linear)
 from ssd.models.presets import preset_arch  # noqa: E402
 
 log = logging.getLogger("draft_kernel_sweep")
@@ -318,11 +319,51 @@ def lt_gemm_sweep(calls: int, count: int = 16) -> list[dict]:
     return rows
 
 
+TMA_TILINGS = tuple(TmaTiling(n, k, stages, split, warps) for n, k, stages, warps in (
+    (64, 128, 4, 4), (64, 128, 6, 4), (64, 256, 3, 4), (128, 128, 4, 4), (128, 64, 6, 4), (64, 64, 8, 4))
+    for split in (1, 2, 4))
+
+
+def tma_gemm_sweep(calls: int) -> list[dict]:
+    """The TMA kernel (ssd.layers.triton_linear.tma_linear) against F.linear and the few-row kernel
+    at the 1B draft's few-row shapes, weights rotated (see rotating); each product checked first."""
+    rows, device, dtype = [], torch.device("cuda"), torch.bfloat16
+    for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
+        if m > MAX_ROWS:
+            continue
+        x = torch.randn(m, shape[1], device=device, dtype=dtype)
+        weight = rotating(lambda: torch.randn(shape, device=device, dtype=dtype) * 0.02, 2 * shape[0] * shape[1])
+        w0 = weight()
+        reference = F.linear(x, w0).float()
+        candidates = {"linear": lambda: F.linear(x, weight())}
+        candidates.update({f"skinny_{t.block_n}x{t.block_k}_s{t.num_stages}": (lambda t=t: skinny_linear(x, weight(), t))
+                           for t in CANDIDATES})
+        for t in TMA_TILINGS:
+            if not t.fits(*shape):
+                continue
+            error = guarded(f"tma {t}", lambda t=t: {"max_abs": (tma_linear(x, w0, t).float() - reference).abs().max().item()})
+            if "error" in error or error["max_abs"] > 2e-2 * reference.abs().max().item() + 1e-3:
+                rows.append({"weight": name, "rows": m, "variant": str(t), "error": error.get("error", "disagrees")})
+                continue
+            candidates[f"tma_{t.block_n}x{t.block_k}_s{t.stages}_k{t.split_k}_w{t.num_warps}"] = \
+                lambda t=t: tma_linear(x, weight(), t)
+        for variant, fn in candidates.items():
+            result = guarded(f"tma gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+            if "us" in result:
+                result["weight_tb_s"] = round(2 * shape[0] * shape[1] / result["us"] / 1e6, 2)
+            rows.append({"weight": name, "shape": list(shape), "where": where, "rows": m, "variant": variant, **result})
+        timed = [r for r in rows[-len(candidates):] if "us" in r]
+        best = min(timed, key=lambda r: r["us"], default={})
+        log.info("tma gemm %s m=%d: F.linear %s us, best %s %s us", name, m,
+                 next((r["us"] for r in timed if r["variant"] == "linear"), None), best.get("variant"), best.get("us"))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
                         choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
-                                 "sampling", "fp8", "lt"),
+                                 "sampling", "fp8", "lt", "tma"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
                              "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
@@ -342,7 +383,7 @@ def main(argv: list[str]) -> int:
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
              "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls),
-             "lt": lambda: lt_gemm_sweep(args.calls)}
+             "lt": lambda: lt_gemm_sweep(args.calls), "tma": lambda: tma_gemm_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
