@@ -10,8 +10,8 @@ an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) a
 gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
 
 On Hopper a second kernel loads both operands by TMA and puts the weight on the MMA's M side
-(`tma_linear`): at the 1B draft's 21-row tree products it streams the small attention weights
-faster than cuBLAS (qkv 6.3 vs 8.1 us on an H200).
+(`tma_linear`): at the 1B draft's 21-row tree products it streams weights faster than cuBLAS (H200:
+qkv 6.5 vs 7.6 us, down 12.1 vs 13.3 with split-K; results/tma_gemm_sweep_h200.json).
 
 Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few tilings of these
 kernels and cuBLASLt's listed algorithms for the problem (ssd.layers.cublaslt) once per (rows,
@@ -139,11 +139,11 @@ class TmaTiling:
         return n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
 
 
-# H200, llama-3.2-1b products cycled past L2 (README 2026-12-04 session 7), us, cuBLAS -> best of these:
-# qkv at 21 rows 8.08 -> 6.32, o 6.26 -> 5.91, gate/up 19.28 -> 18.76; down (K = 8192, only 32 column
-# blocks of 64) needs the split-K ones
-TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 256, 3), TmaTiling(128, 128, 4), TmaTiling(64, 128, 6, 2),
-                  TmaTiling(64, 128, 6, 4))
+# the best of `python bench/draft_kernel_sweep.py --parts tma` (H200, llama-3.2-1b products cycled past
+# L2, results/tma_gemm_sweep_h200.json), us at 21 rows, F.linear -> best: qkv 7.59 -> 6.49, o 6.25 ->
+# 6.08, gate/up 18.40 -> 18.04, down 13.26 -> 12.08 (K = 8192 has only 32 column blocks of 64: split-K)
+TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 128, 4), TmaTiling(128, 128, 4), TmaTiling(64, 256, 3, 4),
+                  TmaTiling(64, 128, 4, 4), TmaTiling(64, 128, 6, 2))
 
 
 def tma_available(device: torch.device) -> bool:
