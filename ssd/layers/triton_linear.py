@@ -205,9 +205,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
 @dataclass
 class MeasuredLinear:
     """F.linear, a Triton tiling (the few-row kernel, or on Hopper the TMA kernel) or one of cuBLASLt's
-    algorithms (ssd.layers.cublaslt), whichever
-    measured fastest for this (rows, N, K, dtype). One per model (the choices are its own); on CPU
-    and for wide inputs it is F.linear. For fp8 weights (`quantized`) the library candidate is
+    algorithms (ssd.layers.cublaslt), whichever measured fastest for this (rows, N, K, dtype). One per
+    model (the choices are its own); on CPU and for wide inputs it is F.linear. For fp8 weights (`quantized`) the library candidate is
     torch._scaled_mm (`library_fp8`: ssd.layers.fp8).
 
     Shapes of up to MAX_ROWS rows are measured when first seen; wider ones (cuBLASLt's algorithms
@@ -240,8 +239,8 @@ class MeasuredLinear:
             return F.linear(x, weight)
         if isinstance(choice, SkinnyTiling):
             return skinny_linear(x, weight, choice)
-        if isinstance(choice, TmaTiling):
-            return tma_linear(x, weight, choice)
+        if isinstance(choice, TmaTiling):   # chosen for an aligned weight of this shape; another may not be
+            return tma_linear(x, weight, choice) if tma_aligned(weight) else F.linear(x, weight)
         return self.cublaslt(x.device).apply(x, weight, choice)
 
     def summary(self) -> str:
