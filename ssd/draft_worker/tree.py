@@ -19,6 +19,7 @@ from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
+from ssd.engine.graph_capture import graph_capture
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class BranchGraphs:
                 self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool.pool):
+        with graph_capture(graph, pool=pool.pool):
             tokens, probs = self.builder.decode_branches(guess, lengths, sampling, attend_len - 1, probs_out)
         return graph, guess, lengths, tokens, probs
 
@@ -342,7 +343,7 @@ class ForkGraphs:
             self.fork(window_graph)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool.pool):
+        with graph_capture(graph, pool=self.pool.pool):
             guess = self.fork(window_graph)
         return graph, guess
 

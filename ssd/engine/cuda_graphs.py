@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ssd.engine.graph_capture import graph_capture
+
 if TYPE_CHECKING:
     from ssd.engine.model_runner import ModelRunner
     from ssd.engine.runner_config import RunnerConfig
@@ -61,7 +63,7 @@ class GraphPool:
                 self.runner.run_forward(ids, pos, None, 0, attend_len)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with graph_capture(graph, pool=self.pool):
             logits = self.runner.run_forward(ids, pos, None, 0, attend_len)
         self.pool = graph.pool()
         return CapturedForward(graph, ids, pos, logits)

@@ -9,13 +9,15 @@ from typing import Callable
 
 import torch
 
+from ssd.engine.graph_capture import graph_capture
+
 
 def graph_time_us(fn: Callable[[], object], calls: int = 10, replays: int = 5) -> float:
     """Microseconds per call of fn, captured `calls` times back to back in one CUDA graph."""
     fn()  # compiles / allocates outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with graph_capture(graph):
         for _ in range(calls):
             fn()
     graph.replay()
