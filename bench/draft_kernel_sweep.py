@@ -8,7 +8,8 @@ Every candidate is captured `--calls` times back to back in one CUDA graph and t
 as the engine runs them (so launch gaps count as they do there, and host launch cost does not).
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
 weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's listed
-algorithms; `tma`: the TMA kernel's tilings, split-K included); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
+algorithms; `tma`: the TMA kernel's tilings, split-K included; `fusion`: the products with a layer's norms, residual
+adds and SiLU inside, against the chains they replace); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
 all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
@@ -359,11 +360,48 @@ def tma_gemm_sweep(calls: int) -> list[dict]:
     return rows
 
 
+BEST_TMA = {"qkv": TmaTiling(64, 128, 6), "o": TmaTiling(64, 128, 6), "gate_up": TmaTiling(128, 128, 4),
+            "down": TmaTiling(64, 256, 3, 4)}   # the unfused products: the best of results/tma_gemm_sweep_h200.json
+
+
+def fusion_sweep(calls: int) -> list[dict]:
+    """A layer's products with its norms, residual adds and SiLU inside (ssd.layers.norm_fusion)
+    against the chains they replace: add + RMSNorm (compiled) then qkv / gate-up (+ SiLU-mul), and o /
+    down alone (their residual add is in the next add + RMSNorm). Weights rotated (see rotating)."""
+    from ssd.layers.norm_fusion import NORM_TMA_CANDIDATES, tma_norm_linear
+    rows, device, dtype, eps = [], torch.device("cuda"), torch.bfloat16, 1e-5
+    add_norm, silu = torch.compile(layer_kernels.add_rms_norm), torch.compile(layer_kernels.silu_and_mul)
+    gain = torch.rand(HIDDEN, device=device, dtype=dtype) + 0.5
+    for m in (ROWS["window_b1"], ROWS["tree_b1"]):
+        h, residual = (torch.randn(m, HIDDEN, device=device, dtype=dtype) for _ in range(2))
+        for name in BEST_TMA:
+            shape = WEIGHTS[name]
+            weight = rotating(lambda: torch.randn(shape, device=device, dtype=dtype) * 0.02, 2 * shape[0] * shape[1])
+            x = torch.randn(m, shape[1], device=device, dtype=dtype)
+            gated = name == "gate_up"
+            if name in ("qkv", "gate_up"):
+                chain = lambda: tma_linear(add_norm(h, residual, gain, eps)[0], weight(), BEST_TMA[name])  # noqa: E731
+                fused = {t: (lambda t=t: tma_norm_linear(h, eps, weight(), t, gated=gated))
+                         for t in NORM_TMA_CANDIDATES}
+            else:
+                chain = lambda: tma_linear(x, weight(), BEST_TMA[name])  # noqa: E731
+                fused = {t: (lambda t=t: tma_linear(x, weight(), t, residual)) for t in TMA_TILINGS if t.fits(*shape)}
+            candidates = {"chain": (lambda: silu(chain())) if gated else chain, **fused}
+            for variant, fn in candidates.items():
+                result = guarded(f"fusion {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+                rows.append({"op": name, "rows": m, "variant": str(variant), **result})
+            timed = [r for r in rows[-len(candidates):] if "us" in r]
+            best = min((r for r in timed if r["variant"] != "chain"), key=lambda r: r["us"], default={})
+            log.info("fusion %s m=%d: chain %s us, best fused %s %s us", name, m,
+                     next((r["us"] for r in timed if r["variant"] == "chain"), None), best.get("variant"), best.get("us"))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
                         choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
-                                 "sampling", "fp8", "lt", "tma"),
+                                 "sampling", "fp8", "lt", "tma", "fusion"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
                              "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
@@ -383,7 +421,8 @@ def main(argv: list[str]) -> int:
              "gemm": lambda: gemm_sweep(args.calls, False), "autotune": lambda: gemm_sweep(args.calls, True), "argmax": lambda: argmax_sweep(args.calls),
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
              "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls),
-             "lt": lambda: lt_gemm_sweep(args.calls), "tma": lambda: tma_gemm_sweep(args.calls)}
+             "lt": lambda: lt_gemm_sweep(args.calls), "tma": lambda: tma_gemm_sweep(args.calls),
+             "fusion": lambda: fusion_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}

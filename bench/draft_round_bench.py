@@ -49,14 +49,15 @@ log = logging.getLogger("draft_round_bench")
 def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int, eager: bool,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
-                linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True) -> AsyncDraft:
+                linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
+                norm_fusion: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear,
                               tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms,
-                              linear_tma=linear_tma)
+                              linear_tma=linear_tma, norm_fusion=norm_fusion)
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
@@ -157,7 +158,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     outcome = outcome_times(draft, batch, lengths, warmup, iters)
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
-            "linear_choices": linear_choices(draft),
+            "linear_choices": linear_choices(draft), "norm_fusion_choices": norm_fusion_choices(draft),
             "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph,
             **({"kernel_profiles": kernel_tables} if kernels else {})}
 
@@ -171,6 +172,15 @@ def linear_choices(draft: AsyncDraft) -> dict[str, str] | None:
         return None
     return {"x".join(str(d) for d in key[:3]) + (f" {key[3]}" if len(key) > 4 else ""): str(tiling or "F.linear")
             for key, tiling in sorted(choices.items(), key=lambda item: item[0][:3])}
+
+
+def norm_fusion_choices(draft: AsyncDraft) -> dict[str, str] | None:
+    """What NormFusion picked per (op, rows, N, K): a TMA tiling, or the unfused chain."""
+    fusion = draft.proposer.runner.model.kernels.norm_fusion
+    if fusion is None:
+        return None
+    return {" ".join(str(d) for d in key[:4]): str(tiling or "unfused") for key, tiling in sorted(
+        fusion.choices.items(), key=lambda item: item[0][:4])}
 
 
 def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool | None:
@@ -282,12 +292,13 @@ def main(argv: list[str]) -> int:
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
     parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "measured-without-tma",
-                                                        "cublas"),
+                                                        "measured-without-fusion", "cublas"),
                         default=["measured"],
                         help="linear-layer choices to measure one after the other (with each attention): "
                              "measured per shape among F.linear, the Triton kernels (few-row and TMA) and "
                              "cuBLASLt's algorithms, the same without cuBLASLt's or without the TMA kernel, "
-                             "or F.linear throughout")
+                             "the same with each layer's norms / residual adds / SiLU as kernels of their own "
+                             "(ssd.layers.norm_fusion off), or F.linear throughout")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
@@ -309,6 +320,7 @@ def main(argv: list[str]) -> int:
                             args.device, fused_attention=mode.startswith("fused"), measured_linear=linear.startswith("measured"),
                             linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS,
                             linear_tma=linear != "measured-without-tma", tree_kv_in_attention=mode == "fused",
+                            norm_fusion=linear != "measured-without-fusion",
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
             rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,

@@ -37,7 +37,7 @@ def load_arch(cfg: RunnerConfig) -> ModelArch:
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
     kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, cfg.tree_kv_in_attention,
-                               cfg.linear_algorithms, cfg.linear_tma) \
+                               cfg.linear_algorithms, cfg.linear_tma, cfg.norm_fusion) \
         if cfg.use_cuda_graphs and cfg.compile \
         else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len
@@ -51,6 +51,8 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     if cfg.head_vocabulary is not None:   # before fp8: the kept rows are what gets quantized
         model.lm_head.restrict_vocabulary(torch.tensor(cfg.head_vocabulary, dtype=torch.int64, device=device))
         log.info("LM head restricted to %d of %d tokens", len(cfg.head_vocabulary), arch.vocab_size)
+    if kernels.norm_fusion is not None and tp.size == 1:   # before fp8: the folded weights get quantized
+        kernels.norm_fusion.fold_gains(model)
     if cfg.weight_quant == "fp8":
         # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):

@@ -28,6 +28,7 @@ class RunnerConfig:
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
     linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
     linear_tma: bool = True           # ... and the TMA Triton kernel's tilings (Hopper and later)
+    norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU in the products
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

@@ -47,17 +47,21 @@ class Kernels:
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
     tree_kv_in_attention: bool = False       # a tree step's k/v written by fused_attention (new_kv)
     linear: Callable = F.linear               # (x, weight, bias=None): every linear layer and the LM head
+    norm_fusion: object | None = None         # ssd.layers.norm_fusion.NormFusion: few-row layers with their
+                                              # norms, residual adds and SiLU inside the products
 
     @classmethod
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
                  tree_kv_in_attention: bool = True,
-                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True) -> "Kernels":
+                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
+                 norm_fusion: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
         linears take F.linear, a Triton kernel (the TMA one too with linear_tma, on Hopper) or one of
         up to linear_algorithms cuBLASLt algorithms, whichever measured fastest per shape
-        (ssd.layers.triton_linear)."""
+        (ssd.layers.triton_linear); norm_fusion: on Hopper, layers of few rows run their RMSNorms,
+        residual adds and SiLU inside TMA products (ssd.layers.norm_fusion)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -67,9 +71,11 @@ class Kernels:
         # 12.1 -> 5.2 us, RMSNorm 3.3 -> 2.3 us; bench/draft_kernel_sweep.py)
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
         attention = load_fused_attention() if fused_attention else None
-        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(silu_and_mul),
+        silu = fuse(silu_and_mul)
+        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), silu,
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
-                   load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear)
+                   load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear,
+                   load_norm_fusion(silu) if norm_fusion else None)
 
 
 def load_fused_attention() -> Callable | None:
@@ -79,6 +85,15 @@ def load_fused_attention() -> Callable | None:
         log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
     return fused_attention
+
+
+def load_norm_fusion(silu_and_mul: Callable):
+    try:
+        from ssd.layers.norm_fusion import NormFusion
+    except ImportError:
+        log.warning("Triton is not installed: RMSNorm, residual adds and SiLU run as kernels of their own")
+        return None
+    return NormFusion(silu_and_mul)
 
 
 def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True) -> Callable:

@@ -22,6 +22,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.gain_folded = False   # the weight multiplied into the products it feeds, itself all ones (norm_fusion)
         self.norm_fn = kernels.rms_norm if kernels else rms_norm
         self.add_norm_fn = kernels.add_rms_norm if kernels else add_rms_norm
 

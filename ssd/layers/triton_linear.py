@@ -72,23 +72,28 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, sx_m, sw_n, sy_m
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, y_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum over s of part[s] (part float32 [SPLIT_K, size], y size elements)."""
+def _sum_splits_kernel(part_ptr, y_ptr, res_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr = False):
+    """y = sum over s of part[s] (+ res) (part float32 [SPLIT_K, size], y and res size elements)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < size
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(SPLIT_K):
         total += tl.load(part_ptr + s * size + offs, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        total += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _tma_matmul_kernel(x_desc, w_desc, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr = False):
     """Program (p, s): y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the s-th of SPLIT_K equal parts of K, as
     (W x^T)^T: the weight tile is the MMA's M side (Hopper's warpgroup MMA wants M >= 64; the few rows
     of x are its N side) and both operands arrive by TMA (x's rows past M as zeros). SPLIT_K > 1: y
-    is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them)."""
+    is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them and the
+    residual); else HAS_RESIDUAL adds res [M, N] to the product here."""
     n0 = tl.program_id(0) * BLOCK_N
     k_start = tl.program_id(1) * (K // SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -98,6 +103,9 @@ def _tma_matmul_kernel(x_desc, w_desc, y_ptr, M, N, K: tl.constexpr, BLOCK_M: tl
         acc = tl.dot(w, x.T, acc)
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
+    if HAS_RESIDUAL:
+        if SPLIT_K == 1:
+            acc += tl.load(res_ptr + rm[None, :] * N + rn[:, None], mask=rm[None, :] < M, other=0.0).to(tl.float32)
     y = y_ptr + tl.program_id(1) * M * N + rm[None, :] * N + rn[:, None]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rm[None, :] < M)
 
@@ -155,27 +163,45 @@ def tma_aligned(weight: torch.Tensor) -> bool:
     return weight.stride(-1) == 1 and not (weight.stride(0) * weight.element_size()) % 16 and not weight.data_ptr() % 16
 
 
-def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) -> [..., N]."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
+    [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
+    parts are summed)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()   # TMA: 16-byte aligned base and row stride
+    x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
     if rows > MAX_ROWS or not tiling.fits(n, k):
         raise ValueError(f"{tiling} does not take {rows} rows x K = {k} -> N = {n}")
-    block_m = max(16, triton.next_power_of_2(rows))
+    res = residual.reshape(rows, n).contiguous() if residual is not None else x2   # any pointer when unused
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     out = y if tiling.split_k == 1 else torch.empty((tiling.split_k, rows, n), dtype=torch.float32, device=x.device)
+    block_m = tma_block_rows(rows)
     _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](
-        TensorDescriptor.from_tensor(x2, [block_m, tiling.block_k]),
-        TensorDescriptor.from_tensor(weight, [tiling.block_n, tiling.block_k]), out, rows, n, K=k,
-        BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k,
-        STAGES=tiling.stages, num_warps=tiling.num_warps)
+        tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
+        out, res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
     if tiling.split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024)
+        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
+                                                           HAS_RESIDUAL=residual is not None)
     return y.view(*lead, n)
+
+
+def tma_rows(x2: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] as TMA reads it: a 16-byte aligned base and row stride (else a contiguous copy)."""
+    if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16 or x2.data_ptr() % 16:
+        return x2.contiguous()
+    return x2
+
+
+def tma_block_rows(rows: int) -> int:
+    """The x tile's rows (the MMA's N side): a power of two >= 16; TMA fills the rows past M with zeros."""
+    return max(16, triton.next_power_of_2(rows))
+
+
+def tma_descriptor(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, block)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
@@ -198,7 +224,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: SkinnyTiling,
         K=k, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         HAS_SCALE=scale is not None, SPLIT_K=tiling.split_k, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if tiling.split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024)
+        _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, out, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024)
     return y.view(*lead, n)
 
 

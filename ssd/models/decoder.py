@@ -1,6 +1,8 @@
 """Llama-3.x / Qwen2 / Qwen3 decoder (one implementation; the families differ in qkv bias and q/k norm)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -12,6 +14,9 @@ from ssd.layers.layernorm import RMSNorm
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ssd.layers.rotary import RotaryEmbedding
 from ssd.models.model_config import ModelArch
+
+if TYPE_CHECKING:   # Triton is imported only where the fused kernels run
+    from ssd.layers.norm_fusion import NormFusion
 
 
 class Attention(nn.Module):
@@ -30,8 +35,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
-        batch, seq = x.shape[:2]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), rope, ctx))
+
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
+        """qkv [B, T, (Hq + 2 Hkv) D] -> attention output before o_proj [B, T, Hq D]."""
+        batch, seq = qkv.shape[:2]
+        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -47,10 +56,8 @@ class Attention(nn.Module):
                                                   ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index)
         scale = self.head_dim ** -0.5
         if fused:
-            out = cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv)
-        else:
-            out = cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
-        return self.o_proj(out)
+            return cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv)
+        return cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
 
 
 class MLP(nn.Module):
@@ -82,6 +89,15 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_fused(self, h: torch.Tensor, rope, ctx: ForwardContext, fusion: NormFusion) -> torch.Tensor:
+        """The same layer on the residual stream h (its input whole, no separate residual): the norms,
+        the residual adds and the SiLU run inside the products (ssd.layers.norm_fusion)."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv = fusion.norm_linear(h, self.input_layernorm, attn.qkv_proj)
+        h = fusion.linear_residual(attn.attend(qkv, rope, ctx), attn.o_proj, h)
+        act = fusion.norm_gated_linear(h, self.post_attention_layernorm, mlp.gate_up_proj)
+        return fusion.linear_residual(act, mlp.down_proj, h)
+
 
 class DecoderModel(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPGroup, max_positions: int, kernels: Kernels):
@@ -90,10 +106,16 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, i, tp, kernels) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels)
         self.rotary = RotaryEmbedding(arch.hf_config, max_positions)
+        self.kernels, self.tensor_parallel = kernels, tp.size > 1
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(ctx.positions)
+        fusion = None if self.tensor_parallel else self.kernels.norm_fusion
+        if fusion is not None and fusion.applies(x):
+            for layer in self.layers:
+                x = layer.forward_fused(x, rope, ctx, fusion)
+            return self.norm(x)
         for layer in self.layers:
             x, residual = layer(x, residual, rope, ctx)
         x, _ = self.norm(x, residual)

@@ -1,0 +1,189 @@
+"""A decoder layer's RMSNorms, residual adds and SiLU inside its few-row products (Hopper, TMA).
+
+At a 1B draft's tree step (21 rows) a layer is ~10 kernels and the small ones cost ~2 us each on
+an H200 however little they compute: add + RMSNorm twice, SiLU * up once. Here they disappear into
+the TMA product of ssd.layers.triton_linear (weight tile on the MMA's M side):
+
+    qkv = norm(h) Wqkv^T (+ b)         1 / rms(h) from the same h tiles the product reads, applied
+                                       to the sums; the norm's gain g is folded into the weight once
+                                       (W[:, k] g[k], fold_gains), so h goes from TMA to the MMA as is
+    h   = attention(qkv) Wo^T + h      the residual added in the epilogue (or as split-K parts are summed)
+    a   = silu(norm(h) Wg^T) * norm(h) Wu^T   gate and up tiles of the same columns in one program
+    h   = a Wd^T + h
+
+so the hidden state is one residual stream h with no separate norm, add or SiLU kernel. The
+numbers differ from the unfused chain by bf16 rounding only (the folded weight rounds once more,
+each product rounds once where the chain rounds h / rms, then * g, then the product; the unfused
+chain, which runs where the fused one does not — more rows —, uses the same folded weights with
+gains of 1). Tensor-parallel layers keep the unfused chain (a row-parallel product is all-reduced
+before the add) and their gains.
+
+Which tiling runs is measured per (op, rows, weight shape) when a shape is first seen outside
+CUDA-graph capture, as MeasuredLinear does; a shape no tiling takes runs the unfused chain.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, streaming_time_us, tma_aligned,
+                                      tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
+
+log = logging.getLogger(__name__)
+
+# gate/up's programs stream two weight tiles per step: the 6-stage tiling does not fit shared memory there
+NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(64, 128, 3), TmaTiling(128, 128, 4),
+                       TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
+
+
+@triton.jit
+def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] = (x / rms(x)) W^T (+ b), as (W x^T)^T / rms(x) (the
+    weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0;
+    the x tile feeds the MMA from shared memory, its squares are summed beside it). GATED: W is
+    [Wg; Wu] (2N rows) and y = silu(x Wg^T / rms) * x Wu^T / rms, the gate and up tiles of the same
+    columns streamed side by side."""
+    n0 = tl.program_id(0) * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = x_desc.load([0, k0])
+        xf = x.to(tl.float32)
+        sum_sq += tl.sum(xf * xf, axis=1)
+        acc = tl.dot(w_desc.load([n0, k0]), x.T, acc)
+        if GATED:
+            acc_up = tl.dot(w_desc.load([N + n0, k0]), x.T, acc_up)
+    inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    out = acc * inv_rms
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+    if GATED:
+        out = out * tl.sigmoid(out) * (acc_up * inv_rms)
+    tl.store(y_ptr + rm[None, :] * N + rn[:, None], out.to(y_ptr.dtype.element_ty), mask=rm[None, :] < M)
+
+
+def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: TmaTiling,
+                    bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """rms_norm(x, gain, eps) W^T (+ bias) in one kernel, for weight = W with the gain folded in
+    (W[:, k] gain[k]); gated: weight is [gate; up] (2N x K) and the result silu(gate) * up [..., N].
+    x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = tma_rows(x.reshape(-1, k))
+    rows, n = x2.shape[0], weight.shape[0] // (2 if gated else 1)
+    if rows > MAX_ROWS or tiling.split_k != 1 or not tiling.fits(n, k) or (gated and bias is not None):
+        raise ValueError(f"{tiling} does not take {rows} rows x K = {k} -> N = {n} (gated={gated})")
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block_m = tma_block_rows(rows)
+    _tma_norm_matmul_kernel[(n // tiling.block_n,)](
+        tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
+        bias if bias is not None else y, y, rows, n, eps, K=k, BLOCK_M=block_m,
+        BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
+        HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
+    return y.view(*lead, n)
+
+
+@dataclass
+class NormFusion:
+    """The fused ops of a decoder layer, each taking the layer's own modules: a shape no tiling takes
+    (or an fp8 / tensor-parallel layer) runs those modules unfused, with the same result up to
+    rounding. One per model (the choices are its own)."""
+    silu_and_mul: Callable             # the unfused gate/up's activation (Kernels.silu_and_mul)
+    norm_tilings: tuple[TmaTiling, ...] = NORM_TMA_CANDIDATES
+    residual_tilings: tuple[TmaTiling, ...] = TMA_CANDIDATES
+    any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
+    choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
+    measuring_s: float = 0.0
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether a forward of x (its rows) runs the fused layers."""
+        rows = x.numel() // x.shape[-1]
+        if not 0 < rows <= MAX_ROWS:
+            return False
+        return self.any_device or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tma_available(x.device))
+
+    @torch.no_grad()
+    def fold_gains(self, model: nn.Module) -> None:
+        """Each decoder layer's two RMSNorm gains into the weights of the products they feed (qkv,
+        gate/up: W[:, k] g[k], rounded once), the gains then all ones. Before any quantization."""
+        for layer in model.model.layers:
+            for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                linear.weight.copy_(linear.weight.float() * norm.weight.float()[None, :])
+                norm.weight.fill_(1.0)
+                norm.gain_folded = True
+
+    def norm_linear(self, h: torch.Tensor, norm: nn.Module, linear: nn.Module) -> torch.Tensor:
+        """linear(norm(h))."""
+        unfused = lambda: linear(norm(h))  # noqa: E731
+        if not norm.gain_folded:
+            return unfused()
+        return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias),
+                         unfused, self.norm_tilings)
+
+    def norm_gated_linear(self, h: torch.Tensor, norm: nn.Module, gate_up: nn.Module) -> torch.Tensor:
+        """silu(gate) * up of gate_up(norm(h))."""
+        unfused = lambda: self.silu_and_mul(gate_up(norm(h)))  # noqa: E731
+        if not norm.gain_folded:
+            return unfused()
+        return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True),
+                         unfused, self.norm_tilings)
+
+    def linear_residual(self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        """linear(x) + residual."""
+        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual),
+                         lambda: linear(x) + residual, self.residual_tilings)
+
+    def _run(self, op: str, x: torch.Tensor, module: nn.Module, fused: Callable, unfused: Callable,
+             tilings: tuple[TmaTiling, ...]) -> torch.Tensor:
+        weight = module.weight
+        tensor_parallel = getattr(module, "tp", None) is not None and module.tp.size > 1
+        if weight.dtype != x.dtype or tensor_parallel or (op != "norm" and module.bias is not None):
+            return unfused()
+        key = (op, x.numel() // x.shape[-1], *weight.shape, x.dtype)
+        if key not in self.choices:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():   # no timing inside a capture
+                return unfused()
+            start = time.perf_counter()
+            self.choices[key] = self._measure(fused, unfused, tilings, weight)
+            self.measuring_s += time.perf_counter() - start
+        tiling = self.choices[key]
+        return unfused() if tiling is None else fused(weight, tiling)
+
+    @staticmethod
+    def _measure(fused: Callable, unfused: Callable, tilings: tuple[TmaTiling, ...],
+                 weight: torch.Tensor) -> TmaTiling | None:
+        """The fastest tiling whose result agrees with the unfused chain (None: no tiling does)."""
+        if not tma_aligned(weight):
+            return None
+        reference = unfused().float()
+        tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding
+        agreeing = []
+        for tiling in tilings:
+            try:
+                if (fused(weight, tiling).float() - reference).abs().max().item() <= tolerance:
+                    agreeing.append(tiling)
+                else:
+                    log.warning("%s disagrees with the unfused layer at %s: not used", tiling, tuple(weight.shape))
+            except Exception as exc:   # does not fit the shape, or shared memory
+                log.debug("%s failed at %s: %s", tiling, tuple(weight.shape), exc)
+        if len(agreeing) <= 1:
+            return agreeing[0] if agreeing else None
+        times = {tiling: streaming_time_us(lambda w, t=tiling: fused(w, t), weight) for tiling in agreeing}
+        return min(times, key=times.get)
+
+    def summary(self) -> str:
+        fused = sum(tiling is not None for tiling in self.choices.values())
+        return (f"{len(self.choices)} fused-norm shapes measured in {self.measuring_s:.1f} s "
+                f"({fused} fused, {len(self.choices) - fused} unfused)")

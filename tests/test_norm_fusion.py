@@ -1,0 +1,119 @@
+"""A decoder layer with its RMSNorms, residual adds and SiLU inside the TMA products (run here under
+Triton's CPU interpreter) computes what the unfused layer does: each kernel against the unfused
+chain, and whole tiny models (bias, q/k norm, tied head) against the same model unfused."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from ssd.distributed.tp_group import TPGroup  # noqa: E402
+from ssd.engine.model_runner import ModelRunner  # noqa: E402
+from ssd.engine.runner_config import RunnerConfig  # noqa: E402
+from ssd.layers.kernels import silu_and_mul  # noqa: E402
+from ssd.layers.layernorm import RMSNorm, rms_norm  # noqa: E402
+from ssd.layers.norm_fusion import NormFusion, tma_norm_linear  # noqa: E402
+from ssd.layers.triton_linear import TmaTiling, tma_linear  # noqa: E402
+from tiny_models import make_checkpoint  # noqa: E402
+
+EPS = 1e-5
+TILING = TmaTiling(64, 64, 2)
+
+
+def operands(rows, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(rows, k, generator=g)            # not unit scale: the norm must matter
+    return x, torch.randn(n, k, generator=g) / k ** 0.5, torch.rand(k, generator=g) + 0.5, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 21, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_linear_is_the_product_of_the_normed_rows(rows, bias):
+    x, weight, g, b = operands(rows, 128, 256, rows)
+    b = b if bias else None
+    out = tma_norm_linear(x, EPS, weight * g, TILING, b)      # the gain folded into the weight
+    torch.testing.assert_close(out, F.linear(rms_norm(x, g, EPS), weight, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 21, 64])
+def test_gated_norm_linear_is_silu_of_gate_times_up(rows):
+    x, weight, g, _ = operands(rows, 2 * 128, 192, rows)      # [gate; up], 128 columns each
+    out = tma_norm_linear(x, EPS, weight * g, TILING, gated=True)
+    assert out.shape == (rows, 128)
+    torch.testing.assert_close(out, silu_and_mul(F.linear(rms_norm(x, g, EPS), weight)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 21])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_residual_is_added_in_the_epilogue_or_with_the_split_sums(rows, split_k):
+    x, weight, _, _ = operands(rows, 128, 256, split_k)
+    residual = torch.randn(rows, 128, generator=torch.Generator().manual_seed(9))
+    out = tma_linear(x, weight, TmaTiling(64, 32, 2, split_k), residual)
+    torch.testing.assert_close(out, F.linear(x, weight) + residual, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("width,folded", [(96, True), (128, False)], ids=["no-tiling-fits", "gain-not-folded"])
+def test_what_cannot_run_fused_runs_unfused(width, folded):
+    """K = 96 is no multiple of the tiling's 64: the unfused chain, remembered as such; a norm whose
+    gain is not folded into the weight is never fused."""
+    fusion = NormFusion(silu_and_mul, norm_tilings=(TILING,), any_device=True)
+    linear, norm = torch.nn.Linear(width, 128, bias=False), RMSNorm(width, EPS)
+    norm.weight.data, norm.gain_folded = torch.rand(width) + 0.5, folded
+    x = torch.randn(3, width)
+    torch.testing.assert_close(fusion.norm_linear(x, norm, linear), linear(norm(x)))
+    assert list(fusion.choices.values()) == ([None] if folded else [])
+
+
+SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def fusable_checkpoints(tmp_path_factory):
+    """Widths the test tiling divides (TMA tiles of 64 columns x 64 of K)."""
+    root = tmp_path_factory.mktemp("fusable")
+    return {family: make_checkpoint(family, root / family, **SIZES) for family in ("llama", "qwen2", "qwen3")}
+
+
+def fused_runner(path) -> tuple[ModelRunner, NormFusion]:
+    runner = ModelRunner(RunnerConfig(model=str(path), max_len=128, num_slots=2), TPGroup())
+    fusion = NormFusion(silu_and_mul, norm_tilings=(TILING,), residual_tilings=(TILING,), any_device=True)
+    for module in runner.model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = dataclasses.replace(module.kernels, norm_fusion=fusion)
+    fusion.fold_gains(runner.model)   # as build_model does where the fusion is on
+    return runner, fusion
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_model_matches_the_unfused_model(fusable_checkpoints, family):
+    """Prefill of 9 tokens and 4 greedy decode steps: the same logits (up to float rounding), the
+    same tokens; every op of every layer ran fused (no shape fell back to the unfused chain)."""
+    path = fusable_checkpoints[family]
+    (fused, fusion), plain = fused_runner(path), ModelRunner(RunnerConfig(model=str(path), max_len=128), TPGroup())
+    prompt = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8, 9]])
+    tokens = {}
+    for name, runner in (("fused", fused), ("plain", plain)):
+        ids, length, out, all_logits = prompt, prompt.shape[1], [], []
+        positions = torch.arange(length)[None]
+        for _ in range(5):
+            logits = runner.forward(ids, positions, int(positions.max()) + 1)[:, -1]
+            all_logits.append(logits)
+            out.append(int(logits.argmax(-1)))
+            ids, positions = torch.tensor([[out[-1]]]), positions[:, -1:] + 1
+        tokens[name] = (out, torch.cat(all_logits))
+    torch.testing.assert_close(tokens["fused"][1], tokens["plain"][1], rtol=1e-4, atol=1e-4)
+    assert tokens["fused"][0] == tokens["plain"][0]
+    assert fusion.choices and all(tiling == TILING for tiling in fusion.choices.values())
+    assert {key[:2] for key in fusion.choices} == {(op, rows) for op in ("norm", "gated", "residual") for rows in (9, 1)}
+
+
+def test_more_rows_than_the_kernel_takes_run_the_unfused_layers(fusable_checkpoints):
+    """... with the folded weights and gains of 1: the model's own logits."""
+    path = fusable_checkpoints["llama"]
+    (runner, fusion), plain = fused_runner(path), ModelRunner(RunnerConfig(model=str(path), max_len=128), TPGroup())
+    ids, positions = torch.arange(3, 73)[None], torch.arange(70)[None]     # 70 rows > MAX_ROWS
+    torch.testing.assert_close(runner.forward(ids, positions, 70), plain.forward(ids, positions, 70),
+                               rtol=1e-4, atol=1e-4)
+    assert fusion.choices == {}
