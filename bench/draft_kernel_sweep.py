@@ -15,7 +15,6 @@ all-dynamic, automatic-dynamic and static shapes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
@@ -373,7 +372,6 @@ def fusion_sweep(calls: int) -> list[dict]:
     rows, device, dtype, eps = [], torch.device("cuda"), torch.bfloat16, 1e-5
     add_norm, silu = torch.compile(layer_kernels.add_rms_norm), torch.compile(layer_kernels.silu_and_mul)
     gain = torch.rand(HIDDEN, device=device, dtype=dtype) + 0.5
-    counters = torch.zeros(4096, dtype=torch.int32, device=device)
     for m in (ROWS["window_b1"], ROWS["tree_b1"]):
         h, residual = (torch.randn(m, HIDDEN, device=device, dtype=dtype) for _ in range(2))
         for name in BEST_TMA:
@@ -387,10 +385,7 @@ def fusion_sweep(calls: int) -> list[dict]:
                          for t in NORM_TMA_CANDIDATES}
             else:
                 chain = lambda: tma_linear(x, weight(), BEST_TMA[name])  # noqa: E731
-                splits = [t for t in TMA_TILINGS if t.split_k > 1]
-                fused = {t: (lambda t=t: tma_linear(x, weight(), t, residual, counters))
-                         for t in [*TMA_TILINGS, *(dataclasses.replace(t, in_kernel_sum=True) for t in splits)]
-                         if t.fits(*shape)}
+                fused = {t: (lambda t=t: tma_linear(x, weight(), t, residual)) for t in TMA_TILINGS if t.fits(*shape)}
             candidates = {"chain": (lambda: silu(chain())) if gated else chain, **fused}
             for variant, fn in candidates.items():
                 result = guarded(f"fusion {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})

@@ -23,7 +23,6 @@ CUDA-graph capture, as MeasuredLinear does; a shape no tiling takes runs the unf
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,10 +38,6 @@ from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, strea
 
 log = logging.getLogger(__name__)
 
-# o / down: also the split-K tilings with their parts summed in the kernel (no second kernel)
-RESIDUAL_TMA_CANDIDATES = TMA_CANDIDATES + tuple(dataclasses.replace(t, in_kernel_sum=True)
-                                                 for t in TMA_CANDIDATES if t.split_k > 1)
-COUNTERS = 4096   # column blocks of one product at most (in_kernel_sum): N <= 4096 * block_n
 # gate/up's programs stream two weight tiles per step: the 6-stage tiling does not fit shared memory there
 NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(64, 128, 3), TmaTiling(128, 128, 4),
                        TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
@@ -106,13 +101,10 @@ class NormFusion:
     rounding. One per model (the choices are its own)."""
     silu_and_mul: Callable             # the unfused gate/up's activation (Kernels.silu_and_mul)
     norm_tilings: tuple[TmaTiling, ...] = NORM_TMA_CANDIDATES
-    residual_tilings: tuple[TmaTiling, ...] = RESIDUAL_TMA_CANDIDATES
+    residual_tilings: tuple[TmaTiling, ...] = TMA_CANDIDATES
     any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
-    # in_kernel_sum's column-block counters, one zeroed block per device, made outside any capture
-    # (the model's products run one after the other on its stream: they share it)
-    counters: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether a forward of x (its rows) runs the fused layers."""
@@ -150,9 +142,7 @@ class NormFusion:
 
     def linear_residual(self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
         """linear(x) + residual."""
-        if x.device not in self.counters and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self.counters[x.device] = torch.zeros(COUNTERS, dtype=torch.int32, device=x.device)
-        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual, self.counters[x.device]),
+        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual),
                          lambda: linear(x) + residual, self.residual_tilings)
 
     def _run(self, op: str, x: torch.Tensor, module: nn.Module, fused: Callable, unfused: Callable,

@@ -95,8 +95,12 @@ def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BL
     is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them and the
     residual); else HAS_RESIDUAL adds res [M, N] to the product here."""
     n0 = tl.program_id(0) * BLOCK_N
-    acc = _tma_product(x_desc, w_desc, n0, tl.program_id(1) * (K // SPLIT_K), K // SPLIT_K, BLOCK_M, BLOCK_N,
-                       BLOCK_K, STAGES)
+    k_start = tl.program_id(1) * (K // SPLIT_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(0, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
+        w = w_desc.load([n0, k_start + k0])
+        x = x_desc.load([0, k_start + k0])
+        acc = tl.dot(w, x.T, acc)
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     if HAS_RESIDUAL:
@@ -104,44 +108,6 @@ def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BL
             acc += tl.load(res_ptr + rm[None, :] * N + rn[:, None], mask=rm[None, :] < M, other=0.0).to(tl.float32)
     y = y_ptr + tl.program_id(1) * M * N + rm[None, :] * N + rn[:, None]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rm[None, :] < M)
-
-
-@triton.jit
-def _tma_product(x_desc, w_desc, n0, k_start, K_PART: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """(W[n0 : n0+BLOCK_N, k_start : k_start+K_PART] x[:, same]^T) as float32 [BLOCK_N, BLOCK_M]."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in tl.range(0, K_PART, BLOCK_K, num_stages=STAGES):
-        w = w_desc.load([n0, k_start + k0])
-        x = x_desc.load([0, k_start + k0])
-        acc = tl.dot(w, x.T, acc)
-    return acc
-
-
-@triton.jit
-def _tma_matmul_summed_kernel(x_desc, w_desc, y_ptr, res_ptr, part_ptr, count_ptr, M, N, K: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              SPLIT_K: tl.constexpr, STAGES: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """_tma_matmul_kernel's split-K with no second kernel: each program writes its float32 part
-    [SPLIT_K, M, N] and counts itself in its column block's counter (count_ptr, int32, zero); the
-    last of the block to arrive sums the parts (+ res) into y and sets the counter back to zero."""
-    block, split = tl.program_id(0), tl.program_id(1)
-    acc = _tma_product(x_desc, w_desc, block * BLOCK_N, split * (K // SPLIT_K), K // SPLIT_K, BLOCK_M, BLOCK_N,
-                       BLOCK_K, STAGES)
-    rm = tl.arange(0, BLOCK_M)
-    rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    at, rows_ok = rm[None, :] * N + rn[:, None], rm[None, :] < M
-    tl.store(part_ptr + split * M * N + at, acc, mask=rows_ok)
-    tl.debug_barrier()   # every thread's part is written before the program counts itself (release)
-    arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:   # the last: the other parts are visible (acquire); read past L1
-        total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(part_ptr + s * M * N + at, mask=rows_ok, other=0.0, cache_modifier=".cg")
-        if HAS_RESIDUAL:
-            total += tl.load(res_ptr + at, mask=rows_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + at, total.to(y_ptr.dtype.element_ty), mask=rows_ok)
-        tl.atomic_xchg(count_ptr + block, 0)
 
 
 @dataclass(frozen=True)
@@ -176,7 +142,6 @@ class TmaTiling:
     stages: int
     split_k: int = 1
     num_warps: int = 4
-    in_kernel_sum: bool = False   # split-K parts summed by the last program of a column block (needs counters)
 
     def fits(self, n: int, k: int) -> bool:
         return n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
@@ -199,30 +164,23 @@ def tma_aligned(weight: torch.Tensor) -> bool:
 
 
 def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
-               residual: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
     [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
-    parts are summed); counters: int32 zeros, at least N / block_n (tiling.in_kernel_sum; left zero;
-    not shared by products that may run at the same time)."""
+    parts are summed)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
     if rows > MAX_ROWS or not tiling.fits(n, k):
         raise ValueError(f"{tiling} does not take {rows} rows x K = {k} -> N = {n}")
-    if tiling.in_kernel_sum and (counters is None or counters.numel() < n // tiling.block_n):
-        raise ValueError(f"{tiling} needs {n // tiling.block_n} counters")
     res = residual.reshape(rows, n).contiguous() if residual is not None else x2   # any pointer when unused
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     out = y if tiling.split_k == 1 else torch.empty((tiling.split_k, rows, n), dtype=torch.float32, device=x.device)
     block_m = tma_block_rows(rows)
-    descriptors = tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k])
-    meta = dict(K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k,
-                STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
-    if tiling.in_kernel_sum and tiling.split_k > 1:
-        _tma_matmul_summed_kernel[(n // tiling.block_n, tiling.split_k)](*descriptors, y, res, out, counters, rows, n,
-                                                                          **meta)
-        return y.view(*lead, n)
-    _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](*descriptors, out, res, rows, n, **meta)
+    _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](
+        tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
+        out, res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
     if tiling.split_k > 1:
         _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
                                                            HAS_RESIDUAL=residual is not None)
