@@ -51,8 +51,9 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     if cfg.head_vocabulary is not None:   # before fp8: the kept rows are what gets quantized
         model.lm_head.restrict_vocabulary(torch.tensor(cfg.head_vocabulary, dtype=torch.int64, device=device))
         log.info("LM head restricted to %d of %d tokens", len(cfg.head_vocabulary), arch.vocab_size)
-    if kernels.norm_fusion is not None and tp.size == 1:   # before fp8: the folded weights get quantized
-        kernels.norm_fusion.fold_gains(model)
+    fusion = kernels.norm_fusion
+    if fusion is not None and tp.size == 1 and fusion.runs_on(device):   # before fp8: the folded weights get quantized
+        fusion.fold_gains(model)
     if cfg.weight_quant == "fp8":
         # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -110,9 +111,10 @@ class ModelRunner:
         return getattr(self.model.kernels.linear, "measuring_wide", contextlib.nullcontext)()
 
     def linear_summary(self) -> str:
-        """What the measured linear layers chose so far ('' where they are plain F.linear)."""
-        summary = getattr(self.model.kernels.linear, "summary", None)
-        return f"; {summary()}" if summary else ""
+        """What the measured linear layers and the norm fusion chose so far ('' where neither runs)."""
+        kernels = self.model.kernels
+        parts = [part.summary() for part in (kernels.linear, kernels.norm_fusion) if hasattr(part, "summary")]
+        return "".join(f"; {part}" for part in parts)
 
     # ---- the forward itself (identical on every rank) ----
     @torch.inference_mode()

@@ -106,12 +106,16 @@ class NormFusion:
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
 
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether the fused kernels run on this device (fold_gains is worth it there)."""
+        return self.any_device or tma_available(device)
+
     def applies(self, x: torch.Tensor) -> bool:
         """Whether a forward of x (its rows) runs the fused layers."""
         rows = x.numel() // x.shape[-1]
         if not 0 < rows <= MAX_ROWS:
             return False
-        return self.any_device or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and tma_available(x.device))
+        return self.any_device or (x.dtype in (torch.bfloat16, torch.float16) and tma_available(x.device))
 
     @torch.no_grad()
     def fold_gains(self, model: nn.Module) -> None:
