@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator)
+#    qwen | coordinator | fusion | wide)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
@@ -94,6 +94,23 @@ case $part in
   profile) timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 \
              --out "$out/decode_profile_llama8b.json" > "$out/decode_profile.log" 2>&1
            grep -E "roofline|Error" "$out/decode_profile.log" ;;
+  fusion)  # a layer's norms / residual adds / SiLU inside its few-row products (ssd.layers.norm_fusion), per op
+           # and in the round (arms interleaved), B <= 2
+           timeout 100 python bench/draft_kernel_sweep.py --parts fusion --out "$out/fusion_sweep.json" \
+             > "$out/fusion_sweep.log" 2>&1
+           grep -E "fusion .* m=[0-9]+:|Error" "$out/fusion_sweep.log" | cut -c1-300
+           timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 2 --warmup 3 \
+             --iters 20 --linear measured-without-fusion measured measured-without-fusion measured \
+             --out "$out/draft_round_llama1b_fusion.json" > "$out/round_fusion.log" 2>&1
+           grep -E "batch|Error|error" "$out/round_fusion.log" | cut -c1-400 ;;
+  wide)    # the TMA product in tiles of rows at the B = 16 shapes (112 / 336 rows) against F.linear, then
+           # the B = 16 round without and with the TMA tilings among the measured linear's candidates
+           timeout 150 python bench/draft_kernel_sweep.py --parts tma --out "$out/tma_sweep.json" > "$out/tma_sweep.log" 2>&1
+           grep -E "tma gemm .*best|Error" "$out/tma_sweep.log" | cut -c1-300
+           timeout 400 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 16 --warmup 3 \
+             --iters 20 --linear measured-without-tma measured measured-without-tma measured \
+             --out "$out/draft_round_llama1b_wide_tma.json" > "$out/round_wide.log" 2>&1
+           grep -E "batch|Error|error" "$out/round_wide.log" | cut -c1-400 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
