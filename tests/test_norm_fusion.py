@@ -117,3 +117,16 @@ def test_more_rows_than_the_kernel_takes_run_the_unfused_layers(fusable_checkpoi
     torch.testing.assert_close(runner.forward(ids, positions, 70), plain.forward(ids, positions, 70),
                                rtol=1e-4, atol=1e-4)
     assert fusion.choices == {}
+
+
+def test_folding_multiplies_each_weight_column_by_its_gain(fusable_checkpoints, monkeypatch):
+    """In row chunks (a small FOLD_ROWS here); the gains become ones."""
+    from ssd.layers import norm_fusion
+    monkeypatch.setattr(norm_fusion, "FOLD_ROWS", 7)
+    runner = ModelRunner(RunnerConfig(model=str(fusable_checkpoints["qwen2"]), max_len=128), TPGroup())
+    layer = runner.model.model.layers[0]
+    expected = layer.mlp.gate_up_proj.weight * layer.post_attention_layernorm.weight[None, :]
+    NormFusion(silu_and_mul).fold_gains(runner.model)
+    torch.testing.assert_close(layer.mlp.gate_up_proj.weight, expected)
+    assert torch.equal(layer.post_attention_layernorm.weight, torch.ones_like(layer.post_attention_layernorm.weight))
+    assert layer.input_layernorm.gain_folded and layer.post_attention_layernorm.gain_folded

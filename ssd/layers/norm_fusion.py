@@ -38,6 +38,7 @@ from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, strea
 
 log = logging.getLogger(__name__)
 
+FOLD_ROWS = 4096   # weight rows widened to float32 at a time while folding the gains
 # gate/up's programs stream two weight tiles per step: the 6-stage tiling does not fit shared memory there
 NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(64, 128, 3), TmaTiling(128, 128, 4),
                        TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
@@ -124,7 +125,9 @@ class NormFusion:
         for layer in model.model.layers:
             for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
                                  (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
-                linear.weight.copy_(linear.weight.float() * norm.weight.float()[None, :])
+                gain = norm.weight.float()[None, :]
+                for rows in linear.weight.split(FOLD_ROWS):   # bounds the float32 temporary
+                    rows.copy_(rows.float() * gain)
                 norm.weight.fill_(1.0)
                 norm.gain_folded = True
 
