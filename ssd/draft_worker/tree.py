@@ -268,6 +268,8 @@ class BranchGraphs:
         self.sampling = {b: SamplingTensors.from_params([SamplingParams(temperature=1.0)] * b, runner.device, 0)
                          for b in pool.buckets}
         self.graphs: dict[tuple[str, int, int], tuple] = {}
+        log.info("capturing %d tree graphs (new shapes' kernels timed first)",
+                 len(self.MODES) * len(pool.attend_lens) * len(pool.buckets))
         for mode in self.MODES:
             for attend_len in reversed(pool.attend_lens):
                 for bucket in reversed(pool.buckets):

@@ -39,6 +39,8 @@ class GraphPool:
         self.attend_lens = sorted({runner.attend_bucket(n) for n in _powers_of_two(runner.max_len)})
         self.pool = None
         self.graphs: dict[tuple[int, int, int], CapturedForward] = {}
+        log.info("capturing %d CUDA graphs; kernels are timed per new shape first (on a fresh machine Triton "
+                 "compiles them too: up to a minute)", len(self.buckets) * len(self.widths) * len(self.attend_lens))
         for attend_len in reversed(self.attend_lens):  # largest first: smaller graphs reuse its memory
             for width in reversed(self.widths):
                 for bucket in reversed(self.buckets):
