@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, streaming_time_us, tma_aligned,
+from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing, tma_aligned,
                                       tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,8 @@ class NormFusion:
     def applies(self, x: torch.Tensor) -> bool:
         """Whether a forward of x (its rows) runs the fused layers."""
         rows = x.numel() // x.shape[-1]
-        if not 0 < rows <= MAX_ROWS:
-            return False
-        return self.any_device or (x.dtype in (torch.bfloat16, torch.float16) and tma_available(x.device))
+        return 0 < rows <= MAX_ROWS and self.runs_on(x.device) and (
+            self.any_device or x.dtype in (torch.bfloat16, torch.float16))
 
     @torch.no_grad()
     def fold_gains(self, model: nn.Module) -> None:
@@ -174,21 +173,8 @@ class NormFusion:
         """The fastest tiling whose result agrees with the unfused chain (None: no tiling does)."""
         if not tma_aligned(weight):
             return None
-        reference = unfused().float()
-        tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding
-        agreeing = []
-        for tiling in tilings:
-            try:
-                if (fused(weight, tiling).float() - reference).abs().max().item() <= tolerance:
-                    agreeing.append(tiling)
-                else:
-                    log.warning("%s disagrees with the unfused layer at %s: not used", tiling, tuple(weight.shape))
-            except Exception as exc:   # does not fit the shape, or shared memory
-                log.debug("%s failed at %s: %s", tiling, tuple(weight.shape), exc)
-        if len(agreeing) <= 1:
-            return agreeing[0] if agreeing else None
-        times = {tiling: streaming_time_us(lambda w, t=tiling: fused(w, t), weight) for tiling in agreeing}
-        return min(times, key=times.get)
+        return fastest_agreeing({tiling: (lambda w, t=tiling: fused(w, t)) for tiling in tilings},
+                                unfused().float(), weight)
 
     def summary(self) -> str:
         fused = sum(tiling is not None for tiling in self.choices.values())

@@ -354,21 +354,37 @@ class MeasuredLinear:
             x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
                                for algorithm in lt.algorithms(x2, weight, lt_count)})
-        tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
-        times = {None: streaming_time_us(library, weight)}
-        for candidate, product in candidates.items():
-            try:
-                wrong = (product(weight).float().view_as(reference) - reference).abs().max().item() > tolerance
-                if wrong:  # a safety net: the interpreter tests pin the math
-                    log.warning("%s disagrees with F.linear at %s: not used", candidate, tuple(weight.shape))
-                    continue
-                times[candidate] = streaming_time_us(product, weight)
-            except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
-                log.debug("%s failed at %s: %s", candidate, tuple(weight.shape), exc)
-        best = min(times, key=times.get)
-        log.debug("linear rows=%d weight=%s %s: %s -> %s", rows, tuple(weight.shape), weight.dtype,
-                  {str(t): round(v, 2) for t, v in times.items()}, best)
+        best = fastest_agreeing(candidates, reference, weight, {None: streaming_time_us(library, weight)})
+        log.debug("linear rows=%d weight=%s %s -> %s", rows, tuple(weight.shape), weight.dtype, best)
         return best
+
+
+def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Tensor]], reference: torch.Tensor,
+                     weight: torch.Tensor, times: dict[object, float] | None = None):
+    """The fastest of `candidates` (key -> product(weight)) whose product agrees with `reference` up to
+    bf16 rounding, each timed by streaming_time_us against `times` (entries already timed: a baseline
+    to beat, whose key may win). Without a baseline a lone agreeing candidate is taken untimed; None:
+    nothing agreed."""
+    tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
+    agreeing = []
+    for key, product in candidates.items():
+        try:
+            if (product(weight).float().view_as(reference) - reference).abs().max().item() <= tolerance:
+                agreeing.append(key)
+            else:  # a safety net: the interpreter tests pin the math
+                log.warning("%s disagrees with the library / unfused result at %s: not used", key, tuple(weight.shape))
+        except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
+            log.debug("%s failed at %s: %s", key, tuple(weight.shape), exc)
+    times = dict(times or {})
+    if not times and len(agreeing) <= 1:
+        return agreeing[0] if agreeing else None
+    for key in agreeing:
+        try:
+            times[key] = streaming_time_us(candidates[key], weight)
+        except Exception as exc:
+            log.debug("%s failed at %s: %s", key, tuple(weight.shape), exc)
+    log.debug("timed at %s: %s", tuple(weight.shape), {str(k): round(v, 2) for k, v in times.items()})
+    return min(times, key=times.get) if times else None
 
 
 def streaming_time_us(product: Callable[[torch.Tensor], object], weight: torch.Tensor) -> float:
