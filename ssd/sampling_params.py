@@ -18,6 +18,15 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _as_tuple(value: object, kind: type) -> tuple | None:
+    """None -> (), one value -> (value,), a list or tuple -> a tuple; anything else -> None."""
+    if value is None:
+        return ()
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return (value,)
+    return tuple(value) if isinstance(value, (list, tuple)) else None
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request.
@@ -28,6 +37,11 @@ class SamplingParams:
     max_tokens: maximum number of generated tokens.
     seed: per-request seed; the same seed gives the same tokens whatever the batch.
     ignore_eos: keep generating after the end-of-sequence token.
+    stop: strings that end the request where its text first contains one (a string or a list); the
+        output text ends before it, the token ids with the token that completed it.
+    stop_token_ids: token ids that end the request (besides the model's EOS ids, also with
+        ignore_eos); the token stays in token_ids, its text is left out of the output text.
+    include_stop_str_in_output: keep the stop string / stop token's text in the output text.
     """
 
     temperature: float = 1.0
@@ -36,6 +50,9 @@ class SamplingParams:
     max_tokens: int = 64
     seed: int | None = None
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self._validate_temperature()
@@ -43,8 +60,10 @@ class SamplingParams:
         self._validate_top_p()
         self._validate_max_tokens()
         self._validate_seed()
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        self._validate_stops()
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def _validate_temperature(self) -> None:
         if not _is_real(self.temperature) or not math.isfinite(self.temperature):
@@ -73,6 +92,16 @@ class SamplingParams:
     def _validate_seed(self) -> None:
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+    def _validate_stops(self) -> None:
+        """stop / stop_token_ids as tuples (None, one string or id, or a list of them)."""
+        stop = _as_tuple(self.stop, str)
+        if stop is None or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        ids = _as_tuple(self.stop_token_ids, int)
+        if ids is None or not all(_is_int(t) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be a non-negative int or a list of them, got {self.stop_token_ids!r}")
+        self.stop, self.stop_token_ids = stop, ids
 
     @property
     def greedy(self) -> bool:

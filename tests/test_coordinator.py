@@ -8,17 +8,15 @@ import time
 
 import msgpack
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from ssd import LLM, SamplingParams
 from ssd.coordinator import Coordinator, CoordinatorDiedError, EngineDiedError, RequestRejectedError, StartupError
 from ssd.coordinator.admission import Admission
-from ssd.coordinator.detokenizer import IncrementalDetokenizer
+from ssd.engine.detokenizer import IncrementalDetokenizer
 from ssd.coordinator.messages import (PROTOCOL_VERSION, Abort, AddRequest, EngineFailed, EngineReady,
                                       GetTimings, OutputDelta, ProtocolError, RequestOutputs, RequestRejected,
                                       RoundDeltas, RoundTimings, Shutdown, Submit, TokenDelta, decode, encode)
-from tiny_models import make_checkpoint, perturbed_copy
+from tiny_models import add_word_tokenizer, make_checkpoint, perturbed_copy
 
 PROMPTS = [[5, 6, 7], [9] * 11, list(range(3, 30)), [40, 41], [3]]
 # different lengths, some stopping at EOS: requests finish at different rounds and others join
@@ -26,22 +24,11 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=i % 2 =
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
 
 
-def add_word_tokenizer(directory):
-    """Token i is the word "w<i>" (0-2: unk, bos, eos), with a one-line chat template."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("coordinator")
     target = make_checkpoint("qwen3", root / "target")  # qwen3: AutoTokenizer keeps the saved tokenizer
-    add_word_tokenizer(target)
+    add_word_tokenizer(target, CHAT_TEMPLATE)
     return {"target": target, "draft": perturbed_copy(target, root / "draft", noise=0.08)}
 
 
@@ -135,8 +122,7 @@ def test_incremental_detokenizer_never_emits_half_a_character():
     ids = list(text.encode())
     detokenizer = IncrementalDetokenizer(ByteTokenizer())
     pieces = [detokenizer.add(ids[i:i + 3]) for i in range(0, len(ids), 3)]
-    rest, full = detokenizer.finish()
-    assert "".join(pieces) + rest == full == text
+    assert "".join(pieces) == detokenizer.emitted == text
     assert not any("\ufffd" in piece for piece in pieces)
 
 
@@ -194,6 +180,27 @@ def test_streamed_deltas_concatenate_to_the_final_output(coordinator_for):
         assert "".join(d.new_text for d in mine) == output.text
         assert output.prompt == prompts[output.index]
         assert output.prompt_token_ids == PROMPTS[output.index]
+
+
+def test_stop_strings_through_the_coordinator_stream_nothing_of_the_stop(pair, coordinator_for):
+    """The engine ends a request at its stop string; the stream holds back text a stop string may
+    begin with, so no delta ever shows part of it, and the result equals LLM.generate's."""
+    coordinator = coordinator_for("ar", 3)
+    prompts = [" ".join(f"w{t}" for t in prompt) for prompt in PROMPTS[:3]]
+    long = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    words = [o.text.split() for o in coordinator.generate(prompts, long)]
+    stops = [" ".join(words[0][4:6]), [words[1][7] + " ", "w1000"], "no such words"]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=stop) for stop in stops]
+    deltas = list(coordinator.stream(prompts, params))
+    expected = direct_outputs(pair, "ar", 3, prompts, params)
+    for output in expected:
+        mine = [d for d in deltas if d.index == output.index]
+        streamed = "".join(d.new_text for d in mine)
+        assert streamed == output.text == mine[-1].output.text
+        assert mine[-1].output.token_ids == output.token_ids
+        assert mine[-1].output.stop_reason == output.stop_reason
+    assert [o.finish_reason for o in expected] == ["stop", "stop", "length"]
+    assert expected[0].stop_reason == stops[0] and not any(stops[0] in d.new_text for d in deltas)
 
 
 def test_chat_prompts_go_through_the_chat_template(coordinator_for):

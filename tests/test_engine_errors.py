@@ -74,3 +74,16 @@ def test_srun_task_count_that_does_not_fit_the_layout_is_refused(tiny_checkpoint
     with pytest.raises(ValueError, match=rf"rank 0 of {tasks} processes, but this configuration runs 2 "
                                          r"\(1 target rank\(s\) \+ 1 draft rank\)"):
         LLM(checkpoint, draft=checkpoint, num_speculative_tokens=2, async_spec=True, max_model_len=64)
+
+
+def test_two_engines_in_one_process(tiny_checkpoints):
+    """A second engine with worker processes is refused while the first runs; one without workers
+    runs beside it and, shut down, leaves the first's process group alone."""
+    path, greedy = str(tiny_checkpoints["qwen2"]), SamplingParams(temperature=0, max_tokens=4)
+    with LLM(path, max_model_len=64, tensor_parallel_size=2) as first:
+        before = first.generate([[5, 6]], greedy, use_tqdm=False)[0].token_ids
+        with pytest.raises(RuntimeError, match="already initialised in this process"):
+            LLM(path, max_model_len=64, tensor_parallel_size=2)
+        with LLM(path, max_model_len=64) as bare:
+            assert bare.generate([[5, 6]], greedy, use_tqdm=False)[0].token_ids == before
+        assert first.generate([[5, 6]], greedy, use_tqdm=False)[0].token_ids == before

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -47,4 +48,16 @@ def perturbed_copy(source: Path, directory: Path, noise: float, seed: int = 1) -
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * noise * p.std())
     model.save_pretrained(directory)
+    return directory
+
+
+def add_word_tokenizer(directory: Path, chat_template: str | None = None) -> Path:
+    """Token i is the word "w<i>" (0-2: unk, bos, eos); text is the words joined by spaces."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, COMMON["vocab_size"])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(directory)
     return directory

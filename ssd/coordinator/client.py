@@ -229,7 +229,7 @@ def final_output(request: Pending, output: OutputDelta) -> RequestOutput:
     metrics = RequestMetrics(arrival, first, finish, len(request.token_ids))
     prompt = request.prompt if isinstance(request.prompt, str) else None
     return RequestOutput(request.index, prompt, output.prompt_token_ids, request.token_ids, output.text,
-                         output.finish_reason, metrics)
+                         output.finish_reason, metrics, output.stop_reason)
 
 
 def release(process: mp.Process, socket: zmq.Socket, context: zmq.Context, workdir: str, timeout_s: float) -> None:

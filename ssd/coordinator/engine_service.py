@@ -156,7 +156,8 @@ class EngineService:
             seq = tracked.seq
             if len(seq.output_ids) == tracked.reported and not seq.finished:
                 continue
-            deltas.append(TokenDelta(request_id, seq.output_ids[tracked.reported:], seq.finish_reason))
+            deltas.append(TokenDelta(request_id, seq.output_ids[tracked.reported:], seq.finish_reason,
+                                     seq.stop_reason))
             tracked.reported = len(seq.output_ids)
             if seq.finished:
                 del self.tracked[request_id]

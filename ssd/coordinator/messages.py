@@ -12,7 +12,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: stop_reason in TokenDelta and OutputDelta
 
 
 class ProtocolError(ValueError):
@@ -55,6 +55,7 @@ class TokenDelta(NamedTuple):
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None while it runs
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
     def finished(self) -> bool:
@@ -105,6 +106,7 @@ class OutputDelta(NamedTuple):
     prompt_token_ids: list[int] | None = None   # final only
     text: str | None = None                     # final only: the whole output, detokenized at once
     times: list[float] | None = None            # final only: arrival, first token, finish (perf_counter)
+    stop_reason: str | int | None = None        # final only: the stop string or stop token id, if one
 
 
 @dataclass(slots=True)

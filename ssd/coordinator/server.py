@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from ssd.coordinator.admission import Admission
 from ssd.coordinator.config import CoordinatorConfig
-from ssd.coordinator.detokenizer import IncrementalDetokenizer
+from ssd.engine.detokenizer import IncrementalDetokenizer
 from ssd.coordinator.endpoints import bind_fresh, configure
 from ssd.coordinator.engine_service import describe, engine_main
 from ssd.coordinator.messages import (Abort, AddRequest, EngineFailed, EngineReady, GetTimings, ProtocolError,
@@ -201,10 +201,10 @@ class CoordinatorServer:
     def new_request(self, submit: Submit) -> RequestState:
         if submit.request_id in self.requests:
             raise ValueError(f"request id {submit.request_id!r} is already in use")
-        SamplingParams(**submit.sampling_params)  # a clear error here rather than from the engine
+        params = SamplingParams(**submit.sampling_params)  # a clear error here rather than from the engine
         ids = prompt_token_ids(self.tokenizer, submit.prompt, submit.chat)
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        return RequestState(submit.request_id, ids, submit.sampling_params, detokenizer, time.perf_counter())
+        return RequestState(submit.request_id, ids, submit.sampling_params, params, detokenizer, time.perf_counter())
 
     async def admit(self) -> None:
         for request_id, queued in self.admission.admit():

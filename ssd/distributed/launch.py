@@ -77,6 +77,12 @@ class SpawnedGroup:
     tp: TPGroup
     processes: list[mp.Process] = field(default_factory=list)
     store: dist.TCPStore | None = None
+    owns_process_group: bool = False   # torch.distributed's default group is this engine's (destroy it at the end)
+
+    def destroy_process_group(self) -> None:
+        """Only the group's own: an engine without workers must not end another live engine's group."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def dead_workers(self) -> list[int]:
         return [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
@@ -103,6 +109,10 @@ def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Ro
     world_size = 1 + len(roles)
     if world_size == 1:
         return SpawnedGroup(TPGroup())
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process (another LLM with worker "
+                           "processes still running?): shut that one down first (`with LLM(...) as llm:` or "
+                           "llm.shutdown())")
     share_cpu_threads(world_size)
     host = "127.0.0.1"
     store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
@@ -115,7 +125,7 @@ def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Ro
         p.start()
     dist.init_process_group(backend_for(device_type), store=store, rank=0, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
-    return SpawnedGroup(make_tp_group(0, tp_size, world_size), procs, store)
+    return SpawnedGroup(make_tp_group(0, tp_size, world_size), procs, store, owns_process_group=True)
 
 
 def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role) -> None:

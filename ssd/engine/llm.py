@@ -20,6 +20,7 @@ from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence
 from ssd.engine.stats import GenerationStats
+from ssd.engine.stop_strings import StopStringWatch, output_text
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
@@ -188,7 +189,7 @@ class LLM:
             role = roles[rank - 1]
             role.main(tp, *role.args)
             raise SystemExit(0)
-        return SpawnedGroup(tp)
+        return SpawnedGroup(tp, owns_process_group=True)
 
     def _connect_draft(self):
         if self.spec is None:
@@ -252,7 +253,19 @@ class LLM:
         """request_id names the request in errors (default: its index)."""
         ids = self.encode(prompt)
         self.check_fits(index if request_id is None else request_id, ids, params)
-        return Sequence(index, ids, params, self.eos_ids)
+        return Sequence(index, ids, params, self.eos_ids, self.stop_string_watch(params))
+
+    def stop_string_watch(self, params: SamplingParams) -> StopStringWatch | None:
+        """Also checks the stop token ids against the vocabulary."""
+        if any(t >= self.runner.arch.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must lie in [0, {self.runner.arch.vocab_size}), "
+                             f"got {list(params.stop_token_ids)}")
+        if not params.stop:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none (a random-weights "
+                             "preset): use stop_token_ids")
+        return StopStringWatch(self.tokenizer, params.stop)
 
     @staticmethod
     def _as_list(prompts) -> list:
@@ -283,9 +296,10 @@ class LLM:
         return max(self.cfg.window_sizes, default=1)
 
     def to_output(self, seq: Sequence, prompt) -> RequestOutput:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else None
+        text = output_text(self.tokenizer, seq.output_ids, seq.params, seq.stop_reason) if self.tokenizer else None
         return RequestOutput(seq.index, prompt if isinstance(prompt, str) else None, seq.prompt_token_ids,
-                             list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics)
+                             list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics,
+                             seq.stop_reason)
 
     def raise_if_workers_died(self, error: Exception, grace_s: float = 3.0) -> None:
         """A peer's death can reach rank 0 (as a broken connection) before the process is reaped."""
@@ -311,8 +325,7 @@ class LLM:
         for p in self.group.processes:
             p.kill()
         self.group.join(timeout_s=10)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        self.group.destroy_process_group()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -323,8 +336,7 @@ class LLM:
                 self.draft.stop()
             self.runner.stop_workers()
         self.group.join(timeout_s=30)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        self.group.destroy_process_group()
 
     def __enter__(self) -> "LLM":
         return self

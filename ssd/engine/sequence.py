@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ssd.engine.stop_strings import StopStringWatch
 from ssd.sampling_params import SamplingParams
 
 
@@ -36,8 +37,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (an EOS id) | "length" (max_tokens)
+    finish_reason: str  # "stop" (an EOS id, a stop token id or string) | "length" (max_tokens)
     metrics: RequestMetrics
+    stop_reason: str | int | None = None   # the stop string or stop token id that ended it (None: EOS)
 
 
 @dataclass(slots=True)
@@ -46,8 +48,10 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_ids: frozenset[int]
+    stop_strings: StopStringWatch | None = None
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     @property
@@ -71,22 +75,22 @@ class Sequence:
         if self.output_ids[-1] == token:
             return
         self.output_ids[-1] = token
-        if token in self.eos_ids and not self.params.ignore_eos:
-            self.finish_reason = "stop"
+        self.finish_on(token)
+        if self.finished:
             self.metrics.finish_time = time.perf_counter()
 
     def append(self, tokens: list[int]) -> int:
-        """Append generated tokens, stopping at EOS / max_tokens. Returns how many were kept."""
+        """Append generated tokens, stopping at EOS / a stop token or string / max_tokens. Returns how
+        many were kept."""
         kept = 0
         for token in tokens:
             if self.finished:
                 break
             self.output_ids.append(token)
             kept += 1
-            if token in self.eos_ids and not self.params.ignore_eos:
-                self.finish_reason = "stop"
-            elif len(self.output_ids) >= self.params.max_tokens:
-                self.finish_reason = "length"
+            self.finish_on(token)
+        if kept and self.stop_strings is not None:
+            kept -= self.cut_at_stop_string(kept)
         now = time.perf_counter()
         if self.metrics.first_token_time is None and kept:
             self.metrics.first_token_time = now
@@ -94,3 +98,24 @@ class Sequence:
         if self.finished:
             self.metrics.finish_time = now
         return kept
+
+    def finish_on(self, token: int) -> None:
+        """The last output token is `token`: finish if it ends the request."""
+        if token in self.eos_ids and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+        elif token in self.params.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+
+    def cut_at_stop_string(self, new: int) -> int:
+        """If the last `new` tokens completed a stop string: finish with the token that did, dropping
+        those after it (a speculative round may accept several). Returns how many were dropped."""
+        hit = self.stop_strings.check(self.output_ids, new)
+        if hit is None:
+            return 0
+        end, string = hit
+        dropped = len(self.output_ids) - end
+        del self.output_ids[end:]
+        self.finish_reason, self.stop_reason = "stop", string
+        return dropped

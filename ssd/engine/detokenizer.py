@@ -23,18 +23,8 @@ class IncrementalDetokenizer:
         if len(text) <= len(prefix) or text.endswith(INCOMPLETE):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return self.emit(text[len(prefix):])
-
-    def finish(self) -> tuple[str, str]:
-        """(the rest of the text not yet emitted, the whole text) — the whole output decoded at once,
-        exactly as LLM.generate decodes it."""
-        full = self.decode(0, len(self.token_ids))
-        rest = full[len(self.emitted):] if full.startswith(self.emitted) else ""
-        return self.emit(rest), full
+        self.emitted += text[len(prefix):]
+        return text[len(prefix):]
 
     def decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=True)
-
-    def emit(self, text: str) -> str:
-        self.emitted += text
-        return text
