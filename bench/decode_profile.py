@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
-from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
+from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 
@@ -49,10 +49,7 @@ def generate_throughput(llm: LLM, batch: int, context: int, new_tokens: int) -> 
 def profile_mode(args, fused: bool, linear: str, bandwidth: float | None) -> tuple[dict, list[list[int]]]:
     with LLM(args.preset, random_weights=True, device="cuda", max_num_seqs=max(args.batch, 1),
              max_model_len=args.context + args.generate_tokens + 64, fused_attention=fused,
-             measured_linear=linear.startswith("measured"),
-             linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS,
-             linear_tma=linear != "measured-without-tma",
-             norm_fusion=linear != "measured-without-fusion") as llm:
+             **linear_options(linear)) as llm:
         step = profile_kernels(decode_step(llm, args.batch, args.context), repeats=args.steps, top=40)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.runner.model.parameters())
         tok_s, tokens = generate_throughput(llm, args.batch, args.context, args.generate_tokens)
@@ -88,13 +85,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
     parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
                         help="attention implementations to profile one after the other (same prompts)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "measured-without-tma",
-                                                        "measured-without-fusion", "cublas"),
-                        default=["measured"],
-                        help="linear-layer choices to profile one after the other (with each attention): measured "
-                             "per shape among F.linear, the Triton kernels (few-row and TMA) and cuBLASLt's "
-                             "algorithms, the same without cuBLASLt's or without the TMA kernel, the same with "
-                             "each layer's norms / residual adds / SiLU as kernels of their own, or F.linear throughout")
+    add_linear_argument(parser, "profile one after the other (with each attention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

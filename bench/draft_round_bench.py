@@ -34,6 +34,7 @@ from ssd.draft_worker.protocol import outcome_payload  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
+from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
 from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
@@ -291,14 +292,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention", nargs="+", choices=("fused", "fused-separate-kv", "matmul"), default=["fused"],
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
-    parser.add_argument("--linear", nargs="+", choices=("measured", "measured-without-lt", "measured-without-tma",
-                                                        "measured-without-fusion", "cublas"),
-                        default=["measured"],
-                        help="linear-layer choices to measure one after the other (with each attention): "
-                             "measured per shape among F.linear, the Triton kernels (few-row and TMA) and "
-                             "cuBLASLt's algorithms, the same without cuBLASLt's or without the TMA kernel, "
-                             "the same with each layer's norms / residual adds / SiLU as kernels of their own "
-                             "(ssd.layers.norm_fusion off), or F.linear throughout")
+    add_linear_argument(parser, "measure one after the other (with each attention)")
     parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
@@ -317,10 +311,8 @@ def main(argv: list[str]) -> int:
         if args.device == "cuda":
             torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
-                            args.device, fused_attention=mode.startswith("fused"), measured_linear=linear.startswith("measured"),
-                            linear_algorithms=0 if linear == "measured-without-lt" else LISTED_ALGORITHMS,
-                            linear_tma=linear != "measured-without-tma", tree_kv_in_attention=mode == "fused",
-                            norm_fusion=linear != "measured-without-fusion",
+                            args.device, fused_attention=mode.startswith("fused"), tree_kv_in_attention=mode == "fused",
+                            **linear_options(linear),
                             quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
         for batch in args.batches:
             rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
