@@ -46,3 +46,22 @@ def test_real_pair_greedy_speculative_equals_autoregressive(capsys):
         print(f"\nreal pair (Qwen2.5-Coder 1.5B target, 0.5B draft, K=5): mean acceptance length "
               f"{stats.acceptance_length:.2f}, per-position {[round(a, 2) for a in stats.per_position_acceptance]}")
     assert stats.acceptance_length > 2.0
+
+
+def test_real_pair_stop_strings_end_speculative_output_where_autoregressive_does():
+    """Byte-level BPE: a stop string ("\n\n", a keyword) spans or splits tokens; the speculative run
+    (several tokens accepted per round) stops on the same token as the autoregressive one."""
+    target, draft = fetch_offline_model("qwen2.5-coder-1.5b"), fetch_offline_model("qwen2.5-coder-0.5b")
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, stop=["\n\n", "return"])
+    with LLM(str(target), max_model_len=256, max_num_seqs=3, draft=str(draft), num_speculative_tokens=5) as llm:
+        ar = llm.generate(CODE_PROMPTS, params, use_tqdm=False, mode="ar")
+        spec = llm.generate(CODE_PROMPTS, params, use_tqdm=False, mode="sync")
+        full = llm.generate(CODE_PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+                            use_tqdm=False, mode="ar")
+    assert [(o.token_ids, o.text, o.stop_reason) for o in spec] == [(o.token_ids, o.text, o.stop_reason) for o in ar]
+    for stopped, whole in zip(ar, full):
+        log.info("%r -> %r (%s)", stopped.prompt, stopped.text, stopped.stop_reason)
+        assert whole.token_ids[:len(stopped.token_ids)] == stopped.token_ids
+        if stopped.stop_reason is not None:
+            assert stopped.text + stopped.stop_reason in whole.text and stopped.stop_reason not in stopped.text
+    assert any(o.stop_reason is not None for o in ar)
