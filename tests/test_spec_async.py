@@ -71,6 +71,18 @@ def test_async_with_tp2_target_and_agreeing_draft_hits_every_round(pair):
     assert stats.acceptance_length == pytest.approx(5.0)
 
 
+def test_paper_layout_tp4_target_plus_draft_process_matches_autoregressive(tmp_path):
+    """The 70B layout in miniature (issue: 4 target ranks + the draft on a fifth): a target at TP=4
+    (8 query / 4 KV heads: one KV head per rank) and a draft process, greedy async equal to AR at TP=1."""
+    heads = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    pair = {"target": make_checkpoint("qwen3", tmp_path / "target", **heads)}
+    pair["draft"] = perturbed_copy(pair["target"], tmp_path / "draft", noise=0.08)
+    prompts = prompts_for(3)
+    outs, stats = async_generate(pair, "draft", 4, prompts, tp=4, max_num_seqs=4, fan_out=2)
+    assert outs == ar_outputs(pair, prompts)
+    assert 0 < stats.cache_hits < stats.cache_lookups
+
+
 @pytest.mark.parametrize("options", [
     dict(fan_out=4, sampler_x=1.0),
     dict(fan_out=4, sampler_x=0.3),
