@@ -54,14 +54,15 @@ class Kernels:
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
                  tree_kv_in_attention: bool = True,
                  linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                 norm_fusion: bool = False) -> "Kernels":
+                 norm_fusion: bool = False, pdl: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
         linears take F.linear, a Triton kernel (the TMA one too with linear_tma, on Hopper) or one of
         up to linear_algorithms cuBLASLt algorithms, whichever measured fastest per shape
         (ssd.layers.triton_linear); norm_fusion: on Hopper, layers of few rows run their RMSNorms,
-        residual adds and SiLU inside TMA products (ssd.layers.norm_fusion)."""
+        residual adds and SiLU inside TMA products (ssd.layers.norm_fusion); pdl: those TMA products
+        launch with programmatic dependent launch (ssd.layers.triton_linear.pdl_launch)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -74,8 +75,8 @@ class Kernels:
         silu = fuse(silu_and_mul)
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), silu,
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
-                   load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear,
-                   load_norm_fusion(silu) if norm_fusion else None)
+                   load_measured_linear(linear_algorithms, linear_tma, pdl) if measured_linear else F.linear,
+                   load_norm_fusion(silu, pdl) if norm_fusion else None)
 
 
 def load_fused_attention() -> Callable | None:
@@ -87,22 +88,22 @@ def load_fused_attention() -> Callable | None:
     return fused_attention
 
 
-def load_norm_fusion(silu_and_mul: Callable):
+def load_norm_fusion(silu_and_mul: Callable, pdl: bool = False):
     try:
         from ssd.layers.norm_fusion import NormFusion
     except ImportError:
         log.warning("Triton is not installed: RMSNorm, residual adds and SiLU run as kernels of their own")
         return None
-    return NormFusion(silu_and_mul)
+    return NormFusion(silu_and_mul, pdl=pdl)
 
 
-def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True) -> Callable:
+def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True, pdl: bool = False) -> Callable:
     try:
         from ssd.layers.triton_linear import MeasuredLinear
     except ImportError:
         log.warning("Triton is not installed: linear layers run as F.linear")
         return F.linear
-    return MeasuredLinear(lt_algorithms=linear_algorithms, tma=tma)
+    return MeasuredLinear(lt_algorithms=linear_algorithms, tma=tma, pdl=pdl)
 
 
 EAGER = Kernels()
