@@ -38,3 +38,6 @@ def test_pdl_reaches_the_measured_linear_and_the_norm_fusion():
     kernels = Kernels.compiled(measured_linear=True, norm_fusion=True, pdl=True)
     assert kernels.linear.pdl and kernels.norm_fusion.pdl
     assert not Kernels.compiled(measured_linear=True, norm_fusion=True).linear.pdl
+    assert kernels.fused_attention is None   # attention signals its successor only where it runs (fused)
+    fused = Kernels.compiled(fused_attention=True, pdl=True).fused_attention
+    assert fused.keywords == {"signal_next": True}

@@ -155,6 +155,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ssd.layers.norm_fusion import _tma_norm_matmul_kernel
+from ssd.layers.triton_attention import _attention_kernel, _merge_splits_kernel
 from ssd.layers.triton_linear import _sum_splits_kernel, _tma_matmul_kernel
 
 def ptx(fn, signature, constants):
@@ -178,13 +179,25 @@ for gated in (False, True):
 code = ptx(_sum_splits_kernel, {"part_ptr": "*fp32", "y_ptr": "*bf16", "res_ptr": "*bf16", "size": "i32"},
            {"SPLIT_K": 4, "BLOCK": 1024, "HAS_RESIDUAL": True, "PDL": True})
 assert "griddepcontrol.launch_dependents" in code
+code = ptx(_merge_splits_kernel, {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "rows_total": "i32"},
+           {"HEAD_DIM": 64, "SPLITS": 5, "BLOCK_R": 16, "SIGNAL": True})
+assert "griddepcontrol.launch_dependents" in code
+pointers = {"o_ptr": "*fp32", "ml_ptr": "*fp32", "limit_ptr": "*i64", "end_ptr": "*i64", "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32"}
+constants = {"GROUP": 4, "HEAD_DIM": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BRANCH_LEN": 6, "WRITE_STATS": True,
+             "ROTATE": True, "WRITE_KV": True, "SIGNAL": True}
+signature = {name: pointers.get(name, "*bf16") if name.endswith("_ptr") else "fp32" if name == "qk_scale" else "i32"
+             for name in _attention_kernel.arg_names if name not in constants}
+code = ptx(_attention_kernel, signature, constants)   # the 1B draft's tree step
+assert "griddepcontrol.launch_dependents" in code
 print("compiled")
 """
 
 
 def test_pdl_kernels_compile_for_hopper():
     """The interpreter does not compile: build the PDL variants for sm_90 (the 1B draft's shapes) with
-    Triton's bundled ptxas, in a process of its own without the interpreter; they wait and signal."""
+    Triton's bundled ptxas, in a process of its own without the interpreter: the products wait and
+    signal, the split-K sum, the attention and its merge signal."""
     from triton.backends import backends
     if "nvidia" not in backends:
         pytest.skip("this Triton build has no CUDA backend")

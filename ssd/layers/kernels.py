@@ -4,6 +4,7 @@ One instance per model (held by it and handed to its layers): on GPU every small
 is a separate kernel per layer per step, which at batch 1 costs more than the op's bandwidth."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -62,7 +63,7 @@ class Kernels:
         up to linear_algorithms cuBLASLt algorithms, whichever measured fastest per shape
         (ssd.layers.triton_linear); norm_fusion: on Hopper, layers of few rows run their RMSNorms,
         residual adds and SiLU inside TMA products (ssd.layers.norm_fusion); pdl: those TMA products
-        launch with programmatic dependent launch (ssd.layers.triton_linear.pdl_launch)."""
+        launch with programmatic dependent launch (ssd.layers.pdl)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -71,7 +72,7 @@ class Kernels:
         # runtime values (H200, 1B draft, B=16 tree step: SiLU-mul 11.5 -> 3.7 us, RoPE + KV write
         # 12.1 -> 5.2 us, RMSNorm 3.3 -> 2.3 us; bench/draft_kernel_sweep.py)
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
-        attention = load_fused_attention() if fused_attention else None
+        attention = load_fused_attention(pdl) if fused_attention else None
         silu = fuse(silu_and_mul)
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), silu,
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
@@ -79,13 +80,14 @@ class Kernels:
                    load_norm_fusion(silu, pdl) if norm_fusion else None)
 
 
-def load_fused_attention() -> Callable | None:
+def load_fused_attention(pdl: bool = False) -> Callable | None:
+    """pdl: the kernel lets the next one (a TMA product launched with PDL) be scheduled while it runs."""
     try:
         from ssd.layers.triton_attention import fused_attention
     except ImportError:
         log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
-    return fused_attention
+    return functools.partial(fused_attention, signal_next=True) if pdl else fused_attention
 
 
 def load_norm_fusion(silu_and_mul: Callable, pdl: bool = False):

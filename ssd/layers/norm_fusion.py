@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ssd.layers.triton_linear import (GRID_DEPENDENCY, MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing,
-                                      pdl_launch, tma_aligned, tma_available, tma_block_rows, tma_descriptor, tma_linear,
-                                      tma_rows)
+from ssd.layers.pdl import GRID_DEPENDENCY, pdl_launch
+from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing, tma_aligned,
+                                      tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
     """rms_norm(x, gain, eps) W^T (+ bias) in one kernel, for weight = W with the gain folded in
     (W[:, k] gain[k]); gated: weight is [gate; up] (2N x K) and the result silu(gate) * up [..., N].
     x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K);
-    pdl: launched with programmatic dependent launch (ssd.layers.triton_linear.pdl_launch)."""
+    pdl: launched with programmatic dependent launch (ssd.layers.pdl)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0] // (2 if gated else 1)
@@ -122,7 +122,7 @@ class NormFusion:
     norm_tilings: tuple[TmaTiling, ...] = NORM_TMA_CANDIDATES
     residual_tilings: tuple[TmaTiling, ...] = TMA_CANDIDATES
     any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
-    pdl: bool = False                  # the kernels launch with programmatic dependent launch (pdl_launch)
+    pdl: bool = False                  # the kernels launch with programmatic dependent launch (ssd.layers.pdl)
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -41,14 +40,11 @@ import triton.language as tl
 from ssd.engine.gpu_timing import graph_time_us as time_us
 from ssd.layers.cublaslt import LISTED_ALGORITHMS, CublasLt, LtAlgorithm, row_matrix
 from ssd.layers.fp8 import dequantized_linear
+from ssd.layers.pdl import GRID_DEPENDENCY, pdl_launch
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64          # the Triton kernel's limit
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"   # fixed when Triton is first imported
-# griddepcontrol (programmatic dependent launch) on the device; Triton's interpreter has none: there a
-# PDL kernel only reads its first weight tile apart (the tests check that arithmetic)
-GRID_DEPENDENCY = tl.constexpr(not INTERPRETED)
 WIDE_ROWS = 512        # wider shapes measured inside measuring_wide (a B = 16 tree step has 336 rows)
 
 
@@ -198,7 +194,7 @@ def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
                residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """x [..., K] (tiling.takes its rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
     [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
-    parts are summed). pdl: launched with programmatic dependent launch (see pdl_launch)."""
+    parts are summed). pdl: launched with programmatic dependent launch (ssd.layers.pdl)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
@@ -217,16 +213,6 @@ def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
         _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
                                                            HAS_RESIDUAL=residual is not None, PDL=pdl)
     return y.view(*lead, n)
-
-
-def pdl_launch(pdl: bool) -> dict:
-    """Launch options of a kernel with a PDL switch: with programmatic dependent launch (Hopper+) the
-    kernel may be scheduled while the one before it runs, once that one lets it (every program of a
-    PDL kernel here, and _sum_splits_kernel, signals so at its start); it reads its weights' first
-    tile, then waits for the kernel before to finish (gdc_wait) before it reads anything else."""
-    if not pdl:
-        return {}
-    return {"PDL": True} if INTERPRETED else {"PDL": True, "launch_pdl": True}
 
 
 def tma_rows(x2: torch.Tensor) -> torch.Tensor:
@@ -285,7 +271,7 @@ class MeasuredLinear:
     library_fp8: Callable | None = None
     lt_algorithms: int = LISTED_ALGORITHMS
     tma: bool = True           # also the TMA kernel's tilings (Hopper and later) ...
-    pdl: bool = False          # ... launched with programmatic dependent launch (pdl_launch)
+    pdl: bool = False          # ... launched with programmatic dependent launch (ssd.layers.pdl)
     wide_rows: int = 0
     measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
