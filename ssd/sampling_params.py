@@ -100,7 +100,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         ids = _as_tuple(self.stop_token_ids, int)
         if ids is None or not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a non-negative int or a list of them, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be a non-negative int or a list of them, "
+                             f"got {self.stop_token_ids!r}")
         self.stop, self.stop_token_ids = stop, ids
 
     @property

@@ -133,10 +133,9 @@ def expected_stop(llm, tokens: list[int], params: SamplingParams) -> tuple[list[
 def test_requests_stop_at_the_same_token_in_every_mode(llm, mode):
     base = [o.token_ids for o in llm.generate(PROMPTS, LONG, use_tqdm=False, mode="ar")]
     word = lambda t: f"w{t}"   # noqa: E731   (the test tokenizer's text of token t)
-    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=f"{word(base[0][5])} {word(base[0][6])}"),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[base[1][9]]),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=["w1000", word(base[2][2])]),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop="no such words")]
+    stops = [dict(stop=f"{word(base[0][5])} {word(base[0][6])}"), dict(stop_token_ids=[base[1][9]]),
+             dict(stop=["w1000", word(base[2][2])]), dict(stop="no such words")]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **stop) for stop in stops]
     outputs = llm.generate(PROMPTS, params, use_tqdm=False, mode=mode)
     for output, tokens, sp in zip(outputs, base, params):
         kept, text, reason = expected_stop(llm, tokens, sp)

@@ -344,7 +344,8 @@ class MeasuredLinear:
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 library_fp8: Callable | None = None, lt: CublasLt | None = None,
-                lt_count: int = 0, tma: bool = False, pdl: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
+                lt_count: int = 0, tma: bool = False,
+                pdl: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
         Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's, for bf16 / fp16
