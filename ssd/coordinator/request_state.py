@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from ssd.coordinator.messages import OutputDelta, TokenDelta
 from ssd.engine.detokenizer import IncrementalDetokenizer
@@ -14,7 +13,6 @@ from ssd.sampling_params import SamplingParams
 class RequestState:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: dict[str, Any]   # as the client sent them (and the engine gets them)
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     arrival_time: float

@@ -6,6 +6,7 @@ tokens to the client, forwards aborts, and measures TTFT / TPOT and its own cost
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -204,12 +205,13 @@ class CoordinatorServer:
         params = SamplingParams(**submit.sampling_params)  # a clear error here rather than from the engine
         ids = prompt_token_ids(self.tokenizer, submit.prompt, submit.chat)
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        return RequestState(submit.request_id, ids, submit.sampling_params, params, detokenizer, time.perf_counter())
+        return RequestState(submit.request_id, ids, params, detokenizer, time.perf_counter())
 
     async def admit(self) -> None:
         for request_id, queued in self.admission.admit():
             state = self.requests[request_id]
-            await self.send_engine(AddRequest(request_id, state.prompt_token_ids, state.sampling_params, queued))
+            await self.send_engine(AddRequest(request_id, state.prompt_token_ids, dataclasses.asdict(state.params),
+                                              queued))
 
     async def on_abort(self, request_id: str) -> None:
         if request_id not in self.requests:
