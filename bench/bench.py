@@ -9,7 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ssd.benchmark.cli import parse_args  # noqa: E402
 from ssd.benchmark.datasets import DatasetError  # noqa: E402
-from ssd.benchmark.runner import run_benchmark  # noqa: E402
+from ssd.benchmark.runner import BenchmarkSetupError, run_benchmark  # noqa: E402
+from ssd.engine.llm import WorkerDiedError  # noqa: E402
+from ssd.loading.offline_models import OfflineModelError  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -18,9 +20,13 @@ def main(argv: list[str]) -> int:
     config = parse_args(argv)
     try:
         run_benchmark(config)
-    except DatasetError as problem:
+    except (DatasetError, BenchmarkSetupError, OfflineModelError, WorkerDiedError) as problem:
         logger.error("%s", problem)
+        logger.debug("where it failed", exc_info=True)
         return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; no results written")
+        return 130
     return 0
 
 

@@ -141,6 +141,9 @@ class FakeLLM:
                                         2.5 if spec else None, [0.8, 0.6] if spec else [])
         return outs
 
+    def make_sequences(self, prompts, sampling_params):  # the engine's fit check: everything fits here
+        return list(prompts)
+
     def shutdown(self):
         self.shut = True
 

@@ -6,6 +6,7 @@ import pytest
 from ssd import LLM, SamplingParams
 from ssd.models.model_config import UnsupportedModelError
 from ssd.models.presets import preset_arch
+from tiny_models import make_checkpoint
 
 
 def test_missing_checkpoint_is_named(tmp_path):
@@ -38,6 +39,23 @@ def test_prompt_longer_than_the_context_is_refused(tiny_checkpoints):
             llm.generate([[5, 1000]], SamplingParams(max_tokens=2), use_tqdm=False)
         with pytest.raises(ValueError, match="no tokenizer"):
             llm.generate(["text prompt"], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_max_model_len_stays_within_the_models_context(tiny_checkpoints, tmp_path):
+    """The tiny models were trained for 512 positions: no default or request may go past that."""
+    target = tiny_checkpoints["llama"]
+    with pytest.raises(ValueError, match="exceeds the models' context of 512"):
+        LLM(str(target), max_model_len=513)
+    with pytest.raises(ValueError, match="positive"):
+        LLM(str(target), max_model_len=0)
+    with LLM(str(target)) as llm:  # the default (2048) shrinks to the context
+        assert llm.max_model_len == 512
+        with pytest.raises(ValueError, match="max_model_len is 512"):
+            llm.generate([[5] * 500], SamplingParams(max_tokens=20), use_tqdm=False)
+    short_draft = make_checkpoint("llama", tmp_path / "short", max_position_embeddings=128)
+    with pytest.raises(ValueError, match="context of 128"):  # the draft's context counts too
+        LLM(str(target), max_model_len=256, draft=str(short_draft), num_speculative_tokens=2,
+            draft_colocated=True)
 
 
 def test_invalid_sampling_parameters_are_refused():

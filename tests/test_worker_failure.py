@@ -1,10 +1,19 @@
 """A dying worker makes generate() fail loudly and quickly; nothing hangs."""
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from ssd import LLM, SamplingParams
+from ssd.distributed.launch import Role, spawn_group
+from ssd.distributed.worker_watch import WorkerWatch, describe
 from ssd.engine.llm import WorkerDiedError
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -31,3 +40,112 @@ def test_killing_a_worker_fails_generate_with_a_clear_error(tiny_checkpoints, vi
         assert time.perf_counter() - start < 60
     finally:
         llm.shutdown()
+
+
+def test_generate_after_a_worker_died_between_calls_fails_at_once(tiny_checkpoints):
+    path = str(tiny_checkpoints["qwen2"])
+    llm = LLM(path, max_model_len=512, tensor_parallel_size=2, timeout_s=30)
+    try:
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        worker = llm.group.processes[0]
+        worker.kill()
+        worker.join(10)
+        deadline = time.monotonic() + 10
+        while not llm.worker_watch.dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(WorkerDiedError, match="tp1"):
+            llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        with pytest.raises(WorkerDiedError):  # and stays refused
+            llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_a_draft_that_cannot_load_its_weights_fails_the_start_quickly(tiny_checkpoints, tmp_path):
+    """Rank 0 loads only the target: without waiting for the workers' ready keys the engine would
+    start and the first generate would fail (over NCCL: hang until the group's timeout)."""
+    target = tiny_checkpoints["qwen2"]
+    broken = Path(shutil.copytree(target, tmp_path / "broken"))
+    with open(broken / "model.safetensors", "r+b") as weights:
+        weights.truncate(5000)
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"during model loading: ssd-draft \(pid \d+, exit code 1\)"):
+        LLM(str(target), max_model_len=512, draft=str(broken), num_speculative_tokens=3, async_spec=True,
+            tensor_parallel_size=2, timeout_s=120)
+    assert time.monotonic() - start < 60  # not the 120 s timeout
+
+
+class ExplodesWhenUnpickled:
+    """A role argument that kills the worker before it reaches the rendezvous."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_a_worker_that_dies_before_the_rendezvous_fails_the_spawn_quickly():
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"ssd-doomed \(pid \d+, exit code 3\)"):
+        spawn_group(1, "cpu", 120, [Role("doomed", print, (ExplodesWhenUnpickled(),))])
+    assert time.monotonic() - start < 30
+    assert not torch.distributed.is_initialized()
+
+
+def sleep_long() -> None:
+    time.sleep(120)
+
+
+def test_the_watch_reports_a_dead_worker_but_not_after_stop():
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=sleep_long, daemon=True, name=f"sleeper{i}") for i in range(2)]
+    for w in workers:
+        w.start()
+    reported = threading.Event()
+    watch = WorkerWatch(workers, lambda dead: reported.set())
+    workers[1].kill()
+    assert reported.wait(10)
+    assert watch.dead == [workers[1]] and "sleeper1" in describe(watch.dead)
+    quiet = WorkerWatch(workers[:1], lambda dead: reported.clear())
+    quiet.stop()
+    workers[0].kill()
+    workers[0].join(10)
+    time.sleep(0.5)
+    assert reported.is_set()  # stopped watches do not call back
+
+
+def test_a_worker_whose_parent_is_killed_exits_by_itself(tmp_path):
+    """SIGKILL of rank 0 (OOM killer, scancel): its workers must not wait on for rank 0 forever."""
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN_PARENT)
+    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert parent.returncode == 0, parent.stderr
+    child = int(parent.stdout.split()[-1])
+    deadline = time.monotonic() + 20
+    while not process_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_gone(child), "the orphaned worker is still running"
+
+
+ORPHAN_PARENT = """
+import multiprocessing as mp, os, time
+from ssd.distributed.orphan_watch import exit_when_orphaned
+
+def worker(parent_pid):
+    exit_when_orphaned(parent_pid, interval_s=0.1)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=worker, args=(os.getpid(),))
+    child.start()
+    time.sleep(3)  # the child is up and watching
+    print(child.pid, flush=True)
+    os._exit(0)  # no clean-up, like a SIGKILL
+"""
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has exited (nothing reaps it here)

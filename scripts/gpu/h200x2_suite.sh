@@ -2,7 +2,7 @@
 # The measurements behind README "Measured results" on two H200 (random weights at real shapes;
 # speculative arms replay the shipped "code" acceptance profile: SIMULATED acceptance, real costs).
 # SSD_PROFILE=none measures the random draft's own (meaningless) acceptance instead.
-# Usage: scripts/gpu/h200x2_suite.sh OUT_DIR PART   (PART: engine-qwen | ab-qwen | ab-llama)
+# Usage: scripts/gpu/h200x2_suite.sh OUT_DIR PART   (PART: engine-qwen | ab-qwen | ab-llama | worker-death)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -22,4 +22,7 @@ case $part in
   ab-qwen) ab ab_qwen32b_b1 32 0.6 qwen 1 2 96; ab ab_qwen32b_b16 32 0.6 qwen 16 16 48
            ab ab_qwen32b_colocated_b1 32 0.6 qwen 1 2 96 --gpus 1 --colocate --ab ar,sync ;;
   ab-llama) ab ab_llama8b_b1 8 1 llama 1 2 96; ab ab_llama8b_b16 8 1 llama 16 16 48 ;;
+  # over NCCL: the draft killed mid-run must fail generate quickly (rank 0's watch aborts the communicators)
+  worker-death) timeout 280 python bench/worker_death_check.py --device cuda --victim draft --timeout-s 240 \
+                  > "$out/worker_death.log" 2>&1; echo "exit $?"; grep -E "outcome|Error" "$out/worker_death.log" | tail -3 ;;
 esac

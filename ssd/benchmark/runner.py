@@ -8,6 +8,7 @@ What this expects from the engine (ssd.LLM):
   order with ``.prompt_token_ids``, ``.token_ids``, ``.finish_reason`` and
   ``.metrics.ttft_s/.tpot_s/.e2e_s``; string prompts are tokenized by the engine (also for
   random-weight presets);
+- ``make_sequences(prompts, sampling_params_list)`` raising ValueError for a prompt that does not fit;
 - ``last_run_stats`` describing the latest generate() call; ``shutdown()``.
 
 One LLM (target + draft when any arm speculates) serves every arm: `generate(..., mode=arm)`
@@ -32,6 +33,7 @@ from ssd.benchmark.datasets import Prompt, apply_chat_template, load_prompts
 from ssd.benchmark.results import (ArmResult, BatchRun, build_result, compute_metrics,
                                    outputs_as_records, write_result_json)
 from ssd.benchmark.summary import format_summary
+from ssd.loading.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def _run_with_llms(config: BenchConfig, target: str, prompts: list[Prompt], para
     llm = build_llm(config, layout, target, draft)
     prompts = engine_prompts(prompts, llm)
     try:
+        check_prompts_fit(llm, prompts, params)
         arms = {arm.name: llm for arm in config.arms}
         warm_up(arms, prompts, params, batches[0], config.warmup)
         return run_schedule(arms, prompts, params, batches)
@@ -121,6 +124,15 @@ def engine_prompts(prompts: list[Prompt], llm: Any) -> list[Prompt]:
     return [[t % vocab for t in p] if not isinstance(p, str) else p for p in prompts]
 
 
+def check_prompts_fit(llm: Any, prompts: list[Prompt], params: list) -> None:
+    """Before anything is timed: each prompt plus its output must fit the engine's max_model_len."""
+    try:
+        llm.make_sequences(prompts, params)
+    except ValueError as problem:
+        raise BenchmarkSetupError(f"{problem} (shorten --input_len / --output_len, or raise --max_model_len "
+                                  "within the models' context)") from problem
+
+
 def prompt_batches(num_prompts: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_prompts)))
             for start in range(0, num_prompts, batch_size)]
@@ -154,11 +166,18 @@ def spec_options(config: BenchConfig, arm: Arm) -> dict[str, Any]:
             for keyword, value in options.items() if value is not None}
 
 
+class BenchmarkSetupError(RuntimeError):
+    """The engine refused the benchmark's configuration or prompts; the message says why."""
+
+
 def build_llm(config: BenchConfig, arm: Arm, target: str, draft: str | None) -> Any:
     from ssd import LLM
     kwargs = llm_kwargs(config, arm, draft)
     logger.info("building LLM for arm %s: %s", arm.name, kwargs)
-    return LLM(target, **kwargs)
+    try:
+        return LLM(target, **kwargs)
+    except (ValueError, FileNotFoundError, CheckpointError) as problem:  # bad settings or files, not a bug here
+        raise BenchmarkSetupError(f"cannot start the engine for arm {arm.name}: {problem}") from problem
 
 
 def timed_generate(llm: Any, prompts: Sequence[Prompt], params: Sequence, mode: str) -> tuple[list, Any, float]:

@@ -20,7 +20,8 @@ import zmq
 from ssd.coordinator.endpoints import configure
 from ssd.coordinator.messages import (Abort, AddRequest, EngineFailed, EngineReady, RequestRejected,
                                       RoundDeltas, Shutdown, TokenDelta, decode, encode)
-from ssd.coordinator.processes import Throttle, exit_now, parent_alive
+from ssd.coordinator.processes import Throttle, exit_now
+from ssd.distributed.orphan_watch import parent_alive
 from ssd.engine.llm import LLM, WorkerDiedError
 from ssd.engine.sequence import Sequence
 from ssd.sampling_params import SamplingParams

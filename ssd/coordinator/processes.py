@@ -33,11 +33,6 @@ def kill_process_group(leader_pid: int) -> None:
         pass  # nothing left of it
 
 
-def parent_alive(parent_pid: int) -> bool:
-    """A process whose parent died is re-parented: its parent pid changes."""
-    return os.getppid() == parent_pid
-
-
 class Throttle:
     """True at most once per interval: for liveness checks on a hot path."""
 

@@ -28,7 +28,8 @@ from ssd.coordinator.messages import (Abort, AddRequest, EngineFailed, EngineRea
                                       RequestOutputs, RequestRejected, RoundDeltas, Shutdown, Submit,
                                       TokenDelta, decode, encode)
 from ssd.coordinator.metrics import CoordinatorMetrics
-from ssd.coordinator.processes import exit_now, kill_process_group, parent_alive
+from ssd.coordinator.processes import exit_now, kill_process_group
+from ssd.distributed.orphan_watch import parent_alive
 from ssd.coordinator.request_state import RequestState
 from ssd.coordinator.tokenization import prompt_token_ids
 from ssd.engine.llm import resolve_checkpoint

@@ -4,9 +4,11 @@ Rendezvous goes through a TCPStore bound to an OS-chosen free port, so two engin
 never collide. Under torchrun / srun the environment's rendezvous is used instead."""
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
@@ -14,7 +16,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ssd.distributed.orphan_watch import exit_when_orphaned
 from ssd.distributed.tp_group import TPGroup
+from ssd.distributed.worker_watch import wait_for_keys
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,12 @@ class SpawnedGroup:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Until every spawned worker has built its model (WorkerDiedError as soon as one exits)."""
+        if self.processes:
+            wait_for_keys(self.store, [_key("ready", r) for r in range(1, len(self.processes) + 1)],
+                          self.processes, timeout_s, "model loading")
+
     def dead_workers(self) -> list[int]:
         return [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
 
@@ -98,7 +108,8 @@ class SpawnedGroup:
 
 @dataclass(frozen=True)
 class Role:
-    """What a spawned rank runs: main(tp_group, *args)."""
+    """What a spawned rank runs: main(tp_group, *args, on_ready=callback); main calls on_ready once
+    its model is built (under torchrun / srun there is no callback: on_ready=None)."""
     name: str
     main: Callable
     args: tuple
@@ -119,23 +130,48 @@ def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Ro
                           wait_for_workers=False)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ssd-{role.name}",
-                         args=(host, store.port, rank, world_size, tp_size, device_type, timeout_s, role))
+                         args=(host, store.port, rank, world_size, tp_size, device_type, timeout_s, role,
+                               os.getpid()))
              for rank, role in enumerate(roles, start=1)]
     for p in procs:
         p.start()
-    dist.init_process_group(backend_for(device_type), store=store, rank=0, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    return SpawnedGroup(make_tp_group(0, tp_size, world_size), procs, store, owns_process_group=True)
+    try:  # a worker that dies before it joins would leave rank 0 waiting in the rendezvous until the timeout
+        wait_for_keys(store, [_key("started", r) for r in range(1, world_size)], procs, timeout_s, "start-up")
+        dist.init_process_group(backend_for(device_type), store=store, rank=0, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        tp = make_tp_group(0, tp_size, world_size)
+    except BaseException:
+        _end(procs)
+        raise
+    return SpawnedGroup(tp, procs, store, owns_process_group=True)
 
 
-def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role) -> None:
+def _key(stage: str, rank: int) -> str:
+    return f"ssd/{stage}/{rank}"
+
+
+def _end(procs: list[mp.Process]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(5)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role,
+                  parent_pid: int) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s [{role.name}] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; rank 0 decides what stops
+    exit_when_orphaned(parent_pid)
     share_cpu_threads(world_size)
     store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set(_key("started", rank), "1")
     dist.init_process_group(backend_for(device_type), store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     try:
-        role.main(make_tp_group(rank, tp_size, world_size), *role.args)
+        role.main(make_tp_group(rank, tp_size, world_size), *role.args,
+                  on_ready=functools.partial(store.set, _key("ready", rank), "1"))
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -94,7 +95,8 @@ class DraftServer:
             dist.send(proposal.probs.contiguous(), TARGET_RANK0)
 
 
-def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecConfig | None = None) -> None:
+def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecConfig | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
     """`tp` is the draft's own (single-rank) group; the world group carries the p2p traffic."""
     runner = ModelRunner(cfg, tp)
     if async_spec is None:
@@ -104,5 +106,7 @@ def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecCon
         async_draft = AsyncDraft(proposer, TreeBuilder(runner, async_spec.shape, async_spec.saguaro_c),
                                  async_spec.backup)
     log.info("draft worker ready on %s%s", runner.device, " (async speculation)" if async_draft else "")
+    if on_ready:
+        on_ready()
     DraftServer(proposer, async_draft).serve()
     log.info("draft worker stopping")

@@ -11,11 +11,12 @@ from tqdm.auto import tqdm
 from ssd.distributed.launch import (Role, SpawnedGroup, check_external_world_size, init_from_environment,
                                     launched_externally, spawn_group)
 from ssd.distributed.tp_group import TPGroup
+from ssd.distributed.worker_watch import WorkerDiedError, WorkerWatch, abort_collectives, describe
 from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.remote import RemoteDraft
 from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
-from ssd.engine.model_runner import ModelRunner, load_arch
+from ssd.engine.model_runner import ModelRunner, arch_of, load_arch
 from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence
@@ -56,6 +57,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_max_len(requested: int | None, models: list[str], default: int = 2048) -> int:
+    """KV positions per sequence: at most what every model was trained for (its
+    max_position_embeddings; the draft's too, when speculating); `default` unless asked."""
+    context = min(arch_of(m).max_position_embeddings for m in models)
+    if requested is None:
+        return min(default, context)
+    if requested < 1:
+        raise ValueError(f"max_model_len must be a positive number of positions, got {requested}")
+    if requested > context:
+        raise ValueError(f"max_model_len={requested} exceeds the models' context of {context} positions "
+                         "(max_position_embeddings of the target, and of the draft when speculating)")
+    return requested
+
+
 def resolve_checkpoint(model: str) -> Path | None:
     """None for a random-weights preset; the checkpoint directory otherwise (checked to exist)."""
     if is_preset(model):
@@ -66,10 +81,6 @@ def resolve_checkpoint(model: str) -> Path | None:
             f"model {model!r} is neither a checkpoint directory nor a random-weights preset "
             f"(presets: llama-3.1-70b, llama-3.1-8b, llama-3.2-1b, qwen3-32b, qwen3-0.6b)")
     return path
-
-
-class WorkerDiedError(RuntimeError):
-    """A target rank or the draft worker exited while the engine was running."""
 
 
 class LLM:
@@ -104,10 +115,11 @@ class LLM:
         self.async_spec = self.make_async_config(async_spec, async_options)
         self.profile = self.load_profile(acceptance_profile)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
-        self.cfg = RunnerConfig(model=str(self.checkpoint or model), random_weights=random_weights,
+        models = [str(self.checkpoint or model)] + ([str(resolve_checkpoint(draft) or draft)] if self.spec else [])
+        self.cfg = RunnerConfig(model=models[0], random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
-                                max_len=max_model_len or 2048, window_sizes=window_sizes,
+                                max_len=resolve_max_len(max_model_len, models), window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
                                 measured_linear=measured_linear, linear_algorithms=linear_algorithms,
                                 linear_tma=linear_tma, norm_fusion=norm_fusion, pdl=pdl, seed=seed, timeout_s=timeout_s)
@@ -119,9 +131,18 @@ class LLM:
         self._closed = True
         self.check_models()
         self.group = self._start_group()
+        self.worker_watch = WorkerWatch(self.group.processes, self.on_worker_death)
         try:
             self.runner = ModelRunner(self.cfg, self.group.tp)
             self.draft = self._connect_draft()
+            self.group.wait_until_ready(self.cfg.timeout_s)
+        except WorkerDiedError:
+            self._abort_group()
+            raise
+        except Exception as error:
+            self.raise_if_workers_died(error, "start-up")
+            self._abort_group()
+            raise
         except BaseException:
             self._abort_group()
             raise
@@ -211,6 +232,7 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, mode: str | None = None) -> list[RequestOutput]:
         """mode: "ar" | "sync" (default with a draft) — one loaded engine serves both for A/B runs."""
+        self.check_usable()
         decoder_mode = self.check_mode(mode)
         seqs = self.make_sequences(prompts, sampling_params)
         if self.profile is not None and decoder_mode != "ar" and not all(s.params.greedy for s in seqs):
@@ -222,6 +244,10 @@ class LLM:
             except Exception as error:
                 self.raise_if_workers_died(error)
                 raise
+            except KeyboardInterrupt:
+                self.end_workers_after_interrupt()
+                raise
+        self.check_usable()  # over NCCL a worker's death aborts the collectives: the last round may be void
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
 
     def check_mode(self, mode: str | None) -> str:
@@ -303,7 +329,19 @@ class LLM:
                              list(seq.output_ids), text, seq.finish_reason or "length", seq.metrics,
                              seq.stop_reason)
 
-    def raise_if_workers_died(self, error: Exception, grace_s: float = 3.0) -> None:
+    def check_usable(self) -> None:
+        if self.worker_watch.dead:
+            self.abandon()
+            raise WorkerDiedError(f"engine worker(s) died: {describe(self.worker_watch.dead)}")
+        if self._closed:
+            raise RuntimeError("this LLM has been shut down (or its workers ended after a failure or an "
+                               "interrupt): create a new one")
+
+    def on_worker_death(self, dead: list) -> None:
+        """From the watch thread: make rank 0's collective waiting for the dead worker fail now."""
+        abort_collectives(self.cfg.device_type)
+
+    def raise_if_workers_died(self, error: Exception, stage: str = "generate", grace_s: float = 3.0) -> None:
         """A peer's death can reach rank 0 (as a broken connection) before the process is reaped."""
         deadline = time.monotonic() + grace_s
         dead = [p for p in self.group.processes if not p.is_alive()]
@@ -313,10 +351,16 @@ class LLM:
         if dead:
             self._closed = True  # the group is broken: nothing left to stop cleanly
             self._abort_group()
-            names = ", ".join(f"{p.name} (pid {p.pid}, exit code {p.exitcode})" for p in dead)
-            raise WorkerDiedError(f"engine worker(s) died during generate: {names}") from error
+            raise WorkerDiedError(f"engine worker(s) died during {stage}: {describe(dead)}") from error
 
     # ---- lifecycle ----
+    def end_workers_after_interrupt(self) -> None:
+        """Interrupted mid-round, the workers may wait in a collective for a step that never comes:
+        end them. An engine without workers stays usable (each generate starts from empty slots)."""
+        if self.group.processes or self.has_remote_draft or self.group.tp.size > 1:
+            log.warning("interrupted: ending the engine's worker processes")
+            self.abandon()
+
     def abandon(self) -> None:
         """After a failed round the workers may sit in a collective and cannot be told to stop: end them."""
         self._closed = True
@@ -324,6 +368,7 @@ class LLM:
 
     def _abort_group(self) -> None:
         """Rank 0 failed to build: the other ranks cannot be told to stop, so end them."""
+        self.worker_watch.stop()
         for p in self.group.processes:
             p.kill()
         self.group.join(timeout_s=10)
@@ -333,10 +378,16 @@ class LLM:
         if self._closed:
             return
         self._closed = True
+        self.worker_watch.stop()
         if not self.group.dead_workers():  # also under srun/torchrun, where no process is ours
-            if self.has_remote_draft:
-                self.draft.stop()
-            self.runner.stop_workers()
+            try:
+                if self.has_remote_draft:
+                    self.draft.stop()
+                self.runner.stop_workers()
+            except RuntimeError as error:  # a worker died meanwhile: its connection broke
+                log.warning("could not tell the workers to stop (%s); ending them", error)
+                self._abort_group()
+                return
         self.group.join(timeout_s=30)
         self.group.destroy_process_group()
 

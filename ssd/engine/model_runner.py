@@ -32,7 +32,12 @@ HEADER_LEN = 6
 
 
 def load_arch(cfg: RunnerConfig) -> ModelArch:
-    return preset_arch(cfg.model) if is_preset(cfg.model) else ModelArch.from_checkpoint(cfg.model)
+    return arch_of(cfg.model)
+
+
+def arch_of(model: str) -> ModelArch:
+    """model: a random-weights preset name or a checkpoint directory."""
+    return preset_arch(model) if is_preset(model) else ModelArch.from_checkpoint(model)
 
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:

@@ -1,0 +1,87 @@
+"""Ctrl-C: rank 0 decides what stops (workers ignore SIGINT), nothing is left running, no traceback."""
+import _thread
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ssd import LLM, SamplingParams
+from tiny_models import add_word_tokenizer, make_checkpoint, perturbed_copy
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+
+
+def test_interrupt_mid_generate_ends_the_workers(tiny_checkpoints):
+    """Ctrl-C reaches rank 0 (workers ignore SIGINT): they may wait in a collective, so rank 0 ends them."""
+    path = str(tiny_checkpoints["qwen2"])
+    llm = LLM(path, max_model_len=512, draft=path, num_speculative_tokens=3, async_spec=True,
+              tensor_parallel_size=2, timeout_s=30)
+    try:
+        workers = list(llm.group.processes)
+        timer = threading.Timer(1.0, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5, 6, 7]] * 4, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True),
+                         use_tqdm=False)
+        timer.join()
+        assert not any(w.is_alive() for w in workers)
+        with pytest.raises(RuntimeError, match="shut down"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_interrupt_leaves_an_engine_without_workers_usable(tiny_checkpoints):
+    params = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=512) as llm:
+        expected = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(1000):
+                llm.generate([[9, 8]] * 3, params, use_tqdm=False)
+        timer.join()
+        again = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+        assert [o.token_ids for o in again] == [o.token_ids for o in expected]
+
+
+def test_ctrl_c_ends_a_benchmark_cleanly(tmp_path):
+    target = add_word_tokenizer(make_checkpoint("llama", tmp_path / "target"))
+    draft = add_word_tokenizer(perturbed_copy(target, tmp_path / "draft", noise=0.05))
+    result = tmp_path / "result.json"
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH), "--target", str(target), "--draft-path", str(draft), "--spec", "--async",
+         "--k", "3", "--f", "2", "--gpus", "2", "--device", "cpu", "--b", "2", "--numseqs", "64",
+         "--output_len", "300", "--random", "--json", str(result)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = []
+    for line in bench.stdout:  # until the workers are up and the timed batches run
+        log.append(line)
+        if "draft worker ready" in line:
+            break
+    threading.Event().wait(2.0)
+    os.killpg(bench.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    rest, _ = bench.communicate(timeout=60)
+    output = "".join(log) + rest
+    assert bench.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output, output
+    assert not result.exists()
+    assert live_members(process_group=bench.pid) == []  # no worker outlived the run
+
+
+def live_members(process_group: int) -> list[int]:
+    """Processes of the group that have not exited (zombies have: nothing reaps them here)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, pgid = fields[0], int(fields[2])
+        if pgid == process_group and state not in ("Z", "X"):
+            live.append(int(stat.parent.name))
+    return live
