@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,16 @@ def test_ctrl_c_ends_a_benchmark_cleanly(tmp_path):
         log.append(line)
         if "draft worker ready" in line:
             break
-    threading.Event().wait(2.0)
+    time.sleep(2.0)
     os.killpg(bench.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     rest, _ = bench.communicate(timeout=60)
     output = "".join(log) + rest
     assert bench.returncode == 130, output
     assert "interrupted" in output and "Traceback" not in output, output
     assert not result.exists()
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves just after its parent
+    while live_members(process_group=bench.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert live_members(process_group=bench.pid) == []  # no worker outlived the run
 
 

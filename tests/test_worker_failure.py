@@ -1,4 +1,5 @@
 """A dying worker makes generate() fail loudly and quickly; nothing hangs."""
+import itertools
 import multiprocessing as mp
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch.distributed
 from ssd import LLM, SamplingParams
 from ssd.distributed.launch import Role, spawn_group
 from ssd.distributed.worker_watch import WorkerWatch, describe
+from ssd.engine.autoregressive import AutoregressiveDecoder
 from ssd.engine.llm import WorkerDiedError
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -149,3 +151,24 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in ("Z", "X")  # a zombie has exited (nothing reaps it here)
+
+
+def test_a_failure_on_rank_0_mid_run_ends_the_workers(tiny_checkpoints, monkeypatch):
+    """After an error part-way through a run the workers' place in the protocol is unknown: the engine
+    ends them and refuses further use rather than send them commands they might misread."""
+    calls = itertools.count()
+    original = AutoregressiveDecoder.decode_step
+
+    def failing_step(self, running):
+        if next(calls) == 3:
+            raise RuntimeError("injected failure")
+        return original(self, running)
+
+    monkeypatch.setattr(AutoregressiveDecoder, "decode_step", failing_step)
+    with LLM(str(tiny_checkpoints["qwen2"]), max_model_len=512, tensor_parallel_size=2, timeout_s=30) as llm:
+        workers = list(llm.group.processes)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            llm.generate([[5, 6, 7]] * 2, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+        assert not any(w.is_alive() for w in workers)
+        with pytest.raises(RuntimeError, match="shut down"):
+            llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)

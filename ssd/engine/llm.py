@@ -243,9 +243,10 @@ class LLM:
                 self.decoder(decoder_mode, on_finish=lambda s: bar.update(1)).run(seqs)
             except Exception as error:
                 self.raise_if_workers_died(error)
+                self.end_workers_after("generate failed")
                 raise
             except KeyboardInterrupt:
-                self.end_workers_after_interrupt()
+                self.end_workers_after("interrupted")
                 raise
         self.check_usable()  # over NCCL a worker's death aborts the collectives: the last round may be void
         return [self.to_output(s, p) for s, p in zip(seqs, self._as_list(prompts))]
@@ -354,11 +355,12 @@ class LLM:
             raise WorkerDiedError(f"engine worker(s) died during {stage}: {describe(dead)}") from error
 
     # ---- lifecycle ----
-    def end_workers_after_interrupt(self) -> None:
-        """Interrupted mid-round, the workers may wait in a collective for a step that never comes:
-        end them. An engine without workers stays usable (each generate starts from empty slots)."""
+    def end_workers_after(self, what: str) -> None:
+        """A run stopped part-way leaves the workers wherever rank 0 left them (maybe waiting in a
+        collective for a step that never comes, or about to misread the next command): end them.
+        An engine without workers stays usable (each generate starts from empty slots)."""
         if self.group.processes or self.has_remote_draft or self.group.tp.size > 1:
-            log.warning("interrupted: ending the engine's worker processes")
+            log.warning("%s: ending the engine's worker processes", what)
             self.abandon()
 
     def abandon(self) -> None:

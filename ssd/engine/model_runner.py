@@ -52,7 +52,7 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     if cfg.random_weights or is_preset(cfg.model):
         init_random_weights(model, cfg.seed, tp.rank)
     else:
-        load_checkpoint(model, cfg.model)
+        load_checkpoint(model, cfg.model, show_progress=tp.rank == 0)
     if cfg.head_vocabulary is not None:   # before fp8: the kept rows are what gets quantized
         model.lm_head.restrict_vocabulary(torch.tensor(cfg.head_vocabulary, dtype=torch.int64, device=device))
         log.info("LM head restricted to %d of %d tokens", len(cfg.head_vocabulary), arch.vocab_size)

@@ -25,6 +25,10 @@ def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} of the {len(names)} files its index lists are missing "
+                                  f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); incomplete download?")
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -79,11 +83,16 @@ def load_tensor(model: CausalLM, params: dict[str, nn.Parameter], name: str, ten
     return True
 
 
-def load_checkpoint(model: CausalLM, path: str | Path) -> None:
+def load_checkpoint(model: CausalLM, path: str | Path, show_progress: bool = True) -> None:
+    """show_progress: a log line per file of a checkpoint in several files (one rank of a group says it)."""
     path = Path(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    for number, file in enumerate(files, start=1):
+        if show_progress and len(files) > 1:
+            log.info("loading %s: file %d of %d (%s, %.1f GB)", path.name, number, len(files), file.name,
+                     file.stat().st_size / 1e9)
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 raw = f.get_slice(name)
