@@ -172,3 +172,17 @@ def test_a_failure_on_rank_0_mid_run_ends_the_workers(tiny_checkpoints, monkeypa
         assert not any(w.is_alive() for w in workers)
         with pytest.raises(RuntimeError, match="shut down"):
             llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+
+
+def test_an_engine_idle_past_the_group_timeout_keeps_its_workers(tiny_checkpoints):
+    """Workers wait for rank 0's next command without a timeout (an engine may idle between requests
+    for hours); only collectives inside a command keep the process group's timeout."""
+    path = str(tiny_checkpoints["qwen2"])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(path, max_model_len=512, draft=path, num_speculative_tokens=3, async_spec=True,
+             tensor_parallel_size=2, timeout_s=6) as llm:
+        first = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+        time.sleep(8)  # past the timeout: the TP rank and the draft wait for commands all along
+        again = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
+        assert [o.token_ids for o in again] == [o.token_ids for o in first]
+        assert all(p.is_alive() for p in llm.group.processes)

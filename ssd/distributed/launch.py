@@ -23,6 +23,10 @@ from ssd.distributed.worker_watch import wait_for_keys
 log = logging.getLogger(__name__)
 
 
+# how long a worker may wait for rank 0's next command: an engine may idle between requests for any time
+IDLE_TIMEOUT = timedelta(days=365)
+
+
 def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
@@ -53,11 +57,14 @@ def check_external_world_size(needed: int, tp_size: int, remote_draft: bool) -> 
 
 def make_tp_group(rank: int, tp_size: int, world_size: int) -> TPGroup:
     """The target's TP group is world ranks 0..tp_size-1; a draft rank (if any) comes after them.
-    Every world rank must call this (group creation is collective)."""
-    if world_size == tp_size:
-        return TPGroup(rank, tp_size, None)
-    group = dist.new_group(list(range(tp_size))) if tp_size > 1 else None
-    return TPGroup(rank, tp_size, group) if rank < tp_size else TPGroup()
+    Every world rank must call this (group creation is collective, in this order)."""
+    tp_ranks = list(range(tp_size))
+    data = dist.new_group(tp_ranks) if 1 < tp_size < world_size else None
+    commands = dist.new_group(tp_ranks, timeout=IDLE_TIMEOUT) if tp_size > 1 else None
+    draft_link = dist.new_group([0, tp_size], timeout=IDLE_TIMEOUT) if world_size > tp_size else None
+    if rank >= tp_size:
+        return TPGroup(draft_link=draft_link)
+    return TPGroup(rank, tp_size, data, commands, draft_link if rank == 0 else None)
 
 
 def init_from_environment(device_type: str, timeout_s: float, tp_size: int) -> tuple[int, TPGroup]:

@@ -9,9 +9,15 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class TPGroup:
+    """group carries the shard's data (all-reduces, payloads; None: the default group). Ranks > 0
+    wait for rank 0's next command on `commands` and a draft worker on `draft_link` (rank 0 and the
+    draft): same ranks, no practical timeout, since an engine may sit idle for any time between
+    requests, while a collective of the data groups that outlasts the timeout is a real failure."""
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    commands: dist.ProcessGroup | None = None
+    draft_link: dist.ProcessGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -24,6 +30,11 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def broadcast_command(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(x, src=dist.get_global_rank(self.commands, 0), group=self.commands)
+        return x
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:

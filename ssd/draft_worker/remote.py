@@ -11,13 +11,16 @@ from ssd.engine.sampler import SamplingTensors
 
 
 class RemoteDraft:
-    def __init__(self, draft_rank: int, device: torch.device, k: int, vocab_size: int, max_batch: int):
+    def __init__(self, draft_rank: int, device: torch.device, k: int, vocab_size: int, max_batch: int,
+                 link: dist.ProcessGroup | None = None):
+        """link: the group the draft waits on for commands (TPGroup.draft_link; None: the default)."""
         self.rank, self.device, self.k, self.vocab_size = draft_rank, device, k, vocab_size
         self.max_batch = max_batch   # the draft's slots: every command message is sized for it
+        self.link = link
 
     def _command(self, op: DraftOp, *args: int, rows=()) -> None:
         """One message: the header, then the payload rows ([B] each, on the host) inline."""
-        dist.send(command_message(op, args, rows, self.max_batch).to(self.device), self.rank)
+        dist.send(command_message(op, args, rows, self.max_batch).to(self.device), self.rank, group=self.link)
 
     def _send(self, *tensors: torch.Tensor) -> None:
         for t in tensors:

@@ -24,8 +24,10 @@ TARGET_RANK0 = 0
 
 
 class DraftServer:
-    def __init__(self, proposer: DraftProposer, async_draft: AsyncDraft | None = None):
-        self.proposer, self.async_draft = proposer, async_draft
+    def __init__(self, proposer: DraftProposer, async_draft: AsyncDraft | None = None,
+                 link: dist.ProcessGroup | None = None):
+        """link: the group commands arrive on (TPGroup.draft_link; None: the default group)."""
+        self.proposer, self.async_draft, self.link = proposer, async_draft, link
         self.state = async_draft or proposer  # owner of prefill / move_slot
         self.device = proposer.runner.device
         self.message = torch.zeros(command_size(proposer.runner.cfg.num_slots), dtype=torch.int64, device=self.device)
@@ -43,7 +45,7 @@ class DraftServer:
     @torch.inference_mode()
     def serve(self) -> None:
         while True:
-            dist.recv(self.message, TARGET_RANK0)
+            dist.recv(self.message, TARGET_RANK0, group=self.link)
             op, a, b, c, d, _ = self.message[:HEADER_LEN].tolist()
             if op == DraftOp.STOP:
                 return
@@ -108,5 +110,5 @@ def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecCon
     log.info("draft worker ready on %s%s", runner.device, " (async speculation)" if async_draft else "")
     if on_ready:
         on_ready()
-    DraftServer(proposer, async_draft).serve()
+    DraftServer(proposer, async_draft, tp.draft_link).serve()
     log.info("draft worker stopping")

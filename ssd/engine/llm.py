@@ -220,7 +220,7 @@ class LLM:
         if self.spec.colocated:
             return DraftProposer(ModelRunner(self.draft_cfg, TPGroup()), self.spec.k)
         return RemoteDraft(self.cfg.tp_size, self.runner.device, self.spec.k, self.runner.arch.vocab_size,
-                           self.cfg.num_slots)
+                           self.cfg.num_slots, self.group.tp.draft_link)
 
     @property
     def max_model_len(self) -> int:

@@ -190,7 +190,7 @@ class ModelRunner:
             return
         values = [op, *args] + [0] * (HEADER_LEN - 1 - len(args))
         self.header.copy_(torch.tensor(values, dtype=torch.int64))
-        self.tp.broadcast_from_first(self.header)
+        self.tp.broadcast_command(self.header)
 
     def _share(self, *tensors: torch.Tensor | None) -> None:
         for t in tensors:
@@ -201,7 +201,7 @@ class ModelRunner:
     def serve_commands(self) -> None:
         """Loop of ranks > 0: execute rank 0's commands until OP_STOP."""
         while True:
-            op, a, b, c, d, e = self.tp.broadcast_from_first(self.header).tolist()
+            op, a, b, c, d, e = self.tp.broadcast_command(self.header).tolist()
             if op == OP_STOP:
                 return
             if op == OP_MOVE_SLOT:
