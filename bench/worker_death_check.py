@@ -32,12 +32,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--after-s", type=float, default=3.0, help="Seconds into generate before the kill.")
     parser.add_argument("--limit-s", type=float, default=60.0, help="Report a failure past this wait.")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="The process group's timeout.")
+    parser.add_argument("--idle-first-s", type=float, default=0.0,
+                        help="Before the trial: one short generate, then this long idle (past --timeout-s, the "
+                             "workers must still be there).")
     return parser.parse_args(argv)
 
 
 def run_trial(args: argparse.Namespace) -> dict:
     llm = LLM(args.target, draft=args.draft, num_speculative_tokens=6, async_spec=True, device=args.device,
               tensor_parallel_size=args.tp, max_num_seqs=4, timeout_s=args.timeout_s)
+    if args.idle_first_s:
+        llm.generate([[11, 12, 13]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        log.info("idling %.0f s (the process group's timeout is %.0f s)", args.idle_first_s, args.timeout_s)
+        time.sleep(args.idle_first_s)
+        llm.generate([[11, 12, 13]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        log.info("the engine still serves after idling")
     victim = next(p for p in llm.group.processes if p.name.endswith(args.victim))
     killed_at: list[float] = []
     timer = threading.Timer(args.after_s, lambda: (killed_at.append(time.monotonic()), victim.kill()))
@@ -53,7 +62,8 @@ def run_trial(args: argparse.Namespace) -> dict:
         timer.cancel()
         llm.shutdown()
     waited = time.monotonic() - killed_at[0] if killed_at else None
-    return {"device": args.device, "victim": args.victim, "tp": args.tp, "outcome": outcome,
+    return {"device": args.device, "victim": args.victim, "tp": args.tp, "idle_first_s": args.idle_first_s,
+            "outcome": outcome,
             "seconds_from_kill_to_error": waited, "ok": outcome.startswith("WorkerDiedError")
             and waited is not None and waited < args.limit_s}
 
