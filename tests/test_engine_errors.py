@@ -1,12 +1,13 @@
 """Bad input fails early with a message that says what is wrong."""
 import json
+import logging
 
 import pytest
 
 from ssd import LLM, SamplingParams
 from ssd.models.model_config import UnsupportedModelError
 from ssd.models.presets import preset_arch
-from tiny_models import make_checkpoint
+from tiny_models import add_word_tokenizer, make_checkpoint
 
 
 def test_missing_checkpoint_is_named(tmp_path):
@@ -58,6 +59,23 @@ def test_max_model_len_stays_within_the_models_context(tiny_checkpoints, tmp_pat
             draft_colocated=True)
 
 
+def test_a_draft_with_another_tokenizer_is_flagged(tmp_path, caplog):
+    target = add_word_tokenizer(make_checkpoint("llama", tmp_path / "target"))
+    twin = add_word_tokenizer(make_checkpoint("llama", tmp_path / "twin", seed=1))
+    other = add_word_tokenizer(make_checkpoint("llama", tmp_path / "other", seed=1))
+    tokenizer_file = other / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["w3"], vocab["w4"] = vocab["w4"], vocab["w3"]  # same size, two tokens swapped
+    tokenizer_file.write_text(json.dumps(spec))
+    for draft, warned in ((twin, False), (other, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ssd.engine.llm"):
+            LLM(str(target), draft=str(draft), num_speculative_tokens=2, draft_colocated=True,
+                max_model_len=64).shutdown()
+        assert ("maps 2 of the target's 97 tokens differently" in caplog.text) == warned, caplog.text
+
+
 def test_invalid_sampling_parameters_are_refused():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0)):
         with pytest.raises(ValueError):
@@ -65,7 +83,6 @@ def test_invalid_sampling_parameters_are_refused():
 
 
 def test_speculation_and_parallel_settings_are_checked(tiny_checkpoints, tmp_path):
-    from tiny_models import make_checkpoint
     path = str(tiny_checkpoints["qwen2"])
     with pytest.raises(ValueError, match="needs a draft"):
         LLM(path, num_speculative_tokens=3)

@@ -22,7 +22,7 @@ from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence
 from ssd.engine.stats import GenerationStats
 from ssd.engine.stop_strings import StopStringWatch, output_text
-from ssd.loading.generation_info import eos_token_ids, load_tokenizer
+from ssd.loading.generation_info import eos_token_ids, load_tokenizer, tokens_mapped_differently
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
 from ssd.spec.acceptance_profile import AcceptanceProfile, load_profile
@@ -191,6 +191,18 @@ class LLM:
         if target_vocab != draft_vocab:
             raise ValueError(f"draft vocabulary ({draft_vocab}) differs from the target's ({target_vocab}); "
                              "speculative decoding needs a draft with the target's tokenizer")
+        self.warn_if_tokenizers_differ()
+
+    def warn_if_tokenizers_differ(self) -> None:
+        """Same vocabulary size, other tokens: the output stays exact, but the draft guesses in vain."""
+        draft_tokenizer = load_tokenizer(resolve_checkpoint(self.draft_cfg.model))
+        if self.tokenizer is None or draft_tokenizer is None:
+            return
+        differing = tokens_mapped_differently(self.tokenizer, draft_tokenizer)
+        if differing:
+            log.warning("the draft's tokenizer maps %d of the target's %d tokens differently (e.g. %s): the "
+                        "output stays exact, but few of the draft's proposals will be accepted",
+                        len(differing), len(self.tokenizer.get_vocab()), ", ".join(map(repr, differing[:3])))
 
     @property
     def has_remote_draft(self) -> bool:

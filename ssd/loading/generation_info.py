@@ -29,3 +29,9 @@ def load_tokenizer(checkpoint: Path | None):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def tokens_mapped_differently(target_tokenizer, draft_tokenizer) -> list[str]:
+    """The target's tokens that the draft's tokenizer maps to another id or not at all."""
+    draft_vocab = draft_tokenizer.get_vocab()
+    return [token for token, i in target_tokenizer.get_vocab().items() if draft_vocab.get(token) != i]
