@@ -3,6 +3,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from ssd import LLM, SamplingParams
 from ssd.models.model_config import UnsupportedModelError
@@ -74,6 +75,17 @@ def test_a_draft_with_another_tokenizer_is_flagged(tmp_path, caplog):
             LLM(str(target), draft=str(draft), num_speculative_tokens=2, draft_colocated=True,
                 max_model_len=64).shutdown()
         assert ("maps 2 of the target's 97 tokens differently" in caplog.text) == warned, caplog.text
+
+
+def test_a_layout_with_more_gpus_than_visible_is_refused(tiny_checkpoints, monkeypatch):
+    """Checked before any process starts (a worker on a missing GPU would die with a CUDA error)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    path = str(tiny_checkpoints["llama"])
+    with pytest.raises(ValueError, match="needs 3 GPUs .* but 2 are visible"):
+        LLM(path, device="cuda", tensor_parallel_size=2, draft=path, num_speculative_tokens=2, async_spec=True)
+    with pytest.raises(ValueError, match="needs 3 GPUs"):
+        LLM(path, device="cuda", tensor_parallel_size=2, first_gpu=1)
 
 
 def test_invalid_sampling_parameters_are_refused():

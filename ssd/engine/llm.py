@@ -57,6 +57,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_visible_gpus(needed: int, visible: int) -> None:
+    if needed > visible:
+        raise ValueError(f"this layout needs {needed} GPUs (first_gpu, the target's tensor-parallel ranks, a "
+                         f"draft on a GPU of its own) but {visible} are visible (CUDA_VISIBLE_DEVICES?)")
+
+
 def resolve_max_len(requested: int | None, models: list[str], default: int = 2048) -> int:
     """KV positions per sequence: at most what every model was trained for (its
     max_position_embeddings; the draft's too, when speculating); `default` unless asked."""
@@ -182,7 +188,10 @@ class LLM:
         return profile
 
     def check_models(self) -> None:
-        """Before any process starts: the TP size fits the target, the draft shares its vocabulary."""
+        """Before any process starts: the GPUs exist, the TP size fits the target, the draft shares
+        its vocabulary."""
+        if self.cfg.device_type == "cuda" and not launched_externally():
+            check_visible_gpus(self.gpus_needed(), torch.cuda.device_count())
         target = load_arch(self.cfg)
         target.check_tensor_parallel(self.cfg.tp_size)
         if self.draft_cfg is None:
@@ -203,6 +212,10 @@ class LLM:
             log.warning("the draft's tokenizer maps %d of the target's %d tokens differently (e.g. %s): the "
                         "output stays exact, but few of the draft's proposals will be accepted",
                         len(differing), len(self.tokenizer.get_vocab()), ", ".join(map(repr, differing[:3])))
+
+    def gpus_needed(self) -> int:
+        """GPUs 0 .. n-1 must exist: the target's from first_gpu on, then the draft's own, if any."""
+        return self.cfg.first_gpu + self.cfg.tp_size + (1 if self.has_remote_draft else 0)
 
     @property
     def has_remote_draft(self) -> bool:
