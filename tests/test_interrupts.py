@@ -12,6 +12,7 @@ import pytest
 from ssd import LLM, SamplingParams
 from ssd.draft_worker.remote import RemoteDraft
 from ssd.engine.autoregressive import AutoregressiveDecoder
+from process_table import live_members
 from tiny_models import add_word_tokenizer, make_checkpoint, perturbed_copy
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
@@ -86,17 +87,3 @@ def test_ctrl_c_ends_a_benchmark_cleanly(tmp_path):
     while live_members(process_group=bench.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert live_members(process_group=bench.pid) == []  # no worker outlived the run
-
-
-def live_members(process_group: int) -> list[int]:
-    """Processes of the group that have not exited (zombies have: nothing reaps them here)."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, pgid = fields[0], int(fields[2])
-        if pgid == process_group and state not in ("Z", "X"):
-            live.append(int(stat.parent.name))
-    return live

@@ -17,6 +17,7 @@ from ssd.distributed.launch import Role, spawn_group
 from ssd.distributed.worker_watch import WorkerWatch, describe
 from ssd.engine.autoregressive import AutoregressiveDecoder
 from ssd.engine.llm import WorkerDiedError
+from process_table import process_gone
 
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
@@ -143,14 +144,6 @@ if __name__ == "__main__":
     print(child.pid, flush=True)
     os._exit(0)  # no clean-up, like a SIGKILL
 """
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")  # a zombie has exited (nothing reaps it here)
 
 
 def test_a_failure_on_rank_0_mid_run_ends_the_workers(tiny_checkpoints, monkeypatch):
