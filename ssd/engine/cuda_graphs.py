@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def batch_buckets(sizes: tuple[int, ...], num_slots: int) -> list[int]:
+    """The batch sizes captured: those below num_slots, and num_slots itself, so that every batch
+    the engine may run has a graph (a batch is padded up to the next bucket)."""
+    return sorted({b for b in sizes if b < num_slots} | {num_slots})
+
+
 def _powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(8, limit.bit_length() + 1)] + [limit]
 
@@ -34,7 +40,7 @@ class CapturedForward:
 class GraphPool:
     def __init__(self, runner: "ModelRunner", cfg: "RunnerConfig"):
         self.runner = runner
-        self.buckets = sorted(b for b in cfg.graph_batch_sizes if b <= cfg.num_slots)
+        self.buckets = batch_buckets(cfg.graph_batch_sizes, cfg.num_slots)
         self.widths = sorted({1, *cfg.window_sizes})
         self.attend_lens = sorted({runner.attend_bucket(n) for n in _powers_of_two(runner.max_len)})
         self.pool = None
