@@ -101,6 +101,13 @@ class SpawnedGroup:
             wait_for_keys(self.store, [_key("ready", r) for r in range(1, len(self.processes) + 1)],
                           self.processes, timeout_s, "model loading")
 
+    def abort(self) -> None:
+        """End the workers now: they may sit in a collective that will never complete."""
+        for p in self.processes:
+            p.kill()
+        self.join(timeout_s=10)
+        self.destroy_process_group()
+
     def dead_workers(self) -> list[int]:
         return [i + 1 for i, p in enumerate(self.processes) if not p.is_alive()]
 
@@ -148,22 +155,13 @@ def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Ro
                                 timeout=timedelta(seconds=timeout_s))
         tp = make_tp_group(0, tp_size, world_size)
     except BaseException:
-        _end(procs)
+        SpawnedGroup(TPGroup(), procs, store, owns_process_group=True).abort()
         raise
     return SpawnedGroup(tp, procs, store, owns_process_group=True)
 
 
 def _key(stage: str, rank: int) -> str:
     return f"ssd/{stage}/{rank}"
-
-
-def _end(procs: list[mp.Process]) -> None:
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.join(5)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role,

@@ -396,10 +396,7 @@ class LLM:
     def _abort_group(self) -> None:
         """Rank 0 failed to build: the other ranks cannot be told to stop, so end them."""
         self.worker_watch.stop()
-        for p in self.group.processes:
-            p.kill()
-        self.group.join(timeout_s=10)
-        self.group.destroy_process_group()
+        self.group.abort()
 
     def shutdown(self) -> None:
         if self._closed:
