@@ -136,6 +136,14 @@ class LLM:
         self.last_run_stats = GenerationStats()
         self._closed = True
         self.check_models()
+        self.start()
+        self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
+        self.fanout_tuner = self.async_spec and FanoutTuner(
+            self.async_spec.shape.fanout_hit, FanoutEstimator() if self.async_spec.online_fanout else None)
+
+    def start(self) -> None:
+        """Spawn the workers, build rank 0's model and wait until every worker has built its own. On
+        a failure, end what was started (WorkerDiedError when a worker's exit explains it)."""
         self.group = self._start_group()
         self.worker_watch = WorkerWatch(self.group.processes, self.on_worker_death)
         try:
@@ -153,9 +161,6 @@ class LLM:
             self._abort_group()
             raise
         self._closed = False
-        self.eos_ids = eos_token_ids(self.runner.arch, self.checkpoint)
-        self.fanout_tuner = self.async_spec and FanoutTuner(
-            self.async_spec.shape.fanout_hit, FanoutEstimator() if self.async_spec.online_fanout else None)
 
     def draft_head_vocabulary(self) -> tuple[int, ...] | None:
         if self.spec.vocabulary is None:
