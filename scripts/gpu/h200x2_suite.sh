@@ -24,6 +24,6 @@ case $part in
   ab-llama) ab ab_llama8b_b1 8 1 llama 1 2 96; ab ab_llama8b_b16 8 1 llama 16 16 48 ;;
   # over NCCL: the draft killed mid-run must fail generate quickly (rank 0's watch aborts the communicators)
   # (first it idles past the group's timeout: workers wait for commands without one)
-  worker-death) timeout 280 python bench/worker_death_check.py --device cuda --victim draft --timeout-s 60 --idle-first-s 75 \
+  worker-death) timeout 280 python bench/worker_death_check.py --device cuda --victim draft --timeout-s 120 --idle-first-s 130 \
                   > "$out/worker_death.log" 2>&1; echo "exit $?"; grep -E "outcome|Error" "$out/worker_death.log" | tail -3 ;;
 esac
