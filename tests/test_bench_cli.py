@@ -158,7 +158,8 @@ def test_colocate_refused_for_async():
 def test_ab_arms_and_per_arm_tp():
     config = parse_args(CUDA + ["--gpus", "2", "--ab", "ar,sync,async"])
     assert config.ab and [a.name for a in config.arms] == ["ar", "sync", "async"]
-    assert [a.tp_size for a in config.arms] == [2, 1, 1]
+    assert [a.tp_size for a in config.arms] == [1, 1, 1]  # one LLM (async layout) serves all three arms
+    assert [a.tp_size for a in parse_args(CUDA + ["--gpus", "2"]).arms] == [2]  # AR alone: both GPUs
     assert config.draft is not None
     assert [a.name for a in parse_args(CPU + ["--ab"]).arms] == ["sync", "async"]
 

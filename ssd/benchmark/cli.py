@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -96,7 +96,7 @@ class BenchConfig:
 
     @property
     def target_tp_size(self) -> int:
-        """TP size of the primary (last) arm: --gpus, less the draft GPU in async mode on CUDA."""
+        """TP size of every arm: --gpus, less a draft GPU when an arm speculates on CUDA (not co-located)."""
         return self.arms[-1].tp_size
 
     @property
@@ -294,7 +294,7 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
     numseqs, output_len, warmup = DEVICE_DEFAULTS[device]
     return BenchConfig(
         target=target, draft=draft, family=family, device=device, gpus=ns.gpus,
-        arms=tuple(_make_arm(name, ns.gpus, device, ns.colocate) for name in arm_names), ab=ns.ab is not None,
+        arms=_make_arms(arm_names, ns.gpus, device, ns.colocate), ab=ns.ab is not None,
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
         batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp,
@@ -335,6 +335,19 @@ def _arm_names(ns: argparse.Namespace) -> tuple[str, ...]:
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"--ab needs at least two distinct arms, e.g. --ab {DEFAULT_AB_ARMS}; got {ns.ab!r}")
     return names
+
+
+def layout_arm(arms: Sequence[Arm]) -> Arm:
+    """The arm whose layout the run's one LLM takes: async (a draft GPU of its own), else sync, else AR."""
+    return next((arm for arm in arms if arm.async_spec), None) or next((arm for arm in arms if arm.spec), arms[0])
+
+
+def _make_arms(names: tuple[str, ...], gpus: int, device: str, colocate: bool) -> tuple[Arm, ...]:
+    """One loaded LLM serves every arm (ssd.benchmark.runner), so each runs at the layout arm's TP size:
+    AR beside async on two GPUs runs on the target's one GPU, not on both."""
+    arms = [_make_arm(name, gpus, device, colocate) for name in names]
+    tp_size = layout_arm(arms).tp_size
+    return tuple(replace(arm, tp_size=tp_size) for arm in arms)
 
 
 def _make_arm(name: str, gpus: int, device: str, colocate: bool) -> Arm:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ssd.benchmark.ab import (compare_arms, first_output_mismatch, greedy_prefix_match_rate,
                               interleaved_schedule, per_batch_throughput)
-from ssd.benchmark.cli import Arm, BenchConfig, ModelRef
+from ssd.benchmark.cli import Arm, BenchConfig, ModelRef, layout_arm
 from ssd.benchmark.datasets import Prompt, apply_chat_template, load_prompts
 from ssd.benchmark.results import (ArmResult, BatchRun, build_result, compute_metrics,
                                    outputs_as_records, write_result_json)
@@ -69,8 +69,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 def _run_with_llms(config: BenchConfig, target: str, prompts: list[Prompt], params: list,
                    batches: list[list[int]]) -> list[BatchRun]:
     draft = resolve_model(config.draft) if config.uses_spec else None
-    layout = next((arm for arm in config.arms if arm.async_spec), None) or \
-        next((arm for arm in config.arms if arm.spec), config.arms[0])
+    layout = layout_arm(config.arms)
     llm = build_llm(config, layout, target, draft)
     prompts = engine_prompts(prompts, llm)
     try:
