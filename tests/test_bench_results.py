@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ssd.benchmark import runner
+from ssd.benchmark import results, runner
 from ssd.benchmark.cli import parse_args
 from ssd.benchmark.results import (METRIC_NAMES, ArmResult, BatchRun, build_result, collect_env,
                                    compute_metrics, outputs_as_records, write_result_json)
@@ -110,6 +110,14 @@ def test_env_has_versions_and_git():
                 "device_count", "device_names", "cuda_version"):
         assert key in env
     json.dumps(env)
+
+
+def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch):
+    """A lent GPU machine gets the working tree without .git: the run names the commit it was sent."""
+    monkeypatch.setattr(results, "_git", lambda *args: None)
+    monkeypatch.setenv("SSD_GIT_COMMIT", "e98ab49")
+    env = collect_env()
+    assert env["git_commit"] == "e98ab49" and env["git_dirty"] is None
 
 
 def test_summary_table_is_fixed_width_and_shows_missing_as_dash():

@@ -6,6 +6,8 @@
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
 #    qwen | coordinator | fusion | wide | pdl)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
+# The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
+# so that the result files name their commit (env.git_commit).
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -2,6 +2,8 @@
 # The measurements behind README "Measured results" on two H200 (random weights at real shapes;
 # speculative arms replay the shipped "code" acceptance profile: SIMULATED acceptance, real costs).
 # SSD_PROFILE=none measures the random draft's own (meaningless) acceptance instead.
+# The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
+# so that the result files name their commit (env.git_commit).
 # Usage: scripts/gpu/h200x2_suite.sh OUT_DIR PART   (PART: engine-qwen | ab-qwen | ab-llama | worker-death)
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import socket
 import statistics
@@ -180,9 +181,12 @@ def _ssd_version() -> str | None:
 
 
 def _git_info() -> dict[str, Any]:
+    """From the checkout; a copy without .git (as sent to a lent GPU machine) names its commit in
+    SSD_GIT_COMMIT (dirtiness unknown)."""
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain") if commit else None
-    return {"git_commit": commit, "git_dirty": bool(status) if commit else None}
+    if commit is None:
+        return {"git_commit": os.environ.get("SSD_GIT_COMMIT"), "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(_git("status", "--porcelain"))}
 
 
 def _git(*args: str) -> str | None:
