@@ -167,7 +167,8 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                        help="Weight/activation dtype; default: the engine's choice for the device.")
     group.add_argument("--max_model_len", type=int, default=None,
-                       help="Maximum sequence length (prompt + output); default: the engine's.")
+                       help="KV positions per sequence (prompt + output + speculation slack); default 2048, "
+                            "at most the models' context (max_position_embeddings).")
     group.add_argument("--seed", type=int, default=0,
                        help="Seed for weights, random prompts, sampling and the bootstrap.")
 
