@@ -31,6 +31,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' values (each rank passes its own)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def broadcast_command(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.broadcast(x, src=dist.get_global_rank(self.commands, 0), group=self.commands)

@@ -14,6 +14,7 @@ from ssd.draft_worker.tree import TreeBuilder
 from ssd.spec.spec_config import AsyncSpecConfig
 from ssd.draft_worker.protocol import (HEADER_LEN, OUTCOME_ROWS, REPLAY_FLAG, DraftOp, command_payload, command_size,
                                       pack_reply)
+from ssd.engine.kv_cache import check_draft_fits
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sampler import SamplingTensors
@@ -101,6 +102,7 @@ def serve_draft(tp: TPGroup, cfg: RunnerConfig, k: int, async_spec: AsyncSpecCon
                 on_ready: Callable[[], None] | None = None) -> None:
     """`tp` is the draft's own (single-rank) group; the world group carries the p2p traffic."""
     runner = ModelRunner(cfg, tp)
+    check_draft_fits(runner.max_len, cfg.max_len)  # the target's own cache may be smaller, never larger
     if async_spec is None:
         proposer, async_draft = DraftProposer(runner, k), None
     else:

@@ -50,3 +50,10 @@ def fit_max_len(arch: ModelArch, tp_size: int, num_slots: int, wanted: int, dtyp
     if fits < wanted:
         log.warning("KV cache limited by free memory: %d tokens per sequence instead of %d", fits, wanted)
     return min(wanted, fits)
+
+
+def check_draft_fits(draft_len: int, needed: int) -> None:
+    """The draft keeps KV for every position the target admits (a shorter cache would be written past)."""
+    if draft_len < needed:
+        raise RuntimeError(f"the draft's device has KV room for {draft_len} positions per sequence but the target "
+                           f"may use {needed}: lower max_model_len or max_num_seqs, or free memory on the draft's GPU")

@@ -16,6 +16,7 @@ from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.remote import RemoteDraft
 from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
+from ssd.engine.kv_cache import check_draft_fits
 from ssd.engine.model_runner import ModelRunner, arch_of, load_arch
 from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
@@ -248,7 +249,9 @@ class LLM:
         if self.spec is None:
             return None
         if self.spec.colocated:
-            return DraftProposer(ModelRunner(self.draft_cfg, TPGroup()), self.spec.k)
+            runner = ModelRunner(self.draft_cfg, TPGroup())  # after the target's cache: what memory is left
+            check_draft_fits(runner.max_len, self.runner.max_len)
+            return DraftProposer(runner, self.spec.k)
         return RemoteDraft(self.cfg.tp_size, self.runner.device, self.spec.k, self.runner.arch.vocab_size,
                            self.cfg.num_slots, self.group.tp.draft_link)
 

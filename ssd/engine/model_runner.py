@@ -104,7 +104,9 @@ class ModelRunner:
         self.arch = load_arch(cfg)
         self.arch.check_tensor_parallel(tp.size)
         self.model = build_model(cfg, self.arch, tp, self.device)
-        self.max_len = fit_max_len(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype, self.device)
+        # every rank must hold the same positions: each fits its own GPU's free memory, the group takes the least
+        self.max_len = tp.min_over_ranks(fit_max_len(self.arch, tp.size, cfg.num_slots, cfg.max_len, cfg.dtype,
+                                                     self.device), self.device)
         self.kv = KVCache(self.arch, tp.size, cfg.num_slots, self.max_len, cfg.dtype, self.device,
                           cfg.scratch_len)
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
