@@ -176,7 +176,16 @@ def build_llm(config: BenchConfig, arm: Arm, target: str, draft: str | None) -> 
     try:
         return LLM(target, **kwargs)
     except (ValueError, FileNotFoundError, CheckpointError) as problem:  # bad settings or files, not a bug here
-        raise BenchmarkSetupError(f"cannot start the engine for arm {arm.name}: {problem}") from problem
+        raise BenchmarkSetupError(f"cannot start the engine for arm {arm.name} ({describe_layout(config, arm)}): "
+                                  f"{problem}") from problem
+
+
+def describe_layout(config: BenchConfig, arm: Arm) -> str:
+    """E.g. "target on 3 ranks, draft on a GPU of its own" (--gpus N with --async: N-1 for the target)."""
+    cuda = config.device == "cuda"
+    draft = "" if not arm.spec else ", draft co-located" if arm.colocated \
+        else ", draft on a GPU of its own" if cuda else ", draft in a process of its own"
+    return f"target on {arm.tp_size} {'GPU(s)' if cuda else 'rank(s)'}{draft}"
 
 
 def timed_generate(llm: Any, prompts: Sequence[Prompt], params: Sequence, mode: str) -> tuple[list, Any, float]:
