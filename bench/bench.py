@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -16,17 +17,29 @@ from ssd.loading.offline_models import OfflineModelError  # noqa: E402
 logger = logging.getLogger("bench")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, a job's time limit, kill): handled as Ctrl-C is, so the engine ends its workers."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str]) -> int:
     config = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         run_benchmark(config)
     except (DatasetError, BenchmarkSetupError, OfflineModelError, WorkerDiedError) as problem:
         logger.error("%s", problem)
         logger.debug("where it failed", exc_info=True)
         return 1
+    except Terminated:
+        logger.error("terminated (SIGTERM); no results written")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         logger.error("interrupted; no results written")
-        return 130
+        return 128 + signal.SIGINT
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Ctrl-C: rank 0 decides what stops (workers ignore SIGINT), nothing is left running, no traceback."""
+"""Ctrl-C (and SIGTERM to bench.py): rank 0 decides what stops (workers ignore SIGINT), nothing is left
+running, no traceback."""
 import itertools
 import os
 import signal
@@ -62,7 +63,11 @@ def test_interrupt_leaves_an_engine_without_workers_usable(tiny_checkpoints, mon
         assert [o.token_ids for o in again] == [o.token_ids for o in expected]
 
 
-def test_ctrl_c_ends_a_benchmark_cleanly(tmp_path):
+@pytest.mark.parametrize("signum, whole_group, code, message", [
+    (signal.SIGINT, True, 130, "interrupted; no results written"),     # a terminal's Ctrl-C: the foreground group
+    (signal.SIGTERM, False, 143, "terminated (SIGTERM); no results written"),  # `kill PID` of rank 0 alone
+])
+def test_a_signal_ends_a_benchmark_cleanly(tmp_path, signum, whole_group, code, message):
     target = add_word_tokenizer(make_checkpoint("llama", tmp_path / "target"))
     draft = add_word_tokenizer(perturbed_copy(target, tmp_path / "draft", noise=0.05))
     result = tmp_path / "result.json"
@@ -77,11 +82,11 @@ def test_ctrl_c_ends_a_benchmark_cleanly(tmp_path):
         if "draft worker ready" in line:
             break
     time.sleep(2.0)
-    os.killpg(bench.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    (os.killpg if whole_group else os.kill)(bench.pid, signum)
     rest, _ = bench.communicate(timeout=60)
     output = "".join(log) + rest
-    assert bench.returncode == 130, output
-    assert "interrupted" in output and "Traceback" not in output, output
+    assert bench.returncode == code, output
+    assert message in output and "Traceback" not in output, output
     assert not result.exists()
     deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves just after its parent
     while live_members(process_group=bench.pid) and time.monotonic() < deadline:
