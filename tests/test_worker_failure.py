@@ -173,9 +173,9 @@ def test_an_engine_idle_past_the_group_timeout_keeps_its_workers(tiny_checkpoint
     path = str(tiny_checkpoints["qwen2"])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(path, max_model_len=512, draft=path, num_speculative_tokens=3, async_spec=True,
-             tensor_parallel_size=2, timeout_s=6) as llm:
+             tensor_parallel_size=2, timeout_s=12) as llm:  # start-up takes ~4 s of it
         first = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
-        time.sleep(8)  # past the timeout: the TP rank and the draft wait for commands all along
+        time.sleep(14)  # past the timeout: the TP rank and the draft wait for commands all along
         again = llm.generate([[5, 6, 7]] * 2, params, use_tqdm=False)
         assert [o.token_ids for o in again] == [o.token_ids for o in first]
         assert all(p.is_alive() for p in llm.group.processes)
