@@ -3,7 +3,8 @@
 Kills the draft worker (or target rank 1) of a running engine and times the WorkerDiedError. Over
 gloo a closed connection shows it; over NCCL rank 0's watch must abort the communicators, or the
 collective waiting for the dead rank spins until the process group's timeout. Logs the outcome
-as one JSON line; exit code 1 when generate did not fail in time. Random weights: this checks failure handling, not speed or output."""
+as one JSON line; exit code 1 when generate did not fail in time. Random weights: this checks
+failure handling, not speed or output."""
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def idle_past_timeout(llm: LLM, idle_s: float, timeout_s: float) -> None:
+    """A short generate on each side of an idle spell: the workers must still answer after it."""
+    short = SamplingParams(temperature=0, max_tokens=8)
+    llm.generate([[11, 12, 13]], short, use_tqdm=False)
+    log.info("idling %.0f s (the process group's timeout is %.0f s)", idle_s, timeout_s)
+    time.sleep(idle_s)
+    llm.generate([[11, 12, 13]], short, use_tqdm=False)
+    log.info("the engine still serves after idling")
+
+
 def run_trial(args: argparse.Namespace) -> dict:
     llm = LLM(args.target, draft=args.draft, num_speculative_tokens=6, async_spec=True, device=args.device,
               tensor_parallel_size=args.tp, max_num_seqs=4, timeout_s=args.timeout_s)
     if args.idle_first_s:
-        llm.generate([[11, 12, 13]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        log.info("idling %.0f s (the process group's timeout is %.0f s)", args.idle_first_s, args.timeout_s)
-        time.sleep(args.idle_first_s)
-        llm.generate([[11, 12, 13]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        log.info("the engine still serves after idling")
+        idle_past_timeout(llm, args.idle_first_s, args.timeout_s)
     victim = next(p for p in llm.group.processes if p.name.endswith(args.victim))
     killed_at: list[float] = []
     timer = threading.Timer(args.after_s, lambda: (killed_at.append(time.monotonic()), victim.kill()))

@@ -27,8 +27,9 @@ def checkpoint_files(path: Path) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
+            listed = f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
             raise CheckpointError(f"{path}: {len(missing)} of the {len(names)} files its index lists are missing "
-                                  f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); incomplete download?")
+                                  f"({listed}); incomplete download?")
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
