@@ -51,14 +51,14 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                norm_fusion: bool = True, pdl: bool = False) -> AsyncDraft:
+                norm_fusion: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
                               num_slots=num_slots, max_len=max_len, enforce_eager=eager,
                               fused_attention=fused_attention, measured_linear=measured_linear,
                               tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms,
-                              linear_tma=linear_tma, norm_fusion=norm_fusion, pdl=pdl)
+                              linear_tma=linear_tma, norm_fusion=norm_fusion)
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0

@@ -32,12 +32,3 @@ def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
     scratch_mask = (torch.rand(1, 1, 5, 10, generator=g) > 0.5)
     args = (q, keys, values, mask, 0.35, scratch_k, scratch_v, scratch_mask)
     torch.testing.assert_close(compiled.grouped_attention(*args), EAGER.grouped_attention(*args))
-
-
-def test_pdl_reaches_the_measured_linear_and_the_norm_fusion():
-    kernels = Kernels.compiled(measured_linear=True, norm_fusion=True, pdl=True)
-    assert kernels.linear.pdl and kernels.norm_fusion.pdl
-    assert not Kernels.compiled(measured_linear=True, norm_fusion=True).linear.pdl
-    assert kernels.fused_attention is None   # attention signals its successor only where it runs (fused)
-    fused = Kernels.compiled(fused_attention=True, pdl=True).fused_attention
-    assert fused.keywords == {"signal_next": True}

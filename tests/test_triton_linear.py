@@ -105,7 +105,7 @@ def test_tma_tilings_are_candidates_only_when_asked(monkeypatch):
         timed.append(product)
         return 1.0 if len(timed) == 1 + len(CANDIDATES) + 1 else 5.0   # the first TMA tiling is fastest
     monkeypatch.setattr(triton_linear, "streaming_time_us", fake_time)
-    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t, **_: F.linear(x, w))
+    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t: F.linear(x, w))
     assert MeasuredLinear.measure(x, weight, tma=True) == fitting[0]
     timed.clear()
     assert not isinstance(MeasuredLinear.measure(x, weight), TmaTiling)
@@ -130,7 +130,7 @@ def test_wide_rows_take_the_wide_tilings_only(monkeypatch):
     against the one-tile ones; a one-tile tiling refuses wide inputs."""
     seen = []
     monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: seen.append(product) or 1.0)
-    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t, **_: F.linear(x, w))
+    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t: F.linear(x, w))
     weight = torch.randn(128, 256)
     MeasuredLinear.measure(torch.randn(336, 256), weight, tma=True)
     wide = [t for t in triton_linear.WIDE_TMA_CANDIDATES if t.fits(*weight.shape)]

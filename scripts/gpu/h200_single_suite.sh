@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion | wide | pdl)
+#    qwen | coordinator | fusion | wide)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -113,15 +113,6 @@ case $part in
              --iters 20 --linear measured-without-tma measured measured-without-tma measured \
              --out "$out/draft_round_llama1b_wide_tma.json" > "$out/round_wide.log" 2>&1
            grep -E "batch|Error|error" "$out/round_wide.log" | cut -c1-400 ;;
-  pdl)     # the TMA products launched with programmatic dependent launch (their first weight tile read
-           # before waiting for the kernel before): the round at B <= 2 and the 8B decode step, arms interleaved
-           timeout 300 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 2 --warmup 3 \
-             --iters 20 --linear measured measured-pdl measured measured-pdl \
-             --out "$out/draft_round_llama1b_pdl.json" > "$out/round_pdl.log" 2>&1
-           grep -E "batch|Error|error" "$out/round_pdl.log" | cut -c1-400
-           timeout 240 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --linear measured measured-pdl \
-             --out "$out/decode_profile_llama8b_pdl.json" > "$out/decode_profile_pdl.log" 2>&1
-           grep -E "roofline|Error" "$out/decode_profile_pdl.log" ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

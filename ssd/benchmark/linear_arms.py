@@ -5,12 +5,11 @@ import argparse
 
 from ssd.layers.cublaslt import LISTED_ALGORITHMS
 
-LINEAR_ARMS = ("measured", "measured-pdl", "measured-without-lt", "measured-without-tma", "measured-without-fusion",
-               "cublas")
+LINEAR_ARMS = ("measured", "measured-without-lt", "measured-without-tma", "measured-without-fusion", "cublas")
 LINEAR_ARMS_HELP = ("measured per shape among F.linear, the Triton kernels (few-row and TMA) and cuBLASLt's "
-                    "algorithms; the same with the TMA kernels launched with programmatic dependent launch; the "
-                    "same without cuBLASLt's or without the TMA kernel; the same with each layer's norms / residual "
-                    "adds / SiLU as kernels of their own (ssd.layers.norm_fusion off); or F.linear throughout")
+                    "algorithms; the same without cuBLASLt's or without the TMA kernel; the same with each layer's "
+                    "norms / residual adds / SiLU as kernels of their own (ssd.layers.norm_fusion off); or "
+                    "F.linear throughout")
 
 
 def add_linear_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -23,5 +22,4 @@ def linear_options(arm: str) -> dict:
     """The engine / runner keyword arguments of one --linear arm."""
     return dict(measured_linear=arm.startswith("measured"),
                 linear_algorithms=0 if arm == "measured-without-lt" else LISTED_ALGORITHMS,
-                linear_tma=arm != "measured-without-tma", norm_fusion=arm != "measured-without-fusion",
-                pdl=arm == "measured-pdl")
+                linear_tma=arm != "measured-without-tma", norm_fusion=arm != "measured-without-fusion")

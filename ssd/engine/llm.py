@@ -97,8 +97,7 @@ class LLM:
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
                  window_sizes: tuple[int, ...] = (), compile: bool = True, fused_attention: bool = True,
                  measured_linear: bool = True, linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                 norm_fusion: bool = True, pdl: bool = False, draft: str | None = None,
-                 num_speculative_tokens: int = 0,
+                 norm_fusion: bool = True, draft: str | None = None, num_speculative_tokens: int = 0,
                  draft_temperature: float | None = None, draft_colocated: bool = False,
                  draft_quantization: str | None = None, draft_vocabulary: int | None = None,
                  draft_vocabulary_ranking: str | None = None,
@@ -108,8 +107,7 @@ class LLM:
         runs the fastest of F.linear, the few-row Triton kernels (the TMA one with linear_tma, on
         Hopper) and up to linear_algorithms of cuBLASLt's algorithms, measured at start-up
         (ssd.layers.triton_linear); norm_fusion: on Hopper GPU graphs, layers of up to 64 rows (TP 1)
-        run their RMSNorms, residual adds and SiLU inside the products (ssd.layers.norm_fusion); pdl:
-        those Triton products launch with programmatic dependent launch (an experiment, off by default).
+        run their RMSNorms, residual adds and SiLU inside the products (ssd.layers.norm_fusion).
         draft_vocabulary: the draft's LM head keeps only this many tokens (stop and special
         tokens, then the first of draft_vocabulary_ranking — a shipped name or a file of
         ssd.spec.rank_vocabulary —, then id order; ssd.spec.draft_vocabulary): faster drafts, same output.
@@ -129,7 +127,7 @@ class LLM:
                                 max_len=resolve_max_len(max_model_len, models), window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
                                 measured_linear=measured_linear, linear_algorithms=linear_algorithms,
-                                linear_tma=linear_tma, norm_fusion=norm_fusion, pdl=pdl, seed=seed, timeout_s=timeout_s)
+                                linear_tma=linear_tma, norm_fusion=norm_fusion, seed=seed, timeout_s=timeout_s)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec,
                                                  self.draft_head_vocabulary()) if self.spec else None

@@ -42,7 +42,7 @@ def arch_of(model: str) -> ModelArch:
 
 def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.device) -> CausalLM:
     kernels = Kernels.compiled(cfg.fused_attention, cfg.measured_linear, cfg.tree_kv_in_attention,
-                               cfg.linear_algorithms, cfg.linear_tma, cfg.norm_fusion, cfg.pdl) \
+                               cfg.linear_algorithms, cfg.linear_tma, cfg.norm_fusion) \
         if cfg.use_cuda_graphs and cfg.compile \
         else EAGER
     # tree branches run up to 2K positions past a window that itself fits in max_len

@@ -29,7 +29,6 @@ class RunnerConfig:
     linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
     linear_tma: bool = True           # ... and the TMA Triton kernel's tilings (Hopper and later)
     norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU in the products
-    pdl: bool = False                 # Hopper: the TMA products launch with programmatic dependent launch (experiment)
     weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

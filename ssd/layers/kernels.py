@@ -4,7 +4,6 @@ One instance per model (held by it and handed to its layers): on GPU every small
 is a separate kernel per layer per step, which at batch 1 costs more than the op's bandwidth."""
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -55,15 +54,14 @@ class Kernels:
     def compiled(cls, fused_attention: bool = False, measured_linear: bool = False,
                  tree_kv_in_attention: bool = True,
                  linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                 norm_fusion: bool = False, pdl: bool = False) -> "Kernels":
+                 norm_fusion: bool = False) -> "Kernels":
         """fused_attention: also the one-kernel Triton attention (for CUDA tensors; on CPU only
         under Triton's interpreter, as in the tests), which in tree steps also writes the step's k/v
         (tree_kv_in_attention; else the RoPE + KV-write kernel does); measured_linear: few-row
         linears take F.linear, a Triton kernel (the TMA one too with linear_tma, on Hopper) or one of
         up to linear_algorithms cuBLASLt algorithms, whichever measured fastest per shape
         (ssd.layers.triton_linear); norm_fusion: on Hopper, layers of few rows run their RMSNorms,
-        residual adds and SiLU inside TMA products (ssd.layers.norm_fusion); pdl: those TMA products
-        launch with programmatic dependent launch (ssd.layers.pdl)."""
+        residual adds and SiLU inside TMA products (ssd.layers.norm_fusion)."""
         # every (batch bucket, width, attention length) CUDA graph is a shape these see once at
         # capture: allow that many specialisations instead of falling back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -72,40 +70,39 @@ class Kernels:
         # runtime values (H200, 1B draft, B=16 tree step: SiLU-mul 11.5 -> 3.7 us, RoPE + KV write
         # 12.1 -> 5.2 us, RMSNorm 3.3 -> 2.3 us; bench/draft_kernel_sweep.py)
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
-        attention = load_fused_attention(pdl) if fused_attention else None
+        attention = load_fused_attention() if fused_attention else None
         silu = fuse(silu_and_mul)
         return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), silu,
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
-                   load_measured_linear(linear_algorithms, linear_tma, pdl) if measured_linear else F.linear,
-                   load_norm_fusion(silu, pdl) if norm_fusion else None)
+                   load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear,
+                   load_norm_fusion(silu) if norm_fusion else None)
 
 
-def load_fused_attention(pdl: bool = False) -> Callable | None:
-    """pdl: the kernel lets the next one (a TMA product launched with PDL) be scheduled while it runs."""
+def load_fused_attention() -> Callable | None:
     try:
         from ssd.layers.triton_attention import fused_attention
     except ImportError:
         log.warning("Triton is not installed: attention runs as batched matmuls + softmax (slower)")
         return None
-    return functools.partial(fused_attention, signal_next=True) if pdl else fused_attention
+    return fused_attention
 
 
-def load_norm_fusion(silu_and_mul: Callable, pdl: bool = False):
+def load_norm_fusion(silu_and_mul: Callable):
     try:
         from ssd.layers.norm_fusion import NormFusion
     except ImportError:
         log.warning("Triton is not installed: RMSNorm, residual adds and SiLU run as kernels of their own")
         return None
-    return NormFusion(silu_and_mul, pdl=pdl)
+    return NormFusion(silu_and_mul)
 
 
-def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True, pdl: bool = False) -> Callable:
+def load_measured_linear(linear_algorithms: int = LISTED_ALGORITHMS, tma: bool = True) -> Callable:
     try:
         from ssd.layers.triton_linear import MeasuredLinear
     except ImportError:
         log.warning("Triton is not installed: linear layers run as F.linear")
         return F.linear
-    return MeasuredLinear(lt_algorithms=linear_algorithms, tma=tma, pdl=pdl)
+    return MeasuredLinear(lt_algorithms=linear_algorithms, tma=tma)
 
 
 EAGER = Kernels()

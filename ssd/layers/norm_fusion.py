@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ssd.layers.pdl import GRID_DEPENDENCY, pdl_launch
 from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing, tma_aligned,
                                       tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
 
@@ -48,33 +47,17 @@ NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(6
 @triton.jit
 def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False):
+                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] = (x / rms(x)) W^T (+ b), as (W x^T)^T / rms(x) (the
     weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0;
     the x tile feeds the MMA from shared memory, its squares are summed beside it). GATED: W is
     [Wg; Wu] (2N rows) and y = silu(x Wg^T / rms) * x Wu^T / rms, the gate and up tiles of the same
-    columns streamed side by side. PDL: as _tma_matmul_kernel's (the first weight tiles read before
-    waiting for the kernel before)."""
+    columns streamed side by side."""
     n0 = tl.program_id(0) * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    FIRST: tl.constexpr = BLOCK_K if PDL else 0
-    if PDL:
-        if GRID_DEPENDENCY:
-            tl.extra.cuda.gdc_launch_dependents()
-        w = w_desc.load([n0, 0])
-        if GATED:
-            w_up = w_desc.load([N + n0, 0])
-        if GRID_DEPENDENCY:
-            tl.extra.cuda.gdc_wait()
-        x = x_desc.load([0, 0])
-        xf = x.to(tl.float32)
-        sum_sq += tl.sum(xf * xf, axis=1)
-        acc = tl.dot(w, x.T, acc)
-        if GATED:
-            acc_up = tl.dot(w_up, x.T, acc_up)
-    for k0 in tl.range(FIRST, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])
         xf = x.to(tl.float32)
         sum_sq += tl.sum(xf * xf, axis=1)
@@ -93,11 +76,10 @@ def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.const
 
 
 def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: TmaTiling,
-                    bias: torch.Tensor | None = None, gated: bool = False, pdl: bool = False) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """rms_norm(x, gain, eps) W^T (+ bias) in one kernel, for weight = W with the gain folded in
     (W[:, k] gain[k]); gated: weight is [gate; up] (2N x K) and the result silu(gate) * up [..., N].
-    x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K);
-    pdl: launched with programmatic dependent launch (ssd.layers.pdl)."""
+    x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0] // (2 if gated else 1)
@@ -109,7 +91,7 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         bias if bias is not None else y, y, rows, n, eps, K=k, BLOCK_M=block_m,
         BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
-        HAS_BIAS=bias is not None, num_warps=tiling.num_warps, **pdl_launch(pdl))
+        HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
     return y.view(*lead, n)
 
 
@@ -122,7 +104,6 @@ class NormFusion:
     norm_tilings: tuple[TmaTiling, ...] = NORM_TMA_CANDIDATES
     residual_tilings: tuple[TmaTiling, ...] = TMA_CANDIDATES
     any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
-    pdl: bool = False                  # the kernels launch with programmatic dependent launch (ssd.layers.pdl)
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
 
@@ -154,7 +135,7 @@ class NormFusion:
         unfused = lambda: linear(norm(h))  # noqa: E731
         if not norm.gain_folded:
             return unfused()
-        return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias, pdl=self.pdl),
+        return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias),
                          unfused, self.norm_tilings)
 
     def norm_gated_linear(self, h: torch.Tensor, norm: nn.Module, gate_up: nn.Module) -> torch.Tensor:
@@ -162,12 +143,12 @@ class NormFusion:
         unfused = lambda: self.silu_and_mul(gate_up(norm(h)))  # noqa: E731
         if not norm.gain_folded:
             return unfused()
-        return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True, pdl=self.pdl),
+        return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True),
                          unfused, self.norm_tilings)
 
     def linear_residual(self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
         """linear(x) + residual."""
-        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual, self.pdl),
+        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual),
                          lambda: linear(x) + residual, self.residual_tilings)
 
     def _run(self, op: str, x: torch.Tensor, module: nn.Module, fused: Callable, unfused: Callable,

@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd.layers.pdl import GRID_DEPENDENCY
-
 LOG2_E = 1.4426950408889634
 # split the keys only while at most half the SMs would have a program (H200, measured: the 1B
 # draft's tree step at B=1 has 16 programs, 17.6 us unsplit vs 10.5 us in 8 splits; at B=16 it has
@@ -179,12 +177,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, co
                       first_slot, scratch_start, depth, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
-                      ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, SIGNAL: tl.constexpr = False):
+                      ROTATE: tl.constexpr, WRITE_KV: tl.constexpr):
     """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the
-    device); a split past the last chunk (the scratch's own) walks none. SIGNAL: a next kernel
-    launched with programmatic dependent launch may start now (it waits for this one's results)."""
-    if SIGNAL and GRID_DEPENDENCY:
-        tl.extra.cuda.gdc_launch_dependents()
+    device); a split past the last chunk (the scratch's own) walks none."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
@@ -203,8 +198,7 @@ def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr,
                                   num_queries, num_heads, num_splits, chunk, attend_len, qk_scale,
                                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
-                                  ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, KEYS: tl.constexpr,
-                                  SIGNAL: tl.constexpr = False):
+                                  ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, KEYS: tl.constexpr):
     """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
     whole bucket (a constant) and masks what is not its chunk — the same result."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
@@ -219,13 +213,9 @@ def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr,
 
 @triton.jit
 def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, rows_total,
-                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr,
-                         SIGNAL: tl.constexpr = False):
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
     """out[r] = sum_s w_s o_s / sum_s w_s with w_s = 2^(m_s - max m) l_s, for BLOCK_R rows r per
-    program; part [splits, rows, D], ml [2, splits, rows] (m finite, see _attend). SIGNAL: as
-    _attention_kernel's."""
-    if SIGNAL and GRID_DEPENDENCY:
-        tl.extra.cuda.gdc_launch_dependents()
+    program; part [splits, rows, D], ml [2, splits, rows] (m finite, see _attend)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < rows_total
     d = tl.arange(0, HEAD_DIM)
@@ -289,8 +279,7 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     splits: int | None = None, tiling: Tiling | None = None,
                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                     scratch_split: bool = SCRATCH_SPLIT,
-                    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    signal_next: bool = False) -> torch.Tensor:
+                    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer).
@@ -301,9 +290,7 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tiling: default Tiling.default; rope: (cos, sin) [B, T, 1, D/2] float32 when q is not rotated
     yet (the kernel rotates it); new_kv: a tree step's own k (not rotated) and v [B, T, Hkv, D],
     which the kernel writes to entries scratch_start + t*K + depth (k rotated by rope) before it
-    reads them — the caches need not hold them yet. signal_next: the next kernel, if launched with
-    programmatic dependent launch (the TMA products with pdl), may be scheduled while this one runs.
-    Returns [B, T, Hq * D]."""
+    reads them — the caches need not hold them yet. Returns [B, T, Hq * D]."""
     if branch_len and not 0 <= depth < branch_len:
         raise ValueError(f"tree depth {depth} outside 0..{branch_len - 1}")
     if new_kv is not None and (not branch_len or rope is None):
@@ -340,11 +327,11 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_new.stride(2), first_slot, scratch_start, depth,
         queries, heads, splits, chunk, attend_len,
         scale * LOG2_E, GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BRANCH_LEN=branch_len,
-        WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None, SIGNAL=signal_next,
+        WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **extra)
     if splits > 1:
         rows_total = batch * queries * heads
         _merge_splits_kernel[(triton.cdiv(rows_total, MERGE_ROWS),)](
-            part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits, BLOCK_R=MERGE_ROWS, SIGNAL=signal_next)
+            part, stats, out, rows_total, HEAD_DIM=dim, SPLITS=splits, BLOCK_R=MERGE_ROWS)
     return out.view(batch, queries, heads * dim)
 

@@ -40,7 +40,6 @@ import triton.language as tl
 from ssd.engine.gpu_timing import graph_time_us as time_us
 from ssd.layers.cublaslt import LISTED_ALGORITHMS, CublasLt, LtAlgorithm, row_matrix
 from ssd.layers.fp8 import dequantized_linear
-from ssd.layers.pdl import GRID_DEPENDENCY, pdl_launch
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +76,8 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, sx_m, sw_n, sy_m
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, y_ptr, res_ptr, size, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
-    """y = sum over s of part[s] (+ res) (part float32 [SPLIT_K, size], y and res size elements).
-    PDL: the next kernel, if launched with programmatic dependent launch, may start at once (it
-    waits for this one before reading what it writes)."""
-    if PDL and GRID_DEPENDENCY:
-        tl.extra.cuda.gdc_launch_dependents()
+                       HAS_RESIDUAL: tl.constexpr = False):
+    """y = sum over s of part[s] (+ res) (part float32 [SPLIT_K, size], y and res size elements)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < size
     total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -96,27 +91,18 @@ def _sum_splits_kernel(part_ptr, y_ptr, res_ptr, size, SPLIT_K: tl.constexpr, BL
 @triton.jit
 def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr = False, PDL: tl.constexpr = False):
+                       HAS_RESIDUAL: tl.constexpr = False):
     """Program (r, p, s): rows r*BLOCK_M : (r+1)*BLOCK_M of y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the
     s-th of SPLIT_K equal parts of K, as (W x^T)^T: the weight tile is the MMA's M side (Hopper's
     warpgroup MMA wants M >= 64; the rows of x are its N side) and both operands arrive by TMA (x's
     rows past M as zeros). Row tiles vary fastest, so the programs sharing a weight tile run side by
     side (it is read from memory once, then from L2). SPLIT_K > 1: y is a float32 [SPLIT_K, M, N]
     buffer of partial sums (_sum_splits_kernel adds them and the residual); else HAS_RESIDUAL adds
-    res [M, N] to the product here. PDL (launched with programmatic dependent launch): the first
-    weight tile is read before waiting for the kernel before (weights never depend on it)."""
+    res [M, N] to the product here."""
     m0, n0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
     k_start = tl.program_id(2) * (K // SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    FIRST: tl.constexpr = BLOCK_K if PDL else 0
-    if PDL:
-        if GRID_DEPENDENCY:
-            tl.extra.cuda.gdc_launch_dependents()
-        w = w_desc.load([n0, k_start])
-        if GRID_DEPENDENCY:
-            tl.extra.cuda.gdc_wait()
-        acc = tl.dot(w, x_desc.load([m0, k_start]).T, acc)
-    for k0 in tl.range(FIRST, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(0, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
         w = w_desc.load([n0, k_start + k0])
         x = x_desc.load([m0, k_start + k0])
         acc = tl.dot(w, x.T, acc)
@@ -191,10 +177,10 @@ def tma_aligned(weight: torch.Tensor) -> bool:
 
 
 def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
-               residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (tiling.takes its rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
     [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
-    parts are summed). pdl: launched with programmatic dependent launch (ssd.layers.pdl)."""
+    parts are summed)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
@@ -207,11 +193,10 @@ def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
     _tma_matmul_kernel[(triton.cdiv(rows, block_m), n // tiling.block_n, tiling.split_k)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         out, res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps,
-        **pdl_launch(pdl))
+        SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
     if tiling.split_k > 1:
         _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
-                                                           HAS_RESIDUAL=residual is not None, PDL=pdl)
+                                                           HAS_RESIDUAL=residual is not None)
     return y.view(*lead, n)
 
 
@@ -270,8 +255,7 @@ class MeasuredLinear:
     choices: dict[tuple, SkinnyTiling | TmaTiling | LtAlgorithm | None] = field(default_factory=dict)
     library_fp8: Callable | None = None
     lt_algorithms: int = LISTED_ALGORITHMS
-    tma: bool = True           # also the TMA kernel's tilings (Hopper and later) ...
-    pdl: bool = False          # ... launched with programmatic dependent launch (ssd.layers.pdl)
+    tma: bool = True           # also the TMA kernel's tilings (Hopper and later)
     wide_rows: int = 0
     measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
@@ -287,7 +271,7 @@ class MeasuredLinear:
                 return F.linear(x, weight)
             lt, start = self.cublaslt(x.device), time.perf_counter()
             self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms,
-                                             tma=self.tma and tma_available(x.device), pdl=self.pdl)
+                                             tma=self.tma and tma_available(x.device))
             self.measuring_s += time.perf_counter() - start
         choice = self.choices[key]
         if choice is None:
@@ -295,7 +279,7 @@ class MeasuredLinear:
         if isinstance(choice, SkinnyTiling):
             return skinny_linear(x, weight, choice)
         if isinstance(choice, TmaTiling):   # chosen for an aligned weight of this shape; another may not be
-            return tma_linear(x, weight, choice, pdl=self.pdl) if tma_aligned(weight) else F.linear(x, weight)
+            return tma_linear(x, weight, choice) if tma_aligned(weight) else F.linear(x, weight)
         return self.cublaslt(x.device).apply(x, weight, choice)
 
     def summary(self) -> str:
@@ -344,13 +328,12 @@ class MeasuredLinear:
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 library_fp8: Callable | None = None, lt: CublasLt | None = None,
-                lt_count: int = 0, tma: bool = False,
-                pdl: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
+                lt_count: int = 0, tma: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
         Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's, for bf16 / fp16
-        weights, in tiles of rows past MAX_ROWS; pdl: launched with programmatic dependent launch) and,
-        given a CublasLt `lt`, up to lt_count of its algorithms (bf16 / fp16 weights)."""
+        weights, in tiles of rows past MAX_ROWS) and, given a CublasLt `lt`, up to lt_count of its
+        algorithms (bf16 / fp16 weights)."""
         rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
@@ -365,7 +348,7 @@ class MeasuredLinear:
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
         if tma and scale is None and tma_aligned(weight):
             tma_tilings = TMA_CANDIDATES if rows <= MAX_ROWS else WIDE_TMA_CANDIDATES
-            candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t, pdl=pdl))
+            candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t))
                                for tiling in tma_tilings if tiling.takes(rows) and tiling.fits(*weight.shape)})
         if lt is not None and lt_count and scale is None:
             x2 = row_matrix(x)
