@@ -325,34 +325,28 @@ TMA_TILINGS = tuple(TmaTiling(n, k, stages, split, warps) for n, k, stages, warp
     for split in (1, 2, 4))
 
 
-# past MAX_ROWS (the B = 16 window and tree): tiles of block_m rows
-WIDE_TMA_TILINGS = tuple(TmaTiling(n, k, stages, split, warps, block_m) for n, k, stages, warps, block_m in (
-    (64, 64, 4, 4, 64), (64, 64, 4, 4, 128), (128, 64, 4, 4, 128), (128, 64, 4, 8, 128), (64, 64, 3, 4, 256),
-    (128, 64, 3, 8, 256), (64, 128, 3, 4, 128)) for split in (1, 2))
-
-
 def tma_gemm_sweep(calls: int) -> list[dict]:
     """The TMA kernel (ssd.layers.triton_linear.tma_linear) against F.linear and the few-row kernel
-    at the 1B draft's shapes (past MAX_ROWS: in tiles of rows, against F.linear only), weights
-    rotated (see rotating); each product checked first."""
+    at the 1B draft's few-row shapes, weights rotated (see rotating); each product checked first."""
     rows, device, dtype = [], torch.device("cuda"), torch.bfloat16
     for (name, shape), (where, m) in itertools.product(WEIGHTS.items(), ROWS.items()):
+        if m > MAX_ROWS:
+            continue
         x = torch.randn(m, shape[1], device=device, dtype=dtype)
         weight = rotating(lambda: torch.randn(shape, device=device, dtype=dtype) * 0.02, 2 * shape[0] * shape[1])
         w0 = weight()
         reference = F.linear(x, w0).float()
         candidates = {"linear": lambda: F.linear(x, weight())}
-        if m <= MAX_ROWS:
-            candidates.update({f"skinny_{t.block_n}x{t.block_k}_s{t.num_stages}": (lambda t=t: skinny_linear(x, weight(), t))
-                               for t in CANDIDATES})
-        for t in TMA_TILINGS if m <= MAX_ROWS else WIDE_TMA_TILINGS:
+        candidates.update({f"skinny_{t.block_n}x{t.block_k}_s{t.num_stages}": (lambda t=t: skinny_linear(x, weight(), t))
+                           for t in CANDIDATES})
+        for t in TMA_TILINGS:
             if not t.fits(*shape):
                 continue
             error = guarded(f"tma {t}", lambda t=t: {"max_abs": (tma_linear(x, w0, t).float() - reference).abs().max().item()})
             if "error" in error or error["max_abs"] > 2e-2 * reference.abs().max().item() + 1e-3:
                 rows.append({"weight": name, "rows": m, "variant": str(t), "error": error.get("error", "disagrees")})
                 continue
-            candidates[f"tma_{t.block_n}x{t.block_k}_s{t.stages}_k{t.split_k}_w{t.num_warps}_m{t.block_m}"] = \
+            candidates[f"tma_{t.block_n}x{t.block_k}_s{t.stages}_k{t.split_k}_w{t.num_warps}"] = \
                 lambda t=t: tma_linear(x, weight(), t)
         for variant, fn in candidates.items():
             result = guarded(f"tma gemm {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})

@@ -110,29 +110,3 @@ def test_tma_tilings_are_candidates_only_when_asked(monkeypatch):
     timed.clear()
     assert not isinstance(MeasuredLinear.measure(x, weight), TmaTiling)
     assert len(timed) == 1 + len([t for t in CANDIDATES if t.fits(256)])
-
-
-@pytest.mark.parametrize("rows", [65, 112, 336])
-@pytest.mark.parametrize("tiling", [TmaTiling(64, 32, 2, block_m=64), TmaTiling(64, 32, 2, split_k=2, block_m=128),
-                                    TmaTiling(128, 64, 2, block_m=256)])
-def test_wide_tma_tilings_cover_every_row_tile(rows, tiling):
-    """Past MAX_ROWS the TMA kernel walks tiles of block_m rows (the last one ragged), split-K and
-    the residual included."""
-    g = torch.Generator().manual_seed(rows)
-    x, weight, residual = torch.randn(rows, 256, generator=g), torch.randn(128, 256, generator=g), torch.randn(rows, 128, generator=g)
-    torch.testing.assert_close(tma_linear(x, weight, tiling), F.linear(x, weight), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(tma_linear(x, weight, tiling, residual), F.linear(x, weight) + residual,
-                               rtol=1e-5, atol=1e-4)
-
-
-def test_wide_rows_take_the_wide_tilings_only(monkeypatch):
-    """A shape past MAX_ROWS (a B = 16 tree step) is timed against the wide TMA tilings, a few-row one
-    against the one-tile ones; a one-tile tiling refuses wide inputs."""
-    seen = []
-    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: seen.append(product) or 1.0)
-    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t: F.linear(x, w))
-    weight = torch.randn(128, 256)
-    MeasuredLinear.measure(torch.randn(336, 256), weight, tma=True)
-    wide = [t for t in triton_linear.WIDE_TMA_CANDIDATES if t.fits(*weight.shape)]
-    assert wide and len(seen) == 1 + len(wide)      # F.linear + the wide tilings (no few-row kernels)
-    assert not TmaTiling(64, 32, 2).takes(336) and wide[0].takes(336) and not wide[0].takes(513)

@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion | wide)
+#    qwen | coordinator | fusion)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -105,14 +105,6 @@ case $part in
              --iters 20 --linear measured-without-fusion measured measured-without-fusion measured \
              --out "$out/draft_round_llama1b_fusion.json" > "$out/round_fusion.log" 2>&1
            grep -E "batch|Error|error" "$out/round_fusion.log" | cut -c1-400 ;;
-  wide)    # the TMA product in tiles of rows at the B = 16 shapes (112 / 336 rows) against F.linear, then
-           # the B = 16 round without and with the TMA tilings among the measured linear's candidates
-           timeout 150 python bench/draft_kernel_sweep.py --parts tma --out "$out/tma_sweep.json" > "$out/tma_sweep.log" 2>&1
-           grep -E "tma gemm .*best|Error" "$out/tma_sweep.log" | cut -c1-300
-           timeout 400 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 16 --warmup 3 \
-             --iters 20 --linear measured-without-tma measured measured-without-tma measured \
-             --out "$out/draft_round_llama1b_wide_tma.json" > "$out/round_wide.log" 2>&1
-           grep -E "batch|Error|error" "$out/round_wide.log" | cut -c1-400 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

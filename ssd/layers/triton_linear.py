@@ -92,26 +92,24 @@ def _sum_splits_kernel(part_ptr, y_ptr, res_ptr, size, SPLIT_K: tl.constexpr, BL
 def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr = False):
-    """Program (r, p, s): rows r*BLOCK_M : (r+1)*BLOCK_M of y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the
-    s-th of SPLIT_K equal parts of K, as (W x^T)^T: the weight tile is the MMA's M side (Hopper's
-    warpgroup MMA wants M >= 64; the rows of x are its N side) and both operands arrive by TMA (x's
-    rows past M as zeros). Row tiles vary fastest, so the programs sharing a weight tile run side by
-    side (it is read from memory once, then from L2). SPLIT_K > 1: y is a float32 [SPLIT_K, M, N]
-    buffer of partial sums (_sum_splits_kernel adds them and the residual); else HAS_RESIDUAL adds
-    res [M, N] to the product here."""
-    m0, n0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
-    k_start = tl.program_id(2) * (K // SPLIT_K)
+    """Program (p, s): y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the s-th of SPLIT_K equal parts of K, as
+    (W x^T)^T: the weight tile is the MMA's M side (Hopper's warpgroup MMA wants M >= 64; the few rows
+    of x are its N side) and both operands arrive by TMA (x's rows past M as zeros). SPLIT_K > 1: y
+    is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them and the
+    residual); else HAS_RESIDUAL adds res [M, N] to the product here."""
+    n0 = tl.program_id(0) * BLOCK_N
+    k_start = tl.program_id(1) * (K // SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(0, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
         w = w_desc.load([n0, k_start + k0])
-        x = x_desc.load([m0, k_start + k0])
+        x = x_desc.load([0, k_start + k0])
         acc = tl.dot(w, x.T, acc)
-    rm = m0 + tl.arange(0, BLOCK_M)
+    rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     if HAS_RESIDUAL:
         if SPLIT_K == 1:
             acc += tl.load(res_ptr + rm[None, :] * N + rn[:, None], mask=rm[None, :] < M, other=0.0).to(tl.float32)
-    y = y_ptr + tl.program_id(2) * M * N + rm[None, :] * N + rn[:, None]
+    y = y_ptr + tl.program_id(1) * M * N + rm[None, :] * N + rn[:, None]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rm[None, :] < M)
 
 
@@ -147,13 +145,9 @@ class TmaTiling:
     stages: int
     split_k: int = 1
     num_warps: int = 4
-    block_m: int = 0   # rows per program (the MMA's N side: 64 - 256); 0: all rows (at most MAX_ROWS) in one
 
     def fits(self, n: int, k: int) -> bool:
         return n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
-
-    def takes(self, rows: int) -> bool:
-        return 0 < rows <= (WIDE_ROWS if self.block_m else MAX_ROWS)
 
 
 # the best of `python bench/draft_kernel_sweep.py --parts tma` (H200, llama-3.2-1b products cycled past
@@ -161,10 +155,6 @@ class TmaTiling:
 # 6.08, gate/up 18.40 -> 18.04, down 13.26 -> 12.08 (K = 8192 has only 32 column blocks of 64: split-K)
 TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 128, 4), TmaTiling(128, 128, 4), TmaTiling(64, 256, 3, 4),
                   TmaTiling(64, 128, 4, 4), TmaTiling(64, 128, 6, 2))
-# wider inputs (windows and the tree at larger batches: 112 / 336 rows at B = 16) in tiles of rows;
-# candidates beside cuBLAS's, chosen only where they measure faster (not yet timed on a GPU)
-WIDE_TMA_CANDIDATES = (TmaTiling(64, 64, 4, block_m=128), TmaTiling(128, 64, 4, block_m=128),
-                       TmaTiling(64, 64, 3, block_m=256), TmaTiling(64, 64, 4, 2, block_m=128))
 
 
 def tma_available(device: torch.device) -> bool:
@@ -178,19 +168,19 @@ def tma_aligned(weight: torch.Tensor) -> bool:
 
 def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (tiling.takes its rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
+    """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
     [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
     parts are summed)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
-    if not tiling.takes(rows) or not tiling.fits(n, k):
+    if rows > MAX_ROWS or not tiling.fits(n, k):
         raise ValueError(f"{tiling} does not take {rows} rows x K = {k} -> N = {n}")
     res = residual.reshape(rows, n).contiguous() if residual is not None else x2   # any pointer when unused
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     out = y if tiling.split_k == 1 else torch.empty((tiling.split_k, rows, n), dtype=torch.float32, device=x.device)
-    block_m = tiling.block_m or tma_block_rows(rows)
-    _tma_matmul_kernel[(triton.cdiv(rows, block_m), n // tiling.block_n, tiling.split_k)](
+    block_m = tma_block_rows(rows)
+    _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         out, res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
@@ -249,7 +239,7 @@ class MeasuredLinear:
     torch._scaled_mm (`library_fp8`: ssd.layers.fp8).
 
     Shapes of up to MAX_ROWS rows are measured when first seen; wider ones (cuBLASLt's algorithms
-    and the TMA kernel's wide tilings) up to `wide_rows`, which is 0 except inside `measuring_wide` — CUDA-graph warm-ups open
+    only) up to `wide_rows`, which is 0 except inside `measuring_wide` — CUDA-graph warm-ups open
     it, so the batched tree and window shapes are measured once at start-up, and prompts of every
     length are not."""
     choices: dict[tuple, SkinnyTiling | TmaTiling | LtAlgorithm | None] = field(default_factory=dict)
@@ -332,8 +322,7 @@ class MeasuredLinear:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
         Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's, for bf16 / fp16
-        weights, in tiles of rows past MAX_ROWS) and, given a CublasLt `lt`, up to lt_count of its
-        algorithms (bf16 / fp16 weights)."""
+        weights) and, given a CublasLt `lt`, up to lt_count of its algorithms (bf16 / fp16 weights)."""
         rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
@@ -346,10 +335,9 @@ class MeasuredLinear:
         reference = library_out.float()
         candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
-        if tma and scale is None and tma_aligned(weight):
-            tma_tilings = TMA_CANDIDATES if rows <= MAX_ROWS else WIDE_TMA_CANDIDATES
+        if tma and scale is None and rows <= MAX_ROWS and tma_aligned(weight):
             candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t))
-                               for tiling in tma_tilings if tiling.takes(rows) and tiling.fits(*weight.shape)})
+                               for tiling in TMA_CANDIDATES if tiling.fits(*weight.shape)})
         if lt is not None and lt_count and scale is None:
             x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
