@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ssd.engine.model_runner import ModelRunner
+from ssd.engine.prefill_groups import prefill_groups
 from ssd.engine.sampler import SamplingTensors, sample
 from ssd.engine.sequence import Sequence
 from ssd.engine.stats import GenerationStats
@@ -84,11 +85,15 @@ class AutoregressiveDecoder:
         self.stats.prefill_tokens += sum(len(s.prompt_token_ids) for s in fresh)
 
     def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
-        ids, positions, last = pad_prompts(fresh)
-        logits = self.runner.forward(ids, positions, int(positions.max()), logits_index=last,
-                                     first_slot=first_slot)
+        logits = torch.cat([self.prefill_group(group, first_slot + offset)
+                            for offset, group in prefill_groups(fresh, self.runner.cfg.max_prefill_tokens)])
         self.append_sampled(fresh, logits, self.build_sampling(fresh, logits.device))
         self.sampling = None  # the running batch changes
+
+    def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
+        """One prefill forward; the logits [len(group), V] at each prompt's last token."""
+        ids, positions, last = pad_prompts(group)
+        return self.runner.forward(ids, positions, int(positions.max()), logits_index=last, first_slot=first_slot)
 
     def decode_step(self, running: list[Sequence]) -> None:
         """One token per sequence, one step ahead: step t+1 is launched (its input is step t's token,

@@ -93,7 +93,8 @@ def resolve_checkpoint(model: str) -> Path | None:
 class LLM:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, device: str | None = None,
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
-                 max_num_seqs: int = 16, max_model_len: int | None = None, enforce_eager: bool = False,
+                 max_num_seqs: int = 16, max_model_len: int | None = None, max_prefill_tokens: int = 16384,
+                 enforce_eager: bool = False,
                  seed: int = 0, timeout_s: float = 300.0, first_gpu: int = 0,
                  window_sizes: tuple[int, ...] = (), compile: bool = True, fused_attention: bool = True,
                  measured_linear: bool = True, linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
@@ -103,7 +104,9 @@ class LLM:
                  draft_vocabulary_ranking: str | None = None,
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
                  **async_options):
-        """measured_linear / linear_algorithms / linear_tma: on GPU graphs, each linear layer's shape
+        """max_prefill_tokens: prompts admitted together are prefilled in forwards of at most this many
+        right-padded positions (a longer prompt alone), bounding prefill's activation memory.
+        measured_linear / linear_algorithms / linear_tma: on GPU graphs, each linear layer's shape
         runs the fastest of F.linear, the few-row Triton kernels (the TMA one with linear_tma, on
         Hopper) and up to linear_algorithms of cuBLASLt's algorithms, measured at start-up
         (ssd.layers.triton_linear); norm_fusion: on Hopper GPU graphs, layers of up to 64 rows (TP 1)
@@ -124,7 +127,8 @@ class LLM:
         self.cfg = RunnerConfig(model=models[0], random_weights=random_weights,
                                 device_type=device_type, first_gpu=first_gpu, tp_size=tensor_parallel_size,
                                 dtype=resolve_dtype(dtype, device_type), num_slots=max_num_seqs,
-                                max_len=resolve_max_len(max_model_len, models), window_sizes=window_sizes,
+                                max_len=resolve_max_len(max_model_len, models),
+                                max_prefill_tokens=max_prefill_tokens, window_sizes=window_sizes,
                                 enforce_eager=enforce_eager, compile=compile, fused_attention=fused_attention,
                                 measured_linear=measured_linear, linear_algorithms=linear_algorithms,
                                 linear_tma=linear_tma, norm_fusion=norm_fusion, seed=seed, timeout_s=timeout_s)

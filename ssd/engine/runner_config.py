@@ -19,6 +19,7 @@ class RunnerConfig:
     dtype: torch.dtype = torch.float32
     num_slots: int = 16               # max sequences resident at once
     max_len: int = 2048               # per-sequence KV capacity (prompt + output + speculation slack)
+    max_prefill_tokens: int = 16384   # padded prompt positions per prefill forward (ssd.engine.prefill_groups)
     window_sizes: tuple[int, ...] = ()  # multi-token forward widths to capture (1+K for verification)
     scratch_len: int = 0              # per-slot KV entries for speculation-tree branches (draft only)
     enforce_eager: bool = False
@@ -42,6 +43,8 @@ class RunnerConfig:
             raise ValueError("tensor parallel size must be >= 1")
         if self.num_slots < 1:
             raise ValueError("num_slots must be >= 1")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.weight_quant not in (None, "fp8"):
             raise ValueError(f"weight quantization must be None or 'fp8', got {self.weight_quant!r}")
         if self.head_vocabulary is not None and self.tp_size != 1:

@@ -54,6 +54,16 @@ class ForwardContext:
         """[B] one past the last committed position any query of the row sees."""
         return self.key_limit.amax(dim=1) + 1
 
+    @cached_property
+    def from_start(self) -> bool:
+        """Every row's queries are positions 0..T-1, each seeing itself and those before (a fresh
+        prefill): causal attention over the first T cache positions needs no mask. Checked on the
+        host (once per forward, only on the SDPA path), never during a CUDA-graph capture."""
+        if self.tree is not None or (self.positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        start = torch.arange(self.positions.shape[1], device=self.positions.device).expand_as(self.positions)
+        return torch.equal(self.positions, start) and torch.equal(self.key_limit, start)
+
     @property
     def write_index(self) -> torch.Tensor:
         return self.positions if self.tree is None else self.tree.write_index
@@ -98,11 +108,14 @@ def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
     return scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
 
 
-def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
+    """mask None: causal over as many keys as queries. With grouped heads and a mask, SDPA has only
+    its math kernel on CUDA ([B, Hq, T, L] float32 scores: tens of GB for a batch of long prompts);
+    causal without a mask, its flash / cuDNN kernels."""
     batch, seq = q.shape[:2]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+                                         is_causal=mask is None, enable_gqa=True)
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
@@ -134,5 +147,8 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
         scratch = slice(ctx.tree.scratch_start, ctx.tree.scratch_start + ctx.tree.scratch_mask.shape[-1])
         return grouped(q, keys, values, ctx.attn_mask, scale, ctx.k_caches[layer][rows, :, scratch],
                        ctx.v_caches[layer][rows, :, scratch], ctx.tree.scratch_mask[None, None])
-    attend = grouped if seq <= GROUPED_MAX_QUERIES else sdpa_attention
-    return attend(q, keys, values, ctx.attn_mask, scale)
+    if seq <= GROUPED_MAX_QUERIES:
+        return grouped(q, keys, values, ctx.attn_mask, scale)
+    if ctx.from_start:
+        return sdpa_attention(q, keys[:, :, :seq], values[:, :, :seq], None, scale)
+    return sdpa_attention(q, keys, values, ctx.attn_mask, scale)

@@ -42,10 +42,10 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         self.draft_synced_for: SamplingTensors | None = None  # target sampling the draft's was built with
         self.any_sampled = False
 
-    def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
-        ids, positions, _ = pad_prompts(fresh)
+    def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
+        ids, positions, _ = pad_prompts(group)
         self.draft.prefill(ids, positions, first_slot)
-        super().prefill(fresh, first_slot)
+        return super().prefill_group(group, first_slot)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.draft.move_slot(src, dst, length)

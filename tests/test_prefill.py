@@ -1,0 +1,104 @@
+"""Prefill: a fresh batch attends causally without a mask, and long batches run in bounded groups."""
+import pytest
+import torch
+
+from ssd import LLM, SamplingParams
+from ssd.engine.prefill_groups import prefill_groups
+from ssd.engine.sequence import Sequence
+from ssd.layers.attention import ForwardContext, cached_attention, grouped_attention
+from tiny_models import make_checkpoint, perturbed_copy
+
+# right-padded batches wider than the grouped path's 16 queries: prefill goes to SDPA
+PROMPTS = [list(range(3, 30)), [5, 6, 7], [9] * 41, list(range(50, 70)), [3], list(range(10, 45))]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def sequences(lengths: list[int]) -> list[Sequence]:
+    return [Sequence(i, [1] * n, SamplingParams(max_tokens=1), frozenset()) for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("lengths, budget, expected", [
+    ([10, 10, 10, 10], 40, [[0, 1, 2, 3]]),
+    ([10, 10, 10, 10], 39, [[0, 1, 2], [3]]),
+    ([5, 30, 5, 5], 60, [[0, 1], [2, 3]]),      # the wide prompt pads its group: 2 x 30
+    ([100, 3, 3], 50, [[0], [1, 2]]),            # longer than the budget: alone
+    ([3, 100, 3], 50, [[0], [1], [2]]),
+    ([7], 1, [[0]]),
+])
+def test_groups_are_consecutive_runs_within_the_budget(lengths, budget, expected):
+    seqs = sequences(lengths)
+    groups = list(prefill_groups(seqs, budget))
+    assert [[s.index for s in group] for _, group in groups] == expected
+    assert [offset for offset, _ in groups] == [group[0] for group in expected]
+
+
+def context(positions: torch.Tensor, capacity: int = 64, seed: int = 0, key_limit=None):
+    g = torch.Generator().manual_seed(seed)
+    slots = positions.shape[0] + 1
+    caches = [torch.randn(slots, 2, capacity, 8, generator=g) for _ in range(2)]
+    return ForwardContext(positions, positions if key_limit is None else key_limit, capacity, [caches[0]],
+                          [caches[1]], first_slot=1)
+
+
+def test_only_a_batch_from_position_zero_counts_as_from_start():
+    batch, seq = 3, 20
+    start = torch.arange(seq).expand(batch, seq).contiguous()
+    assert context(start).from_start
+    assert not context(start + 1).from_start                     # a window later in the sequence
+    later_row = start.clone()
+    later_row[1] += 5
+    assert not context(later_row).from_start
+    assert not context(start, key_limit=start + 1).from_start    # queries seeing past themselves
+
+
+def test_causal_prefill_attention_equals_the_masked_one():
+    """The unmasked causal SDPA over the first T cache positions gives what the masked attention over
+    the whole attended length gives (grouped heads: 4 query heads per key head)."""
+    batch, seq = 3, 20
+    positions = torch.arange(seq).expand(batch, seq).contiguous()
+    ctx = context(positions)
+    q = torch.randn(batch, seq, 8, 8, generator=torch.Generator().manual_seed(1))
+    masked = grouped_attention(q, ctx.k_caches[0][1:4], ctx.v_caches[0][1:4], ctx.attn_mask, 0.3)
+    causal = cached_attention(q, 0, ctx, 0.3)
+    assert ctx.from_start
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefill")
+    target = make_checkpoint("llama", root / "target")
+    return {"target": str(target), "draft": str(perturbed_copy(target, root / "draft", noise=0.08))}
+
+
+def generate(model: str, max_prefill_tokens: int, **options) -> tuple[list[list[int]], int]:
+    with LLM(model, max_model_len=256, max_num_seqs=6, max_prefill_tokens=max_prefill_tokens, **options) as llm:
+        forward, prefills = llm.runner.forward, []
+
+        def counting(*args, **kwargs):
+            prefills.append(kwargs.get("logits_index") is not None)
+            return forward(*args, **kwargs)
+        llm.runner.forward = counting
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        return [o.token_ids for o in outs], sum(prefills)
+
+
+@pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 4, "draft_colocated": True}])
+def test_grouped_prefill_gives_the_same_tokens(pair, spec):
+    options = {**spec, "draft": pair["draft"]} if spec else {}
+    whole, forwards = generate(pair["target"], 16384, **options)
+    grouped, group_forwards = generate(pair["target"], 64, **options)
+    assert forwards == 1 and group_forwards == 4      # 27+3 | 41 | 20+1 | 35 (each <= 64 padded, or alone)
+    assert grouped == whole
+
+
+def test_grouped_prefill_with_an_async_draft(pair):
+    whole, _ = generate(pair["target"], 16384)
+    grouped, _ = generate(pair["target"], 64, draft=pair["draft"], num_speculative_tokens=4, async_spec=True,
+                          fan_out=2)
+    assert grouped == whole
+
+
+def test_a_non_positive_budget_is_refused(pair):
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        LLM(pair["target"], max_prefill_tokens=0)
