@@ -120,6 +120,16 @@ def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch):
     assert env["git_commit"] == "e98ab49" and env["git_dirty"] is None
 
 
+def test_the_commit_named_in_the_environment_wins_over_the_checkouts(monkeypatch):
+    """The copy on a lent GPU machine may carry a .git whose HEAD is older than the files sent (seen
+    2026-12-05: result files named the session's first commit)."""
+    monkeypatch.setattr(results, "_git", lambda *args: "b460964" if args[0] == "rev-parse" else "")
+    monkeypatch.setenv("SSD_GIT_COMMIT", "ae68dca")
+    assert collect_env()["git_commit"] == "ae68dca"
+    monkeypatch.delenv("SSD_GIT_COMMIT")
+    assert collect_env()["git_commit"] == "b460964"
+
+
 def test_summary_table_is_fixed_width_and_shows_missing_as_dash():
     m = compute_metrics(spec_runs())
     text = format_summary({"ar": {**m, "acceptance_length": None}, "sync": m})

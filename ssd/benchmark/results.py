@@ -181,12 +181,12 @@ def _ssd_version() -> str | None:
 
 
 def _git_info() -> dict[str, Any]:
-    """From the checkout; a copy without .git (as sent to a lent GPU machine) names its commit in
-    SSD_GIT_COMMIT (dirtiness unknown)."""
+    """SSD_GIT_COMMIT when set (dirtiness unknown): a copy sent to a lent GPU machine may have no .git,
+    or one whose HEAD is an older commit than the files sent; else from the checkout."""
+    if os.environ.get("SSD_GIT_COMMIT"):
+        return {"git_commit": os.environ["SSD_GIT_COMMIT"], "git_dirty": None}
     commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return {"git_commit": os.environ.get("SSD_GIT_COMMIT"), "git_dirty": None}
-    return {"git_commit": commit, "git_dirty": bool(_git("status", "--porcelain"))}
+    return {"git_commit": commit, "git_dirty": None if commit is None else bool(_git("status", "--porcelain"))}
 
 
 def _git(*args: str) -> str | None:

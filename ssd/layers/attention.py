@@ -110,9 +110,9 @@ def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
 
 def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-    """mask None: causal over as many keys as queries. With grouped heads and a mask, SDPA has only
-    its math kernel on CUDA ([B, Hq, T, L] float32 scores: tens of GB for a batch of long prompts);
-    causal without a mask, its flash / cuDNN kernels."""
+    """mask None: causal over as many keys as queries, which SDPA's fastest kernels take (16 prompts of
+    2048 tokens at llama-3.1-8b's heads on an H200: 1.0 ms a layer, vs 3.4 ms with the boolean mask;
+    bench/prefill_bench.py)."""
     batch, seq = q.shape[:2]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
                                          is_causal=mask is None, enable_gqa=True)
