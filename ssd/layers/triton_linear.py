@@ -11,9 +11,9 @@ gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)
 
 On Hopper a second kernel loads both operands by TMA and puts the weight on the MMA's M side
 (`tma_linear`): at the 1B draft's 21-row tree products it streams weights faster than cuBLAS (H200:
-qkv 6.5 vs 7.6 us, down 12.1 vs 13.3 with split-K; results/tma_gemm_sweep_h200.json). Past 64 rows
-it runs in tiles of rows (`TmaTiling.block_m`: the B = 16 window and tree), candidates beside
-cuBLAS's there (not yet timed on a GPU). It can also add a residual to the product
+qkv 6.5 vs 7.6 us, down 12.1 vs 13.3 with split-K; results/tma_gemm_sweep_h200.json). In tiles of
+rows past 64 (the B = 16 window and tree) it lost to cuBLAS by 4-42 % at every product and was removed
+(results/tma_gemm_sweep_h200_wide_rows_negative.json). It can also add a residual to the product
 (ssd.layers.norm_fusion, which also fuses the RMSNorm and SiLU around these products).
 
 Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few tilings of these
