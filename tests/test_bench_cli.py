@@ -54,6 +54,7 @@ def refusal(argv: list[str], capsys) -> str:
     (CPU + ["--random", "--gsm"], "cannot be mixed"),
     (CPU + ["--random-weights", "--chat_template"], "needs a tokenizer"),
     (CPU + ["--gpus", "0"], "--gpus must be at least 1"),
+    (CPU + ["--max-prefill-tokens", "0"], "--max-prefill-tokens must be at least 1"),
 ])
 def test_refusals_exit_2_with_a_helpful_message(argv, phrase, capsys):
     assert phrase in refusal(argv, capsys)
@@ -193,3 +194,10 @@ def test_profile_with_random_weights_marks_simulated():
 def test_more_gpus_than_visible_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 2)
     assert "only 2 CUDA device(s) are visible" in refusal(CUDA + ["--gpus", "4"], capsys)
+
+
+def test_the_prefill_budget_reaches_the_engine_arguments():
+    from ssd.benchmark.runner import llm_kwargs
+    config = parse_args(CPU + ["--max-prefill-tokens", "4096"])
+    assert llm_kwargs(config, config.arms[-1], None)["max_prefill_tokens"] == 4096
+    assert parse_args(CPU).max_prefill_tokens == 16384

@@ -81,6 +81,7 @@ class BenchConfig:
     linear: str
     dtype: str | None
     max_model_len: int | None
+    max_prefill_tokens: int
     datasets: tuple[str, ...]
     data_dir: str
     chat_template: bool
@@ -169,6 +170,9 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_model_len", type=int, default=None,
                        help="KV positions per sequence (prompt + output + speculation slack); default 2048, "
                             "at most the models' context (max_position_embeddings).")
+    group.add_argument("--max-prefill-tokens", type=int, default=16384, metavar="N",
+                       help="Prompts admitted together are prefilled in forwards of at most N right-padded "
+                            "positions (a longer prompt alone): bounds prefill's activation memory.")
     group.add_argument("--seed", type=int, default=0,
                        help="Seed for weights, random prompts, sampling and the bootstrap.")
 
@@ -301,7 +305,8 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp,
         draft_quant=ns.draft_quant, draft_vocab=ns.draft_vocab,
         draft_vocab_ranking=ns.draft_vocab_ranking, eager=ns.eager,
-        attention=ns.attention, linear=ns.linear, dtype=ns.dtype, max_model_len=ns.max_model_len, datasets=_selected_datasets(ns),
+        attention=ns.attention, linear=ns.linear, dtype=ns.dtype, max_model_len=ns.max_model_len,
+        max_prefill_tokens=ns.max_prefill_tokens, datasets=_selected_datasets(ns),
         data_dir=ns.data_dir or os.environ.get("SSD_DATA_DIR") or "data",
         chat_template=ns.chat_template, random_weights=random_weights, profile=ns.profile,
         json_path=ns.json_path, seed=ns.seed, warmup=_or(ns.warmup, warmup))
@@ -380,7 +385,7 @@ def _check_scalars(ns: argparse.Namespace, flh: tuple[int, ...] | None, flm: tup
 def _check_counts(ns: argparse.Namespace) -> None:
     for flag, value, low in (("--gpus", ns.gpus, 1), ("--numseqs", ns.numseqs, 1),
                              ("--output_len", ns.output_len, 1), ("--input_len", ns.input_len, 1),
-                             ("--warmup", ns.warmup, 0)):
+                             ("--warmup", ns.warmup, 0), ("--max-prefill-tokens", ns.max_prefill_tokens, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be at least {low}; got {value}")
     if ns.temp < 0 or (ns.dtemp is not None and ns.dtemp < 0):

@@ -150,7 +150,8 @@ def sampling_params_for(config: BenchConfig, num_prompts: int) -> list:
 def llm_kwargs(config: BenchConfig, arm: Arm, draft: str | None) -> dict[str, Any]:
     kwargs = dict(tensor_parallel_size=arm.tp_size, device=config.device, dtype=config.dtype,
                   random_weights=config.random_weights, max_num_seqs=config.batch_size,
-                  max_model_len=config.max_model_len, enforce_eager=config.eager, seed=config.seed,
+                  max_model_len=config.max_model_len, max_prefill_tokens=config.max_prefill_tokens,
+                  enforce_eager=config.eager, seed=config.seed,
                   fused_attention=config.attention == "fused", measured_linear=config.linear == "measured")
     if arm.spec:
         kwargs.update(draft=draft, num_speculative_tokens=config.k, async_spec=arm.async_spec,
