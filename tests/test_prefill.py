@@ -71,15 +71,17 @@ def pair(tmp_path_factory):
     return {"target": str(target), "draft": str(perturbed_copy(target, root / "draft", noise=0.08))}
 
 
-def generate(model: str, max_prefill_tokens: int, **options) -> tuple[list[list[int]], int]:
-    with LLM(model, max_model_len=256, max_num_seqs=6, max_prefill_tokens=max_prefill_tokens, **options) as llm:
+def generate(model: str, max_prefill_tokens: int, params=GREEDY, max_num_seqs: int = 6,
+             **options) -> tuple[list[list[int]], int]:
+    with LLM(model, max_model_len=256, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
+             **options) as llm:
         forward, prefills = llm.runner.forward, []
 
         def counting(*args, **kwargs):
             prefills.append(kwargs.get("logits_index") is not None)
             return forward(*args, **kwargs)
         llm.runner.forward = counting
-        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
         return [o.token_ids for o in outs], sum(prefills)
 
 
@@ -102,3 +104,17 @@ def test_grouped_prefill_with_an_async_draft(pair):
 def test_a_non_positive_budget_is_refused(pair):
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         LLM(pair["target"], max_prefill_tokens=0)
+
+
+@pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 4, "async_spec": True, "fan_out": 2}])
+def test_prompts_joining_a_running_batch_are_grouped_too(pair, spec):
+    """Four slots: the second and fourth requests end first, together; the last two prompts (1 and 35
+    tokens: 70 padded positions) then join the two still running, prefilled as two groups (slots 2, 3)."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (24, 8, 24, 8, 24, 24)]
+    options = {**spec, "draft": pair["draft"]} if spec else {}
+    whole, forwards = generate(pair["target"], 16384, params, max_num_seqs=4, **options)
+    grouped, group_forwards = generate(pair["target"], 64, params, max_num_seqs=4, **options)
+    if not spec:   # AR: 27+3 | 41 | 20 then 1 | 35 (async rounds may end the two at different rounds)
+        assert (forwards, group_forwards) == (2, 5)
+    assert group_forwards > forwards
+    assert grouped == whole and [len(row) for row in whole] == [p.max_tokens for p in params]
