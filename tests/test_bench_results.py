@@ -12,7 +12,7 @@ from ssd.benchmark import results, runner
 from ssd.benchmark.cli import parse_args
 from ssd.benchmark.results import (METRIC_NAMES, ArmResult, BatchRun, build_result, collect_env,
                                    compute_metrics, outputs_as_records, write_result_json)
-from ssd.benchmark.summary import THROUGHPUT_NOTE, format_summary
+from ssd.benchmark.summary import RANDOM_ACCEPTANCE, THROUGHPUT_NOTE, format_summary
 
 
 @dataclass
@@ -96,6 +96,15 @@ def test_profile_replay_is_flagged_in_result_and_summary():
     assert result["simulated_acceptance"] is True
     text = format_summary({"sync": result["metrics"]}, simulated=True)
     assert "(simulated acceptance)" in text and THROUGHPUT_NOTE in text
+
+
+def test_random_weights_without_a_profile_are_flagged_in_result_and_summary():
+    """Speculation over random weights with no replayed profile measures chance agreement only."""
+    result = result_for(["--random-weights", "--spec"])
+    assert result["random_acceptance"] is True and result["simulated_acceptance"] is False
+    assert RANDOM_ACCEPTANCE in format_summary({"sync": result["metrics"]}, random_acceptance=True)
+    assert result_for(["--random-weights", "--spec", "--profile", "gsm"])["random_acceptance"] is False
+    assert result_for(["--spec"])["random_acceptance"] is False          # the real offline pair
 
 
 def test_json_round_trip(tmp_path):

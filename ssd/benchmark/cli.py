@@ -104,6 +104,12 @@ class BenchConfig:
     def simulated_acceptance(self) -> bool:
         return self.profile is not None
 
+    @property
+    def random_acceptance(self) -> bool:
+        """Speculation over random weights without a replayed profile: the draft agrees with the target
+        only by chance, so acceptance (and with it every speedup) says nothing about real models."""
+        return self.uses_spec and self.random_weights and self.profile is None
+
 
 # ---------------------------------------------------------------- parser
 

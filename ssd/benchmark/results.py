@@ -225,6 +225,7 @@ def build_result(config: BenchConfig, arms: Sequence[ArmResult], ab: dict[str, A
         "primary_arm": primary.name,
         "metrics": primary.metrics,
         "simulated_acceptance": config.simulated_acceptance,
+        "random_acceptance": config.random_acceptance,
         "outputs": primary.outputs,
         "arms": {arm.name: {"metrics": arm.metrics, "outputs": arm.outputs} for arm in arms},
         "ab": ab,

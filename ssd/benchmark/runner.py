@@ -62,6 +62,10 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 config.draft.name if config.draft else None,
                 draft_variant(config), len(prompts), len(batches),
                 config.batch_size, ",".join(arm.name for arm in config.arms))
+    if config.random_acceptance:
+        logger.warning("random weights and no --profile: the draft agrees with the target only by chance, so "
+                       "acceptance and speedups are not a real draft's; --profile code (or chat) replays "
+                       "acceptance recorded with a real pair (results labelled simulated)")
     runs = _run_with_llms(config, target, prompts, params, batches)
     return _finish(config, runs)
 
@@ -86,6 +90,7 @@ def _finish(config: BenchConfig, runs: list[BatchRun]) -> dict[str, Any]:
     result = build_result(config, arms, ab)
     logger.info("\n%s", format_summary({arm.name: arm.metrics for arm in arms},
                                        simulated=config.simulated_acceptance,
+                                       random_acceptance=config.random_acceptance,
                                        comparisons=ab["comparisons"] if ab else None,
                                        greedy_identical=ab["greedy_identical"] if ab else None,
                                        match_rates=ab["greedy_prefix_match_rate"] if ab else None))

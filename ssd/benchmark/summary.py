@@ -5,6 +5,7 @@ from typing import Any, Callable, Mapping
 
 THROUGHPUT_NOTE = ("decode tok/s = decode-step tokens / decode time (prefill excluded); "
                    "e2e tok/s = all generated tokens / wall time (prefill included)")
+RANDOM_ACCEPTANCE = "random weights, no --profile: acceptance is chance agreement, not a real draft's"
 MIN_COLUMN_WIDTH = 12
 
 
@@ -53,9 +54,11 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 def format_summary(arm_metrics: Mapping[str, Mapping[str, Any]], *, simulated: bool = False,
                    comparisons: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                    greedy_identical: bool | None = None, title: str = "SSD benchmark",
-                   match_rates: dict[str, float] | None = None) -> str:
+                   match_rates: dict[str, float] | None = None, random_acceptance: bool = False) -> str:
     """The table, then A/B ratio lines and the greedy-identity verdict when given."""
     heading = f"{title} (simulated acceptance)" if simulated else title
+    if random_acceptance:
+        heading += f" ({RANDOM_ACCEPTANCE})"
     table = _table(arm_metrics)
     rule = "=" * max(len(line) for line in table)
     lines = [rule, heading, rule, *table, rule, f"note: {THROUGHPUT_NOTE}"]
