@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion)
+#    qwen | coordinator | fusion | prefill)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -105,6 +105,13 @@ case $part in
              --iters 20 --linear measured-without-fusion measured measured-without-fusion measured \
              --out "$out/draft_round_llama1b_fusion.json" > "$out/round_fusion.log" 2>&1
            grep -E "batch|Error|error" "$out/round_fusion.log" | cut -c1-400 ;;
+  prefill) # 16 prompts of 2048 tokens: unmasked causal vs masked attention, and the engine's prefill in
+           # groups of <= 16384 positions vs one forward (time, peak memory above the loaded engine)
+           for preset in ${PRESETS:-llama-3.1-8b qwen3-32b}; do
+             timeout 280 python bench/prefill_bench.py --preset "$preset" --batch 16 --prompt-len 2048 \
+               --max-prefill-tokens 16384 65536 --out "$out/prefill_$preset.json" > "$out/prefill_$preset.log" 2>&1
+             grep -E "attention|engine prefill|Error|error" "$out/prefill_$preset.log" | cut -c1-400
+           done ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
