@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/prefill_bench.py --preset llama-3.1-8b --batch 16 --prompt-len 2048 \
         --max-prefill-tokens 16384 65536 --out $OUT/prefill.json
 
-1. Attention alone at the preset's head shapes: causal without a mask (what a fresh prefill runs)
+1. Attention alone at the preset's head shapes: causal without a mask (what a prefill runs)
    and with the boolean mask (what any other long forward runs), each with SDPA's math kernel
    forbidden (does a fused kernel take it?) and with every kernel allowed (time, peak memory).
 2. The engine (random weights, eager): `generate` of `batch` prompts of `prompt-len` tokens, one new
@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 from ssd import LLM, SamplingParams  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
@@ -62,13 +63,14 @@ def attention_kernels(preset: str, batch: int, seq: int) -> dict:
     mask = causal_mask(positions, seq)
     scale = dim ** -0.5
     result = {}
-    for name, m in (("causal_no_mask", None), ("bool_mask", mask)):
+    causal = causal_lower_right(seq, seq)
+    for name, m in (("causal_no_mask", causal), ("bool_mask", mask)):
         with sdpa_kernel(FUSED_ONLY):
             result[f"{name}_fused_only"] = measured(lambda: sdpa_attention(q, keys, values, m, scale))
         result[name] = measured(lambda: sdpa_attention(q, keys, values, m, scale))
         log.info("attention %s: fused kernels only %s; any kernel %s", name, result[f"{name}_fused_only"],
                  result[name])
-    out = sdpa_attention(q, keys, values, None, scale).float()
+    out = sdpa_attention(q, keys, values, causal, scale).float()
     result["max_abs_difference"] = (out - sdpa_attention(q, keys, values, mask, scale).float()).abs().max().item()
     return result
 

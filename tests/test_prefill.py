@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ssd import LLM, SamplingParams
+from ssd.draft_worker.proposer import DraftProposer
 from ssd.engine.prefill_groups import prefill_groups
 from ssd.engine.sequence import Sequence
 from ssd.layers.attention import ForwardContext, cached_attention, grouped_attention
@@ -40,27 +41,29 @@ def context(positions: torch.Tensor, capacity: int = 64, seed: int = 0, key_limi
                           [caches[1]], first_slot=1)
 
 
-def test_only_a_batch_from_position_zero_counts_as_from_start():
+def test_rows_of_one_contiguous_run_are_recognised():
     batch, seq = 3, 20
     start = torch.arange(seq).expand(batch, seq).contiguous()
-    assert context(start).from_start
-    assert not context(start + 1).from_start                     # a window later in the sequence
+    assert context(start).contiguous_from == 0                   # a fresh prefill
+    assert context(start + 7).contiguous_from == 7               # a later chunk of one long prompt
     later_row = start.clone()
     later_row[1] += 5
-    assert not context(later_row).from_start
-    assert not context(start, key_limit=start + 1).from_start    # queries seeing past themselves
+    assert context(later_row).contiguous_from is None            # rows at different places
+    assert context(start, key_limit=start + 1).contiguous_from is None   # queries seeing past themselves
 
 
-def test_causal_prefill_attention_equals_the_masked_one():
-    """The unmasked causal SDPA over the first T cache positions gives what the masked attention over
-    the whole attended length gives (grouped heads: 4 query heads per key head)."""
+@pytest.mark.parametrize("start", [0, 9])
+def test_causal_attention_of_a_contiguous_run_equals_the_masked_one(start):
+    """Causal attention aligned at the bottom right over cache positions < start+T, with no mask,
+    gives what the masked attention over the whole attended length gives (grouped heads: 4 query
+    heads per key head)."""
     batch, seq = 3, 20
-    positions = torch.arange(seq).expand(batch, seq).contiguous()
+    positions = (start + torch.arange(seq)).expand(batch, seq).contiguous()
     ctx = context(positions)
     q = torch.randn(batch, seq, 8, 8, generator=torch.Generator().manual_seed(1))
     masked = grouped_attention(q, ctx.k_caches[0][1:4], ctx.v_caches[0][1:4], ctx.attn_mask, 0.3)
     causal = cached_attention(q, 0, ctx, 0.3)
-    assert ctx.from_start
+    assert ctx.contiguous_from == start
     torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
 
 
@@ -71,18 +74,27 @@ def pair(tmp_path_factory):
     return {"target": str(target), "draft": str(perturbed_copy(target, root / "draft", noise=0.08))}
 
 
-def generate(model: str, max_prefill_tokens: int, params=GREEDY, max_num_seqs: int = 6,
+def generate(model: str, max_prefill_tokens: int, params=GREEDY, max_num_seqs: int = 6, prompts=PROMPTS,
              **options) -> tuple[list[list[int]], int]:
+    """Greedy tokens, and the prefill forwards of the target (and of an in-process draft: the same)."""
     with LLM(model, max_model_len=256, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
              **options) as llm:
-        forward, prefills = llm.runner.forward, []
+        runners = [llm.runner] + ([llm.draft.runner] if isinstance(llm.draft, DraftProposer) else [])
+        prefills = [count_prefills(runner) for runner in runners]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert all(len(counted) == len(prefills[0]) for counted in prefills)
+        return [o.token_ids for o in outs], len(prefills[0])
 
-        def counting(*args, **kwargs):
-            prefills.append(kwargs.get("logits_index") is not None)
-            return forward(*args, **kwargs)
-        llm.runner.forward = counting
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        return [o.token_ids for o in outs], sum(prefills)
+
+def count_prefills(runner) -> list[None]:
+    forward, counted = runner.forward, []
+
+    def counting(*args, **kwargs):
+        if kwargs.get("logits_index") is not None:
+            counted.append(None)
+        return forward(*args, **kwargs)
+    runner.forward = counting
+    return counted
 
 
 @pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 4, "draft_colocated": True}])
@@ -104,6 +116,22 @@ def test_grouped_prefill_with_an_async_draft(pair):
 def test_a_non_positive_budget_is_refused(pair):
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         LLM(pair["target"], max_prefill_tokens=0)
+
+
+LONG = [[(7 * i) % 90 + 3 for i in range(150)], list(range(3, 30))]
+
+
+@pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 4, "draft_colocated": True},
+                                  {"num_speculative_tokens": 4, "async_spec": True, "fan_out": 2},
+                                  {"tensor_parallel_size": 2}])
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks(pair, spec):
+    """A 150-token prompt with a budget of 64: three chunks (64, 64, 22) in the target (its TP ranks
+    too), and in the draft (in-process or its own process); the same greedy tokens as one forward."""
+    options = {**spec, "draft": pair["draft"]} if "num_speculative_tokens" in spec else spec
+    whole, forwards = generate(pair["target"], 16384, prompts=LONG, **options)
+    chunked, chunk_forwards = generate(pair["target"], 64, prompts=LONG, **options)
+    assert (forwards, chunk_forwards) == (1, 4)     # then 150 | 27
+    assert chunked == whole
 
 
 @pytest.mark.parametrize("spec", [{}, {"num_speculative_tokens": 4, "async_spec": True, "fan_out": 2}])

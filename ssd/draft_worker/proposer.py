@@ -46,7 +46,7 @@ class DraftProposer:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
         last = torch.zeros(ids.shape[0], dtype=torch.int64)  # logits unused: cheapest single position
-        self.runner.forward(ids, positions, int(positions.max()), logits_index=last, first_slot=first_slot)
+        self.runner.prefill(ids, positions, last, first_slot)
 
     def set_sampling(self, sampling: SamplingTensors) -> None:
         self.sampling = sampling

@@ -92,8 +92,7 @@ class AutoregressiveDecoder:
 
     def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
         """One prefill forward; the logits [len(group), V] at each prompt's last token."""
-        ids, positions, last = pad_prompts(group)
-        return self.runner.forward(ids, positions, int(positions.max()), logits_index=last, first_slot=first_slot)
+        return self.runner.prefill(*pad_prompts(group), first_slot)
 
     def decode_step(self, running: list[Sequence]) -> None:
         """One token per sequence, one step ahead: step t+1 is launched (its input is step t's token,

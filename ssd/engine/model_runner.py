@@ -178,6 +178,21 @@ class ModelRunner:
         self._share(input_ids, positions, logits_index)
         return self._forward_any(input_ids, positions, logits_index, first_slot, attend_len)
 
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, first_slot: int) -> torch.Tensor:
+        """Right-padded prompts ids/positions [B, T] from position 0; last [B] each one's last prompt
+        index -> logits there [B, V]. One forward, except a single prompt longer than
+        cfg.max_prefill_tokens: then chunks of that many positions, each attending to those before,
+        and the logits at the prompt's end (a single prompt has no padding)."""
+        chunk, length = self.cfg.max_prefill_tokens, ids.shape[1]
+        if ids.shape[0] > 1 or length <= chunk:
+            return self.forward(ids, positions, int(positions.max()), logits_index=last, first_slot=first_slot)
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            # one position's logits per forward (the chunk's last; only the final chunk's are used)
+            logits = self.forward(ids[:, start:end], positions[:, start:end], end - 1,
+                                  logits_index=torch.full((1,), end - start - 1), first_slot=first_slot)
+        return logits
+
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self._announce(OP_MOVE_SLOT, src, dst, length)

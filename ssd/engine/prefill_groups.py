@@ -3,7 +3,8 @@
 One forward over a right-padded batch holds len(group) x longest-prompt positions of activations
 (the MLP's intermediate alone is positions x 2 x ffn values): sixteen long prompts at once could
 exhaust the memory the KV cache left. Groups are runs of consecutive prompts (their cache slots are
-consecutive too); a prompt longer than the budget is a group of its own."""
+consecutive too); a prompt longer than the budget is a group of its own, which the runner prefills
+in chunks (ModelRunner.prefill)."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence as Seq

@@ -6,6 +6,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 @dataclass
@@ -55,14 +56,16 @@ class ForwardContext:
         return self.key_limit.amax(dim=1) + 1
 
     @cached_property
-    def from_start(self) -> bool:
-        """Every row's queries are positions 0..T-1, each seeing itself and those before (a fresh
-        prefill): causal attention over the first T cache positions needs no mask. Checked on the
-        host (once per forward, only on the SDPA path), never during a CUDA-graph capture."""
+    def contiguous_from(self) -> int | None:
+        """s when every row's queries are positions s..s+T-1, each seeing itself and those before (a
+        prefill, or one chunk of a long prompt's): then attention is causal over cache positions
+        < s+T, aligned at the bottom right, with no mask. None otherwise. Checked on the host (once per
+        forward, only on the SDPA path), never during a CUDA-graph capture."""
         if self.tree is not None or (self.positions.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return False
-        start = torch.arange(self.positions.shape[1], device=self.positions.device).expand_as(self.positions)
-        return torch.equal(self.positions, start) and torch.equal(self.key_limit, start)
+            return None
+        start = int(self.positions[0, 0])
+        run = start + torch.arange(self.positions.shape[1], device=self.positions.device).expand_as(self.positions)
+        return start if torch.equal(self.positions, run) and torch.equal(self.key_limit, run) else None
 
     @property
     def write_index(self) -> torch.Tensor:
@@ -108,14 +111,14 @@ def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
     return scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
 
 
-def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
-    """mask None: causal over as many keys as queries, which SDPA's fastest kernels take (16 prompts of
-    2048 tokens at llama-3.1-8b's heads on an H200: 1.0 ms a layer, vs 3.4 ms with the boolean mask;
-    bench/prefill_bench.py)."""
+def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | CausalBias, scale: float) -> torch.Tensor:
+    """mask: boolean [B, 1, T, L], or a causal bias, which SDPA's fastest kernels take without one
+    (16 prompts of 2048 tokens at llama-3.1-8b's heads on an H200: 1.0 ms a layer, vs 3.4 ms with
+    the boolean mask; bench/prefill_bench.py)."""
     batch, seq = q.shape[:2]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                         is_causal=mask is None, enable_gqa=True)
+                                         enable_gqa=True)
     return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
@@ -149,6 +152,8 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
                        ctx.v_caches[layer][rows, :, scratch], ctx.tree.scratch_mask[None, None])
     if seq <= GROUPED_MAX_QUERIES:
         return grouped(q, keys, values, ctx.attn_mask, scale)
-    if ctx.from_start:
-        return sdpa_attention(q, keys[:, :, :seq], values[:, :, :seq], None, scale)
+    start = ctx.contiguous_from
+    if start is not None:
+        end = start + seq
+        return sdpa_attention(q, keys[:, :, :end], values[:, :, :end], causal_lower_right(seq, end), scale)
     return sdpa_attention(q, keys, values, ctx.attn_mask, scale)
