@@ -8,6 +8,8 @@
    forbidden (does a fused kernel take it?) and with every kernel allowed (time, peak memory).
 2. The engine (random weights, eager): `generate` of `batch` prompts of `prompt-len` tokens, one new
    token each, for each prefill budget: prefill seconds and the peak memory above the loaded engine.
+   One prompt longer than a budget is prefilled in chunks: e.g. `--batch 1 --prompt-len 40000
+   --chunk-offset 16384 --max-prefill-tokens 16384 65536` (attention of a 2nd chunk; chunked vs whole).
 """
 from __future__ import annotations
 
@@ -54,16 +56,17 @@ def measured(fn) -> dict:
             "peak_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)}
 
 
-def attention_kernels(preset: str, batch: int, seq: int) -> dict:
+def attention_kernels(preset: str, batch: int, seq: int, offset: int) -> dict:
+    """seq queries at positions offset..offset+seq-1 (a later chunk of a long prompt when offset > 0)."""
     arch = preset_arch(preset)
-    heads, kv_heads, dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    heads, kv_heads, dim, length = arch.num_heads, arch.num_kv_heads, arch.head_dim, offset + seq
     q = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
-    keys, values = (torch.randn(batch, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    positions = torch.arange(seq, device="cuda").expand(batch, seq)
-    mask = causal_mask(positions, seq)
+    keys, values = (torch.randn(batch, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    positions = offset + torch.arange(seq, device="cuda").expand(batch, seq)
+    mask = causal_mask(positions, length)
     scale = dim ** -0.5
-    result = {}
-    causal = causal_lower_right(seq, seq)
+    result = {"offset": offset}
+    causal = causal_lower_right(seq, length)
     for name, m in (("causal_no_mask", causal), ("bool_mask", mask)):
         with sdpa_kernel(FUSED_ONLY):
             result[f"{name}_fused_only"] = measured(lambda: sdpa_attention(q, keys, values, m, scale))
@@ -99,14 +102,17 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--max-prefill-tokens", type=int, nargs="+", default=[16384])
+    parser.add_argument("--chunk-offset", type=int, default=0,
+                        help="Attention part: the queries' first position (a later chunk's when > 0).")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         log.error("needs a CUDA device")
         return 1
+    queries = min(args.prompt_len, min(args.max_prefill_tokens))   # one forward's (a chunk's) at most
     result = {"env": collect_env(), "preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
-              "attention": attention_kernels(args.preset, args.batch, args.prompt_len), "engine": []}
+              "attention": attention_kernels(args.preset, args.batch, queries, args.chunk_offset), "engine": []}
     for budget in args.max_prefill_tokens:
         result["engine"].append(engine_prefill(args.preset, args.batch, args.prompt_len, budget))
         log.info("engine prefill %s", result["engine"][-1])

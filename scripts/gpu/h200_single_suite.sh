@@ -111,7 +111,12 @@ case $part in
              timeout 280 python bench/prefill_bench.py --preset "$preset" --batch 16 --prompt-len 2048 \
                --max-prefill-tokens 16384 65536 --out "$out/prefill_$preset.json" > "$out/prefill_$preset.log" 2>&1
              grep -E "attention|engine prefill|Error|error" "$out/prefill_$preset.log" | cut -c1-400
-           done ;;
+           done
+           # one 40000-token prompt: chunks of 16384 (the 2nd chunk's attention aligned bottom right) vs one forward
+           timeout 280 python bench/prefill_bench.py --preset llama-3.1-8b --batch 1 --prompt-len 40000 \
+             --chunk-offset 16384 --max-prefill-tokens 16384 65536 --out "$out/prefill_long_llama8b.json" \
+             > "$out/prefill_long.log" 2>&1
+           grep -E "attention|engine prefill|Error|error" "$out/prefill_long.log" | cut -c1-400 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
