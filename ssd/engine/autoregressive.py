@@ -91,8 +91,12 @@ class AutoregressiveDecoder:
         self.sampling = None  # the running batch changes
 
     def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
-        """One prefill forward; the logits [len(group), V] at each prompt's last token."""
-        return self.runner.prefill(*pad_prompts(group), first_slot)
+        """The logits [len(group), V] at each prompt's last token."""
+        return self.prefill_padded(*pad_prompts(group), first_slot)
+
+    def prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                       first_slot: int) -> torch.Tensor:
+        return self.runner.prefill(ids, positions, last, first_slot)
 
     def decode_step(self, running: list[Sequence]) -> None:
         """One token per sequence, one step ahead: step t+1 is launched (its input is step t's token,

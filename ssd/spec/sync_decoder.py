@@ -7,7 +7,7 @@ import time
 import torch
 
 from ssd.draft_worker.proposer import DraftProposer
-from ssd.engine.autoregressive import AutoregressiveDecoder, pad_prompts
+from ssd.engine.autoregressive import AutoregressiveDecoder
 from ssd.engine.phase_clock import PhaseClock
 from ssd.engine.sampler import SamplingTensors
 from ssd.engine.sequence import Sequence
@@ -42,10 +42,10 @@ class SpeculativeDecoder(AutoregressiveDecoder):
         self.draft_synced_for: SamplingTensors | None = None  # target sampling the draft's was built with
         self.any_sampled = False
 
-    def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
-        ids, positions, _ = pad_prompts(group)
+    def prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                       first_slot: int) -> torch.Tensor:
         self.draft.prefill(ids, positions, first_slot)
-        return super().prefill_group(group, first_slot)
+        return super().prefill_padded(ids, positions, last, first_slot)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.draft.move_slot(src, dst, length)
