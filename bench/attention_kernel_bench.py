@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from ssd.benchmark.kernel_profile import cuda_time_ms  # noqa: E402
+from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention  # noqa: E402
 from ssd.layers.kernels import Kernels  # noqa: E402
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = [run_case(name, batch, args.context, args.attend_len) for name in CASES for batch in (1, 16)]
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "env": collect_env(), "rows": rows,
               "note": "matmul = torch.compile'd grouped_attention (the previous path); *_us timings are "
                       "back-to-back eager calls (launch overhead included in both), *_graph_us ones a "
                       "CUDA graph of back-to-back calls"}

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
+from ssd.benchmark.results import collect_env  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
         result, generated = profile_mode(args, mode == "fused", linear, bandwidth)
         modes.append(result)
         tokens.append(generated)
-    result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name,
+    result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name, "env": collect_env(),
               "weights": "random (timing only)", "modes": modes}
     if len(tokens) > 1:
         result["greedy_prefix_agreement"] = round(same_tokens(tokens[0], tokens[1]), 4)

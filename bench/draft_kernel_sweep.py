@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attention_kernel_bench import context_for  # noqa: E402  (this directory is on sys.path)
+from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
@@ -425,7 +426,7 @@ def main(argv: list[str]) -> int:
              "fusion": lambda: fusion_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
-              "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed"}
+              "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed", "env": collect_env()}
     with torch.inference_mode():
         for part in args.parts:
             result[part] = guarded(part, parts[part])

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
+from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
 from ssd.draft_worker.compact_probs import CompactProbs  # noqa: E402
@@ -329,7 +330,7 @@ def main(argv: list[str]) -> int:
 def result_file(args: argparse.Namespace, rows: list[dict]) -> dict:
     return {"schema": "ssd-draft-round-bench/1", "preset": args.preset, "k": args.k, "f": args.f,
             "context": args.context, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-            "torch": torch.__version__, "weights": "random (timing only)", "rows": rows}
+            "torch": torch.__version__, "env": collect_env(), "weights": "random (timing only)", "rows": rows}
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 
 from draft_round_bench import build_draft, prefill  # noqa: E402
+from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.draft_worker.protocol import outcome_payload, pack_reply  # noqa: E402
 
 log = logging.getLogger("outcome_ab")
@@ -123,6 +124,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         args.json.write_text(json.dumps({"schema": "ssd-outcome-ab/1", "preset": args.preset,
                                          "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                         "env": collect_env(),
                                          "baseline": str(args.baseline), "weights": "random (timing only)",
                                          "rows": rows}, indent=1))
     return 0
