@@ -178,7 +178,7 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                             "at most the models' context (max_position_embeddings).")
     group.add_argument("--max-prefill-tokens", type=int, default=16384, metavar="N",
                        help="Prompts admitted together are prefilled in forwards of at most N right-padded "
-                            "positions (a longer prompt alone): bounds prefill's activation memory.")
+                            "positions (a longer prompt in chunks of N): bounds prefill's activation memory.")
     group.add_argument("--seed", type=int, default=0,
                        help="Seed for weights, random prompts, sampling and the bootstrap.")
 

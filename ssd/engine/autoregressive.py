@@ -85,17 +85,14 @@ class AutoregressiveDecoder:
         self.stats.prefill_tokens += sum(len(s.prompt_token_ids) for s in fresh)
 
     def prefill(self, fresh: list[Sequence], first_slot: int) -> None:
-        logits = torch.cat([self.prefill_group(group, first_slot + offset)
+        logits = torch.cat([self.prefill_padded(*pad_prompts(group), first_slot + offset)
                             for offset, group in prefill_groups(fresh, self.runner.cfg.max_prefill_tokens)])
         self.append_sampled(fresh, logits, self.build_sampling(fresh, logits.device))
         self.sampling = None  # the running batch changes
 
-    def prefill_group(self, group: list[Sequence], first_slot: int) -> torch.Tensor:
-        """The logits [len(group), V] at each prompt's last token."""
-        return self.prefill_padded(*pad_prompts(group), first_slot)
-
     def prefill_padded(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
                        first_slot: int) -> torch.Tensor:
+        """One group of right-padded prompts (pad_prompts) -> the logits [n, V] at each one's last token."""
         return self.runner.prefill(ids, positions, last, first_slot)
 
     def decode_step(self, running: list[Sequence]) -> None:

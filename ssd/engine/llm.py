@@ -105,7 +105,7 @@ class LLM:
                  async_spec: bool = False, acceptance_profile: "str | AcceptanceProfile | None" = None,
                  **async_options):
         """max_prefill_tokens: prompts admitted together are prefilled in forwards of at most this many
-        right-padded positions (a longer prompt alone), bounding prefill's activation memory.
+        right-padded positions (a longer prompt in chunks of that many), bounding prefill's activation memory.
         measured_linear / linear_algorithms / linear_tma: on GPU graphs, each linear layer's shape
         runs the fastest of F.linear, the few-row Triton kernels (the TMA one with linear_tma, on
         Hopper) and up to linear_algorithms of cuBLASLt's algorithms, measured at start-up
