@@ -9,7 +9,8 @@ as the engine runs them (so launch gaps count as they do there, and host launch 
 Parts: attention tilings and key splits; GEMMs per weight (F.linear, padded rows, a transposed
 weight copy, optionally Inductor's autotuned Triton GEMM; `lt`: each of cuBLASLt's listed
 algorithms; `tma`: the TMA kernel's tilings, split-K included; `fusion`: the products with a layer's norms, residual
-adds and SiLU inside, against the chains they replace); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
+adds and SiLU inside, against the chains they replace; `fp8_fusion`: those products and the LM head
+with fp8 weights against bf16); greedy argmax over the vocabulary; the torch.compile'd elementwise kernels with
 all-dynamic, automatic-dynamic and static shapes.
 """
 from __future__ import annotations
@@ -398,11 +399,67 @@ def fusion_sweep(calls: int) -> list[dict]:
     return rows
 
 
+def fp8_fusion_sweep(calls: int) -> list[dict]:
+    """Every product of a 1B draft layer and its LM head with an fp8 weight widened inside the TMA
+    kernels (the fused norm / residual ones for the layer, the plain one for the head) against the
+    bf16 weight in the same kernels, and the head's other fp8 products (few-row kernel,
+    torch._scaled_mm); weights rotated (see rotating), each fp8 product checked against its
+    dequantized weight. Says which weights are worth storing in fp8 (ssd.layers.fp8.FP8_LAYERS)."""
+    from ssd.layers.fp8 import quantize_weight, scaled_mm_linear
+    from ssd.layers.norm_fusion import FP8_NORM_TMA_CANDIDATES, NORM_TMA_CANDIDATES, tma_norm_linear
+    from ssd.layers.triton_linear import FP8_CANDIDATES, FP8_TMA_CANDIDATES, TMA_CANDIDATES
+    rows, device, dtype, eps = [], torch.device("cuda"), torch.bfloat16, 1e-5
+    quantized_mm = torch.compile(scaled_mm_linear)
+    for m, name in itertools.product((ROWS["window_b1"], ROWS["tree_b1"]), WEIGHTS):
+        shape, gated = WEIGHTS[name], name == "gate_up"
+        x, residual = torch.randn(m, shape[1], device=device, dtype=dtype), torch.randn(m, shape[0], device=device, dtype=dtype)
+        bf16 = rotating(lambda: torch.randn(shape, device=device, dtype=dtype) * 0.02, 2 * shape[0] * shape[1])
+        fp8 = rotating(lambda: quantize_weight(torch.randn(shape, device=device) * 0.02), shape[0] * shape[1])
+        q0, s0 = fp8()
+        if name in ("qkv", "gate_up"):
+            product = lambda w, t, s=None: tma_norm_linear(x, eps, w, t, gated=gated, scale=s)  # noqa: E731
+            tilings = {"bf16": NORM_TMA_CANDIDATES, "fp8": FP8_NORM_TMA_CANDIDATES}
+        else:
+            res = None if name == "lm_head" else residual
+            product = lambda w, t, s=None, res=res: tma_linear(x, w, t, res, s)  # noqa: E731
+            tilings = {"bf16": TMA_CANDIDATES, "fp8": FP8_TMA_CANDIDATES}
+        reference = product(q0.to(dtype) * s0[:, None].to(dtype), tilings["bf16"][0]).float()
+        candidates = {f"bf16_tma_{t.block_n}x{t.block_k}_s{t.stages}_k{t.split_k}": (lambda t=t: product(bf16(), t), 2)
+                      for t in tilings["bf16"] if t.fits(shape[0] // (2 if gated else 1), shape[1])}
+        for t in tilings["fp8"]:
+            if not t.fits(shape[0] // (2 if gated else 1), shape[1]):
+                continue
+            check = guarded(f"fp8 {name} {t}", lambda t=t: {
+                "max_abs": (product(q0, t, s0).float() - reference).abs().max().item()})
+            if "error" in check or check["max_abs"] > 2e-2 * reference.abs().max().item() + 1e-3:
+                rows.append({"op": name, "rows": m, "variant": f"fp8_tma {t}", "error": check.get("error", "disagrees")})
+                continue
+            candidates[f"fp8_tma_{t.block_n}x{t.block_k}_s{t.stages}_k{t.split_k}"] = \
+                (lambda t=t: (lambda q, s: product(q, t, s))(*fp8()), 1)
+        if name == "lm_head":
+            candidates["bf16_linear"] = (lambda: F.linear(x, bf16()), 2)
+            candidates["fp8_scaled_mm_with_quant"] = (lambda: quantized_mm(x, *fp8()), 1)
+            candidates.update({f"fp8_skinny_{t.block_n}x{t.block_k}_s{t.num_stages}_k{t.split_k}":
+                               (lambda t=t: (lambda q, s: skinny_linear(x, q, t, s))(*fp8()), 1)
+                               for t in FP8_CANDIDATES})
+        for variant, (fn, bytes_per) in candidates.items():
+            result = guarded(f"fp8 fusion {name} {variant} m={m}", lambda: {"us": graph_us(fn, calls)})
+            if "us" in result:
+                result["weight_tb_s"] = round(bytes_per * shape[0] * shape[1] / result["us"] / 1e6, 2)
+            rows.append({"op": name, "rows": m, "variant": variant, **result})
+        timed = [r for r in rows[-len(candidates):] if "us" in r]
+        best = {kind: min((r for r in timed if r["variant"].startswith(kind)), key=lambda r: r["us"], default={})
+                for kind in ("bf16", "fp8")}
+        log.info("fp8 fusion %s m=%d: best bf16 %s %s us, best fp8 %s %s us", name, m, best["bf16"].get("variant"),
+                 best["bf16"].get("us"), best["fp8"].get("variant"), best["fp8"].get("us"))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["attention", "argmax", "elementwise", "gemm"],
                         choices=("attention", "attention_stages", "gemm", "argmax", "elementwise", "autotune",
-                                 "sampling", "fp8", "lt", "tma", "fusion"),
+                                 "sampling", "fp8", "lt", "tma", "fusion", "fp8_fusion"),
                         help="autotune: Inductor's max-autotune Triton GEMMs (minutes of compiling); "
                              "attention_stages: the best block shapes at pipeline depths 2-5")
     parser.add_argument("--calls", type=int, default=16, help="calls per captured graph")
@@ -423,7 +480,7 @@ def main(argv: list[str]) -> int:
              "elementwise": lambda: elementwise_sweep(args.calls, args.attend_len),
              "sampling": lambda: sampling_sweep(args.calls), "fp8": lambda: fp8_gemm_sweep(args.calls),
              "lt": lambda: lt_gemm_sweep(args.calls), "tma": lambda: tma_gemm_sweep(args.calls),
-             "fusion": lambda: fusion_sweep(args.calls)}
+             "fusion": lambda: fusion_sweep(args.calls), "fp8_fusion": lambda: fp8_fusion_sweep(args.calls)}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "preset_shapes": "llama-3.2-1b",
               "attention_heads": {"preset": args.attention_preset, "heads_kv_heads_head_dim": heads},
               "timing": f"CUDA graph of {args.calls} back-to-back calls, replayed", "env": collect_env()}

@@ -52,7 +52,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                norm_fusion: bool = True) -> AsyncDraft:
+                norm_fusion: bool = True, fp8_layers: tuple[str, ...] | None = None) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -63,6 +63,8 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
     head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
+    if fp8_layers:
+        cfg.fp8_layers = fp8_layers
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
     return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
@@ -294,8 +296,9 @@ def main(argv: list[str]) -> int:
                         help="attention implementations to measure one after the other (fused-separate-kv: the "
                              "fused kernel, with tree steps' k/v written by the RoPE + KV-write kernel first)")
     add_linear_argument(parser, "measure one after the other (with each attention)")
-    parser.add_argument("--quant", nargs="+", choices=("none", "fp8"), default=["none"],
-                        help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8), one after the other")
+    parser.add_argument("--quant", nargs="+", type=quant_arm, default=["none"], metavar="none|fp8|fp8:LAYER,...",
+                        help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8; fp8:NAMES: those "
+                             "layers, e.g. fp8:gate_up_proj,down_proj,lm_head), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
                         help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
                              "one after the other")
@@ -314,7 +317,8 @@ def main(argv: list[str]) -> int:
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), tree_kv_in_attention=mode == "fused",
                             **linear_options(linear),
-                            quant=None if quant == "none" else quant, vocab=None if vocab == "none" else int(vocab))
+                            quant=None if quant == "none" else "fp8", vocab=None if vocab == "none" else int(vocab),
+                            fp8_layers=tuple(quant.split(":", 1)[1].split(",")) if ":" in quant else None)
         for batch in args.batches:
             rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
                                                              args.kernels)})
@@ -325,6 +329,13 @@ def main(argv: list[str]) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return 0
+
+
+def quant_arm(value: str) -> str:
+    """--quant's values: none, fp8 (ssd.layers.fp8.FP8_LAYERS) or fp8:NAME,NAME (those layers)."""
+    if value in ("none", "fp8") or (value.startswith("fp8:") and all(value[4:].split(","))):
+        return value
+    raise argparse.ArgumentTypeError(f"expected none, fp8 or fp8:LAYER,LAYER..., got {value!r}")
 
 
 def result_file(args: argparse.Namespace, rows: list[dict]) -> dict:

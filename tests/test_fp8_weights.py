@@ -68,6 +68,35 @@ def test_measured_choice_for_fp8_weights(monkeypatch):
     assert triton_linear.MeasuredLinear.measure(x, quantized, scale, dequantized_linear) is None
 
 
+@pytest.mark.parametrize("rows", [1, 21])
+@pytest.mark.parametrize("split_k,residual", [(1, False), (1, True), (2, True)])
+def test_tma_kernel_widens_fp8_weights_and_applies_their_scales(rows, split_k, residual):
+    pytest.importorskip("triton")
+    from ssd.layers.triton_linear import TmaTiling, tma_linear
+    g = torch.Generator().manual_seed(rows + split_k)
+    x = torch.randn(rows, 256, generator=g)
+    quantized, scale = quantize_weight(torch.randn(128, 256, generator=g) * torch.logspace(-2, 1, 128)[:, None])
+    res = torch.randn(rows, 128, generator=g) if residual else None
+    out = tma_linear(x, quantized, TmaTiling(64, 64, 2, split_k), res, scale)
+    expected = dequantized_linear(x, quantized, scale) + (res if residual else 0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_measured_choice_for_fp8_weights_may_be_a_tma_tiling(monkeypatch):
+    """With tma=True the fp8 TMA tilings that fit are timed too, and the quantized product runs the
+    one chosen (timings faked: CUDA-only)."""
+    pytest.importorskip("triton")
+    from ssd.layers import triton_linear
+    x = torch.randn(5, 256)
+    quantized, scale = quantize_weight(torch.randn(128, 256))
+    skinny = [t for t in triton_linear.FP8_CANDIDATES if t.fits(256)]
+    tma = [t for t in triton_linear.FP8_TMA_CANDIDATES if t.fits(128, 256)]
+    assert tma
+    times = iter([9.0] + [8.0] * len(skinny) + [3.0] + [1.0] + [8.0] * len(tma))
+    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: next(times))
+    assert triton_linear.MeasuredLinear.measure(x, quantized, scale, dequantized_linear, tma=True) == tma[1]
+
+
 def test_cpu_product_adds_the_bias_after_the_scale():
     x, bias = torch.randn(3, 16), torch.randn(8)
     quantized, scale = quantize_weight(torch.randn(8, 16))

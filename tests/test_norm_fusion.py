@@ -54,6 +54,20 @@ def test_residual_is_added_in_the_epilogue_or_with_the_split_sums(rows, split_k)
     torch.testing.assert_close(out, F.linear(x, weight) + residual, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("gated,bias", [(False, False), (False, True), (True, False)])
+def test_fused_norm_kernels_widen_fp8_weights(gated, bias):
+    """An fp8 weight (per-row scales) in the fused norm products: the product of the dequantized
+    weight, gate and up rows each with their own scale."""
+    from ssd.layers.fp8 import dequantized_linear, quantize_weight
+    x, weight, g, b = operands(21, 256 if gated else 128, 256, 4)
+    quantized, scale = quantize_weight(weight * g * torch.logspace(-1, 1, weight.shape[0])[:, None])
+    b = b if bias else None
+    out = tma_norm_linear(x, EPS, quantized, TILING, b, gated=gated, scale=scale)
+    product = dequantized_linear(rms_norm(x, torch.ones(256), EPS), quantized, scale)
+    expected = silu_and_mul(product) if gated else product + (b if bias else 0)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("width,folded", [(96, True), (128, False)], ids=["no-tiling-fits", "gain-not-folded"])
 def test_what_cannot_run_fused_runs_unfused(width, folded):
     """K = 96 is no multiple of the tiling's 64: the unfused chain, remembered as such; a norm whose
@@ -78,7 +92,8 @@ def fusable_checkpoints(tmp_path_factory):
 
 def fused_runner(path) -> tuple[ModelRunner, NormFusion]:
     runner = ModelRunner(RunnerConfig(model=str(path), max_len=128, num_slots=2), TPGroup())
-    fusion = NormFusion(silu_and_mul, norm_tilings=(TILING,), residual_tilings=(TILING,), any_device=True)
+    fusion = NormFusion(silu_and_mul, norm_tilings=(TILING,), residual_tilings=(TILING,), fp8_norm_tilings=(TILING,),
+                        fp8_residual_tilings=(TILING,), any_device=True)
     for module in runner.model.modules():
         if hasattr(module, "kernels"):
             module.kernels = dataclasses.replace(module.kernels, norm_fusion=fusion)
@@ -107,6 +122,24 @@ def test_fused_model_matches_the_unfused_model(fusable_checkpoints, family):
     assert tokens["fused"][0] == tokens["plain"][0]
     assert fusion.choices and all(tiling == TILING for tiling in fusion.choices.values())
     assert {key[:2] for key in fusion.choices} == {(op, rows) for op in ("norm", "gated", "residual") for rows in (9, 1)}
+
+
+def test_fused_fp8_model_matches_the_same_model_unfused(fusable_checkpoints):
+    """Every product of every layer in fp8 (folded, then quantized, as build_model does): the fused
+    kernels (widening the weights) give the logits of the same quantized model run unfused."""
+    from ssd.layers.fp8 import FP8, Fp8Linear, quantize_model_fp8
+    from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
+    runner, fusion = fused_runner(fusable_checkpoints["qwen2"])
+    names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert quantize_model_fp8(runner.model, Fp8Linear(), (ColumnParallelLinear, RowParallelLinear), names, 0) == 8
+    ids, positions = torch.tensor([[3, 14, 15, 9, 26]]), torch.arange(5)[None]
+    fused = runner.forward(ids, positions, 5)
+    assert len(fusion.choices) == 4 and all(t == TILING for t in fusion.choices.values())   # o, down: 2 shapes
+    assert all(key[-2] == FP8 for key in fusion.choices)
+    for module in runner.model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = dataclasses.replace(module.kernels, norm_fusion=None)
+    torch.testing.assert_close(fused, runner.forward(ids, positions, 5), rtol=1e-4, atol=1e-4)
 
 
 def test_more_rows_than_the_kernel_takes_run_the_unfused_layers(fusable_checkpoints):

@@ -105,7 +105,7 @@ def test_tma_tilings_are_candidates_only_when_asked(monkeypatch):
         timed.append(product)
         return 1.0 if len(timed) == 1 + len(CANDIDATES) + 1 else 5.0   # the first TMA tiling is fastest
     monkeypatch.setattr(triton_linear, "streaming_time_us", fake_time)
-    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t: F.linear(x, w))
+    monkeypatch.setattr(triton_linear, "tma_linear", lambda x, w, t, scale=None: F.linear(x, w))
     assert MeasuredLinear.measure(x, weight, tma=True) == fitting[0]
     timed.clear()
     assert not isinstance(MeasuredLinear.measure(x, weight), TmaTiling)

@@ -68,19 +68,19 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
             log.warning("fp8 weights on CPU are also kept widened to %s (fp8 numbers, no memory or speed "
                         "saved: for accuracy checks)", cfg.dtype)
         quantize_fp8(model, kernels, cfg.use_cuda_graphs and cfg.compile,
-                     FP8_MIN_ELEMENTS if device.type == "cuda" else 0)
+                     FP8_MIN_ELEMENTS if device.type == "cuda" else 0, cfg.fp8_layers)
     return model.eval()
 
 
-def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements: int = FP8_MIN_ELEMENTS) -> None:
+def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements: int = FP8_MIN_ELEMENTS,
+                 names: tuple[str, ...] = FP8_LAYERS) -> None:
     many_rows = torch.compile(scaled_mm_linear) if compiled else scaled_mm_linear
     few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
     if few_rows is not None:
         few_rows.library_fp8 = many_rows
     count = quantize_model_fp8(model, Fp8Linear(few_rows, many_rows),
-                               (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), min_elements=min_elements)
-    log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(FP8_LAYERS),
-             min_elements)
+                               (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), names, min_elements)
+    log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(names), min_elements)
 
 
 class _default_dtype:

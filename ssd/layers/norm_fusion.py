@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ssd.layers.triton_linear import (MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing, tma_aligned,
-                                      tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
+from ssd.layers.fp8 import FP8
+from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing,
+                                      tma_aligned, tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,20 @@ FOLD_ROWS = 4096   # weight rows widened to float32 at a time while folding the 
 # gate/up's programs stream two weight tiles per step: the 6-stage tiling does not fit shared memory there
 NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(64, 128, 3), TmaTiling(128, 128, 4),
                        TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
+# fp8 weights (ssd.layers.fp8): a byte per weight, so twice the BLOCK_K for the same bytes per stage
+FP8_NORM_TMA_CANDIDATES = (TmaTiling(64, 256, 3), TmaTiling(64, 256, 4), TmaTiling(128, 256, 3), TmaTiling(64, 128, 4),
+                           TmaTiling(64, 128, 6), TmaTiling(128, 128, 4))
 
 
 @triton.jit
-def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, M, N, eps, K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr = False):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] = (x / rms(x)) W^T (+ b), as (W x^T)^T / rms(x) (the
     weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0;
     the x tile feeds the MMA from shared memory, its squares are summed beside it). GATED: W is
     [Wg; Wu] (2N rows) and y = silu(x Wg^T / rms) * x Wu^T / rms, the gate and up tiles of the same
-    columns streamed side by side."""
+    columns streamed side by side. HAS_SCALE: W is fp8 with one scale per row (as in _tma_matmul_kernel)."""
     n0 = tl.program_id(0) * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -61,12 +65,18 @@ def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.const
         x = x_desc.load([0, k0])
         xf = x.to(tl.float32)
         sum_sq += tl.sum(xf * xf, axis=1)
-        acc = tl.dot(w_desc.load([n0, k0]), x.T, acc)
+        w = w_desc.load([n0, k0])
+        acc = tl.dot(w.to(x.dtype) if HAS_SCALE else w, x.T, acc)
         if GATED:
-            acc_up = tl.dot(w_desc.load([N + n0, k0]), x.T, acc_up)
+            w_up = w_desc.load([N + n0, k0])
+            acc_up = tl.dot(w_up.to(x.dtype) if HAS_SCALE else w_up, x.T, acc_up)
     inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rn)[:, None]
+        if GATED:
+            acc_up *= tl.load(scale_ptr + N + rn)[:, None]
     out = acc * inv_rms
     if HAS_BIAS:
         out += tl.load(b_ptr + rn).to(tl.float32)[:, None]
@@ -76,10 +86,12 @@ def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, M, N, eps, K: tl.const
 
 
 def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: TmaTiling,
-                    bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, gated: bool = False,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
     """rms_norm(x, gain, eps) W^T (+ bias) in one kernel, for weight = W with the gain folded in
     (W[:, k] gain[k]); gated: weight is [gate; up] (2N x K) and the result silu(gate) * up [..., N].
-    x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K)."""
+    x [..., K] at most MAX_ROWS rows; tiling without split-K (the norm needs all of K), tiling.fits(N, K).
+    scale [N or 2N] (float32): weight is fp8, W = weight * scale[:, None]."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0] // (2 if gated else 1)
@@ -89,20 +101,23 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
     block_m = tma_block_rows(rows)
     _tma_norm_matmul_kernel[(n // tiling.block_n,)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
-        bias if bias is not None else y, y, rows, n, eps, K=k, BLOCK_M=block_m,
+        bias if bias is not None else y, y, scale if scale is not None else y, rows, n, eps, K=k, BLOCK_M=block_m,
         BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
-        HAS_BIAS=bias is not None, num_warps=tiling.num_warps)
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=tiling.num_warps)
     return y.view(*lead, n)
 
 
 @dataclass
 class NormFusion:
     """The fused ops of a decoder layer, each taking the layer's own modules: a shape no tiling takes
-    (or an fp8 / tensor-parallel layer) runs those modules unfused, with the same result up to
-    rounding. One per model (the choices are its own)."""
+    (or a tensor-parallel layer) runs those modules unfused, with the same result up to rounding.
+    An fp8 layer (ssd.layers.fp8: weight and weight_scale) runs the kernels widening its weight as
+    they load it. One per model (the choices are its own)."""
     silu_and_mul: Callable             # the unfused gate/up's activation (Kernels.silu_and_mul)
     norm_tilings: tuple[TmaTiling, ...] = NORM_TMA_CANDIDATES
     residual_tilings: tuple[TmaTiling, ...] = TMA_CANDIDATES
+    fp8_norm_tilings: tuple[TmaTiling, ...] = FP8_NORM_TMA_CANDIDATES
+    fp8_residual_tilings: tuple[TmaTiling, ...] = FP8_TMA_CANDIDATES
     any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
@@ -135,29 +150,34 @@ class NormFusion:
         unfused = lambda: linear(norm(h))  # noqa: E731
         if not norm.gain_folded:
             return unfused()
-        return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias),
-                         unfused, self.norm_tilings)
+        scale = fp8_scale(linear)
+        return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias, scale=scale),
+                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings)
 
     def norm_gated_linear(self, h: torch.Tensor, norm: nn.Module, gate_up: nn.Module) -> torch.Tensor:
         """silu(gate) * up of gate_up(norm(h))."""
         unfused = lambda: self.silu_and_mul(gate_up(norm(h)))  # noqa: E731
         if not norm.gain_folded:
             return unfused()
-        return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True),
-                         unfused, self.norm_tilings)
+        scale = fp8_scale(gate_up)
+        return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True, scale=scale),
+                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings)
 
     def linear_residual(self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
         """linear(x) + residual."""
-        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual),
-                         lambda: linear(x) + residual, self.residual_tilings)
+        scale = fp8_scale(linear)
+        return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual, scale),
+                         lambda: linear(x) + residual,
+                         self.residual_tilings if scale is None else self.fp8_residual_tilings)
 
     def _run(self, op: str, x: torch.Tensor, module: nn.Module, fused: Callable, unfused: Callable,
              tilings: tuple[TmaTiling, ...]) -> torch.Tensor:
         weight = module.weight
         tensor_parallel = getattr(module, "tp", None) is not None and module.tp.size > 1
-        if weight.dtype != x.dtype or tensor_parallel or (op != "norm" and module.bias is not None):
+        if (weight.dtype not in (x.dtype, FP8) or tensor_parallel or (op != "norm" and module.bias is not None)
+                or (weight.dtype == FP8 and fp8_scale(module) is None)):
             return unfused()
-        key = (op, x.numel() // x.shape[-1], *weight.shape, x.dtype)
+        key = (op, x.numel() // x.shape[-1], *weight.shape, weight.dtype, x.dtype)
         if key not in self.choices:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return unfused()
@@ -180,3 +200,8 @@ class NormFusion:
         fused = sum(tiling is not None for tiling in self.choices.values())
         return (f"{len(self.choices)} fused-norm shapes measured in {self.measuring_s:.1f} s "
                 f"({fused} fused, {len(self.choices) - fused} unfused)")
+
+
+def fp8_scale(module: nn.Module) -> torch.Tensor | None:
+    """An fp8 layer's per-row weight scales (ssd.layers.fp8.quantize_model_fp8), else None."""
+    return getattr(module, "weight_scale", None) if module.weight.dtype == FP8 else None

@@ -89,23 +89,29 @@ def _sum_splits_kernel(part_ptr, y_ptr, res_ptr, size, SPLIT_K: tl.constexpr, BL
 
 
 @triton.jit
-def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _tma_matmul_kernel(x_desc, w_desc, y_ptr, res_ptr, scale_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr = False):
+                       HAS_RESIDUAL: tl.constexpr = False, HAS_SCALE: tl.constexpr = False):
     """Program (p, s): y[:, p*BLOCK_N : (p+1)*BLOCK_N] over the s-th of SPLIT_K equal parts of K, as
     (W x^T)^T: the weight tile is the MMA's M side (Hopper's warpgroup MMA wants M >= 64; the few rows
     of x are its N side) and both operands arrive by TMA (x's rows past M as zeros). SPLIT_K > 1: y
     is a float32 [SPLIT_K, M, N] buffer of partial sums (_sum_splits_kernel adds them and the
-    residual); else HAS_RESIDUAL adds res [M, N] to the product here."""
+    residual); else HAS_RESIDUAL adds res [M, N] to the product here. HAS_SCALE: W is stored in fp8
+    with one scale per row (ssd.layers.fp8): widened to x's dtype in registers (the MMA's M side may
+    come from registers), the row's scale applied to the sums."""
     n0 = tl.program_id(0) * BLOCK_N
     k_start = tl.program_id(1) * (K // SPLIT_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in tl.range(0, K // SPLIT_K, BLOCK_K, num_stages=STAGES):
         w = w_desc.load([n0, k_start + k0])
         x = x_desc.load([0, k_start + k0])
+        if HAS_SCALE:
+            w = w.to(x.dtype)
         acc = tl.dot(w, x.T, acc)
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rn)[:, None]
     if HAS_RESIDUAL:
         if SPLIT_K == 1:
             acc += tl.load(res_ptr + rm[None, :] * N + rn[:, None], mask=rm[None, :] < M, other=0.0).to(tl.float32)
@@ -156,6 +162,10 @@ class TmaTiling:
 TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 128, 4), TmaTiling(128, 128, 4), TmaTiling(64, 256, 3, 4),
                   TmaTiling(64, 128, 4, 4), TmaTiling(64, 128, 6, 2))
 
+# fp8 weights (HAS_SCALE): a byte per weight, so the same bytes per stage at twice the BLOCK_K
+FP8_TMA_CANDIDATES = (TmaTiling(64, 256, 4), TmaTiling(64, 256, 6), TmaTiling(128, 256, 3), TmaTiling(64, 128, 6),
+                      TmaTiling(64, 256, 4, 4), TmaTiling(64, 256, 4, 2))
+
 
 def tma_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
@@ -167,10 +177,10 @@ def tma_aligned(weight: torch.Tensor) -> bool:
 
 
 def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows), weight [N, K] (tiling.fits(N, K); rows 16-byte aligned) ->
     [..., N]; residual [..., N]: added to the product (in the kernel's epilogue, or as the split-K
-    parts are summed)."""
+    parts are summed); scale [N] (float32): weight is fp8, the product x (weight * scale[:, None])^T."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = tma_rows(x.reshape(-1, k))
     rows, n = x2.shape[0], weight.shape[0]
@@ -182,8 +192,9 @@ def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
     block_m = tma_block_rows(rows)
     _tma_matmul_kernel[(n // tiling.block_n, tiling.split_k)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
-        out, res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None, num_warps=tiling.num_warps)
+        out, res, scale if scale is not None else res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n,
+        BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None,
+        HAS_SCALE=scale is not None, num_warps=tiling.num_warps)
     if tiling.split_k > 1:
         _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
                                                            HAS_RESIDUAL=residual is not None)
@@ -311,9 +322,16 @@ class MeasuredLinear:
         if key not in self.choices:
             if torch.cuda.is_current_stream_capturing():
                 return self.library_fp8(x, weight, scale)
-            self.choices[key] = self.measure(x, weight, scale, self.library_fp8)
+            start = time.perf_counter()
+            self.choices[key] = self.measure(x, weight, scale, self.library_fp8,
+                                             tma=self.tma and tma_available(x.device))
+            self.measuring_s += time.perf_counter() - start
         tiling = self.choices[key]
-        return self.library_fp8(x, weight, scale) if tiling is None else skinny_linear(x, weight, tiling, scale)
+        if isinstance(tiling, SkinnyTiling):
+            return skinny_linear(x, weight, tiling, scale)
+        if isinstance(tiling, TmaTiling) and tma_aligned(weight):
+            return tma_linear(x, weight, tiling, scale=scale)
+        return self.library_fp8(x, weight, scale)
 
     @staticmethod
     def measure(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
@@ -321,8 +339,8 @@ class MeasuredLinear:
                 lt_count: int = 0, tma: bool = False) -> SkinnyTiling | TmaTiling | LtAlgorithm | None:
         """The fastest candidate that agrees with the library product (None: the library product:
         F.linear, or library_fp8(x, weight, scale) for an fp8 weight with its scale). Candidates: the
-        Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's, for bf16 / fp16
-        weights) and, given a CublasLt `lt`, up to lt_count of its algorithms (bf16 / fp16 weights)."""
+        Triton tilings (up to MAX_ROWS rows; with `tma` also the TMA kernel's) and, given a CublasLt
+        `lt`, up to lt_count of its algorithms (bf16 / fp16 weights)."""
         rows = x.numel() // x.shape[-1]
         if scale is None:
             library, tilings = (lambda w: F.linear(x, w)), CANDIDATES
@@ -335,9 +353,10 @@ class MeasuredLinear:
         reference = library_out.float()
         candidates = {tiling: (lambda w, t=tiling: skinny_linear(x, w, t, scale))
                       for tiling in tilings if rows <= MAX_ROWS and tiling.fits(weight.shape[1])}
-        if tma and scale is None and rows <= MAX_ROWS and tma_aligned(weight):
-            candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t))
-                               for tiling in TMA_CANDIDATES if tiling.fits(*weight.shape)})
+        if tma and rows <= MAX_ROWS and tma_aligned(weight):
+            candidates.update({tiling: (lambda w, t=tiling: tma_linear(x, w, t, scale=scale))
+                               for tiling in (TMA_CANDIDATES if scale is None else FP8_TMA_CANDIDATES)
+                               if tiling.fits(*weight.shape)})
         if lt is not None and lt_count and scale is None:
             x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
