@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion | prefill)
+#    qwen | coordinator | fusion | prefill | fp8fused)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -117,6 +117,15 @@ case $part in
              --chunk-offset 16384 --max-prefill-tokens 16384 65536 --out "$out/prefill_long_llama8b.json" \
              > "$out/prefill_long.log" 2>&1
            grep -E "attention|engine prefill|Error|error" "$out/prefill_long.log" | cut -c1-400 ;;
+  fp8fused) # fp8 weights widened inside the TMA kernels (fused norm / residual products, LM head): per product
+           # against bf16, then the 1B draft round in bf16, fp8 (gate/up + head) and fp8 with down too
+           timeout 200 python bench/draft_kernel_sweep.py --parts fp8_fusion --out "$out/fp8_fusion_sweep.json" \
+             > "$out/fp8_fusion_sweep.log" 2>&1
+           grep -E "fp8 fusion .*best|Error|error" "$out/fp8_fusion_sweep.log" | cut -c1-300
+           timeout ${ROUND_S:-380} python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 \
+             --warmup 3 --iters 20 --quant none fp8 fp8:gate_up_proj,down_proj,lm_head --vocab ${VOCAB:-none} \
+             --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
+           grep -E "batch|Error|error" "$out/round_fp8fused.log" | cut -c1-600 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
