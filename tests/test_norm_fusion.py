@@ -124,18 +124,25 @@ def test_fused_model_matches_the_unfused_model(fusable_checkpoints, family):
     assert {key[:2] for key in fusion.choices} == {(op, rows) for op in ("norm", "gated", "residual") for rows in (9, 1)}
 
 
-def test_fused_fp8_model_matches_the_same_model_unfused(fusable_checkpoints):
+@pytest.mark.parametrize("fused_faster", [True, False])
+def test_fused_fp8_model_matches_the_same_model_unfused(fusable_checkpoints, monkeypatch, fused_faster):
     """Every product of every layer in fp8 (folded, then quantized, as build_model does): the fused
-    kernels (widening the weights) give the logits of the same quantized model run unfused."""
+    kernels (widening the weights) give the logits of the same quantized model run unfused. For fp8
+    weights the unfused chain is timed too (first, per shape; timings faked, CUDA-only): where it is
+    faster it runs."""
+    import itertools
+    from ssd.layers import triton_linear
     from ssd.layers.fp8 import FP8, Fp8Linear, quantize_model_fp8
     from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
+    times = itertools.cycle([9.0, 1.0] if fused_faster else [1.0, 9.0])   # chain, then the one tiling
+    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: next(times))
     runner, fusion = fused_runner(fusable_checkpoints["qwen2"])
     names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     assert quantize_model_fp8(runner.model, Fp8Linear(), (ColumnParallelLinear, RowParallelLinear), names, 0) == 8
     ids, positions = torch.tensor([[3, 14, 15, 9, 26]]), torch.arange(5)[None]
     fused = runner.forward(ids, positions, 5)
-    assert len(fusion.choices) == 4 and all(t == TILING for t in fusion.choices.values())   # o, down: 2 shapes
-    assert all(key[-2] == FP8 for key in fusion.choices)
+    assert len(fusion.choices) == 4 and all(key[-2] == FP8 for key in fusion.choices)   # o, down: 2 shapes
+    assert all(t == (TILING if fused_faster else None) for t in fusion.choices.values())
     for module in runner.model.modules():
         if hasattr(module, "kernels"):
             module.kernels = dataclasses.replace(module.kernels, norm_fusion=None)

@@ -152,7 +152,8 @@ class NormFusion:
             return unfused()
         scale = fp8_scale(linear)
         return self._run("norm", h, linear, lambda w, t: tma_norm_linear(h, norm.eps, w, t, linear.bias, scale=scale),
-                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings)
+                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings,
+                         lambda w: linear.linear(norm(h), w, linear.bias))
 
     def norm_gated_linear(self, h: torch.Tensor, norm: nn.Module, gate_up: nn.Module) -> torch.Tensor:
         """silu(gate) * up of gate_up(norm(h))."""
@@ -161,17 +162,21 @@ class NormFusion:
             return unfused()
         scale = fp8_scale(gate_up)
         return self._run("gated", h, gate_up, lambda w, t: tma_norm_linear(h, norm.eps, w, t, gated=True, scale=scale),
-                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings)
+                         unfused, self.norm_tilings if scale is None else self.fp8_norm_tilings,
+                         lambda w: self.silu_and_mul(gate_up.linear(norm(h), w)))
 
     def linear_residual(self, x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
         """linear(x) + residual."""
         scale = fp8_scale(linear)
         return self._run("residual", x, linear, lambda w, t: tma_linear(x, w, t, residual, scale),
                          lambda: linear(x) + residual,
-                         self.residual_tilings if scale is None else self.fp8_residual_tilings)
+                         self.residual_tilings if scale is None else self.fp8_residual_tilings,
+                         lambda w: linear.linear(x, w) + residual)
 
     def _run(self, op: str, x: torch.Tensor, module: nn.Module, fused: Callable, unfused: Callable,
-             tilings: tuple[TmaTiling, ...]) -> torch.Tensor:
+             tilings: tuple[TmaTiling, ...], chain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fused(weight, tiling) or unfused(), as measured for this shape; chain(weight): unfused() with
+        the weight given (a timed baseline for fp8 weights, whose fused kernels must beat the fp8 chain)."""
         weight = module.weight
         tensor_parallel = getattr(module, "tp", None) is not None and module.tp.size > 1
         if (weight.dtype not in (x.dtype, FP8) or tensor_parallel or (op != "norm" and module.bias is not None)
@@ -182,19 +187,20 @@ class NormFusion:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return unfused()
             start = time.perf_counter()
-            self.choices[key] = self._measure(fused, unfused, tilings, weight)
+            self.choices[key] = self._measure(fused, unfused, tilings, weight, chain if weight.dtype == FP8 else None)
             self.measuring_s += time.perf_counter() - start
         tiling = self.choices[key]
         return unfused() if tiling is None else fused(weight, tiling)
 
     @staticmethod
-    def _measure(fused: Callable, unfused: Callable, tilings: tuple[TmaTiling, ...],
-                 weight: torch.Tensor) -> TmaTiling | None:
-        """The fastest tiling whose result agrees with the unfused chain (None: no tiling does)."""
+    def _measure(fused: Callable, unfused: Callable, tilings: tuple[TmaTiling, ...], weight: torch.Tensor,
+                 baseline: Callable | None = None) -> TmaTiling | None:
+        """The fastest tiling whose result agrees with the unfused chain (None: no tiling does, or the
+        timed `baseline` — the chain itself — was faster)."""
         if not tma_aligned(weight):
             return None
         return fastest_agreeing({tiling: (lambda w, t=tiling: fused(w, t)) for tiling in tilings},
-                                unfused().float(), weight)
+                                unfused().float(), weight, baseline)
 
     def summary(self) -> str:
         fused = sum(tiling is not None for tiling in self.choices.values())

@@ -361,17 +361,16 @@ class MeasuredLinear:
             x2 = row_matrix(x)
             candidates.update({algorithm: (lambda w, a=algorithm: lt.linear(x2, w, a))
                                for algorithm in lt.algorithms(x2, weight, lt_count)})
-        best = fastest_agreeing(candidates, reference, weight, {None: streaming_time_us(library, weight)})
+        best = fastest_agreeing(candidates, reference, weight, baseline=library)
         log.debug("linear rows=%d weight=%s %s -> %s", rows, tuple(weight.shape), weight.dtype, best)
         return best
 
 
 def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Tensor]], reference: torch.Tensor,
-                     weight: torch.Tensor, times: dict[object, float] | None = None):
+                     weight: torch.Tensor, baseline: Callable[[torch.Tensor], object] | None = None):
     """The fastest of `candidates` (key -> product(weight)) whose product agrees with `reference` up to
-    bf16 rounding, each timed by streaming_time_us against `times` (entries already timed: a baseline
-    to beat, whose key may win). Without a baseline a lone agreeing candidate is taken untimed; None:
-    nothing agreed."""
+    bf16 rounding, each timed by streaming_time_us, or None: `baseline` (product(weight), timed first)
+    was faster, or nothing agreed. Without a baseline a lone agreeing candidate is taken untimed."""
     tolerance = 2e-2 * reference.abs().max().item() + 1e-3   # bf16 rounding (fp8: also the activations')
     agreeing = []
     for key, product in candidates.items():
@@ -382,9 +381,9 @@ def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Ten
                 log.warning("%s disagrees with the library / unfused result at %s: not used", key, tuple(weight.shape))
         except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
             log.debug("%s failed at %s: %s", key, tuple(weight.shape), exc)
-    times = dict(times or {})
-    if not times and len(agreeing) <= 1:
+    if baseline is None and len(agreeing) <= 1:
         return agreeing[0] if agreeing else None
+    times = {None: streaming_time_us(baseline, weight)} if baseline is not None else {}
     for key in agreeing:
         try:
             times[key] = streaming_time_us(candidates[key], weight)
