@@ -127,6 +127,18 @@ def test_fp8_runner_quantizes_linears_and_head_not_the_embedding(tiny_checkpoint
     assert (quantized.argmax(-1) == reference.argmax(-1)).float().mean() > 0.8
 
 
+def test_runner_stores_the_layers_it_is_told_in_fp8(tiny_checkpoints):
+    """RunnerConfig.fp8_layers: the down projections too (a choice the benches measure)."""
+    cfg = RunnerConfig(model=str(tiny_checkpoints["llama"]), max_len=64, num_slots=2, weight_quant="fp8",
+                       fp8_layers=("gate_up_proj", "down_proj", "lm_head"))
+    weights = dict(ModelRunner(cfg, TPGroup()).model.named_parameters())
+    quantized = {name for name, weight in weights.items() if weight.dtype == FP8}
+    layers = len([name for name in weights if name.endswith("down_proj.weight")])
+    assert layers and len(quantized) == 2 * layers + 1
+    assert quantized == {name for name in weights if name.endswith(("gate_up_proj.weight", "down_proj.weight"))
+                         or name == "lm_head.weight"}
+
+
 def test_bad_quantization_name_is_refused():
     with pytest.raises(ValueError, match="fp8"):
         RunnerConfig(model="x", weight_quant="int4")
