@@ -381,7 +381,7 @@ def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Ten
                 log.warning("%s disagrees with the library / unfused result at %s: not used", key, tuple(weight.shape))
         except Exception as exc:  # e.g. shared memory: that tiling is not a candidate here
             log.debug("%s failed at %s: %s", key, tuple(weight.shape), exc)
-    if baseline is None and len(agreeing) <= 1:
+    if not agreeing or (baseline is None and len(agreeing) == 1):   # nothing to time against
         return agreeing[0] if agreeing else None
     times = {None: streaming_time_us(baseline, weight)} if baseline is not None else {}
     for key in agreeing:
