@@ -1,4 +1,5 @@
 """Bad input fails early with a message that says what is wrong."""
+import gc
 import json
 import logging
 
@@ -107,6 +108,31 @@ def test_speculation_and_parallel_settings_are_checked(tiny_checkpoints, tmp_pat
         LLM(path, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="must lie in"):
         LLM(path, draft=path, num_speculative_tokens=2, async_spec=True, sampler_x=1.5)
+    vocab = json.loads((tiny_checkpoints["qwen2"] / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ValueError, match=f"fan-out of {vocab} guesses"):
+        LLM(path, draft=path, num_speculative_tokens=2, async_spec=True, fan_out=vocab)
+
+
+def test_misspelled_keywords_are_named():
+    """Checked before anything loads: no checkpoint is needed to be told."""
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['max_num_seq'\]"):
+        LLM("llama-3.2-1b", max_num_seq=4)
+    with pytest.raises(TypeError, match=r"\['fanout'\]"):
+        LLM("llama-3.2-1b", draft="llama-3.2-1b", num_speculative_tokens=2, async_spec=True, fanout=3)
+
+
+def _use_and_drop(path: str) -> list[int]:
+    llm = LLM(path, max_model_len=64, tensor_parallel_size=2)
+    return llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].token_ids
+
+
+def test_an_engine_dropped_without_shutdown_is_collected(tiny_checkpoints):
+    """Nothing (the worker watch's thread included) keeps a dropped LLM alive: its __del__ ends its
+    workers, so the next engine with workers may start in this process."""
+    path = str(tiny_checkpoints["qwen2"])
+    first = _use_and_drop(path)
+    gc.collect()
+    assert _use_and_drop(path) == first
 
 
 @pytest.mark.parametrize("tasks", [1, 3])

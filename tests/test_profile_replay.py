@@ -40,7 +40,7 @@ def traces_of(profile, prompts):
 def replayed_run(pair, profile, prompts, async_spec: bool, **options):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     with LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
-             async_spec=async_spec, acceptance_profile=profile, max_num_seqs=len(prompts), **options) as llm:
+             async_spec=async_spec, acceptance_profile=profile, random_weights=True, max_num_seqs=len(prompts), **options) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return outputs, llm.last_run_stats
 
@@ -119,9 +119,12 @@ def test_async_replay_at_batch_three_follows_the_profile(pair):
 def test_replay_refuses_sampling_and_needs_a_draft(pair):
     profile = synthetic_profile()
     with pytest.raises(ValueError, match="needs a draft"):
-        LLM(str(pair["target"]), max_model_len=256, acceptance_profile=profile)
+        LLM(str(pair["target"]), max_model_len=256, acceptance_profile=profile, random_weights=True)
+    with pytest.raises(ValueError, match="random weights only"):  # replay would overwrite real output
+        LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
+            draft_colocated=True, acceptance_profile=profile)
     with LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
-             draft_colocated=True, acceptance_profile=profile) as llm:
+             draft_colocated=True, acceptance_profile=profile, random_weights=True) as llm:
         with pytest.raises(ValueError, match="greedy only"):
             llm.generate([[5, 6]], SamplingParams(temperature=0.8, max_tokens=8), use_tqdm=False)
 
@@ -131,7 +134,7 @@ def test_a_prompt_replays_the_same_trace_in_every_call_and_mode(pair):
     profile = synthetic_profile(num_traces=3)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     with LLM(str(pair["target"]), max_model_len=256, draft=str(pair["draft"]), num_speculative_tokens=K,
-             draft_colocated=True, acceptance_profile=profile, max_num_seqs=1) as llm:
+             draft_colocated=True, acceptance_profile=profile, random_weights=True, max_num_seqs=1) as llm:
         histograms = []
         for prompt in (PROMPTS[0], PROMPTS[1], PROMPTS[0]):
             llm.generate([prompt], params, use_tqdm=False)

@@ -1,6 +1,8 @@
 """The user-facing engine: `LLM(model).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -90,6 +92,11 @@ def resolve_checkpoint(model: str) -> Path | None:
     return path
 
 
+def on_worker_death(device_type: str, dead: list) -> None:
+    """From the watch thread: make rank 0's collective waiting for the dead worker fail now."""
+    abort_collectives(device_type)
+
+
 class LLM:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, device: str | None = None,
                  dtype: str | torch.dtype | None = None, random_weights: bool = False,
@@ -121,7 +128,7 @@ class LLM:
         self.spec = SpecConfig.create(draft, num_speculative_tokens, draft_temperature, draft_colocated,
                                       draft_quantization, draft_vocabulary, draft_vocabulary_ranking)
         self.async_spec = self.make_async_config(async_spec, async_options)
-        self.profile = self.load_profile(acceptance_profile)
+        self.profile = self.load_profile(acceptance_profile, random_weights or self.checkpoint is None)
         window_sizes = tuple(window_sizes) + ((self.spec.k + 1,) if self.spec else ())
         models = [str(self.checkpoint or model)] + ([str(resolve_checkpoint(draft) or draft)] if self.spec else [])
         self.cfg = RunnerConfig(model=models[0], random_weights=random_weights,
@@ -148,7 +155,9 @@ class LLM:
         """Spawn the workers, build rank 0's model and wait until every worker has built its own. On
         a failure, end what was started (WorkerDiedError when a worker's exit explains it)."""
         self.group = self._start_group()
-        self.worker_watch = WorkerWatch(self.group.processes, self.on_worker_death)
+        # the callback must not hold self: an LLM dropped without shutdown() is then collected (__del__)
+        self.worker_watch = WorkerWatch(self.group.processes,
+                                        functools.partial(on_worker_death, self.cfg.device_type))
         try:
             self.runner = ModelRunner(self.cfg, self.group.tp)
             self.draft = self._connect_draft()
@@ -175,6 +184,9 @@ class LLM:
         return kept_token_ids(self.spec.vocabulary, target.vocab_size, always, ranking)
 
     def make_async_config(self, async_spec: bool, options: dict) -> AsyncSpecConfig | None:
+        unknown = sorted(set(options) - set(inspect.signature(AsyncSpecConfig.create).parameters) - {"k"})
+        if unknown:
+            raise TypeError(f"LLM() got unknown keyword argument(s) {unknown}")
         if not async_spec:
             if options:
                 raise ValueError(f"options {sorted(options)} need async_spec=True")
@@ -186,11 +198,14 @@ class LLM:
                              "it cannot be co-located")
         return AsyncSpecConfig.create(self.spec.k, **options)
 
-    def load_profile(self, profile: str | AcceptanceProfile | None) -> AcceptanceProfile | None:
+    def load_profile(self, profile: str | AcceptanceProfile | None, random_weights: bool) -> AcceptanceProfile | None:
         if profile is None:
             return None
         if self.spec is None:
             raise ValueError("an acceptance profile replays speculative acceptance: it needs a draft model")
+        if not random_weights:  # replay overrides the target's own choices: real weights would lose their output
+            raise ValueError("an acceptance profile replaces the target's choices by replayed ones, for random "
+                             "weights only: pass random_weights=True (or a preset), or drop acceptance_profile")
         profile = profile if isinstance(profile, AcceptanceProfile) else load_profile(profile)
         log.warning("replaying acceptance profile %r: speculative acceptance is SIMULATED", profile.name)
         return profile
@@ -208,6 +223,10 @@ class LLM:
         if target_vocab != draft_vocab:
             raise ValueError(f"draft vocabulary ({draft_vocab}) differs from the target's ({target_vocab}); "
                              "speculative decoding needs a draft with the target's tokenizer")
+        widest = max(self.async_spec.shape.fanout_max, default=0) if self.async_spec else 0
+        if widest >= target_vocab:  # the fork takes the F_j + 1 largest logits (the drafted token left out)
+            raise ValueError(f"a fan-out of {widest} guesses at one position needs a vocabulary of more than "
+                             f"{widest} tokens; this one has {target_vocab}")
         self.warn_if_tokenizers_differ()
 
     def warn_if_tokenizers_differ(self) -> None:
@@ -372,10 +391,6 @@ class LLM:
         if self._closed:
             raise RuntimeError("this LLM has been shut down (or its workers ended after a failure or an "
                                "interrupt): create a new one")
-
-    def on_worker_death(self, dead: list) -> None:
-        """From the watch thread: make rank 0's collective waiting for the dead worker fail now."""
-        abort_collectives(self.cfg.device_type)
 
     def raise_if_workers_died(self, error: Exception, stage: str = "generate", grace_s: float = 3.0) -> None:
         """A peer's death can reach rank 0 (as a broken connection) before the process is reaped."""
