@@ -12,8 +12,8 @@ CUDA = ["--device", "cuda"]
 
 @pytest.fixture(autouse=True)
 def no_visible_gpus(monkeypatch):
-    """Make CUDA-flag tests independent of the GPUs of the machine running them."""
-    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 0)
+    """Make CUDA-flag tests independent of the GPUs of the machine running them (eight, as a node)."""
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 8)
 
 
 def refusal(argv: list[str], capsys) -> str:
@@ -194,6 +194,35 @@ def test_profile_with_random_weights_marks_simulated():
 def test_more_gpus_than_visible_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 2)
     assert "only 2 CUDA device(s) are visible" in refusal(CUDA + ["--gpus", "4"], capsys)
+
+
+def test_cuda_without_a_visible_gpu_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 0)
+    assert "no CUDA device is visible" in refusal(CUDA, capsys)
+
+
+def test_an_unwritable_result_path_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert "is not a directory" in refusal(CPU + ["--json", str(tmp_path / "afile" / "x.json")], capsys)
+    assert "is a directory" in refusal(CPU + ["--json", str(tmp_path)], capsys)
+    assert parse_args(CPU + ["--json", str(tmp_path / "new" / "x.json")]).json_path  # made when written
+
+
+def test_profile_replay_refuses_sampling(capsys):
+    assert "needs --temp 0" in refusal(CPU + ["--random-weights", "--spec", "--profile", "code", "--temp", "0.5"],
+                                       capsys)
+
+
+def test_options_of_a_mode_that_does_not_run_are_reported(caplog):
+    with caplog.at_level("WARNING"):
+        parse_args(CPU + ["--spec", "--f", "5", "--backup", "fast", "--colocate"])
+    assert "--f --backup: options of async speculation" in caplog.text
+    assert "--colocate places" not in caplog.text  # a sync arm runs: --colocate applies
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        parse_args(CPU + ["--spec", "--async", "--f", "5", "--backup", "fast"])
+        parse_args(CPU + ["--ab", "ar,async", "--x", "0.5"])
+    assert not caplog.text
 
 
 def test_the_prefill_budget_reaches_the_engine_arguments():

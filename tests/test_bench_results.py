@@ -204,3 +204,20 @@ def test_async_spec_options_reach_the_engine():
     assert kwargs["async_spec"] and kwargs["draft"] == "draft-dir"
     assert kwargs["fan_out_list"] == [1, 1, 1] and kwargs["sampler_x"] == 0.5
     assert kwargs["draft_temperature"] == 0.7 and "fan_out_list_miss" not in kwargs
+
+
+def test_one_token_outputs_have_no_decode_ratio(tmp_path):
+    """--output_len 1: every token comes from prefill; the decode ratio is undefined, not NaN, and the
+    result still serialises (strict JSON)."""
+    def one_token_run(arm: str) -> BatchRun:
+        return BatchRun(arm, 0, [0], [fake_output(4, [7], 0.1, 0.0, 0.1)],
+                        SimpleNamespace(prefill_time_s=0.1, decode_time_s=0.0, decode_tokens=0, num_rounds=0),
+                        wall_s=0.1)
+    from ssd.benchmark.ab import compare_arms
+    comparisons = compare_arms({"ar": [one_token_run("ar")], "sync": [one_token_run("sync")]}, resamples=100)
+    assert comparisons["sync/ar"]["decode"] is None and comparisons["sync/ar"]["e2e"]["ratio"] == pytest.approx(1.0)
+    assert compute_metrics([one_token_run("ar")])["decode_tok_s"] is None
+    assert "decode throughput ratio: - (an arm generated no tokens" in format_summary({}, comparisons=comparisons)
+    path = tmp_path / "r.json"
+    write_result_json({"comparisons": comparisons}, path)
+    assert json.loads(path.read_text())["comparisons"]["sync/ar"]["decode"] is None

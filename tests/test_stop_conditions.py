@@ -144,6 +144,20 @@ def test_requests_stop_at_the_same_token_in_every_mode(llm, mode):
     assert outputs[0].finish_reason == outputs[1].finish_reason == outputs[2].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("mode", ["ar", "sync", "async"])
+def test_prefill_finishing_every_request_runs_no_round(llm, mode):
+    """max_tokens = 1 (or a first token that stops): prefill's token ends the request, no decode or
+    speculation round runs for it; beside unfinished requests, those go on as usual."""
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    base = [o.token_ids for o in llm.generate(PROMPTS, LONG, use_tqdm=False, mode="ar")]
+    outputs = llm.generate(PROMPTS, one, use_tqdm=False, mode=mode)
+    assert [o.token_ids for o in outputs] == [b[:1] for b in base]
+    assert llm.last_run_stats.num_rounds == 0
+    mixed = [one, LONG, one, LONG]
+    assert [o.token_ids for o in llm.generate(PROMPTS, mixed, use_tqdm=False, mode=mode)] == \
+        [b[:1] if p is one else b for b, p in zip(base, mixed)]
+
+
 def test_out_of_vocabulary_stop_token_ids_are_refused(llm):
     with pytest.raises(ValueError, match=r"stop_token_ids must lie in \[0, 97\)"):
         llm.generate(PROMPTS[:1], SamplingParams(stop_token_ids=[97]), use_tqdm=False)

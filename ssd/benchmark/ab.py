@@ -109,10 +109,18 @@ def compare_arms(runs_by_arm: Mapping[str, Sequence[BatchRun]], *, seed: int = 0
     """Every later arm against the first (the baseline), for decode and end-to-end throughput."""
     names = list(runs_by_arm)
     baseline = names[0]
-    return {f"{name}/{baseline}": {timing: asdict(paired_bootstrap_ratio(
-                *batch_samples(runs_by_arm[baseline], timing), *batch_samples(runs_by_arm[name], timing),
-                resamples=resamples, seed=seed)) for timing in ("decode", "e2e")}
+    return {f"{name}/{baseline}": {timing: _estimate(batch_samples(runs_by_arm[baseline], timing),
+                                                     batch_samples(runs_by_arm[name], timing), resamples, seed)
+                                   for timing in ("decode", "e2e")}
             for name in names[1:]}
+
+
+def _estimate(base: tuple[list[float], list[float]], cand: tuple[list[float], list[float]], resamples: int,
+              seed: int) -> dict[str, Any] | None:
+    """None where an arm has no tokens or no time to divide (one-token outputs have no decode phase)."""
+    if not all(sum(values) > 0 for values in (*base, *cand)):
+        return None
+    return asdict(paired_bootstrap_ratio(*base, *cand, resamples=resamples, seed=seed))
 
 
 def per_batch_throughput(runs_by_arm: Mapping[str, Sequence[BatchRun]], timing: str) -> dict[str, list]:

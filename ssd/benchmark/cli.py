@@ -8,6 +8,7 @@ thing (--llama/--qwen, --size, --draft, --gpus, --spec, --async, --k, --f, --flh
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,11 @@ DEFAULT_AB_ARMS = "sync,async"
 
 # (numseqs, output_len, warmup) when not given: reference-sized on GPU, minutes-sized on CPU.
 DEVICE_DEFAULTS = {"cuda": (128, 512, 1), "cpu": (4, 32, 0)}
+
+# flags that only the async arm reads, with their defaults
+ASYNC_ONLY_FLAGS = {"f": 3, "flh": None, "flm": None, "fanout": "uniform", "backup": "jit", "x": None}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -291,6 +297,8 @@ def resolve_config(ns: argparse.Namespace) -> BenchConfig:
     arm_names = _arm_names(ns)
     _check_scalars(ns, flh, flm)
     _check_modes(ns, arm_names, device)
+    _check_output_path(ns.json_path)
+    _warn_unused_options(ns, arm_names)
     target = _resolve_target(ns, family, device)
     random_weights = ns.random_weights or target.kind == "preset"
     draft = _resolve_draft(ns, family, target) if _needs_draft(ns, arm_names) else None
@@ -423,8 +431,35 @@ def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str
 
 def _check_visible_gpus(gpus: int, device: str) -> None:
     visible = _visible_gpu_count() if device == "cuda" else 0
+    if device == "cuda" and not visible:
+        raise ValueError("--device cuda, but no CUDA device is visible (a CPU build of torch, or "
+                         "CUDA_VISIBLE_DEVICES empty?); use --device cpu")
     if visible and gpus > visible:
         raise ValueError(f"--gpus {gpus} but only {visible} CUDA device(s) are visible")
+
+
+def _check_output_path(path: str | None) -> None:
+    """Before anything loads: a result that cannot be written is found out now, not after the run."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path}: is a directory; give a file name")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ValueError(f"--json {path}: {parent} is not a directory")
+    if not os.access(target if target.exists() else parent, os.W_OK):
+        raise ValueError(f"--json {path}: not writable")
+
+
+def _warn_unused_options(ns: argparse.Namespace, arm_names: tuple[str, ...]) -> None:
+    """Options of a mode that does not run are ignored: say so rather than run something else silently."""
+    if "async" not in arm_names:
+        given = [f"--{name}" for name, default in ASYNC_ONLY_FLAGS.items() if getattr(ns, name) != default]
+        if given:
+            log.warning("%s: options of async speculation; no async arm runs, so they are ignored", " ".join(given))
+    if ns.colocate and not any(name == "sync" for name in arm_names):
+        log.warning("--colocate places a sync draft; no sync arm runs, so it is ignored")
 
 
 def _visible_gpu_count() -> int:
@@ -450,6 +485,8 @@ def _check_draft(draft: ModelRef | None, random_weights: bool, arm_names: tuple[
                          "or use a preset target (--size)")
     if ns.profile is not None and not any(name != "ar" for name in arm_names):
         raise ValueError("--profile replays speculative acceptance: it needs --spec or a spec arm in --ab")
+    if ns.profile is not None and ns.temp > 0:
+        raise ValueError("--profile replays greedy acceptance: it needs --temp 0")
 
 
 def _check_chat_template(ns: argparse.Namespace, target: ModelRef) -> None:

@@ -151,7 +151,8 @@ def _median(values: list) -> float | None:
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator and denominator > 0 else None
+    """None for no tokens (one-token outputs have no decode phase) or no time."""
+    return numerator / denominator if numerator and denominator and denominator > 0 else None
 
 
 def outputs_as_records(runs: Sequence[BatchRun]) -> list[dict[str, Any]]:

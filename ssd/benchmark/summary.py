@@ -52,7 +52,7 @@ ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 
 
 def format_summary(arm_metrics: Mapping[str, Mapping[str, Any]], *, simulated: bool = False,
-                   comparisons: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                   comparisons: Mapping[str, Mapping[str, Mapping[str, float] | None]] | None = None,
                    greedy_identical: bool | None = None, title: str = "SSD benchmark",
                    match_rates: dict[str, float] | None = None, random_acceptance: bool = False) -> str:
     """The table, then A/B ratio lines and the greedy-identity verdict when given."""
@@ -89,8 +89,13 @@ def _cell(value: Any, fmt: Callable[[Any], str]) -> str:
     return "-" if value is None else fmt(value)
 
 
-def _comparison_lines(comparisons: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[str]:
-    return [f"{pair} {timing} throughput ratio: {est['ratio']:.3f} "
-            f"[{est['low']:.3f}, {est['high']:.3f}] ({est['confidence']:.0%} paired bootstrap, "
-            f"{est['units']} batches)"
+def _comparison_lines(comparisons: Mapping[str, Mapping[str, Mapping[str, float] | None]]) -> list[str]:
+    return [f"{pair} {timing} throughput ratio: {_ratio_text(est)}"
             for pair, by_timing in comparisons.items() for timing, est in by_timing.items()]
+
+
+def _ratio_text(est: Mapping[str, float] | None) -> str:
+    if est is None:
+        return "- (an arm generated no tokens in this phase)"
+    return (f"{est['ratio']:.3f} [{est['low']:.3f}, {est['high']:.3f}] ({est['confidence']:.0%} paired bootstrap, "
+            f"{est['units']} batches)")

@@ -66,7 +66,7 @@ class AutoregressiveDecoder:
     def step(self, waiting: deque[Sequence], running: list[Sequence]) -> None:
         """One round of continuous batching: admit → decode step → retire."""
         self.admit(waiting, running)
-        if running:
+        if any(not s.finished for s in running):  # prefill's token may finish them all (max_tokens = 1, EOS)
             self.decode_step(running)
         self.retire(running)
 
