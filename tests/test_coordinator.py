@@ -216,8 +216,12 @@ def test_chat_prompts_go_through_the_chat_template(coordinator_for):
 def test_bad_requests_are_rejected_and_the_engine_keeps_serving(coordinator_for):
     coordinator = coordinator_for("ar", 3)
     expected = coordinator.generate(PROMPTS, PARAMS)
-    with pytest.raises(RequestRejectedError, match="request 2 rejected: .* max_model_len is 128"):
+    with pytest.raises(RequestRejectedError, match=r"request 2 \(req-\d+\) rejected: .* max_model_len is 128") as error:
         coordinator.generate(PROMPTS[:2] + [[5] * 200] + PROMPTS[2:], PARAMS[:2] + [PARAMS[0]] + PARAMS[2:])
+    others = error.value.outputs   # the call's other requests went on
+    assert [others[i].token_ids for i in (0, 1, 3, 4, 5)] == [e.token_ids for e in expected] and 2 not in others
+    deltas = list(coordinator.stream([[5] * 200, PROMPTS[0]], PARAMS[0]))
+    assert sorted((d.index, d.finish_reason) for d in deltas if d.finish_reason) == [(0, "rejected"), (1, "length")]
     with pytest.raises(RequestRejectedError, match=r"token ids must lie in \[0, 97\)"):
         coordinator.generate([[500]])
     with pytest.raises(RequestRejectedError, match="no chat template|a chat prompt"):

@@ -48,8 +48,9 @@ class StreamDelta:
     request_id: str
     new_text: str               # "" without a tokenizer
     new_token_ids: list[int]
-    finish_reason: str | None   # "stop" | "length" | "abort" on the last delta of a request
+    finish_reason: str | None   # "stop" | "length" | "abort" | "rejected" on the last delta of a request
     output: RequestOutput | None = None  # the whole result, on the last delta
+    error: str | None = None    # why the engine rejected the request ("rejected")
 
 
 @dataclass(slots=True)
@@ -106,19 +107,26 @@ class Coordinator:
     # ---- generation ----
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  chat: bool = False, on_delta: Callable[[StreamDelta], None] | None = None) -> list[RequestOutput]:
-        """As LLM.generate (outputs in prompt order); on_delta is called with every streamed delta."""
-        outputs = {}
+        """As LLM.generate (outputs in prompt order); on_delta is called with every streamed delta. A
+        request the engine rejects does not stop the others: when they are done, RequestRejectedError
+        names each rejected prompt and carries the others' outputs (`.outputs`, by prompt index)."""
+        outputs, rejected = {}, []
         for delta in self.stream(prompts, sampling_params, chat):
             if on_delta is not None:
                 on_delta(delta)
             if delta.output is not None:
                 outputs[delta.index] = delta.output
+            if delta.error is not None:
+                rejected.append(f"request {delta.index} ({delta.request_id}) rejected: {delta.error}")
+        if rejected:
+            raise RequestRejectedError("; ".join(rejected), outputs)
         return [outputs[i] for i in sorted(outputs)]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                chat: bool = False) -> Iterator[StreamDelta]:
         """Deltas as rounds complete. prompts: strings or token-id lists; with chat=True, strings (one
-        user turn) or lists of {"role", "content"} messages. Leaving the loop early aborts the rest."""
+        user turn) or lists of {"role", "content"} messages. A rejected request ends with one delta
+        (finish_reason "rejected", `error` says why). Leaving the loop early aborts the rest."""
         self.check_usable()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         pending = self.submit(prompts, per_prompt(sampling_params, len(prompts)), chat)
@@ -144,7 +152,7 @@ class Coordinator:
                     yield self.to_delta(output, pending)
         elif isinstance(message, RequestRejected) and message.request_id in pending:
             index = pending.pop(message.request_id).index
-            raise RequestRejectedError(f"request {index} rejected: {message.error}")
+            yield StreamDelta(index, message.request_id, "", [], "rejected", error=message.error)
         elif isinstance(message, EngineFailed):
             raise self.broken(EngineDiedError(message.error))
 

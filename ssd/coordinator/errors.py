@@ -19,4 +19,8 @@ class StartupError(CoordinatorError):
 
 class RequestRejectedError(ValueError):
     """A request the engine cannot serve (e.g. prompt plus max_tokens longer than max_model_len);
-    the engine and the other requests carry on."""
+    the engine and the other requests carry on. outputs: the call's other results, by prompt index."""
+
+    def __init__(self, message: str, outputs: dict | None = None):
+        super().__init__(message)
+        self.outputs = outputs or {}
