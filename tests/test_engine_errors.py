@@ -42,6 +42,13 @@ def test_prompt_longer_than_the_context_is_refused(tiny_checkpoints):
             llm.generate([[5, 1000]], SamplingParams(max_tokens=2), use_tqdm=False)
         with pytest.raises(ValueError, match="no tokenizer"):
             llm.generate(["text prompt"], SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(TypeError, match=r"one token-id prompt is \[\[5, 6, 7\]\]"):
+            llm.generate([5, 6, 7], SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(TypeError, match="a prompt is a string or a list of token ids, got None"):
+            llm.generate([[5, 6], None], SamplingParams(max_tokens=2), use_tqdm=False)
+        with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+            llm.generate([[5, 6]], {"max_tokens": 2}, use_tqdm=False)
+        assert llm.generate([torch.tensor([5, 6])], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
 
 
 def test_max_model_len_stays_within_the_models_context(tiny_checkpoints, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import numbers
 import time
 from pathlib import Path
 
@@ -330,6 +331,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them, one per prompt")
         return [self.make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
 
     def make_sequence(self, index: int, prompt, params: SamplingParams, request_id: int | str | None = None) -> Sequence:
@@ -352,13 +355,22 @@ class LLM:
 
     @staticmethod
     def _as_list(prompts) -> list:
-        return [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(p, numbers.Integral) for p in prompts):
+            raise TypeError("generate() takes a list of prompts: one token-id prompt is [[5, 6, 7]], not [5, 6, 7]")
+        return prompts
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer (random-weights preset): pass token-id prompts")
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, numbers.Integral) for t in prompt):
+            raise TypeError(f"a prompt is a string or a list of token ids, got {prompt!r:.60}")
         ids = [int(t) for t in prompt]
         if any(not 0 <= t < self.runner.arch.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.runner.arch.vocab_size})")
