@@ -145,7 +145,7 @@ def spawn_group(tp_size: int, device_type: str, timeout_s: float, roles: list[Ro
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, daemon=True, name=f"ssd-{role.name}",
                          args=(host, store.port, rank, world_size, tp_size, device_type, timeout_s, role,
-                               os.getpid()))
+                               os.getpid(), logging.getLogger().getEffectiveLevel()))
              for rank, role in enumerate(roles, start=1)]
     for p in procs:
         p.start()
@@ -165,8 +165,9 @@ def _key(stage: str, rank: int) -> str:
 
 
 def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s, role: Role,
-                  parent_pid: int) -> None:
-    logging.basicConfig(level=logging.INFO,
+                  parent_pid: int, log_level: int) -> None:
+    """log_level: rank 0's, so that a quiet engine has quiet workers."""
+    logging.basicConfig(level=log_level,
                         format=f"%(asctime)s [{role.name}] %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; rank 0 decides what stops
     exit_when_orphaned(parent_pid)
