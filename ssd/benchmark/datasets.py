@@ -21,7 +21,7 @@ Prompt = str | list[int]
 
 
 class DatasetError(RuntimeError):
-    """A dataset could not be found or read; the message says what was expected."""
+    """A dataset could not be found, read or prepared; the message says what was expected."""
 
 
 def load_prompts(config: BenchConfig) -> list[Prompt]:
@@ -52,6 +52,8 @@ def _first_n(prompts: Sequence[Prompt] | Iterator[Prompt], n: int, name: str) ->
     taken = [prompt for _, prompt in zip(range(n), prompts)]
     if hasattr(prompts, "close"):  # a file-backed generator: release its file now
         prompts.close()
+    if not taken:
+        raise DatasetError(f"dataset {name} has no prompts")
     if len(taken) < n:
         logger.warning("dataset %s has only %d prompts; %d were requested", name, len(taken), n)
     return taken
@@ -78,10 +80,51 @@ def reference_dataset_path(name: str, data_dir: str | Path) -> Path:
 
 
 def iter_jsonl_prompts(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield _prompt_of_record(json.loads(line), f"{path}:{number}")
+    """The prompt of each non-blank line; DatasetError names the file (and line) of what is unreadable."""
+    found = False
+    for where, line in _numbered_lines(path):
+        if line.strip():
+            found = True
+            yield _prompt_of_record(_parse_record(line, where), where)
+    if not found:
+        raise DatasetError(f"{path} has no prompts (it is empty or has only blank lines)")
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """("FILE:LINE", text) of each line, decoded line by line so that a bad byte is reported with its line."""
+    try:
+        file = open(path, "rb")
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror}") from error
+    with file:
+        for number, raw in enumerate(file, start=1):
+            where = f"{path}:{number}"
+            yield where, _utf8_text(raw, where)
+
+
+def _utf8_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at position "
+                           f"{error.start + 1} of the line); save the file as UTF-8") from error
+
+
+def _parse_record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
+    if not isinstance(record, dict):
+        raise DatasetError(f'{where}: expected a JSON object with a "text" field, got {_json_kind(record)}')
+    return record
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):  # before the numbers: bool is an int
+        return "a boolean"
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _prompt_of_record(record: dict, where: str) -> str:
@@ -194,8 +237,18 @@ _TRUNCATED = object()
 
 def apply_chat_template(prompts: list[str], tokenizer_dir: str) -> list[str]:
     """Each prompt as a single user turn in the tokenizer's chat template, ready for generation."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = _chat_tokenizer(tokenizer_dir)
     return [tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                           tokenize=False, add_generation_prompt=True)
             for prompt in prompts]
+
+
+def _chat_tokenizer(tokenizer_dir: str):
+    from ssd.loading.generation_info import load_tokenizer  # imports transformers: lazy
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
+    if tokenizer is None:
+        raise DatasetError(f"--chat_template needs the target's tokenizer and {tokenizer_dir} has none: "
+                           "drop --chat_template")
+    if not tokenizer.chat_template:
+        raise DatasetError(f"the target tokenizer ({tokenizer_dir}) has no chat template: drop --chat_template")
+    return tokenizer

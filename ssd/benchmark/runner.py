@@ -112,7 +112,7 @@ def resolve_model(ref: ModelRef | None) -> str | None:
 def prepare_prompts(config: BenchConfig, target: str) -> list[Prompt]:
     prompts = load_prompts(config)
     if not prompts:
-        raise ValueError("no prompts to run")
+        raise BenchmarkSetupError("no prompts to run")
     if config.chat_template and isinstance(prompts[0], str):
         prompts = apply_chat_template(prompts, target)
     return prompts
@@ -133,8 +133,10 @@ def check_prompts_fit(llm: Any, prompts: list[Prompt], params: list) -> None:
     try:
         llm.make_sequences(prompts, params)
     except ValueError as problem:
-        raise BenchmarkSetupError(f"{problem} (shorten --input_len / --output_len, or raise --max_model_len "
-                                  "within the models' context)") from problem
+        # Only a prompt too long for max_model_len is cured by these flags (the engine names max_model_len then).
+        hint = (" (shorten --input_len / --output_len, or raise --max_model_len within the models' context)"
+                if "max_model_len" in str(problem) else "")
+        raise BenchmarkSetupError(f"{problem}{hint}") from problem
 
 
 def prompt_batches(num_prompts: int, batch_size: int) -> list[list[int]]:

@@ -1,9 +1,9 @@
 """Tokenizer and stop tokens of a checkpoint (all EOS ids: config.json and generation_config.json)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ssd.json_files import read_json_object
 from ssd.models.model_config import ModelArch
 
 
@@ -16,7 +16,7 @@ def _as_ids(value) -> set[int]:
 def eos_token_ids(arch: ModelArch, checkpoint: Path | None) -> frozenset[int]:
     ids = _as_ids(getattr(arch.hf_config, "eos_token_id", None))
     if checkpoint is not None and (checkpoint / "generation_config.json").is_file():
-        ids |= _as_ids(json.loads((checkpoint / "generation_config.json").read_text()).get("eos_token_id"))
+        ids |= _as_ids(read_json_object(checkpoint / "generation_config.json").get("eos_token_id"))
     return frozenset(ids)
 
 

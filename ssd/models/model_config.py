@@ -1,11 +1,12 @@
 """Architecture facts of a decoder-only model, read from a Hugging Face config."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
+
+from ssd.json_files import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
@@ -59,7 +60,7 @@ class ModelArch:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {path!s}")
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        model_type = read_json_object(config_file).get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"{path!s}: unsupported architecture {model_type!r}; ssd supports {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -77,3 +78,4 @@ class ModelArch:
                         ("intermediate size", self.intermediate_size)):
             if n % tp_size:
                 raise ValueError(f"tensor parallel size {tp_size} does not divide the model's {name} ({n})")
+

@@ -2,9 +2,10 @@
 rankings (`python -m ssd.spec.rank_vocabulary`), each loaded by name or from a file of its format."""
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
+
+from ssd.json_files import read_json
 
 
 def load_shipped_json(name_or_path: str | Path, shipped: tuple[str, ...], suffix: str, what: str,
@@ -16,7 +17,8 @@ def load_shipped_json(name_or_path: str | Path, shipped: tuple[str, ...], suffix
             raise FileNotFoundError(f"{what} {str(name_or_path)!r} is neither a file nor a shipped "
                                     f"{what} ({', '.join(shipped)})")
         path = Path(str(resources.files(__name__).joinpath(f"{name_or_path}{suffix}")))
-    data = json.loads(path.read_text())
-    if data.get("format") != file_format or data.get("version") != version:
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != file_format or data.get("version") != version:
         raise ValueError(f"{path} is not an {file_format} file of version {version}")
     return path, data
+
