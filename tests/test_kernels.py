@@ -32,3 +32,23 @@ def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
     scratch_mask = (torch.rand(1, 1, 5, 10, generator=g) > 0.5)
     args = (q, keys, values, mask, 0.35, scratch_k, scratch_v, scratch_mask)
     torch.testing.assert_close(compiled.grouped_attention(*args), EAGER.grouped_attention(*args))
+
+
+def test_tree_queries_on_their_own_entries_match_the_full_scratch_mask():
+    """A tree step's query t sees entries 0..depth of branch t only: attending its own K entries
+    ([B, Hkv, T, K, D] keys, [T, K] mask) equals attending the whole scratch under the N x N*K mask,
+    eagerly and compiled."""
+    from ssd.draft_worker.tree import TreeShape
+    g = torch.Generator().manual_seed(2)
+    shape, depth = TreeShape(3, (2, 1, 0, 2), (2, 1, 0, 2)), 1
+    n, k = shape.num_branches, shape.k
+    q = torch.randn(2, n, 4, 8, generator=g)
+    keys, values = torch.randn(2, 2, 32, 8, generator=g), torch.randn(2, 2, 32, 8, generator=g)
+    scratch_k, scratch_v = torch.randn(2, 2, n * k, 8, generator=g), torch.randn(2, 2, n * k, 8, generator=g)
+    mask = torch.rand(2, 1, n, 32, generator=g) > 0.3
+    full = shape.scratch_mask(depth, torch.device("cpu"))
+    own = torch.arange(k)[None].expand(n, k) <= depth
+    expected = EAGER.grouped_attention(q, keys, values, mask, 0.35, scratch_k, scratch_v, full[None, None])
+    args = (q, keys, values, mask, 0.35, scratch_k.unflatten(2, (n, k)), scratch_v.unflatten(2, (n, k)), own)
+    torch.testing.assert_close(EAGER.grouped_attention(*args), expected)
+    torch.testing.assert_close(Kernels.compiled().grouped_attention(*args), expected)

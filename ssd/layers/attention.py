@@ -26,6 +26,13 @@ class TreeContext:
             raise ValueError(f"scratch mask {tuple(self.scratch_mask.shape)} is not N x N*K for "
                              f"N={self.write_index.shape[-1]}, K={self.branch_len}")
 
+    @cached_property
+    def own_mask(self) -> torch.Tensor:
+        """[N, K]: the diagonal blocks of scratch_mask (a query never sees another branch's entries)."""
+        n = self.scratch_mask.shape[0]
+        blocks = self.scratch_mask.view(n, n, self.branch_len)
+        return blocks[torch.arange(n, device=blocks.device), torch.arange(n, device=blocks.device)]
+
 
 @dataclass
 class ForwardContext:
@@ -87,21 +94,34 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention for a few queries per sequence with grouped-query heads, as batched matmuls:
     no K/V head expansion and no fallback kernel (SDPA has none fast for GQA + mask). An optional
     second key/value source (the tree's scratch) joins the same softmax without concatenating caches.
-    q [B, T, Hq, D]; keys/values [B, Hkv, L, D]; mask [B, 1, T, L]; keys2/values2 [B, Hkv, S, D];
-    mask2 [B or 1, 1, T, S] -> [B, T, Hq*D]."""
+    q [B, T, Hq, D]; keys/values [B, Hkv, L, D]; mask [B, 1, T, L]; then either keys2/values2
+    [B, Hkv, S, D] with mask2 [B or 1, 1, T, S], or per query its own entries (a tree step, query t
+    = branch t): keys2/values2 [B, Hkv, T, K, D] with mask2 [T, K] — O(T K), not O(T^2 K) -> [B, T, Hq*D]."""
     batch, seq, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     q = q.view(batch, seq, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * seq, dim)
     scores = _masked_scores(q, keys, mask, scale, group)                       # [B, Hkv, G, T, L]
+    own = keys2 is not None and keys2.dim() == 5
     if keys2 is not None:
-        scores = torch.cat([scores, _masked_scores(q, keys2, mask2, scale, group)], dim=-1)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, kv_heads, group * seq, -1)
+        second = _own_scores(q, keys2, mask2, scale, group) if own else _masked_scores(q, keys2, mask2, scale, group)
+        scores = torch.cat([scores, second], dim=-1)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
     length = keys.shape[2]
-    out = torch.matmul(probs[..., :length], values)                            # [B, Hkv, G*T, D]
-    if keys2 is not None:
-        out = out + torch.matmul(probs[..., length:], values2)
+    out = torch.matmul(probs[..., :length].reshape(batch, kv_heads, group * seq, -1), values)  # [B, Hkv, G*T, D]
+    if own:
+        out = out + torch.einsum("bhgtk,bhtkd->bhgtd", probs[..., length:], values2).reshape(out.shape)
+    elif keys2 is not None:
+        out = out + torch.matmul(probs[..., length:].reshape(batch, kv_heads, group * seq, -1), values2)
     return out.view(batch, kv_heads, group, seq, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
+
+
+def _own_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
+    """q [B, Hkv, G*T, D] against each query's own keys [B, Hkv, T, K, D], mask [T, K] -> [B, Hkv, G, T, K]."""
+    batch, kv_heads, _, _, dim = keys.shape
+    q = q.view(batch, kv_heads, group, -1, dim)
+    scores = torch.einsum("bhgtd,bhtkd->bhgtk", q, keys).float() * scale
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 def _masked_scores(q, keys, mask, scale: float, group: int) -> torch.Tensor:
@@ -146,10 +166,12 @@ def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: fl
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]
     values = ctx.v_caches[layer][rows, :, : ctx.attended_len]
-    if ctx.tree is not None:
-        scratch = slice(ctx.tree.scratch_start, ctx.tree.scratch_start + ctx.tree.scratch_mask.shape[-1])
-        return grouped(q, keys, values, ctx.attn_mask, scale, ctx.k_caches[layer][rows, :, scratch],
-                       ctx.v_caches[layer][rows, :, scratch], ctx.tree.scratch_mask[None, None])
+    if ctx.tree is not None:  # each branch attends its own scratch entries only
+        tree = ctx.tree
+        scratch = slice(tree.scratch_start, tree.scratch_start + tree.scratch_mask.shape[-1])
+        own = lambda cache: cache[rows, :, scratch].unflatten(2, (seq, tree.branch_len))  # noqa: E731
+        return grouped(q, keys, values, ctx.attn_mask, scale, own(ctx.k_caches[layer]), own(ctx.v_caches[layer]),
+                       tree.own_mask)
     if seq <= GROUPED_MAX_QUERIES:
         return grouped(q, keys, values, ctx.attn_mask, scale)
     start = ctx.contiguous_from
