@@ -80,6 +80,11 @@ def test_a_file_that_cannot_be_opened_is_named(tmp_path):
         list(datasets.iter_jsonl_prompts(tmp_path))
 
 
+def test_an_empty_text_field_is_named_with_its_line(tmp_path):
+    path = dataset_file(tmp_path, '{"text": "fine"}\n{"text": "  "}\n')
+    assert dataset_refusal(path) == f"{path}:2: the 'text' field is empty"
+
+
 def test_a_good_file_still_loads(tmp_path):
     path = dataset_file(tmp_path, '{"text": "a"}\n\n{"prompt": "b"}\n')
     assert load_prompts(config_for(path, numseqs=2)) == ["a", "b"]
@@ -147,6 +152,13 @@ def test_a_malformed_config_json_is_a_one_line_setup_error(tmp_path):
     config = parse_args(["--device", "cpu", "--target", str(tmp_path), "--random"])
     with pytest.raises(BenchmarkSetupError, match=f"{path}: not valid JSON"):
         build_llm(config, config.arms[0], str(tmp_path), None)
+
+
+def test_a_malformed_weight_index_is_named(tmp_path):
+    from ssd.loading.checkpoint import checkpoint_files
+    path = bad_json_file(tmp_path, "model.safetensors.index.json")
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        checkpoint_files(tmp_path)
 
 
 def test_a_malformed_generation_config_json_is_named(tmp_path):

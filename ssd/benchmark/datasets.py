@@ -130,6 +130,8 @@ def _json_kind(value) -> str:
 def _prompt_of_record(record: dict, where: str) -> str:
     for key in TEXT_KEYS:
         if isinstance(record.get(key), str):
+            if not record[key].strip():
+                raise DatasetError(f"{where}: the {key!r} field is empty")
             return record[key]
     raise DatasetError(f"{where}: no prompt field; expected one of {', '.join(TEXT_KEYS)}")
 

@@ -4,7 +4,6 @@ Each rank reads only its own shard of every tensor: safetensors slices are index
 so only the narrowed bytes are read from disk."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ssd.json_files import read_json_object
 from ssd.models.decoder import CausalLM
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class CheckpointError(RuntimeError):
 def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(read_json_object(index)["weight_map"].values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             listed = f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
