@@ -423,8 +423,10 @@ def recorded_bench_argv(results: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS)
-def test_gpu_script_builds_a_valid_bench_command(script: str, tmp_path: Path):
+def test_gpu_script_builds_a_valid_bench_command(script: str, tmp_path: Path, monkeypatch):
+    from ssd.benchmark import cli
     from ssd.benchmark.cli import parse_args
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 8)   # as on the GPU node the job runs on
     results = run_script_with_stubs(script, tmp_path, job_id=123456)
     argv = recorded_bench_argv(results)
     assert argv[0] == "bench/bench.py"
