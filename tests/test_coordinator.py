@@ -10,7 +10,8 @@ import msgpack
 import pytest
 
 from ssd import LLM, SamplingParams
-from ssd.coordinator import Coordinator, CoordinatorDiedError, EngineDiedError, RequestRejectedError, StartupError
+from ssd.coordinator import (Coordinator, CoordinatorDiedError, CoordinatorError, EngineDiedError,
+                             RequestRejectedError, StartupError)
 from ssd.coordinator.admission import Admission
 from ssd.engine.detokenizer import IncrementalDetokenizer
 from ssd.coordinator.messages import (PROTOCOL_VERSION, Abort, AddRequest, EngineFailed, EngineReady,
@@ -227,6 +228,53 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(coordinator_for)
     with pytest.raises(RequestRejectedError, match="no chat template|a chat prompt"):
         coordinator.generate([[1, 2]], chat=True)
     assert [o.token_ids for o in coordinator.generate(PROMPTS, PARAMS)] == [e.token_ids for e in expected]
+
+
+def test_chat_prompts_of_the_wrong_shape_are_named(coordinator_for):
+    coordinator = coordinator_for("ar", 3)
+    with pytest.raises(TypeError, match="one chat message"):   # not a list of two prompts "role", "content"
+        coordinator.generate({"role": "user", "content": "w5"}, chat=True)
+    for bad in ([{"role": "user"}], [{"role": "user", "content": 5}], [{"content": "w5"}], []):
+        with pytest.raises(RequestRejectedError, match="a chat prompt is a string or a non-empty list"):
+            coordinator.generate([bad], chat=True)
+
+
+def tokens_by_index(deltas) -> dict[int, list[int]]:
+    tokens = {}
+    for delta in deltas:
+        tokens.setdefault(delta.index, []).extend(delta.new_token_ids)
+    return tokens
+
+
+def test_overlapping_calls_each_get_their_own_tokens(coordinator_for):
+    """A stream left paused while another call runs, and calls from two threads: each call's requests
+    get all of their own tokens (whichever call reads the socket files the others' messages)."""
+    coordinator = coordinator_for("ar", 3)
+    expected = [o.token_ids for o in coordinator.generate(PROMPTS, PARAMS)]
+    paused = coordinator.stream(PROMPTS[:2], PARAMS[:2])
+    first = [next(paused)]
+    middle = coordinator.generate(PROMPTS[2:], PARAMS[2:])
+    streamed = tokens_by_index(first + list(paused))
+    assert [streamed[0], streamed[1]] + [o.token_ids for o in middle] == expected
+    results = {}
+
+    def run(part: slice) -> None:
+        results[part.start] = [o.token_ids for o in coordinator.generate(PROMPTS[part], PARAMS[part])]
+    threads = [threading.Thread(target=run, args=(part,)) for part in (slice(0, 3), slice(3, 5))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results[0] + results[3] == expected
+
+
+def test_a_stream_outliving_its_coordinator_says_so(pair):
+    with Coordinator(str(pair["target"]), mode="ar", max_model_len=128, max_num_seqs=2) as coordinator:
+        stream = coordinator.stream(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        next(stream)
+    with pytest.raises(CoordinatorError, match="the coordinator is closed"):
+        next(stream)
+    stream.close()   # nothing left to abort: no error either
 
 
 def test_leaving_a_stream_early_aborts_its_requests(coordinator_for):

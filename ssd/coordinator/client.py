@@ -5,8 +5,10 @@
         for delta in coordinator.stream(prompts, params):
             print(delta.index, delta.new_text, end="")
 
-One call at a time (not thread-safe). Every wait polls with a timeout and checks that the
-coordinator is alive, so a dead coordinator or engine raises instead of hanging."""
+Calls may overlap (threads, or streams left paused while others run): whichever call is reading
+the one socket puts each message in its request's inbox, and each call takes its own. Every wait
+polls with a timeout and checks that the coordinator is alive, so a dead coordinator or engine
+raises instead of hanging."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +18,10 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -81,6 +85,9 @@ class Coordinator:
                                          stop_timeout_s + STOP_MARGIN_S)
         self.failure: CoordinatorError | None = None
         self.request_numbers = itertools.count()
+        self.socket_lock = threading.Lock()     # a zmq socket is not thread-safe
+        self.inboxes: dict[str, deque] = {}     # request id -> its messages not yet taken by its call
+        self.timings: deque[RoundTimings] = deque()
         try:
             self.info = self.wait_ready(start_timeout_s + STOP_MARGIN_S)
         except BaseException:
@@ -128,42 +135,68 @@ class Coordinator:
         user turn) or lists of {"role", "content"} messages. A rejected request ends with one delta
         (finish_reason "rejected", `error` says why). Leaving the loop early aborts the rest."""
         self.check_usable()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = as_prompt_list(prompts)
         pending = self.submit(prompts, per_prompt(sampling_params, len(prompts)), chat)
         try:
             while pending:
-                yield from self.deltas_in(self.receive(), pending)
+                yield self.delta_of(self.next_message(pending), pending)
         finally:
-            if pending and self.failure is None:
+            for request_id in pending:
+                self.inboxes.pop(request_id, None)
+            if pending and self.usable:
                 self.abort(list(pending))
 
     def submit(self, prompts: list, params: list[SamplingParams], chat: bool) -> dict[str, Pending]:
         pending = {}
         for index, (prompt, sp) in enumerate(zip(prompts, params)):
             request_id = f"req-{next(self.request_numbers)}"
-            self.send(Submit(request_id, prompt, dataclasses.asdict(sp), chat))
+            self.inboxes[request_id] = deque()
             pending[request_id] = Pending(index, prompt)
+            self.send(Submit(request_id, prompt, dataclasses.asdict(sp), chat))
         return pending
 
-    def deltas_in(self, message, pending: dict[str, Pending]) -> Iterator[StreamDelta]:
+    def next_message(self, pending: dict[str, Pending]) -> OutputDelta | RequestRejected:
+        """The next message for one of these requests: from its inbox, else read from the socket."""
+        while True:
+            self.check_usable()   # closed or failed: what is left in the inboxes is void
+            for request_id in pending:
+                if self.inboxes[request_id]:
+                    return self.inboxes[request_id].popleft()
+            self.receive_one()
+
+    def receive_one(self) -> None:
+        """Wait up to POLL_MS for one message and put it where it belongs (the socket held meanwhile)."""
+        with self.socket_lock:
+            self.check_usable()
+            if not self.socket.poll(POLL_MS):
+                self.check_alive()
+                return
+            message = decode(self.socket.recv())
         if isinstance(message, RequestOutputs):
             for output in message.outputs:
-                if output.request_id in pending:
-                    yield self.to_delta(output, pending)
-        elif isinstance(message, RequestRejected) and message.request_id in pending:
-            index = pending.pop(message.request_id).index
-            yield StreamDelta(index, message.request_id, "", [], "rejected", error=message.error)
+                self.inboxes.get(output.request_id, deque()).append(output)   # no inbox: aborted
+        elif isinstance(message, RequestRejected):
+            self.inboxes.get(message.request_id, deque()).append(message)
+        elif isinstance(message, RoundTimings):
+            self.timings.append(message)
         elif isinstance(message, EngineFailed):
             raise self.broken(EngineDiedError(message.error))
 
-    @staticmethod
-    def to_delta(output: OutputDelta, pending: dict[str, Pending]) -> StreamDelta:
+    def delta_of(self, message: OutputDelta | RequestRejected, pending: dict[str, Pending]) -> StreamDelta:
+        if isinstance(message, RequestRejected):
+            self.inboxes.pop(message.request_id, None)
+            index = pending.pop(message.request_id).index
+            return StreamDelta(index, message.request_id, "", [], "rejected", error=message.error)
+        return self.to_delta(message, pending)
+
+    def to_delta(self, output: OutputDelta, pending: dict[str, Pending]) -> StreamDelta:
         request = pending[output.request_id]
         request.token_ids.extend(output.new_token_ids)
         delta = StreamDelta(request.index, output.request_id, output.new_text, output.new_token_ids,
                             output.finish_reason)
         if output.finish_reason is not None:
             del pending[output.request_id]
+            self.inboxes.pop(output.request_id, None)
             delta.output = final_output(request, output)
         return delta
 
@@ -175,22 +208,22 @@ class Coordinator:
         """The coordinator's measurements so far (reset: start afresh). Call between generate calls."""
         self.check_usable()
         self.send(GetTimings(reset))
-        while True:
-            message = self.receive()
-            if isinstance(message, RoundTimings):
-                return message
-            if isinstance(message, EngineFailed):
-                raise self.broken(EngineDiedError(message.error))
+        while not self.timings:
+            self.receive_one()
+        return self.timings.popleft()
 
     # ---- the connection ----
     def send(self, message) -> None:
-        try:
-            self.socket.send(encode(message))
-        except zmq.Again:
-            self.check_alive()
-            raise self.broken(CoordinatorDiedError("the coordinator stopped reading requests")) from None
+        with self.socket_lock:
+            self.check_usable()
+            try:
+                self.socket.send(encode(message))
+            except zmq.Again:
+                self.check_alive()
+                raise self.broken(CoordinatorDiedError("the coordinator stopped reading requests")) from None
 
     def receive(self, deadline: float | None = None):
+        """At start-up only (no call can run yet): the next message."""
         while not self.socket.poll(POLL_MS):
             self.check_alive()
             if deadline is not None and time.monotonic() > deadline:
@@ -201,6 +234,10 @@ class Coordinator:
         if not self.process.is_alive():
             raise self.broken(CoordinatorDiedError(
                 f"coordinator process (pid {self.process.pid}) exited with code {self.process.exitcode}"))
+
+    @property
+    def usable(self) -> bool:
+        return self.failure is None and self._release.alive
 
     def check_usable(self) -> None:
         if self.failure is not None:
@@ -222,6 +259,15 @@ class Coordinator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, dict):
+        raise TypeError("prompts is one chat message: a chat prompt is a list of messages, so one "
+                        "conversation of one message is [[{'role': 'user', 'content': ...}]]")
+    return list(prompts)
 
 
 def per_prompt(sampling_params, count: int) -> list[SamplingParams]:

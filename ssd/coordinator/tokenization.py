@@ -16,13 +16,19 @@ def prompt_token_ids(tokenizer, prompt, chat: bool) -> list[int]:
 def chat_token_ids(tokenizer, conversation) -> list[int]:
     """conversation: one user message (a string) or a list of {"role", "content"} messages."""
     messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("a chat prompt is a string or a list of {'role': ..., 'content': ...} messages")
+    if not isinstance(messages, list) or not messages or not all(map(is_message, messages)):
+        raise ValueError("a chat prompt is a string or a non-empty list of {'role': str, 'content': str} "
+                         f"messages, got {conversation!r:.80}")
     tokenizer = require(tokenizer)
     if not tokenizer.chat_template:
         raise ValueError("the target tokenizer has no chat template: send plain prompts (chat=False)")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def is_message(message) -> bool:
+    return (isinstance(message, dict) and isinstance(message.get("role"), str) and bool(message["role"])
+            and isinstance(message.get("content"), str))
 
 
 def require(tokenizer):
