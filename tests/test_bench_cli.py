@@ -230,3 +230,18 @@ def test_the_prefill_budget_reaches_the_engine_arguments():
     config = parse_args(CPU + ["--max-prefill-tokens", "4096"])
     assert llm_kwargs(config, config.arms[-1], None)["max_prefill_tokens"] == 4096
     assert parse_args(CPU).max_prefill_tokens == 16384
+
+
+def test_with_ab_the_arms_decide_and_the_mode_flags_are_reported(caplog):
+    with caplog.at_level("WARNING"):
+        config = parse_args(CPU + ["--spec", "--async", "--colocate", "--ab", "ar,sync"])
+    assert [arm.name for arm in config.arms] == ["ar", "sync"] and config.arms[1].colocated
+    assert "with --ab the arms (ar,sync) say what runs" in caplog.text
+
+
+def test_under_srun_the_gpus_of_the_whole_job_are_accepted(monkeypatch):
+    """The two-node job asks for 5 GPUs while each node shows 4: the launcher, not this node, has them."""
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 4)
+    for name, value in (("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("MASTER_ADDR", "gpu-a")):
+        monkeypatch.setenv(name, value)
+    assert parse_args(CUDA + ["--gpus", "5", "--spec", "--async"]).gpus == 5

@@ -137,15 +137,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     family = group.add_mutually_exclusive_group()
     family.add_argument("--llama", action="store_true",
-                        help="Llama 3 family for --size/--draft (the default).")
+                        help="Llama 3 family for --size/--draft (the default family of the presets).")
     family.add_argument("--qwen", action="store_true", help="Qwen3 family for --size/--draft.")
     group.add_argument("--size", default=None,
                        help="Target size: llama 70/8/1 -> llama-3.1-70b/llama-3.1-8b/llama-3.2-1b; "
                             "qwen 32/0.6 -> qwen3-32b/qwen3-0.6b (random-weight presets). "
-                            "Default 8 (llama) or 32 (qwen) on CUDA, 1 or 0.6 on CPU.")
+                            "Default 8 (llama) or 32 (qwen) on CUDA, 1 or 0.6 on CPU with --llama / "
+                            "--qwen / --random-weights; on CPU with none of them the offline real pair "
+                            "(see --random-weights).")
     group.add_argument("--draft", default=None,
                        help="Draft size (same mapping as --size) or a checkpoint directory. "
-                            "Default with --spec: llama 1 / qwen 0.6.")
+                            "Default with --spec: llama 1 / qwen 0.6 for a preset target; the offline "
+                            "pair's draft for the offline target.")
     group.add_argument("--target", default=None, metavar="PATH",
                        help="Target checkpoint directory (or a preset / offline model name); "
                             "overrides --size.")
@@ -162,9 +165,10 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=("cpu", "cuda"), default=None,
                        help="Where to run; default cuda when available, else cpu.")
     group.add_argument("--gpus", type=int, default=1,
-                       help="Total GPUs. Async mode on CUDA uses N-1 for the tensor-parallel "
-                            "target and 1 for the draft; otherwise the target gets all N. "
-                            "On CPU: tensor-parallel ranks of the target.")
+                       help="Total GPUs (default 1). On CUDA a draft (sync or async) gets the last one and "
+                            "the tensor-parallel target N-1, unless sync's draft is co-located (--colocate, "
+                            "or --gpus 1) on the target's first GPU; without a draft the target gets all N. "
+                            "On CPU: tensor-parallel ranks of the target (a draft is a process of its own).")
     group.add_argument("--colocate", action="store_true",
                        help="Put the draft on the target's first GPU, in its process (the usual "
                             "speculative-decoding layout) instead of a GPU of its own. Sync only.")
@@ -195,9 +199,9 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--async", dest="async_spec", action="store_true",
                        help="Asynchronous speculation: the draft pre-speculates on its own GPU "
                             "while the target verifies (needs --spec).")
-    group.add_argument("--k", type=int, default=6, help="Speculated tokens per round (K >= 1).")
+    group.add_argument("--k", type=int, default=6, help="Speculated tokens per round (K >= 1; default 6).")
     group.add_argument("--f", type=int, default=3,
-                       help="Async fan-out: guesses per position of the speculation cache (>= 0).")
+                       help="Async fan-out: guesses per position of the speculation cache (>= 0; default 3).")
     group.add_argument("--flh", nargs="+", default=None, metavar="N",
                        help="Fan-out list on a cache hit: K+1 non-negative ints, comma or space "
                             "separated (e.g. --flh 3,2,2,1,1,1,1).")
@@ -230,8 +234,9 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
                        help="Token ranking for --draft-vocab: 'qwen2.5' (shipped: ShareGPT model turns, "
                             "Qwen2.5/Qwen3 tokenizer) or a file of `python -m ssd.spec.rank_vocabulary`.")
     group.add_argument("--profile", default=None, metavar="NAME|FILE",
-                       help="Replay an acceptance profile instead of real draft/target agreement "
-                            "(random weights only); results are labelled 'simulated acceptance'.")
+                       help="Replay an acceptance profile (shipped: code, chat) instead of real draft/target "
+                            "agreement: random weights, a spec arm and greedy decoding (--temp 0) only; "
+                            "results are labelled 'simulated acceptance'.")
     group.add_argument("--ab", nargs="?", const=DEFAULT_AB_ARMS, default=None, metavar="ARMS",
                        help="A/B test comma-separated arms from ar,sync,async, interleaved over "
                             f"prompt batches; bare --ab means {DEFAULT_AB_ARMS}.")
@@ -240,14 +245,14 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
 def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
     group.add_argument("--b", type=int, default=1,
-                       help="Batch size: prompts per generate() call and max concurrent sequences.")
+                       help="Batch size: prompts per generate() call and max concurrent sequences (default 1).")
     group.add_argument("--numseqs", type=int, default=None,
                        help="Prompts per dataset (first N). Default 128 on CUDA, 4 on CPU.")
     group.add_argument("--input_len", type=int, default=128,
-                       help="Prompt length in tokens for --random prompts.")
+                       help="Prompt length in tokens for --random prompts (default 128).")
     group.add_argument("--output_len", type=int, default=None,
                        help="Generated tokens per prompt (EOS ignored). Default 512 on CUDA, 32 on CPU.")
-    group.add_argument("--temp", type=float, default=0.0, help="Target temperature (0 = greedy).")
+    group.add_argument("--temp", type=float, default=0.0, help="Target temperature (default 0: greedy).")
     group.add_argument("--warmup", type=int, default=None,
                        help="Untimed warmup generate() calls per arm on the first batch. "
                             "Default 1 on CUDA, 0 on CPU.")
@@ -407,7 +412,7 @@ def _check_counts(ns: argparse.Namespace) -> None:
 
 
 def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str) -> None:
-    if ns.colocate and ns.async_spec:
+    if ns.colocate and "async" in arm_names:
         raise ValueError("--colocate is for sync speculation: async needs the draft on its own GPU")
     if ns.async_spec and not ns.spec:
         raise ValueError("--async needs --spec (async is a mode of speculative decoding)")
@@ -430,12 +435,18 @@ def _check_modes(ns: argparse.Namespace, arm_names: tuple[str, ...], device: str
 
 
 def _check_visible_gpus(gpus: int, device: str) -> None:
+    """Under srun / torchrun the --gpus of the job span nodes: only this node's count is known here."""
     visible = _visible_gpu_count() if device == "cuda" else 0
     if device == "cuda" and not visible:
         raise ValueError("--device cuda, but no CUDA device is visible (a CPU build of torch, or "
                          "CUDA_VISIBLE_DEVICES empty?); use --device cpu")
-    if visible and gpus > visible:
+    if visible and gpus > visible and not _launched_externally():
         raise ValueError(f"--gpus {gpus} but only {visible} CUDA device(s) are visible")
+
+
+def _launched_externally() -> bool:
+    from ssd.distributed.launch import launched_externally   # imports torch: late, as _visible_gpu_count
+    return launched_externally()
 
 
 def _check_output_path(path: str | None) -> None:
@@ -460,6 +471,8 @@ def _warn_unused_options(ns: argparse.Namespace, arm_names: tuple[str, ...]) -> 
             log.warning("%s: options of async speculation; no async arm runs, so they are ignored", " ".join(given))
     if ns.colocate and not any(name == "sync" for name in arm_names):
         log.warning("--colocate places a sync draft; no sync arm runs, so it is ignored")
+    if ns.ab is not None and (ns.spec or ns.async_spec):
+        log.warning("--spec / --async: with --ab the arms (%s) say what runs; ignored", ",".join(arm_names))
 
 
 def _visible_gpu_count() -> int:
