@@ -140,12 +140,6 @@ def bad_json_file(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_a_malformed_config_json_is_named(tmp_path):
-    path = bad_json_file(tmp_path, "config.json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON \\(Expecting"):
-        ModelArch.from_checkpoint(tmp_path)
-
-
 def test_a_malformed_config_json_is_a_one_line_setup_error(tmp_path):
     """ValueError is what build_llm turns into the BenchmarkSetupError bench.py reports in one line."""
     path = bad_json_file(tmp_path, "config.json")
@@ -154,29 +148,26 @@ def test_a_malformed_config_json_is_a_one_line_setup_error(tmp_path):
         build_llm(config, config.arms[0], str(tmp_path), None)
 
 
-def test_a_malformed_weight_index_is_named(tmp_path):
+def read_weight_index(directory: Path):
     from ssd.loading.checkpoint import checkpoint_files
-    path = bad_json_file(tmp_path, "model.safetensors.index.json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
-        checkpoint_files(tmp_path)
+    return checkpoint_files(directory)
 
 
-def test_a_malformed_generation_config_json_is_named(tmp_path):
-    path = bad_json_file(tmp_path, "generation_config.json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
-        eos_token_ids(ModelArch.from_checkpoint(make_checkpoint("llama", tmp_path / "model")), tmp_path)
+def read_generation_config(directory: Path):
+    return eos_token_ids(ModelArch.from_checkpoint(make_checkpoint("llama", directory / "model")), directory)
 
 
-def test_a_malformed_profile_file_is_named(tmp_path):
-    path = bad_json_file(tmp_path, "profile.json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
-        load_profile(path)
-
-
-def test_a_malformed_ranking_file_is_named(tmp_path):
-    path = bad_json_file(tmp_path, "ranking.json")
-    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
-        load_ranking(path, vocab_size=97)
+@pytest.mark.parametrize("name, read", [
+    ("config.json", ModelArch.from_checkpoint),
+    ("model.safetensors.index.json", read_weight_index),
+    ("generation_config.json", read_generation_config),
+    ("profile.json", lambda directory: load_profile(directory / "profile.json")),
+    ("ranking.json", lambda directory: load_ranking(directory / "ranking.json", vocab_size=97)),
+], ids=["config", "weight_index", "generation_config", "profile", "ranking"])
+def test_a_malformed_json_file_is_named(tmp_path, name, read):
+    path = bad_json_file(tmp_path, name)
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON \\("):
+        read(tmp_path)
 
 
 def test_a_profile_that_is_not_an_object_is_refused(tmp_path):
