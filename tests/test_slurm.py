@@ -396,20 +396,39 @@ def write_stub(path: Path, text: str) -> Path:
     return path
 
 
-def run_script_with_stubs(script: str, tmp_path: Path, job_id: int, **env_overrides) -> Path:
+def stub_env(tmp_path: Path, job_id: int | None = None, **env_overrides: str | None) -> dict[str, str]:
+    """The environment of a job step with stub `python`/`scontrol`/`srun` first on PATH. An override
+    of None removes the variable (e.g. SLURM_JOB_NODELIST=None: not inside a Slurm job)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     write_stub(bin_dir / "scontrol", STUB_SCONTROL)
     write_stub(bin_dir / "srun", STUB_SRUN)
-    results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SSD_", "MASTER_"))}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SSD_REPO=str(REPO), RESULTS_DIR=str(results),
-               PYTHON=str(write_stub(tmp_path / "python", STUB_PYTHON)), SLURM_JOB_ID=str(job_id),
-               SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_CPUS_PER_TASK="8", **env_overrides)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / script)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=COMMAND_TIMEOUT_S)
+    env.pop("RESULTS_DIR", None)
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SSD_REPO=str(REPO), RESULTS_DIR=str(tmp_path / "results"),
+               PYTHON=str(write_stub(tmp_path / "python", STUB_PYTHON)), SLURM_JOB_NODELIST="gpu-[a-b]",
+               SLURM_CPUS_PER_TASK="8")
+    if job_id is not None:
+        env["SLURM_JOB_ID"] = str(job_id)
+    for key, value in env_overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_script(script: str | Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    path = script if isinstance(script, Path) else REPO / "scripts" / "slurm" / script
+    return subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=COMMAND_TIMEOUT_S)
+
+
+def run_script_with_stubs(script: str, tmp_path: Path, job_id: int, **env_overrides) -> Path:
+    env = stub_env(tmp_path, job_id, **env_overrides)
+    proc = run_script(script, env, cwd=tmp_path)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
-    return results
+    return Path(env["RESULTS_DIR"])
 
 
 def recorded_bench_argv(results: Path) -> list[str]:
@@ -430,8 +449,10 @@ def test_gpu_script_builds_a_valid_bench_command(script: str, tmp_path: Path, mo
     results = run_script_with_stubs(script, tmp_path, job_id=123456)
     argv = recorded_bench_argv(results)
     assert argv[0] == "bench/bench.py"
-    config = parse_args(argv[1:] + ["--device", "cuda"])  # exits (SystemExit) if the CLI rejects it
-    assert config.random_weights and argv[argv.index("--json") + 1].startswith(str(results))
+    # the device is explicit: bench.py's default (cuda if visible, else cpu) must not decide a GPU job
+    assert argv.count("--device") == 1 and argv[argv.index("--device") + 1] == "cuda", argv
+    config = parse_args(argv[1:])  # exits (SystemExit) if the CLI rejects it
+    assert config.device == "cuda" and config.random_weights and argv[argv.index("--json") + 1].startswith(str(results))
     assert config.target_tp_size == config.gpus - 1, "the last GPU is the draft's"
     assert (results / "command.txt").is_file() and (results / "environment.txt").is_file()
 
@@ -454,3 +475,163 @@ def test_two_node_rendezvous_comes_from_slurm(tmp_path: Path):
     assert Path(env["SLURM_HOSTFILE"]).read_text().split() == ["gpu-a"] * 4 + ["gpu-b"]
     srun = (results / "srun_argv").read_text().splitlines()
     assert "--ntasks=5" in srun and "--distribution=arbitrary" in srun
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_script_stops_at_once_where_no_gpu_is_visible(script: str, tmp_path: Path, monkeypatch, capsys):
+    """With --device cuda in the command, a GPU job that sees no GPU (missing --gres, a CPU build of
+    torch) is refused by bench.py's argument check in one line, instead of running on CPU."""
+    from ssd.benchmark import cli
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 0)
+    argv = recorded_bench_argv(run_script_with_stubs(script, tmp_path, job_id=5))
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv[1:])
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_two_node_cpu_mode_keeps_cpu(tmp_path: Path, monkeypatch):
+    """SSD_DEVICE=cpu (what the two-node cluster test submits): --device cpu, --gpus = target ranks."""
+    from ssd.benchmark import cli
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 0)
+    results = run_script_with_stubs("ssd_two_node.sbatch", tmp_path, job_id=11, SSD_DEVICE="cpu", TP="1",
+                                    MODEL_DIR="/ckpt/target", DRAFT_DIR="/ckpt/draft")
+    argv = recorded_bench_argv(results)
+    assert argv.count("--device") == 1 and argv[argv.index("--device") + 1] == "cpu", argv
+    assert argv[argv.index("--gpus") + 1] == "1"
+    assert "--ntasks=2" in (results / "srun_argv").read_text().splitlines()
+
+
+def fake_repo(tmp_path: Path) -> Path:
+    """A repository whose scripts/slurm is the real one (a symlink) and whose results/ starts absent:
+    the scripts' default results directory ($SSD_REPO/results/...) lands here, not in the checkout."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "bench.py").write_text("")
+    (repo / "scripts").mkdir()
+    (repo / "scripts" / "slurm").symlink_to(REPO / "scripts" / "slurm")
+    return repo
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line message:\n{proc.stderr}"
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    for noise in ("unbound variable", "No such file or directory", ": line "):   # bash's own errors
+        assert noise not in proc.stderr, proc.stderr
+
+
+def test_two_node_script_outside_slurm_says_to_use_sbatch(tmp_path: Path):
+    repo = fake_repo(tmp_path)
+    env = stub_env(tmp_path, SSD_REPO=str(repo), RESULTS_DIR=None, SLURM_JOB_NODELIST=None,
+                   SLURM_CPUS_PER_TASK=None)
+    proc = run_script(repo / "scripts" / "slurm" / "ssd_two_node.sbatch", env, cwd=tmp_path)
+    assert_refused(proc, "run it with sbatch", "node list")
+    assert not (repo / "results").exists(), "a refused run created a results folder"
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("script, overrides, phrase", [
+    ("cpu_smoke.sbatch", {}, "TARGET_DIR"),
+    ("ssd_h100_llama70b.sbatch", {"MODEL_DIR": "/ckpt/target"}, "DRAFT_DIR"),
+    ("ssd_ab.sbatch", {"SSD_FAMILY": "mistral"}, "SSD_FAMILY=mistral"),
+    ("ssd_h100_qwen32b.sbatch", {"SSD_BENCH_ARGS": '--b 8 --dataset "/data/unclosed'}, "SSD_BENCH_ARGS"),
+    ("ssd_two_node.sbatch", {"SSD_DEVICE": "gpu"}, "SSD_DEVICE=gpu"),
+    ("ssd_two_node.sbatch", {"TP": "four"}, "TP=four"),
+])
+def test_refused_start_creates_no_results_folder(script: str, overrides: dict, phrase: str, tmp_path: Path):
+    """Inputs are validated before the results directory is created: a refused job leaves no empty
+    results/<job id>/ (or results/local-<pid>/) in the repository."""
+    repo = fake_repo(tmp_path)
+    # by hand (default results/local-<pid>) and under Slurm (results/<job id>); the two-node script
+    # run by hand is refused for that (test above)
+    for job_id in (42,) if script == "ssd_two_node.sbatch" else (None, 42):
+        env = stub_env(tmp_path, job_id, SSD_REPO=str(repo), RESULTS_DIR=None, **overrides)
+        proc = run_script(repo / "scripts" / "slurm" / script, env, cwd=tmp_path)
+        assert_refused(proc, phrase)
+        assert not (repo / "results").exists(), f"{script} refused, but created {list((repo / 'results').iterdir())}"
+
+
+def test_default_results_folder_is_created_once_valid(tmp_path: Path):
+    repo = fake_repo(tmp_path)
+    env = stub_env(tmp_path, 77, SSD_REPO=str(repo), RESULTS_DIR=None)
+    proc = run_script(repo / "scripts" / "slurm" / "ssd_h100_llama70b.sbatch", env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (repo / "results" / "77" / "argv").is_file() and (repo / "results" / "77" / "command.txt").is_file()
+
+
+@pytest.mark.parametrize("script", ["ssd_ab.sbatch", "ssd_two_node.sbatch"])
+def test_qwen_family_gets_qwen_sizes(script: str, tmp_path: Path, monkeypatch):
+    """SSD_FAMILY=qwen alone: Qwen3-32B + Qwen3-0.6B (the sizes follow the family), not llama's 70 / 1."""
+    from ssd.benchmark import cli
+    monkeypatch.setattr(cli, "_visible_gpu_count", lambda: 8)
+    argv = recorded_bench_argv(run_script_with_stubs(script, tmp_path, job_id=3, SSD_FAMILY="qwen"))
+    assert "--qwen" in argv and "--llama" not in argv
+    assert argv[argv.index("--size") + 1] == "32" and argv[argv.index("--draft") + 1] == "0.6"
+    config = cli.parse_args(argv[1:])
+    assert (config.family, config.target.name, config.draft.name) == ("qwen", "qwen3-32b", "qwen3-0.6b")
+
+
+def test_family_sizes_can_still_be_given(tmp_path: Path):
+    argv = recorded_bench_argv(run_script_with_stubs("ssd_ab.sbatch", tmp_path, job_id=4, SSD_FAMILY="llama",
+                                                     SSD_SIZE="8", SSD_DRAFT="1"))
+    assert argv[argv.index("--size") + 1] == "8" and argv[argv.index("--draft") + 1] == "1"
+    assert "--llama" in argv
+
+
+def test_bench_args_are_split_like_a_shell(tmp_path: Path):
+    """SSD_BENCH_ARGS: quotes keep a path with spaces one argument; nothing is expanded."""
+    extra = """--b 8 --dataset "/data/my prompts.jsonl" --data-dir '/data/$HOME dir' --seed 3"""
+    argv = recorded_bench_argv(run_script_with_stubs("ssd_h100_llama70b.sbatch", tmp_path, job_id=9,
+                                                     SSD_BENCH_ARGS=extra))
+    assert argv[-8:] == ["--b", "8", "--dataset", "/data/my prompts.jsonl", "--data-dir", "/data/$HOME dir",
+                         "--seed", "3"], argv
+
+
+def test_blank_bench_args_add_nothing(tmp_path: Path):
+    argv = recorded_bench_argv(run_script_with_stubs("ssd_h100_llama70b.sbatch", tmp_path, job_id=10,
+                                                     SSD_BENCH_ARGS="  "))
+    assert "" not in argv and argv[-2] == "--json", argv
+
+
+def test_script_run_from_another_directory_finds_common_sh(tmp_path: Path):
+    """`bash /path/to/scripts/slurm/X.sbatch` from elsewhere, SSD_REPO unset: common.sh is found next
+    to the script, and the repository from common.sh's own location."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = stub_env(tmp_path, 12, SSD_REPO=None)
+    proc = run_script("ssd_h100_qwen32b.sbatch", env, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert recorded_bench_argv(Path(env["RESULTS_DIR"]))[0] == "bench/bench.py"
+
+
+def spool_copy(tmp_path: Path, script: str) -> Path:
+    """As sbatch runs it: a copy of the script in the spool directory, away from common.sh."""
+    spool = tmp_path / "spool" / "job00012"
+    spool.mkdir(parents=True)
+    copy = spool / "slurm_script"
+    shutil.copy(REPO / "scripts" / "slurm" / script, copy)
+    return copy
+
+
+def test_spool_copy_outside_the_repository_says_to_submit_from_the_root(tmp_path: Path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = stub_env(tmp_path, 12, SSD_REPO=None, SLURM_JOB_NAME="ssd-qwen32b")
+    proc = run_script(spool_copy(tmp_path, "ssd_h100_qwen32b.sbatch"), env, cwd=elsewhere)
+    assert_refused(proc, "ssd-qwen32b", "submit from the repository root", "SSD_REPO")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("how", ["working directory", "SLURM_SUBMIT_DIR"])
+def test_spool_copy_finds_the_repository_from_the_job(how: str, tmp_path: Path):
+    """Under sbatch the job starts in the submit directory (or --chdir); SLURM_SUBMIT_DIR is the
+    fallback when --chdir pointed elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    overrides = {"SLURM_SUBMIT_DIR": str(REPO)} if how == "SLURM_SUBMIT_DIR" else {}
+    env = stub_env(tmp_path, 12, SSD_REPO=None, **overrides)
+    proc = run_script(spool_copy(tmp_path, "ssd_ab.sbatch"), env, cwd=REPO if how == "working directory" else elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert recorded_bench_argv(Path(env["RESULTS_DIR"]))[0] == "bench/bench.py"

@@ -1,19 +1,24 @@
 # shellcheck shell=bash
-# Shared setup for scripts/slurm/*.sbatch. Sourced, never executed:
-#
-#   source "${SSD_REPO:-$PWD}/scripts/slurm/common.sh"
-#
-# Slurm runs a *copy* of the batch script from its spool directory, so the scripts cannot find the
-# repository from their own path. They use $SSD_REPO if set, else the job's working directory
-# (the directory `sbatch` was called from, or its --chdir): submit from the repository root, or
-# export SSD_REPO.
+# Shared setup for scripts/slurm/*.sbatch. Sourced, never executed. Each script looks for it (the
+# same preamble in every script) in $SSD_REPO/scripts/slurm, next to the script itself, in the
+# job's working directory and in $SLURM_SUBMIT_DIR, and stops with a one-line message if none has
+# it: under sbatch, Slurm runs a *copy* of the batch script from its spool directory, so the script
+# cannot find the repository from its own path there — submit from the repository root (the job's
+# working directory is then the repository, unless `sbatch --chdir` says otherwise), or export
+# SSD_REPO. Run with plain `bash scripts/slurm/X.sbatch`, the script finds this file next to itself
+# from any directory.
 #
 # What this file does:
-#   * cd to the repo, put it on PYTHONPATH, pick the interpreter ($PYTHON, default `python`);
+#   * cd to the repo ($SSD_REPO, default: the repository this file is in), put it on PYTHONPATH,
+#     pick the interpreter ($PYTHON, default `python`);
 #   * export the NCCL / torch.distributed variables below (each one explained);
-#   * create $RESULTS_DIR (default results/$SLURM_JOB_ID) and record the job's environment there;
-#   * provide helpers: ssd_model_args, ssd_single_node_env, ssd_multi_node_env,
-#     ssd_record_environment, ssd_run.
+#   * set $RESULTS_DIR (default results/$SLURM_JOB_ID); nothing is created on sourcing: the
+#     scripts validate their inputs first, then ssd_record_environment creates the directory;
+#   * provide helpers: ssd_model_args, ssd_single_node_env, ssd_multi_node_env, ssd_die,
+#     ssd_record_environment, ssd_bench_cmd, ssd_run.
+#
+# Bash: 4.0 or newer (mapfile); arrays that may be empty are expanded as ${a[@]+"${a[@]}"}, which
+# `set -u` accepts on bash before 4.4 too.
 #
 # Logs: every script has `#SBATCH --output=logs/%x-%j.out` (job name + job id, stdout and stderr
 # together), relative to the submit directory. Slurm does not create that directory: run
@@ -21,7 +26,7 @@
 
 set -euo pipefail
 
-SSD_REPO="${SSD_REPO:-$PWD}"
+SSD_REPO="${SSD_REPO:-$(cd "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)}"
 if [[ ! -f "$SSD_REPO/bench/bench.py" ]]; then
     echo "common.sh: $SSD_REPO is not the ssd repository (no bench/bench.py);" \
          "submit from the repository root or export SSD_REPO" >&2
@@ -51,13 +56,22 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
 # ---------------------------------------------------------------- results
+# Only named here; ssd_record_environment creates it, after the script has validated its inputs,
+# so a job refused at start-up leaves no empty results/<id>/ (or results/local-<pid>/) behind.
 RESULTS_DIR="${RESULTS_DIR:-$SSD_REPO/results/${SLURM_JOB_ID:-local-$$}}"
-mkdir -p "$RESULTS_DIR"
 export RESULTS_DIR
 
 ssd_log() { echo "[$(date '+%F %T')] $*"; }
 
+# A refused start: one line on stderr, exit 2 (before anything is created).
+ssd_die() {
+    echo "${SLURM_JOB_NAME:-${0##*/}}: $*" >&2
+    exit 2
+}
+
+# Creates $RESULTS_DIR and writes environment.txt there; call it once the inputs are validated.
 ssd_record_environment() {
+    mkdir -p "$RESULTS_DIR"
     {
         echo "job: ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-$(hostname)}"
         echo "git: $(git -C "$SSD_REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -72,8 +86,10 @@ ssd_record_environment() {
 
 # ---------------------------------------------------------------- helpers
 
-# Model arguments for bench.py, into the array SSD_MODEL_ARGS. Usage: ssd_model_args FAMILY SIZE DRAFT
-# (FAMILY llama|qwen; SIZE/DRAFT as bench.py's --size/--draft, e.g. llama 70 1, qwen 32 0.6).
+# Model arguments for bench.py, into the array SSD_MODEL_ARGS. Usage: ssd_model_args FAMILY [SIZE [DRAFT]]
+# (FAMILY llama|qwen; SIZE/DRAFT as bench.py's --size/--draft). An empty or missing SIZE/DRAFT
+# follows the family: llama 70 / 1 (Llama-3.1-70B + Llama-3.2-1B), qwen 32 / 0.6 (Qwen3-32B +
+# Qwen3-0.6B), so SSD_FAMILY=qwen alone gives the Qwen pair.
 #   MODEL_DIR set  -> --FAMILY --target "$MODEL_DIR" --draft-path "$DRAFT_DIR" (real checkpoints;
 #                     DRAFT_DIR is then required: a random-weight draft cannot serve a real target)
 #   otherwise      -> --FAMILY --size SIZE --draft DRAFT --random-weights --profile "$SSD_PROFILE":
@@ -81,10 +97,15 @@ ssd_record_environment() {
 #                     profile (default "code"; SSD_PROFILE=none to measure the random draft's own,
 #                     meaningless, acceptance). The bench labels such results "simulated acceptance".
 ssd_model_args() {
-    local family="$1" size="$2" draft="$3" profile="${SSD_PROFILE:-code}"
+    local family="$1" size="${2:-}" draft="${3:-}" profile="${SSD_PROFILE:-code}"
+    case "$family" in
+        llama) size="${size:-70}" draft="${draft:-1}" ;;
+        qwen)  size="${size:-32}" draft="${draft:-0.6}" ;;
+        *)     ssd_die "SSD_FAMILY=$family: use llama or qwen" ;;
+    esac
     SSD_MODEL_ARGS=("--$family")
     if [[ -n "${MODEL_DIR:-}" ]]; then
-        : "${DRAFT_DIR:?MODEL_DIR is set: also set DRAFT_DIR to the draft checkpoint}"
+        [[ -n "${DRAFT_DIR:-}" ]] || ssd_die "MODEL_DIR is set: also set DRAFT_DIR to the draft checkpoint"
         SSD_MODEL_ARGS+=(--target "$MODEL_DIR" --draft-path "$DRAFT_DIR")
     else
         SSD_MODEL_ARGS+=(--size "$size" --draft "$draft" --random-weights)
@@ -121,11 +142,20 @@ ssd_node_address() {
 #   GLOO_SOCKET_IFNAME: the same for Gloo (CPU-side process-group traffic); only set when given.
 #   NCCL_IB_HCA:        InfiniBand adapters NCCL may use (e.g. mlx5_0,mlx5_1 or =mlx5_0:1);
 #                       unset lets NCCL use all. Export it before sbatch if your site requires it.
+# Also sets the array SSD_HOSTS (the allocation's hosts, in Slurm's order). Outside a Slurm job
+# (plain `bash`, no SLURM_JOB_NODELIST / SLURM_JOB_ID) it stops with a one-line message.
 ssd_multi_node_env() {
-    local hosts
+    if [[ -z "${SLURM_JOB_NODELIST:-}" || -z "${SLURM_JOB_ID:-}" ]]; then
+        ssd_die "not inside a Slurm job: run it with sbatch: it needs Slurm's node list (SLURM_JOB_NODELIST) and job id"
+    fi
+    command -v scontrol >/dev/null || ssd_die "scontrol not found: it is needed to expand SLURM_JOB_NODELIST"
+    SSD_HOSTS=()
     # no `| head`: under pipefail an early-closing reader can kill the job with SIGPIPE (exit 141)
-    mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    MASTER_ADDR="$(ssd_node_address "${hosts[0]}")"
+    mapfile -t SSD_HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    if (( ${#SSD_HOSTS[@]} == 0 )); then
+        ssd_die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no hosts"
+    fi
+    MASTER_ADDR="$(ssd_node_address "${SSD_HOSTS[0]}")"
     MASTER_PORT="$((10000 + SLURM_JOB_ID % 50000))"
     export MASTER_ADDR MASTER_PORT
     export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker}"
@@ -137,14 +167,33 @@ ssd_multi_node_env() {
     fi
 }
 
-# The bench.py command line for the given arguments plus $SSD_BENCH_ARGS (extra flags,
-# word-split), into the array SSD_CMD; also written to $RESULTS_DIR/command.txt.
-ssd_bench_cmd() {
-    local extra=()
-    if [[ -n "${SSD_BENCH_ARGS:-}" ]]; then
-        read -r -a extra <<< "$SSD_BENCH_ARGS"
+# $SSD_BENCH_ARGS split into words as a shell would, into the array SSD_EXTRA_ARGS: blanks
+# separate, '...' "..." and backslashes quote, so SSD_BENCH_ARGS='--dataset "/data/my prompts.jsonl"'
+# passes the path as one argument. Nothing is expanded or executed ($VAR, globs, $(...) stay
+# literal; no eval): the splitting is xargs' (POSIX quoting; a quote cannot span lines). An
+# unbalanced quote stops the job with a one-line message.
+ssd_extra_args() {
+    local arg problem
+    SSD_EXTRA_ARGS=()
+    if [[ -z "${SSD_BENCH_ARGS:-}" ]]; then
+        return 0
     fi
-    SSD_CMD=("$PYTHON" bench/bench.py "$@" "${extra[@]}")
+    if ! problem="$(printf '%s\n' "$SSD_BENCH_ARGS" | xargs -r printf '%s\0' 2>&1 >/dev/null)"; then
+        ssd_die "SSD_BENCH_ARGS: ${problem%%;*} in: $SSD_BENCH_ARGS"
+    fi
+    while IFS= read -r -d '' arg; do
+        SSD_EXTRA_ARGS+=("$arg")
+    done < <(printf '%s\n' "$SSD_BENCH_ARGS" | xargs -r printf '%s\0')
+}
+
+# Checked now, on sourcing, so a malformed SSD_BENCH_ARGS is refused before anything is created.
+ssd_extra_args
+
+# The bench.py command line for the given arguments plus $SSD_BENCH_ARGS (SSD_EXTRA_ARGS), into
+# the array SSD_CMD; also written to $RESULTS_DIR/command.txt (created if needed).
+ssd_bench_cmd() {
+    SSD_CMD=("$PYTHON" bench/bench.py "$@" ${SSD_EXTRA_ARGS[@]+"${SSD_EXTRA_ARGS[@]}"})
+    mkdir -p "$RESULTS_DIR"
     printf '%q ' "${SSD_CMD[@]}" > "$RESULTS_DIR/command.txt"
     echo >> "$RESULTS_DIR/command.txt"
     ssd_log "command: $(cat "$RESULTS_DIR/command.txt")"
