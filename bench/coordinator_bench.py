@@ -80,7 +80,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-refill-wait", action="store_true",
                    help="the engine does not wait for requests joining slots freed in a round")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_arguments(p, args)
+    return args
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--prompt-len", args.prompt_len, 1),
+                               ("--max-tokens", args.max_tokens, 1), ("--max-num-seqs", args.max_num_seqs, 1),
+                               ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    speculative = [flag for flag, given in (("--async", args.async_spec), ("--k", args.k != 0),
+                                            (f"--mode {args.mode}", args.mode in ("sync", "async"))) if given]
+    if speculative and not args.draft:
+        parser.error(f"{', '.join(speculative)}: speculative decoding needs a draft; give --draft "
+                     "(a checkpoint, preset or 'self')")
+    if args.draft and args.k < 1:
+        parser.error(f"--draft needs --k >= 1 speculative tokens, got {args.k}")
 
 
 # ---------------------------------------------------------------- set-up

@@ -89,7 +89,13 @@ def main(argv: list[str]) -> int:
     add_linear_argument(parser, "profile one after the other (with each attention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--context", args.context)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not torch.cuda.is_available():
+        log.error("needs a CUDA device")
+        return 1
     name = torch.cuda.get_device_name(0)
     bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
     modes, tokens = [], []

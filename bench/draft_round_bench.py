@@ -1,4 +1,4 @@
-"""GPU benchmark of the asynchronous draft's round (one GPU, the draft alone), written to JSON.
+r"""GPU benchmark of the asynchronous draft's round (one GPU, the draft alone), written to JSON.
 
     PYTHONUNBUFFERED=1 python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 \
         --batches 1 16 --out $OUT/draft_round.json
@@ -41,7 +41,7 @@ from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
                                 sample_from_weights)
 from ssd.sampling_params import SamplingParams  # noqa: E402
-from ssd.models.presets import preset_arch  # noqa: E402
+from ssd.models.presets import PRESETS, is_preset, preset_arch  # noqa: E402
 from ssd.spec.draft_vocabulary import kept_token_ids  # noqa: E402
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
 
@@ -281,9 +281,10 @@ def outcome_times(draft: AsyncDraft, batch: int, lengths: torch.Tensor, warmup: 
     return results
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama-3.2-1b", help="a random-weights preset or checkpoint directory")
+    parser.add_argument("--preset", default="llama-3.2-1b", type=preset_or_checkpoint,
+                        help=f"a random-weights preset ({', '.join(PRESETS)}) or checkpoint directory")
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--f", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -307,8 +308,34 @@ def main(argv: list[str]) -> int:
                              "(torch.backends.cuda.preferred_blas_library)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def preset_or_checkpoint(value: str) -> str:
+    """--preset's values: a preset name, or a checkpoint directory (its config.json gives the shapes)."""
+    if is_preset(value) or (Path(value) / "config.json").is_file():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                                     "directory with a config.json")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag, value, least in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
+                               ("--context", args.context, 1), ("--batches", min(args.batches), 1)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    if args.kernels and args.device != "cuda":
+        parser.error("--kernels profiles CUDA kernels: it needs --device cuda")
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log.error("needs a CUDA device (--device cpu: a smoke run only)")
+        return 1
     rows = []
     for blas, mode, linear, quant, vocab in itertools.product(args.blas, args.attention, args.linear, args.quant,
                                                               args.vocab):

