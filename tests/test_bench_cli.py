@@ -236,7 +236,7 @@ def test_with_ab_the_arms_decide_and_the_mode_flags_are_reported(caplog):
     with caplog.at_level("WARNING"):
         config = parse_args(CPU + ["--spec", "--async", "--colocate", "--ab", "ar,sync"])
     assert [arm.name for arm in config.arms] == ["ar", "sync"] and config.arms[1].colocated
-    assert "with --ab the arms (ar,sync) say what runs" in caplog.text
+    assert "--async: with --ab the arms (ar,sync) say what runs" in caplog.text
 
 
 def test_under_srun_the_gpus_of_the_whole_job_are_accepted(monkeypatch):
