@@ -3,6 +3,7 @@ import itertools
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -127,6 +128,30 @@ def test_a_worker_whose_parent_is_killed_exits_by_itself(tmp_path):
     while not process_gone(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process_gone(child), "the orphaned worker is still running"
+
+
+def test_a_worker_whose_rank_0_dies_says_so_in_one_line(tiny_checkpoints, tmp_path):
+    """The draft worker waits for rank 0's next command when rank 0 is killed: its broken connection
+    ends it with one line, not a gloo traceback on the user's terminal."""
+    script = tmp_path / "rank0.py"
+    script.write_text(KILLED_RANK_0.format(model=str(tiny_checkpoints["llama"])))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    output = run.stdout + run.stderr   # read to the end: the worker shares the pipes and exits last
+    assert run.returncode == -signal.SIGKILL and "generated" in output, output
+    assert "is gone; exiting" in output and "Traceback" not in output, output
+
+
+KILLED_RANK_0 = """
+import logging, os, signal
+from ssd import LLM, SamplingParams
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    llm = LLM({model!r}, max_model_len=64, draft={model!r}, num_speculative_tokens=2, async_spec=True)
+    llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    print("generated", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 ORPHAN_PARENT = """

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ssd.distributed.orphan_watch import exit_when_orphaned
+from ssd.distributed.orphan_watch import exit_when_orphaned, orphaned
 from ssd.distributed.tp_group import TPGroup
 from ssd.distributed.worker_watch import wait_for_keys
 
@@ -179,5 +179,11 @@ def _worker_entry(host, port, rank, world_size, tp_size, device_type, timeout_s,
     try:
         role.main(make_tp_group(rank, tp_size, world_size), *role.args,
                   on_ready=functools.partial(store.set, _key("ready", rank), "1"))
+    except Exception:
+        if orphaned(parent_pid):   # its connection broke because rank 0 died: say that, not a traceback
+            log.error("rank 0 (pid %d) is gone; exiting", parent_pid)
+            logging.shutdown()
+            os._exit(1)
+        raise
     finally:
         dist.destroy_process_group()

@@ -18,6 +18,17 @@ def parent_alive(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def orphaned(parent_pid: int, grace_s: float = 1.0) -> bool:
+    """Whether parent_pid is gone, waiting up to grace_s: a dying process closes its connections
+    before its children are re-parented."""
+    deadline = time.monotonic() + grace_s
+    while parent_alive(parent_pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def exit_when_orphaned(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
     """Start a daemon thread that ends this process (exit code 1) once parent_pid is gone."""
     def watch() -> None:
