@@ -99,6 +99,12 @@ def test_record_profile_refuses_when_no_prompt_fits(record_argv, capsys):
         record_profile.main, record_argv + ["--max-prompt-tokens", "1"], capsys)
 
 
+def test_record_profile_past_the_models_context_is_one_logged_line(record_argv, caplog):
+    """The tiny models know 512 positions: prompts + --output_len 600 cannot fit (found when the engine starts)."""
+    assert record_profile.main(record_argv + ["--output_len", "600", "--numseqs", "1"]) == 1
+    assert "exceeds the models' context" in caplog.text and "lower --output_len" in caplog.text
+
+
 def test_generations_too_short_for_a_summary_are_a_recording_error():
     with pytest.raises(record_profile.RecordingError, match="stopped early"):
         record_profile.summarized(AcceptanceProfile("short", ((0, 0, 0),)))

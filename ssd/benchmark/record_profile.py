@@ -78,8 +78,12 @@ def record(target: str, draft: str, prompts: list[str], max_tokens: int, batch: 
     if chat:
         prompts = apply_chat_template(prompts, target)
     longest = max(len(p) for p in prompts)  # characters bound tokens from above
-    with LLM(target, draft=draft, num_speculative_tokens=1, draft_colocated=True, device="cpu",
-             max_num_seqs=batch, max_model_len=longest + max_tokens + 16) as llm:
+    try:
+        llm = LLM(target, draft=draft, num_speculative_tokens=1, draft_colocated=True, device="cpu",
+                  max_num_seqs=batch, max_model_len=longest + max_tokens + 16)
+    except ValueError as problem:   # e.g. prompts + --output_len past the models' context
+        raise RecordingError(f"{problem} (lower --output_len or --max-prompt-tokens)") from None
+    with llm:
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), mode="ar")
         traces = [tuple(draft_ranks(llm.draft.runner, o.prompt_token_ids, o.token_ids))
                   for o in tqdm(outputs, desc="draft ranks", unit="req") if len(o.token_ids) >= MIN_TRACE_TOKENS]
