@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import logging
 import subprocess
 import sys
@@ -28,15 +27,14 @@ from ssd.loading.generation_info import load_tokenizer
 from ssd.loading.offline_models import OfflineModelError, fetch_offline_model
 from ssd.output_files import output_file_problem
 from ssd.sampling_params import SamplingParams
-from ssd.spec.acceptance_profile import MAX_RANK, AcceptanceProfile
+from ssd.spec.acceptance_profile import MAX_RANK, SUMMARY_K, AcceptanceProfile
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET, DEFAULT_DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 PROMPT_SETS = ("code", "chat", "default")
 MIN_TRACE_TOKENS = 2   # what an AcceptanceProfile's traces need
-# A saved profile holds its summary, whose prediction (at summary()'s default K) needs a trace longer than K + 1.
-SUMMARY_K = inspect.signature(AcceptanceProfile.summary).parameters["k"].default
+# A saved profile holds its summary, whose prediction (at SUMMARY_K) needs a trace longer than K + 1.
 MIN_OUTPUT_LEN = max(MIN_TRACE_TOKENS, SUMMARY_K + 2)
 
 

@@ -21,6 +21,8 @@ MAX_RANK = 255          # ranks at or above this are stored as MAX_RANK: never c
 SHIPPED = ("code", "chat")
 
 
+SUMMARY_K = 6   # the K a profile's saved summary predicts for (with F = 3)
+
 @dataclass(frozen=True)
 class AcceptanceProfile:
     name: str
@@ -44,7 +46,7 @@ class AcceptanceProfile:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
 
-    def summary(self, k: int = 6, fan_out: int = 3) -> dict:
+    def summary(self, k: int = SUMMARY_K, fan_out: int = 3) -> dict:
         ranks = [r for t in self.traces for r in t[1:]]
         predicted = predict(self, k, (fan_out,) * (k + 1))
         return {"num_traces": len(self.traces), "num_tokens": self.num_tokens,
