@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models, for --tiny
 
+from ssd.cli_types import at_least  # noqa: E402
+
 log = logging.getLogger("coordinator_bench")
 
 SCHEMA = "ssd-coordinator-bench/1"
@@ -68,13 +70,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--async", dest="async_spec", action="store_true", help="asynchronous speculation")
     p.add_argument("--mode", choices=("ar", "sync", "async"), default=None)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--max-num-seqs", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=at_least(1), default=4)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--num-prompts", type=int, default=12)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--num-prompts", type=at_least(1), default=12)
+    p.add_argument("--prompt-len", type=at_least(1), default=32)
+    p.add_argument("--max-tokens", type=at_least(1), default=64)
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads in both paths")
     p.add_argument("--no-refill-wait", action="store_true",
@@ -86,11 +88,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--prompt-len", args.prompt_len, 1),
-                               ("--max-tokens", args.max_tokens, 1), ("--max-num-seqs", args.max_num_seqs, 1),
-                               ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
-        if value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
     speculative = [flag for flag, given in (("--async", args.async_spec), ("--k", args.k != 0),
                                             (f"--mode {args.mode}", args.mode in ("sync", "async"))) if given]
     if speculative and not args.draft:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
+from ssd.cli_types import at_least  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 
@@ -79,9 +80,9 @@ def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=at_least(1), default=1)
+    parser.add_argument("--context", type=at_least(1), default=512)
+    parser.add_argument("--steps", type=at_least(1), default=20)
     parser.add_argument("--bandwidth", type=float, default=None, help="nominal HBM bytes/s (default by device name)")
     parser.add_argument("--generate-tokens", type=int, default=256, help="also time LLM.generate at this batch")
     parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
@@ -89,9 +90,6 @@ def main(argv: list[str]) -> int:
     add_linear_argument(parser, "profile one after the other (with each attention)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--context", args.context)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         log.error("needs a CUDA device")

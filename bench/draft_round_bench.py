@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
+from ssd.cli_types import at_least  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
@@ -287,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a random-weights preset ({', '.join(PRESETS)}) or checkpoint directory")
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--f", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--context", type=int, default=512, help="prompt tokens per sequence")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--context", type=at_least(1), default=512, help="prompt tokens per sequence")
+    parser.add_argument("--warmup", type=at_least(0), default=5)
+    parser.add_argument("--iters", type=at_least(1), default=30)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="also write torch.profiler kernel tables per part")
     parser.add_argument("--attention", nargs="+", choices=("fused", "fused-separate-kv", "matmul"), default=["fused"],
@@ -320,10 +321,6 @@ def preset_or_checkpoint(value: str) -> str:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, value, least in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
-                               ("--context", args.context, 1), ("--batches", min(args.batches), 1)):
-        if value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
     if args.kernels and args.device != "cuda":
         parser.error("--kernels profiles CUDA kernels: it needs --device cuda")
 

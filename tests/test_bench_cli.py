@@ -32,14 +32,14 @@ def refusal(argv: list[str], capsys) -> str:
     (CPU + ["--spec", "--flh", "1,-2,3"], "non-negative integers"),
     (CPU + ["--x", "0"], "--x must be in (0, 1]"),
     (CPU + ["--x", "1.5"], "--x must be in (0, 1]"),
-    (CPU + ["--spec", "--k", "0"], "--k must be at least 1"),
-    (CPU + ["--spec", "--f", "-1"], "--f must be non-negative"),
+    (CPU + ["--spec", "--k", "0"], "argument --k: must be >= 1"),
+    (CPU + ["--spec", "--f", "-1"], "argument --f: must be >= 0"),
     (CPU + ["--ab", "sync,turbo"], "unknown arm(s) turbo"),
     (CPU + ["--ab", "sync"], "at least two distinct arms"),
     (CPU + ["--ab", "ar,ar"], "at least two distinct arms"),
     (CPU + ["--profile", "humaneval", "--spec"], "--profile replays acceptance over random weights"),
     (CPU + ["--random-weights", "--profile", "humaneval"], "needs --spec"),
-    (CPU + ["--b", "0"], "--b (batch size) must be at least 1"),
+    (CPU + ["--b", "0"], "argument --b: must be >= 1"),
     (CPU + ["--dtemp", "0.5"], "--dtemp (draft temperature) needs --spec"),
     (CPU + ["--draft-quant", "fp8"], "--draft-quant needs --spec"),
     (CPU + ["--draft-vocab", "4096"], "--draft-vocab needs --spec"),
@@ -53,8 +53,8 @@ def refusal(argv: list[str], capsys) -> str:
     (CPU + ["--spec", "--draft", "1"], "give --draft-path"),  # preset draft for the real default target
     (CPU + ["--random", "--gsm"], "cannot be mixed"),
     (CPU + ["--random-weights", "--chat_template"], "needs a tokenizer"),
-    (CPU + ["--gpus", "0"], "--gpus must be at least 1"),
-    (CPU + ["--max-prefill-tokens", "0"], "--max-prefill-tokens must be at least 1"),
+    (CPU + ["--gpus", "0"], "argument --gpus: must be >= 1"),
+    (CPU + ["--max-prefill-tokens", "0"], "argument --max-prefill-tokens: must be >= 1"),
 ])
 def test_refusals_exit_2_with_a_helpful_message(argv, phrase, capsys):
     assert phrase in refusal(argv, capsys)

@@ -68,9 +68,9 @@ def record_argv(checkpoints, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--numseqs", "0"], "--numseqs must be >= 1"),
-    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
-    (["--b", "0"], "--b must be >= 1"),
+    (["--numseqs", "0"], "argument --numseqs: must be >= 1"),
+    (["--max-prompt-tokens", "0"], "argument --max-prompt-tokens: must be >= 1"),
+    (["--b", "0"], "argument --b: must be >= 1"),
     (["--output_len", "1"], "needs traces of at least 2 tokens"),
     (["--prompts", "bogus"], "invalid choice: 'bogus'"),
     (["--target", "/nonexistent/model"], "--target /nonexistent/model: no such checkpoint directory"),
@@ -115,7 +115,7 @@ def test_generations_too_short_for_a_summary_are_a_recording_error():
 @pytest.mark.parametrize("conversations", ["0", "-5"])
 def test_rank_vocabulary_refuses_fewer_than_one_conversation(checkpoints, tmp_path, conversations, capsys):
     argv = ["--model", str(checkpoints["plain"]), "--out", str(tmp_path / "r.json"), "--conversations", conversations]
-    assert "--conversations must be >= 1" in refusal(rank_vocabulary.main, argv, capsys)
+    assert "argument --conversations: must be >= 1" in refusal(rank_vocabulary.main, argv, capsys)
 
 
 def test_rank_vocabulary_checks_model_and_out_before_counting(checkpoints, a_file, tmp_path, capsys):
@@ -167,8 +167,8 @@ def test_draft_round_bench_needs_cuda_unless_on_cpu(no_cuda, caplog):
 
 @pytest.mark.parametrize("extra, message", [
     (["--kernels"], "--kernels profiles CUDA kernels: it needs --device cuda"),
-    (["--iters", "0"], "--iters must be >= 1"),
-    (["--batches", "1", "0"], "--batches must be >= 1"),
+    (["--iters", "0"], "argument --iters: must be >= 1"),
+    (["--batches", "1", "0"], "argument --batches: must be >= 1"),
     (["--preset", "nosuch"], "'nosuch' is neither a preset (llama-3.1-70b"),
 ])
 def test_draft_round_bench_refuses_bad_arguments(extra, message, capsys):
@@ -184,7 +184,7 @@ def test_decode_profile_needs_cuda(no_cuda, caplog, capsys):
     decode_profile = bench_script("decode_profile")
     assert decode_profile.main([]) == 1
     assert "needs a CUDA device" in caplog.text
-    assert "--steps must be >= 1" in refusal(decode_profile.main, ["--steps", "0"], capsys)
+    assert "argument --steps: must be >= 1" in refusal(decode_profile.main, ["--steps", "0"], capsys)
 
 
 def test_help_shows_example_commands_with_their_line_continuation():
@@ -200,8 +200,8 @@ def test_help_shows_example_commands_with_their_line_continuation():
     (["--k", "3"], "--k: speculative decoding needs a draft"),
     (["--mode", "sync"], "--mode sync: speculative decoding needs a draft"),
     (["--draft", "self"], "--draft needs --k >= 1"),
-    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
-    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--num-prompts", "0"], "argument --num-prompts: must be >= 1"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1"),
 ])
 def test_coordinator_bench_refuses_bad_arguments(extra, message, capsys):
     assert message in refusal(bench_script("coordinator_bench").parse_args, ["--tiny"] + extra, capsys)

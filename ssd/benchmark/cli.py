@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from ssd.cli_types import at_least
 from ssd.output_files import output_file_problem
 
 # Target/draft sizes of the reference bench, mapped to this engine's random-weight presets.
@@ -166,7 +167,7 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("execution")
     group.add_argument("--device", choices=("cpu", "cuda"), default=None,
                        help="Where to run; default cuda when available, else cpu.")
-    group.add_argument("--gpus", type=int, default=1,
+    group.add_argument("--gpus", type=at_least(1), default=1,
                        help="Total GPUs (default 1). On CUDA a draft (sync or async) gets the last one and "
                             "the tensor-parallel target N-1, unless sync's draft is co-located (--colocate, "
                             "or --gpus 1) on the target's first GPU; without a draft the target gets all N. "
@@ -188,7 +189,7 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_model_len", type=int, default=None,
                        help="KV positions per sequence (prompt + output + speculation slack); default 2048, "
                             "at most the models' context (max_position_embeddings).")
-    group.add_argument("--max-prefill-tokens", type=int, default=16384, metavar="N",
+    group.add_argument("--max-prefill-tokens", type=at_least(1), default=16384, metavar="N",
                        help="Prompts admitted together are prefilled in forwards of at most N right-padded "
                             "positions (a longer prompt in chunks of N): bounds prefill's activation memory.")
     group.add_argument("--seed", type=int, default=0,
@@ -201,8 +202,8 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--async", dest="async_spec", action="store_true",
                        help="Asynchronous speculation: the draft pre-speculates on its own GPU "
                             "while the target verifies (needs --spec).")
-    group.add_argument("--k", type=int, default=6, help="Speculated tokens per round (K >= 1; default 6).")
-    group.add_argument("--f", type=int, default=3,
+    group.add_argument("--k", type=at_least(1), default=6, help="Speculated tokens per round (K >= 1; default 6).")
+    group.add_argument("--f", type=at_least(0), default=3,
                        help="Async fan-out: guesses per position of the speculation cache (>= 0; default 3).")
     group.add_argument("--flh", nargs="+", default=None, metavar="N",
                        help="Fan-out list on a cache hit: K+1 non-negative ints, comma or space "
@@ -246,16 +247,16 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload")
-    group.add_argument("--b", type=int, default=1,
+    group.add_argument("--b", type=at_least(1), default=1,
                        help="Batch size: prompts per generate() call and max concurrent sequences (default 1).")
-    group.add_argument("--numseqs", type=int, default=None,
+    group.add_argument("--numseqs", type=at_least(1), default=None,
                        help="Prompts per dataset (first N). Default 128 on CUDA, 4 on CPU.")
-    group.add_argument("--input_len", type=int, default=128,
+    group.add_argument("--input_len", type=at_least(1), default=128,
                        help="Prompt length in tokens for --random prompts (default 128).")
-    group.add_argument("--output_len", type=int, default=None,
+    group.add_argument("--output_len", type=at_least(1), default=None,
                        help="Generated tokens per prompt (EOS ignored). Default 512 on CUDA, 32 on CPU.")
     group.add_argument("--temp", type=float, default=0.0, help="Target temperature (default 0: greedy).")
-    group.add_argument("--warmup", type=int, default=None,
+    group.add_argument("--warmup", type=at_least(0), default=None,
                        help="Untimed warmup generate() calls per arm on the first batch. "
                             "Default 1 on CUDA, 0 on CPU.")
 
@@ -389,26 +390,11 @@ def _make_arm(name: str, gpus: int, device: str, colocate: bool) -> Arm:
 # ---------------------------------------------------------------- checks
 
 def _check_scalars(ns: argparse.Namespace, flh: tuple[int, ...] | None, flm: tuple[int, ...] | None) -> None:
-    if ns.k < 1:
-        raise ValueError(f"--k must be at least 1 (speculated tokens per round); got {ns.k}")
-    if ns.f < 0:
-        raise ValueError(f"--f must be non-negative (async fan-out); got {ns.f}")
     for flag, values in (("--flh", flh), ("--flm", flm)):
         if values is not None and len(values) != ns.k + 1:
             raise ValueError(f"{flag} must have K+1 = {ns.k + 1} entries (one per position); got {len(values)}")
     if ns.x is not None and not 0 < ns.x <= 1:
         raise ValueError(f"--x must be in (0, 1]; got {ns.x}")
-    if ns.b < 1:
-        raise ValueError(f"--b (batch size) must be at least 1; got {ns.b}")
-    _check_counts(ns)
-
-
-def _check_counts(ns: argparse.Namespace) -> None:
-    for flag, value, low in (("--gpus", ns.gpus, 1), ("--numseqs", ns.numseqs, 1),
-                             ("--output_len", ns.output_len, 1), ("--input_len", ns.input_len, 1),
-                             ("--warmup", ns.warmup, 0), ("--max-prefill-tokens", ns.max_prefill_tokens, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be at least {low}; got {value}")
     if ns.temp < 0 or (ns.dtemp is not None and ns.dtemp < 0):
         raise ValueError("--temp and --dtemp must be non-negative")
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ssd.benchmark.datasets import DatasetError, apply_chat_template, iter_sharegpt_prompts
+from ssd.cli_types import at_least
 from ssd.benchmark.prompts import CODE_PROMPTS, DEFAULT_PROMPTS
 from ssd.engine.llm import LLM
 from ssd.engine.model_runner import ModelRunner
@@ -117,19 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="profile file to write (JSON)")
     parser.add_argument("--target", default=None, help=f"target checkpoint (default: offline {DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None, help=f"draft checkpoint (default: offline {DEFAULT_DRAFT})")
-    parser.add_argument("--numseqs", type=int, default=16)
+    parser.add_argument("--numseqs", type=at_least(1), default=16)
     parser.add_argument("--output_len", type=int, default=256)
-    parser.add_argument("--b", type=int, default=8, help="batch size of the target's generation")
-    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--b", type=at_least(1), default=8, help="batch size of the target's generation")
+    parser.add_argument("--max-prompt-tokens", type=at_least(1), default=512)
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts raw")
     return parser
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Everything the arguments alone can tell, before a model loads."""
-    for flag, value in (("--numseqs", args.numseqs), ("--b", args.b), ("--max-prompt-tokens", args.max_prompt_tokens)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
     if args.output_len < MIN_OUTPUT_LEN:
         parser.error(f"--output_len must be >= {MIN_OUTPUT_LEN}, got {args.output_len}: a profile needs traces of "
                      f"at least {MIN_TRACE_TOKENS} tokens, and its summary (K = {SUMMARY_K}) one longer than K + 1")

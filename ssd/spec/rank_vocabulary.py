@@ -19,6 +19,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from ssd.benchmark.datasets import DatasetError, iter_sharegpt_conversations
+from ssd.cli_types import at_least
 from ssd.loading.generation_info import load_tokenizer
 from ssd.models.model_config import ModelArch
 from ssd.output_files import output_file_problem
@@ -58,14 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (its tokenizer is used)")
     parser.add_argument("--out", required=True, type=Path, help="ranking file to write (JSON)")
-    parser.add_argument("--conversations", type=int, default=4000, help="ShareGPT conversations to count")
+    parser.add_argument("--conversations", type=at_least(1), default=4000, help="ShareGPT conversations to count")
     return parser
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Everything the arguments alone can tell, before the counting starts."""
-    if args.conversations < 1:
-        parser.error(f"--conversations must be >= 1, got {args.conversations}")
     if not args.model.is_dir():
         parser.error(f"--model {args.model}: no such checkpoint directory")
     if not (args.model / "config.json").is_file():
