@@ -197,6 +197,18 @@ def test_sequences_joining_a_batch_in_flight_leave_the_others_speculation(pair):
     assert 0 < stats.cache_hits < stats.cache_lookups
 
 
+def test_greedy_rows_joining_rows_drafted_for_a_finished_sampled_row(pair):
+    """The batch's speculation carries probabilities (one of its rows sampled); that row finishes and a
+    greedy row joins, drafted without them: the joined reply mixes the two (it crashed), greedy stays AR."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+    outs, stats = async_generate(pair, "draft", 3, prompts, params, max_num_seqs=2, fan_out=2)
+    assert stats.joined_rows == 1
+    assert [outs[0], outs[2]] == ar_outputs(pair, [prompts[0], prompts[2]], [params[0], params[2]])
+
+
 def test_sampled_rows_joining_greedy_rows_in_flight_stay_exact(pair):
     """A batch of greedy rows in flight (drafted without probabilities) joined by sampled rows: the
     rows in flight get one-hot draft probabilities; the sampled outputs follow the target."""

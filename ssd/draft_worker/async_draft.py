@@ -30,13 +30,13 @@ class AsyncReply:
     packed: torch.Tensor | None = None   # the draft's reply already packed (pack_reply's layout), sent as is
 
     def extend(self, joined: "AsyncReply") -> "AsyncReply":
-        """These rows, then those of `joined` (sequences that joined the batch). Where only the new
-        rows carry probabilities, these rows were drafted greedily: one-hot."""
-        probs = self.proposal.probs
-        if probs is None and joined.proposal.probs is not None:
-            probs = one_hot_probs(self.proposal.tokens, joined.proposal.probs.shape[-1])
-        if probs is not None:
-            probs = torch.cat([probs, joined.proposal.probs])
+        """These rows, then those of `joined` (sequences that joined the batch). Where only one side
+        carries probabilities (sampled rows joining greedy ones, or greedy rows joining rows drafted
+        with probabilities for a sampled row since finished), the other was drafted greedily: one-hot."""
+        proposals = (self.proposal, joined.proposal)
+        vocab = next((p.probs.shape[-1] for p in proposals if p.probs is not None), None)
+        probs = None if vocab is None else torch.cat(
+            [p.probs if p.probs is not None else one_hot_probs(p.tokens, vocab) for p in proposals])
         proposal = Proposal(torch.cat([self.proposal.tokens, joined.proposal.tokens]), probs)
         return AsyncReply(proposal, torch.cat([self.hit, joined.hit]), torch.cat([self.recovered, joined.recovered]),
                           self.timings)
