@@ -35,7 +35,10 @@ class SamplingParams:
     top_k: keep the k most likely tokens; -1 or 0 disables it.
     top_p: keep the smallest set of most likely tokens whose mass >= top_p; 1 disables it.
     max_tokens: maximum number of generated tokens.
-    seed: per-request seed; the same seed gives the same tokens whatever the batch.
+    seed: per-request seed; the same seed gives the same tokens whatever the batch in ar and sync
+        modes (async: a request's speculation may depend on the batch and on timing — a join's
+        n-gram proposal, backup="auto"'s choice —, which changes sampled tokens, never their
+        distribution). Without one, each generate call draws new samples.
     ignore_eos: keep generating after the end-of-sequence token.
     stop: strings that end the request where its text first contains one (a string or a list); the
         output text ends before it, the token ids with the token that completed it.

@@ -336,3 +336,15 @@ def test_sample_with_probs_returns_the_probs_it_sampled_from() -> None:
     tokens, probs = sample_with_probs(logits, st, torch.zeros(3, dtype=torch.int64))
     torch.testing.assert_close(probs, probs_from_logits(logits, st))
     assert (probs.gather(1, tokens[:, None]) > 0).all()
+
+
+def test_unseeded_requests_draw_new_samples_in_every_call_and_seeded_ones_repeat(tiny_checkpoints):
+    """As in vLLM: calling generate again without a seed gives other samples; with one, the same."""
+    from ssd import LLM
+    prompts = [[5, 6, 7]] * 4
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=64) as llm:
+        def sample(seed):
+            params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=seed)
+            return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert sample(None) != sample(None)
+        assert sample(7) == sample(7)

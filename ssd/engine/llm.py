@@ -19,6 +19,7 @@ from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.remote import RemoteDraft
 from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
+from ssd.engine.sampler import derive_seed
 from ssd.engine.kv_cache import check_draft_fits
 from ssd.engine.model_runner import ModelRunner, arch_of, load_arch
 from ssd.layers.cublaslt import LISTED_ALGORITHMS
@@ -144,6 +145,7 @@ class LLM:
         self.draft_cfg = self.spec.runner_config(self.cfg, resolve_checkpoint(draft), self.async_spec,
                                                  self.draft_head_vocabulary()) if self.spec else None
         self.seed = seed
+        self.generate_calls = 0   # unseeded requests of each call draw from a seed of their own
         self.last_run_stats = GenerationStats()
         self._closed = True
         self.check_models()
@@ -295,7 +297,7 @@ class LLM:
         self.last_run_stats = GenerationStats()
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
             try:
-                self.decoder(decoder_mode, on_finish=lambda s: bar.update(1)).run(seqs)
+                self.decoder(decoder_mode, on_finish=lambda s: bar.update(1), seed=self.next_call_seed()).run(seqs)
             except Exception as error:
                 self.raise_if_workers_died(error)
                 self.end_workers_after("generate failed")
@@ -316,10 +318,18 @@ class LLM:
             raise ValueError("mode 'async' needs LLM(..., async_spec=True)")
         return mode
 
-    def decoder(self, mode: str, on_finish) -> AutoregressiveDecoder:
+    def next_call_seed(self) -> int:
+        """The engine seed for the first generate call, then one derived from it per call: unseeded
+        requests (SamplingParams(seed=None)) draw new samples in every call, as in vLLM."""
+        self.generate_calls += 1
+        return self.seed if self.generate_calls == 1 else derive_seed(self.seed, -self.generate_calls)
+
+    def decoder(self, mode: str, on_finish, seed: int | None = None) -> AutoregressiveDecoder:
+        """seed: for requests without one (default: the engine's)."""
+        seed = self.seed if seed is None else seed
         if mode == "ar":
-            return AutoregressiveDecoder(self.runner, self.last_run_stats, self.seed, on_finish)
-        args = (self.runner, self.last_run_stats, self.seed, self.draft, self.spec.k,
+            return AutoregressiveDecoder(self.runner, self.last_run_stats, seed, on_finish)
+        args = (self.runner, self.last_run_stats, seed, self.draft, self.spec.k,
                 self.spec.draft_temperature, on_finish, self.profile and ProfileReplay(self.profile))
         if mode == "async":
             return AsyncSpeculativeDecoder(*args, tuner=self.fanout_tuner)
