@@ -106,13 +106,14 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if keys2 is not None:
         second = _own_scores(q, keys2, mask2, scale, group) if own else _masked_scores(q, keys2, mask2, scale, group)
         scores = torch.cat([scores, second], dim=-1)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)                     # [B, Hkv, G, T, L (+ S or K)]
+    flat = probs.view(batch, kv_heads, group * seq, -1)
     length = keys.shape[2]
-    out = torch.matmul(probs[..., :length].reshape(batch, kv_heads, group * seq, -1), values)  # [B, Hkv, G*T, D]
+    out = torch.matmul(flat[..., :length], values)                             # [B, Hkv, G*T, D]
     if own:
         out = out + torch.einsum("bhgtk,bhtkd->bhgtd", probs[..., length:], values2).reshape(out.shape)
     elif keys2 is not None:
-        out = out + torch.matmul(probs[..., length:].reshape(batch, kv_heads, group * seq, -1), values2)
+        out = out + torch.matmul(flat[..., length:], values2)
     return out.view(batch, kv_heads, group, seq, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
 
 
