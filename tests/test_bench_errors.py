@@ -19,7 +19,7 @@ def target(tmp_path_factory) -> Path:
     (["--gpus", "3"], "cannot start the engine for arm ar (target on 3 rank(s)): tensor parallel size 3 does "
                       "not divide the model's attention heads (4)"),
     (["--max_model_len", "1000"], "max_model_len=1000 exceeds the models' context of 512 positions"),
-    (["--input_len", "128", "--output_len", "400"], "prompt 0 has 128 tokens; with max_tokens=400 it needs 529 "
+    (["--input_len", "128", "--output_len", "400"], "prompt 0 has 128 tokens; with max_tokens=400 it needs 528 "
                                                     "positions but max_model_len is 512 (shorten --input_len"),
 ])
 def test_a_refused_setting_is_one_line_and_exit_1(target, extra, message):

@@ -51,6 +51,18 @@ def test_prompt_longer_than_the_context_is_refused(tiny_checkpoints):
         assert llm.generate([torch.tensor([5, 6])], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
 
 
+def test_ar_prompt_and_output_may_fill_max_model_len_exactly(tiny_checkpoints):
+    """prompt + max_tokens = max_model_len fits (as in vLLM); one more position does not."""
+    prompt = [(7 * i) % 90 + 3 for i in range(60)]
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=64, enforce_eager=True) as llm:
+        full = llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+        with pytest.raises(ValueError, match="needs 65 positions but max_model_len is 64"):
+            llm.generate([prompt + [5]], SamplingParams(max_tokens=4), use_tqdm=False)
+    with LLM(str(tiny_checkpoints["llama"]), max_model_len=256, enforce_eager=True) as llm:
+        roomy = llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert len(full.token_ids) == 4 and full.token_ids == roomy.token_ids
+
+
 def test_max_model_len_stays_within_the_models_context(tiny_checkpoints, tmp_path):
     """The tiny models were trained for 512 positions: no default or request may go past that."""
     target = tiny_checkpoints["llama"]

@@ -397,8 +397,9 @@ class LLM:
 
     @property
     def reserved_tokens(self) -> int:
-        """KV positions beyond max_tokens a sequence may touch (speculation windows write ahead)."""
-        return max(self.cfg.window_sizes, default=1)
+        """KV positions beyond max_tokens a sequence may touch (speculation windows write ahead). AR
+        writes none: its last token is sampled, never written, so prompt + max_tokens = max_model_len fits."""
+        return max(self.cfg.window_sizes, default=0)
 
     def to_output(self, seq: Sequence, prompt) -> RequestOutput:
         text = output_text(self.tokenizer, seq.output_ids, seq.params, seq.stop_reason) if self.tokenizer else None
