@@ -14,7 +14,6 @@ SCRATCH_SPLIT, timed eagerly like the rest); they differ only where the keys are
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from functools import partial
@@ -25,6 +24,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from ssd.json_files import write_json  # noqa: E402
+from ssd.cli_types import writable_file  # noqa: E402
 from ssd.benchmark.kernel_profile import cuda_time_ms  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--attend-len", type=int, default=1024, help="the graph bucket the cache is sliced to")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=writable_file, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = [run_case(name, batch, args.context, args.attend_len) for name in CASES for batch in (1, 16)]
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
                       "back-to-back eager calls (launch overhead included in both), *_graph_us ones a "
                       "CUDA graph of back-to-back calls"}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 

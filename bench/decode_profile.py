@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,9 +20,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from ssd.json_files import write_json  # noqa: E402
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
-from ssd.cli_types import at_least  # noqa: E402
+from ssd.cli_types import at_least, writable_file  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attention", nargs="+", choices=("fused", "matmul"), default=["fused"],
                         help="attention implementations to profile one after the other (same prompts)")
     add_linear_argument(parser, "profile one after the other (with each attention)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=writable_file, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
         log.info("greedy tokens of the first two modes agree on %.1f%% of positions (bf16, up to the first "
                  "difference)", 100 * result["greedy_prefix_agreement"])
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 

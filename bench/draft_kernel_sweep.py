@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attention_kernel_bench import context_for  # noqa: E402  (this directory is on sys.path)
+from ssd.json_files import write_json  # noqa: E402
+from ssd.cli_types import writable_file  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
@@ -467,7 +468,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attend-len", type=int, default=1024)
     parser.add_argument("--attention-preset", default="llama-3.2-1b",
                         help="the preset whose heads (query, KV, head dim) the attention parts use")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=writable_file, default=None)
     args = parser.parse_args(argv)
     arch = preset_arch(args.attention_preset)
     heads = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
@@ -488,7 +489,7 @@ def main(argv: list[str]) -> int:
         for part in args.parts:
             result[part] = guarded(part, parts[part])
             if args.out:  # partial results survive a time-out
-                Path(args.out).write_text(json.dumps(result, indent=1))
+                write_json(args.out, result)
     return 0
 
 

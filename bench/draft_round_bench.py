@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import statistics
 import sys
@@ -25,8 +24,9 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 
 import torch  # noqa: E402
 
+from ssd.json_files import write_json  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
-from ssd.cli_types import at_least  # noqa: E402
+from ssd.cli_types import at_least, writable_file  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch's preferred BLAS library for F.linear, one after the other "
                              "(torch.backends.cuda.preferred_blas_library)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=writable_file, default=None)
     return parser
 
 
@@ -348,7 +348,7 @@ def main(argv: list[str]) -> int:
                                                              args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
             if args.out:   # after every row: a run cut short by a time limit keeps what it measured
-                Path(args.out).write_text(json.dumps(result_file(args, rows), indent=1))
+                write_json(args.out, result_file(args, rows))
         del draft
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ssd.cli_types import writable_file  # noqa: E402
+
 log = logging.getLogger("engine_bench")
 
 SCHEMA = "ssd-engine-bench/1"
@@ -712,7 +714,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--presets", nargs="+", default=["llama-3.1-8b", "qwen3-32b"],
                    help="random-weight presets (or checkpoint directories)")
     p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=[v.name for v in VARIANTS])
-    p.add_argument("--out", type=Path, default=Path("engine_bench.json"))
+    p.add_argument("--out", type=writable_file, default=Path("engine_bench.json"))
     p.add_argument("--device", default=d.device, choices=["cuda", "cpu"])
     p.add_argument("--budget-s", type=float, default=d.budget_s, help="skip remaining cases past this")
     p.add_argument("--min-build-s", type=float, default=d.min_build_s,

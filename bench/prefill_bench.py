@@ -14,7 +14,6 @@ r"""Prefill of a batch of long prompts on the GPU: which SDPA kernels take it, i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -27,6 +26,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
+from ssd.json_files import write_json  # noqa: E402
+from ssd.cli_types import writable_file  # noqa: E402
 from ssd import LLM, SamplingParams  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.layers.attention import causal_mask, sdpa_attention  # noqa: E402
@@ -96,7 +97,7 @@ def engine_prefill(preset: str, batch: int, seq: int, budget: int) -> dict:
                 "peak_above_engine_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=16)
@@ -104,8 +105,8 @@ def main() -> int:
     parser.add_argument("--max-prefill-tokens", type=int, nargs="+", default=[16384])
     parser.add_argument("--chunk-offset", type=int, default=0,
                         help="Attention part: the queries' first position (a later chunk's when > 0).")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=writable_file)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         log.error("needs a CUDA device")
@@ -117,9 +118,9 @@ def main() -> int:
         result["engine"].append(engine_prefill(args.preset, args.batch, args.prompt_len, budget))
         log.info("engine prefill %s", result["engine"][-1])
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

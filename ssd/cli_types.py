@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
+
+from ssd.output_files import output_file_problem
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -14,3 +17,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
     parse.__name__ = f"integer >= {minimum}"   # argparse's word for a value that is no integer at all
     return parse
+
+
+def writable_file(text: str) -> Path:
+    """A result file that could be written, checked before long work ("argument --out: x: is a directory")."""
+    path = Path(text)
+    problem = output_file_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return path
+
+
+writable_file.__name__ = "file path"

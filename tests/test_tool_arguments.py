@@ -187,6 +187,14 @@ def test_decode_profile_needs_cuda(no_cuda, caplog, capsys):
     assert "argument --steps: must be >= 1" in refusal(decode_profile.main, ["--steps", "0"], capsys)
 
 
+@pytest.mark.parametrize("script", ["attention_kernel_bench", "decode_profile", "draft_kernel_sweep",
+                                    "draft_round_bench", "engine_bench", "prefill_bench"])
+def test_gpu_benches_refuse_a_result_file_they_could_not_write(script, tmp_path, a_file, capsys):
+    main = bench_script(script).main
+    assert "is a directory" in refusal(main, ["--out", str(tmp_path)], capsys)
+    assert "is not a directory" in refusal(main, ["--out", str(a_file / "result.json")], capsys)
+
+
 def test_help_shows_example_commands_with_their_line_continuation():
     help_text = bench_script("draft_round_bench").build_parser().format_help()
     assert "--f 3 \\\n        --batches 1 16" in help_text
