@@ -34,7 +34,7 @@ from ssd.draft_worker.compact_probs import CompactProbs  # noqa: E402
 from ssd.draft_worker.proposer import DRAFT_FILTER_CANDIDATES, DraftProposer  # noqa: E402
 from ssd.draft_worker.protocol import outcome_payload  # noqa: E402
 from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
-from ssd.engine.model_runner import ModelRunner  # noqa: E402
+from ssd.engine.model_runner import ModelRunner, arch_of  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
@@ -42,7 +42,7 @@ from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
                                 sample_from_weights)
 from ssd.sampling_params import SamplingParams  # noqa: E402
-from ssd.models.presets import PRESETS, is_preset, preset_arch  # noqa: E402
+from ssd.models.presets import PRESETS, is_preset  # noqa: E402
 from ssd.spec.draft_vocabulary import kept_token_ids  # noqa: E402
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
 
@@ -61,7 +61,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
                               fused_attention=fused_attention, measured_linear=measured_linear,
                               tree_kv_in_attention=tree_kv_in_attention, linear_algorithms=linear_algorithms,
                               linear_tma=linear_tma, norm_fusion=norm_fusion)
-    head = kept_token_ids(vocab, preset_arch(preset).vocab_size) if vocab else None
+    head = kept_token_ids(vocab, arch_of(preset).vocab_size) if vocab else None
     cfg = SpecConfig(preset, k, quantization=quant).runner_config(target_cfg, None, spec, head)
     cfg.first_gpu = 0
     if fp8_layers:

@@ -1,6 +1,7 @@
 """Command-line tools refuse bad input in one line before any long work starts: argparse's error
 (exit 2) for bad arguments, a logged error (exit 1) for what only running finds out; no traceback."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -178,6 +179,15 @@ def test_draft_round_bench_refuses_bad_arguments(extra, message, capsys):
 def test_draft_round_bench_takes_a_checkpoint_directory_as_preset(checkpoints):
     args = bench_script("draft_round_bench").build_parser().parse_args(["--preset", str(checkpoints["bare"])])
     assert args.preset == str(checkpoints["bare"])
+
+
+def test_draft_round_bench_restricts_a_checkpoints_head(checkpoints, tmp_path):
+    """--vocab N with a checkpoint directory (its vocabulary was looked up among the presets)."""
+    out = tmp_path / "round.json"
+    assert bench_script("draft_round_bench").main(
+        ["--device", "cpu", "--preset", str(checkpoints["bare"]), "--vocab", "50", "--batches", "1",
+         "--iters", "1", "--warmup", "0", "--context", "16", "--out", str(out)]) == 0
+    assert [row["head_vocab"] for row in json.loads(out.read_text())["rows"]] == ["50"]
 
 
 def test_decode_profile_needs_cuda(no_cuda, caplog, capsys):
