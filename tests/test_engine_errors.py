@@ -61,6 +61,12 @@ def test_ar_prompt_and_output_may_fill_max_model_len_exactly(tiny_checkpoints):
     with LLM(str(tiny_checkpoints["llama"]), max_model_len=256, enforce_eager=True) as llm:
         roomy = llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
     assert len(full.token_ids) == 4 and full.token_ids == roomy.token_ids
+    path = str(tiny_checkpoints["llama"])   # a speculative engine: only its AR mode has that room
+    with LLM(path, max_model_len=64, enforce_eager=True, draft=path, num_speculative_tokens=2) as llm:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        assert llm.generate([prompt], params, use_tqdm=False, mode="ar")[0].token_ids == full.token_ids
+        with pytest.raises(ValueError, match="needs 67 positions but max_model_len is 64"):
+            llm.generate([prompt], params, use_tqdm=False)
 
 
 def test_max_model_len_stays_within_the_models_context(tiny_checkpoints, tmp_path):

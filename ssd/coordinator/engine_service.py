@@ -121,7 +121,8 @@ class EngineService:
         if request.request_id in self.tracked:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         params = SamplingParams(**request.sampling_params)
-        seq = self.llm.make_sequence(self.next_index, request.prompt_token_ids, params, request.request_id)
+        seq = self.llm.make_sequence(self.next_index, request.prompt_token_ids, params, request.request_id,
+                                     self.mode)
         self.next_index += 1
         return seq
 

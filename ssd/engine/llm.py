@@ -291,7 +291,7 @@ class LLM:
         """mode: "ar" | "sync" (default with a draft) — one loaded engine serves both for A/B runs."""
         self.check_usable()
         decoder_mode = self.check_mode(mode)
-        seqs = self.make_sequences(prompts, sampling_params)
+        seqs = self.make_sequences(prompts, sampling_params, decoder_mode)
         if self.profile is not None and decoder_mode != "ar" and not all(s.params.greedy for s in seqs):
             raise ValueError("acceptance-profile replay is greedy only: use temperature 0")
         self.last_run_stats = GenerationStats()
@@ -335,7 +335,8 @@ class LLM:
             return AsyncSpeculativeDecoder(*args, tuner=self.fanout_tuner)
         return SpeculativeDecoder(*args)
 
-    def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
+    def make_sequences(self, prompts, sampling_params, mode: str | None = None) -> list[Sequence]:
+        """mode: the decoding mode they are for (default: the engine's), which sets the room they need."""
         prompts = self._as_list(prompts)
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -343,12 +344,13 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         if not all(isinstance(p, SamplingParams) for p in params):
             raise TypeError("sampling_params must be a SamplingParams or a list of them, one per prompt")
-        return [self.make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+        return [self.make_sequence(i, p, sp, mode=mode) for i, (p, sp) in enumerate(zip(prompts, params))]
 
-    def make_sequence(self, index: int, prompt, params: SamplingParams, request_id: int | str | None = None) -> Sequence:
+    def make_sequence(self, index: int, prompt, params: SamplingParams, request_id: int | str | None = None,
+                      mode: str | None = None) -> Sequence:
         """request_id names the request in errors (default: its index)."""
         ids = self.encode(prompt)
-        self.check_fits(index if request_id is None else request_id, ids, params)
+        self.check_fits(index if request_id is None else request_id, ids, params, self.check_mode(mode))
         return Sequence(index, ids, params, self.eos_ids, self.stop_string_watch(params))
 
     def stop_string_watch(self, params: SamplingParams) -> StopStringWatch | None:
@@ -386,20 +388,19 @@ class LLM:
             raise ValueError(f"prompt token ids must lie in [0, {self.runner.arch.vocab_size})")
         return ids
 
-    def check_fits(self, index: int | str, ids: list[int], params: SamplingParams) -> bool:
+    def check_fits(self, index: int | str, ids: list[int], params: SamplingParams, mode: str) -> bool:
         if not ids:
             raise ValueError(f"prompt {index} is empty")
-        needed = len(ids) + params.max_tokens + self.reserved_tokens
+        needed = len(ids) + params.max_tokens + self.reserved_positions(mode)
         if needed > self.max_model_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; with max_tokens={params.max_tokens} it "
                              f"needs {needed} positions but max_model_len is {self.max_model_len}")
         return True
 
-    @property
-    def reserved_tokens(self) -> int:
-        """KV positions beyond max_tokens a sequence may touch (speculation windows write ahead). AR
-        writes none: its last token is sampled, never written, so prompt + max_tokens = max_model_len fits."""
-        return max(self.cfg.window_sizes, default=0)
+    def reserved_positions(self, mode: str) -> int:
+        """KV positions beyond max_tokens a sequence may touch: speculation windows write ahead; AR
+        writes none (its last token is sampled, never written: prompt + max_tokens = max_model_len fits)."""
+        return 0 if mode == "ar" else max(self.cfg.window_sizes, default=0)
 
     def to_output(self, seq: Sequence, prompt) -> RequestOutput:
         text = output_text(self.tokenizer, seq.output_ids, seq.params, seq.stop_reason) if self.tokenizer else None
