@@ -24,11 +24,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from ssd.json_files import write_json  # noqa: E402
 from ssd.cli_types import writable_file  # noqa: E402
 from ssd.benchmark.kernel_profile import cuda_time_ms  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
+from ssd.json_files import write_json  # noqa: E402
 from ssd.layers.attention import ForwardContext, TreeContext, cached_attention  # noqa: E402
 from ssd.layers.kernels import Kernels  # noqa: E402
 from ssd.layers.triton_attention import SCRATCH_SPLIT, fused_attention  # noqa: E402

@@ -20,12 +20,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from ssd.json_files import write_json  # noqa: E402
 from ssd import LLM  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.cli_types import at_least, writable_file  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
+from ssd.json_files import write_json  # noqa: E402
 
 log = logging.getLogger("decode_profile")
 

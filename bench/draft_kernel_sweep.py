@@ -29,10 +29,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attention_kernel_bench import context_for  # noqa: E402  (this directory is on sys.path)
-from ssd.json_files import write_json  # noqa: E402
 from ssd.cli_types import writable_file  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.engine.gpu_timing import graph_time_us  # noqa: E402
+from ssd.json_files import write_json  # noqa: E402
 from ssd.layers import kernels as layer_kernels  # noqa: E402
 from ssd.layers.triton_attention import Tiling, choose_splits, fused_attention  # noqa: E402
 from ssd.layers.triton_linear import (CANDIDATES, MAX_ROWS, SkinnyTiling, TmaTiling, skinny_linear,  # noqa: E402

@@ -24,7 +24,6 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 
 import torch  # noqa: E402
 
-from ssd.json_files import write_json  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.cli_types import at_least, writable_file  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
@@ -37,6 +36,7 @@ from ssd.draft_worker.tree import TreeBuilder, fork_guesses  # noqa: E402
 from ssd.engine.model_runner import ModelRunner, arch_of  # noqa: E402
 from ssd.engine.runner_config import RunnerConfig  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
+from ssd.json_files import write_json  # noqa: E402
 from ssd.layers.cublaslt import LISTED_ALGORITHMS  # noqa: E402
 from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402

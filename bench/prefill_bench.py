@@ -26,10 +26,10 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
-from ssd.json_files import write_json  # noqa: E402
 from ssd.cli_types import writable_file  # noqa: E402
 from ssd import LLM, SamplingParams  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
+from ssd.json_files import write_json  # noqa: E402
 from ssd.layers.attention import causal_mask, sdpa_attention  # noqa: E402
 from ssd.models.presets import PRESETS, preset_arch  # noqa: E402
 
