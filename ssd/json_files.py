@@ -1,5 +1,6 @@
 """Reading the JSON files a user points the engine at (checkpoint configs, profiles, rankings): a
-bad file is a ValueError that names it — the engine and the bench report ValueErrors as one-line refusals."""
+bad file is a ValueError that names it — the engine and the bench report ValueErrors as one-line refusals.
+Also the GPU benches' result files."""
 from __future__ import annotations
 
 import json
