@@ -33,6 +33,8 @@ FP8_MAX = torch.finfo(FP8).max           # 448
 # 134 -> 89 us at 21 rows; the 8-13 MB attention weights are bound by each product's fixed cost
 # (~6 us), and the down projection (N = 2048, K = 8192) was no faster. Smaller weights than
 # FP8_MIN_ELEMENTS stay too (qwen3-0.6b's 12.6 MB gate/up: its draft round was 3 % slower with it)
+# Inside the fused norm kernels (H100, results/fp8_fusion_sweep_h100.json) fp8 gate/up measured slower
+# than bf16 (24.9 -> 28.6 us at 7 rows), the head faster (174 -> 95 us): the round decides (suite part fp8fused).
 FP8_LAYERS = ("gate_up_proj", "lm_head")
 FP8_MIN_ELEMENTS = 16 << 20
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
