@@ -20,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ssd.benchmark.datasets import DatasetError, apply_chat_template, iter_sharegpt_prompts
-from ssd.cli_types import at_least
 from ssd.benchmark.prompts import CODE_PROMPTS, DEFAULT_PROMPTS
+from ssd.cli_types import at_least, writable_file
 from ssd.engine.llm import LLM
 from ssd.engine.model_runner import ModelRunner
 from ssd.loading.generation_info import load_tokenizer
 from ssd.loading.offline_models import OfflineModelError, fetch_offline_model
-from ssd.output_files import output_file_problem
 from ssd.sampling_params import SamplingParams
 from ssd.spec.acceptance_profile import MAX_RANK, SUMMARY_K, AcceptanceProfile
 
@@ -115,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="code", choices=PROMPT_SETS, help="code | chat (ShareGPT) | default")
     parser.add_argument("--name", default=None, help="profile name (default: the prompt set's)")
-    parser.add_argument("--out", required=True, help="profile file to write (JSON)")
+    parser.add_argument("--out", required=True, type=writable_file, help="profile file to write (JSON)")
     parser.add_argument("--target", default=None, help=f"target checkpoint (default: offline {DEFAULT_TARGET})")
     parser.add_argument("--draft", default=None, help=f"draft checkpoint (default: offline {DEFAULT_DRAFT})")
     parser.add_argument("--numseqs", type=at_least(1), default=16)
@@ -134,9 +133,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, path in (("--target", args.target), ("--draft", args.draft)):
         if path is not None and not Path(path).is_dir():
             parser.error(f"{flag} {path}: no such checkpoint directory")
-    problem = output_file_problem(Path(args.out))
-    if problem:
-        parser.error(f"--out {args.out}: {problem}")
 
 
 def load_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace, target: str) -> list[str]:
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OfflineModelError, DatasetError, RecordingError) as problem:
         log.error("%s", problem)
         return 1
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(args.out)
     log.info("wrote %s: %s", args.out, summary)
     return 0

@@ -19,9 +19,9 @@ from ssd.draft_worker.proposer import DraftProposer
 from ssd.draft_worker.remote import RemoteDraft
 from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
-from ssd.engine.sampler import derive_seed
 from ssd.engine.kv_cache import check_draft_fits
 from ssd.engine.model_runner import ModelRunner, arch_of, load_arch
+from ssd.engine.sampler import derive_seed
 from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
 from ssd.engine.sequence import RequestOutput, Sequence

@@ -23,6 +23,7 @@ SHIPPED = ("code", "chat")
 
 SUMMARY_K = 6   # the K a profile's saved summary predicts for (with F = 3)
 
+
 @dataclass(frozen=True)
 class AcceptanceProfile:
     name: str

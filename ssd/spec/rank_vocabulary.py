@@ -19,10 +19,9 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from ssd.benchmark.datasets import DatasetError, iter_sharegpt_conversations
-from ssd.cli_types import at_least
+from ssd.cli_types import at_least, writable_file
 from ssd.loading.generation_info import load_tokenizer
 from ssd.models.model_config import ModelArch
-from ssd.output_files import output_file_problem
 from ssd.spec.draft_vocabulary import FORMAT, VERSION, ranked_by_count
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def rank(model: Path, conversations: int, tokenizer=None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (its tokenizer is used)")
-    parser.add_argument("--out", required=True, type=Path, help="ranking file to write (JSON)")
+    parser.add_argument("--out", required=True, type=writable_file, help="ranking file to write (JSON)")
     parser.add_argument("--conversations", type=at_least(1), default=4000, help="ShareGPT conversations to count")
     return parser
 
@@ -69,9 +68,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--model {args.model}: no such checkpoint directory")
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json (the vocabulary size comes from it)")
-    problem = output_file_problem(args.out)
-    if problem:
-        parser.error(f"--out {args.out}: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
