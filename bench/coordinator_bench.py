@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # tiny_models, for --tiny
 
-from ssd.cli_types import at_least  # noqa: E402
+from ssd.cli_types import at_least, writable_file  # noqa: E402
 
 log = logging.getLogger("coordinator_bench")
 
@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads in both paths")
     p.add_argument("--no-refill-wait", action="store_true",
                    help="the engine does not wait for requests joining slots freed in a round")
-    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    p.add_argument("--json", type=writable_file, default=None, help="write the result here")
     args = p.parse_args(argv)
     check_arguments(p, args)
     return args

@@ -220,6 +220,7 @@ def test_help_shows_example_commands_with_their_line_continuation():
     (["--draft", "self"], "--draft needs --k >= 1"),
     (["--num-prompts", "0"], "argument --num-prompts: must be >= 1"),
     (["--repeats", "0"], "argument --repeats: must be >= 1"),
+    (["--json", "/"], "argument --json: /: is a directory"),
 ])
 def test_coordinator_bench_refuses_bad_arguments(extra, message, capsys):
     assert message in refusal(bench_script("coordinator_bench").parse_args, ["--tiny"] + extra, capsys)
