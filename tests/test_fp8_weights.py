@@ -10,6 +10,7 @@ from ssd.distributed.tp_group import TPGroup
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.fp8 import FP8, Fp8Linear, dequantized_linear, quantize_weight
+from fp8_activations import e4m3_exact_activations
 
 PROMPTS = [[5, 6, 7], [9] * 11, list(range(3, 30)), [40, 41]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -70,16 +71,32 @@ def test_measured_choice_for_fp8_weights(monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 21])
 @pytest.mark.parametrize("split_k,residual", [(1, False), (1, True), (2, True)])
-def test_tma_kernel_widens_fp8_weights_and_applies_their_scales(rows, split_k, residual):
+@pytest.mark.parametrize("operands", ["widen", "f16", "fp8"])
+def test_tma_kernel_multiplies_fp8_weights_and_applies_their_scales(rows, split_k, residual, operands):
+    """Widened to x's dtype, both as float16 (the same product), or against x quantized per K-block
+    to e4m3 (here without rounding: the product of x itself)."""
     pytest.importorskip("triton")
     from ssd.layers.triton_linear import TmaTiling, tma_linear
     g = torch.Generator().manual_seed(rows + split_k)
-    x = torch.randn(rows, 256, generator=g)
+    x = (e4m3_exact_activations(rows, 256, 64, g) if operands == "fp8"
+         else torch.randn(rows, 256, generator=g) * torch.logspace(-1, 1, 256))
     quantized, scale = quantize_weight(torch.randn(128, 256, generator=g) * torch.logspace(-2, 1, 128)[:, None])
     res = torch.randn(rows, 128, generator=g) if residual else None
-    out = tma_linear(x, quantized, TmaTiling(64, 64, 2, split_k), res, scale)
-    expected = dequantized_linear(x, quantized, scale) + (res if residual else 0)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    out = tma_linear(x, quantized, TmaTiling(64, 64, 2, split_k, operands=operands), res, scale)
+    seen = x.half().float() if operands == "f16" else x     # (x is float32 here)
+    expected = dequantized_linear(seen, quantized, scale) + (res if residual else 0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+def test_f16_operands_keep_activations_past_f16_range_finite():
+    """float16 tops out at 65504: larger activations are clamped there, not turned into inf."""
+    pytest.importorskip("triton")
+    from ssd.layers.triton_linear import TmaTiling, tma_linear
+    x = torch.full((3, 128), 1.0)
+    x[1, 5] = 1e6
+    quantized, scale = quantize_weight(torch.ones(64, 128))
+    out = tma_linear(x, quantized, TmaTiling(64, 64, 2, operands="f16"), scale=scale)
+    assert torch.isfinite(out).all() and out[1, 0].item() == pytest.approx(65504 + 127)
 
 
 def test_measured_choice_for_fp8_weights_may_be_a_tma_tiling(monkeypatch):
@@ -95,6 +112,19 @@ def test_measured_choice_for_fp8_weights_may_be_a_tma_tiling(monkeypatch):
     times = iter([9.0] + [8.0] * len(skinny) + [3.0] + [1.0] + [8.0] * len(tma))
     monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: next(times))
     assert triton_linear.MeasuredLinear.measure(x, quantized, scale, dequantized_linear, tma=True) == tma[1]
+
+
+def test_fp8_activation_tilings_may_differ_by_fp8_rounding_the_others_by_bf16():
+    """fastest_agreeing takes a tiling whose activations are rounded to e4m3 within its own, wider
+    tolerance; a tiling widening the weight is held to bf16 rounding."""
+    pytest.importorskip("triton")
+    from ssd.layers.triton_linear import TmaTiling, fastest_agreeing
+    reference = torch.linspace(-10, 10, 64)
+    off_by = lambda error: (lambda w: reference + error)  # noqa: E731
+    widen, fp8 = TmaTiling(64, 64, 2), TmaTiling(64, 64, 2, operands="fp8")
+    assert fastest_agreeing({widen: off_by(0.3)}, reference, torch.empty(1)) is None
+    assert fastest_agreeing({fp8: off_by(0.3)}, reference, torch.empty(1)) == fp8
+    assert fastest_agreeing({fp8: off_by(0.6)}, reference, torch.empty(1)) is None
 
 
 def test_cpu_product_adds_the_bias_after_the_scale():

@@ -16,6 +16,7 @@ from ssd.layers.kernels import silu_and_mul  # noqa: E402
 from ssd.layers.layernorm import RMSNorm, rms_norm  # noqa: E402
 from ssd.layers.norm_fusion import NormFusion, tma_norm_linear  # noqa: E402
 from ssd.layers.triton_linear import TmaTiling, tma_linear  # noqa: E402
+from fp8_activations import e4m3_exact_activations  # noqa: E402
 from tiny_models import make_checkpoint  # noqa: E402
 
 EPS = 1e-5
@@ -55,14 +56,20 @@ def test_residual_is_added_in_the_epilogue_or_with_the_split_sums(rows, split_k)
 
 
 @pytest.mark.parametrize("gated,bias", [(False, False), (False, True), (True, False)])
-def test_fused_norm_kernels_widen_fp8_weights(gated, bias):
+@pytest.mark.parametrize("mode", ["widen", "f16", "fp8"])
+def test_fused_norm_kernels_take_fp8_weights(gated, bias, mode):
     """An fp8 weight (per-row scales) in the fused norm products: the product of the dequantized
-    weight, gate and up rows each with their own scale."""
+    weight, gate and up rows each with their own scale — widened, as float16, or against activations
+    quantized to e4m3 (here ones that quantize without rounding; f16: ones f16 holds exactly)."""
     from ssd.layers.fp8 import dequantized_linear, quantize_weight
     x, weight, g, b = operands(21, 256 if gated else 128, 256, 4)
+    if mode == "fp8":
+        x = e4m3_exact_activations(21, 256, 64, torch.Generator().manual_seed(5))
+    elif mode == "f16":
+        x = x.half().float()
     quantized, scale = quantize_weight(weight * g * torch.logspace(-1, 1, weight.shape[0])[:, None])
     b = b if bias else None
-    out = tma_norm_linear(x, EPS, quantized, TILING, b, gated=gated, scale=scale)
+    out = tma_norm_linear(x, EPS, quantized, dataclasses.replace(TILING, operands=mode), b, gated=gated, scale=scale)
     product = dequantized_linear(rms_norm(x, torch.ones(256), EPS), quantized, scale)
     expected = silu_and_mul(product) if gated else product + (b if bias else 0)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

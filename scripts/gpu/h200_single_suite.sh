@@ -117,14 +117,14 @@ case $part in
              --chunk-offset 16384 --max-prefill-tokens 16384 65536 --out "$out/prefill_long_llama8b.json" \
              > "$out/prefill_long.log" 2>&1
            grep -E "attention|engine prefill|Error|error" "$out/prefill_long.log" | cut -c1-400 ;;
-  fp8fused) # fp8 weights widened inside the TMA kernels (fused norm / residual products, LM head): per product
-           # against bf16, then the 1B draft round in bf16, fp8 (gate/up + head) and fp8 on the head alone
-           # (on an H100 the fused fp8 gate/up measured slower than bf16, the head 1.8x faster: results/)
+  fp8fused) # fp8 weights inside the TMA kernels (fused norm / residual products, LM head; widened to bf16, as f16
+           # or against fp8 activations): per product against bf16, then the 1B draft round in bf16, fp8 (gate/up
+           # + head) and fp8 on the head alone, or the weights QUANTS names (e.g. QUANTS="none fp8:down_proj,lm_head")
            timeout 200 python bench/draft_kernel_sweep.py --parts fp8_fusion --out "$out/fp8_fusion_sweep.json" \
              > "$out/fp8_fusion_sweep.log" 2>&1
-           grep -E "fp8 fusion .*best|Error|error" "$out/fp8_fusion_sweep.log" | cut -c1-300
+           grep -E "fp8 fusion .*best|Error|error" "$out/fp8_fusion_sweep.log" | cut -c1-480
            timeout ${ROUND_S:-380} python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 \
-             --warmup 3 --iters 20 --quant none fp8 fp8:lm_head --vocab ${VOCAB:-none} \
+             --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} \
              --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
            grep -E "batch|Error|error" "$out/round_fp8fused.log" | cut -c1-600 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;

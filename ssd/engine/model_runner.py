@@ -60,7 +60,8 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     if fusion is not None and tp.size == 1 and fusion.runs_on(device):   # before fp8: the folded weights get quantized
         fusion.fold_gains(model)
     if cfg.weight_quant == "fp8":
-        # the size threshold is the GPU kernels' fixed cost; on CPU (tests) every listed layer
+        # the size threshold (the GPU kernels' fixed cost) sorts the default list; layers named
+        # explicitly (fp8_layers) are all quantized, as on CPU (tests)
         if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(f"fp8 weights need fp8 tensor cores (compute capability >= 8.9: H100, H200, L40S); "
                              f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
@@ -68,7 +69,8 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
             log.warning("fp8 weights on CPU are also kept widened to %s (fp8 numbers, no memory or speed "
                         "saved: for accuracy checks)", cfg.dtype)
         quantize_fp8(model, kernels, cfg.use_cuda_graphs and cfg.compile,
-                     FP8_MIN_ELEMENTS if device.type == "cuda" else 0, cfg.fp8_layers)
+                     FP8_MIN_ELEMENTS if device.type == "cuda" and cfg.fp8_layers == FP8_LAYERS else 0,
+                     cfg.fp8_layers)
     return model.eval()
 
 

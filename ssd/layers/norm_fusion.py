@@ -34,8 +34,9 @@ import triton.language as tl
 from torch import nn
 
 from ssd.layers.fp8 import FP8
-from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, TMA_CANDIDATES, TmaTiling, fastest_agreeing,
-                                      tma_aligned, tma_available, tma_block_rows, tma_descriptor, tma_linear, tma_rows)
+from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, OPERAND_MODES, TMA_CANDIDATES, TmaTiling,
+                                      fastest_agreeing, tma_aligned, tma_available, tma_block_rows, tma_descriptor,
+                                      tma_linear, tma_rows, weight_dot)
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,22 @@ NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(6
                        TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
 # fp8 weights (ssd.layers.fp8): a byte per weight, so twice the BLOCK_K for the same bytes per stage
 FP8_NORM_TMA_CANDIDATES = (TmaTiling(64, 256, 3), TmaTiling(64, 256, 4), TmaTiling(128, 256, 3), TmaTiling(64, 128, 4),
-                           TmaTiling(64, 128, 6), TmaTiling(128, 128, 4))
+                           TmaTiling(64, 128, 6), TmaTiling(128, 128, 4),
+                           *(TmaTiling(64, block_k, stages, operands=mode)
+                             for mode in ("f16", "fp8") for block_k, stages in ((256, 3), (128, 4))))
 
 
 @triton.jit
 def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, M, N, eps, K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr = False):
+                            GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr = False,
+                            OPERANDS: tl.constexpr = 0):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] = (x / rms(x)) W^T (+ b), as (W x^T)^T / rms(x) (the
     weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0;
     the x tile feeds the MMA from shared memory, its squares are summed beside it). GATED: W is
     [Wg; Wu] (2N rows) and y = silu(x Wg^T / rms) * x Wu^T / rms, the gate and up tiles of the same
-    columns streamed side by side. HAS_SCALE: W is fp8 with one scale per row (as in _tma_matmul_kernel)."""
+    columns streamed side by side. HAS_SCALE: W is fp8 with one scale per row, multiplied as weight_dot's
+    OPERANDS say (as in _tma_matmul_kernel)."""
     n0 = tl.program_id(0) * BLOCK_N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -65,11 +70,9 @@ def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, M, N, eps, 
         x = x_desc.load([0, k0])
         xf = x.to(tl.float32)
         sum_sq += tl.sum(xf * xf, axis=1)
-        w = w_desc.load([n0, k0])
-        acc = tl.dot(w.to(x.dtype) if HAS_SCALE else w, x.T, acc)
+        acc = weight_dot(w_desc.load([n0, k0]), x, acc, OPERANDS)
         if GATED:
-            w_up = w_desc.load([N + n0, k0])
-            acc_up = tl.dot(w_up.to(x.dtype) if HAS_SCALE else w_up, x.T, acc_up)
+            acc_up = weight_dot(w_desc.load([N + n0, k0]), x, acc_up, OPERANDS)
     inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -103,7 +106,8 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         bias if bias is not None else y, y, scale if scale is not None else y, rows, n, eps, K=k, BLOCK_M=block_m,
         BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=tiling.num_warps)
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        OPERANDS=OPERAND_MODES[tiling.operands] if scale is not None else 0, num_warps=tiling.num_warps)
     return y.view(*lead, n)
 
 
