@@ -10,9 +10,10 @@ The product, by where it runs:
 - CUDA: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized with its
   own scale (its absolute maximum / 448); at most MAX_ROWS rows (decode, windows, the tree at small
   batch), or a few-row Triton kernel widening the weight to bf16 as it loads it (weights-only: the
-  plain one, or on Hopper the TMA one), whichever measured faster for the shape; where a layer's
-  norms are fused into its products (ssd.layers.norm_fusion) the fused kernels widen the fp8 weight
-  the same way, where they measured faster than this layer's unfused fp8 chain;
+  plain one, or on Hopper the TMA one, which can also multiply both operands as f16 or quantize the
+  activations to e4m3 for the fp8 MMA: triton_linear.weight_dot), whichever measured faster for the
+  shape; where a layer's norms are fused into its products (ssd.layers.norm_fusion) the fused kernels
+  take the fp8 weight the same ways, where they measured faster than this layer's unfused fp8 chain;
 - CPU: the weights-only product in the input's dtype, from a widened copy of the fp8 weight (fp8
   numbers at float speed: tests, accuracy checks with real checkpoints).
 """
@@ -33,8 +34,9 @@ FP8_MAX = torch.finfo(FP8).max           # 448
 # 134 -> 89 us at 21 rows; the 8-13 MB attention weights are bound by each product's fixed cost
 # (~6 us), and the down projection (N = 2048, K = 8192) was no faster. Smaller weights than
 # FP8_MIN_ELEMENTS stay too (qwen3-0.6b's 12.6 MB gate/up: its draft round was 3 % slower with it)
-# Inside the fused norm kernels (H100, results/fp8_fusion_sweep_h100.json) fp8 gate/up measured slower
-# than bf16 (24.9 -> 28.6 us at 7 rows), the head faster (174 -> 95 us): the round decides (suite part fp8fused).
+# Inside the fused norm kernels, widened (H100 / H200, results/fp8_fusion_sweep_h100.json, _h200.json) fp8
+# gate/up measured slower than bf16 (H200: 18.4 -> 28.6 us at 7 rows), the head faster (123 -> 87 us); the
+# 1B round (32K head, H200) came out within 2 % either way at B = 1 and 5 % faster at B = 16 with this list.
 FP8_LAYERS = ("gate_up_proj", "lm_head")
 FP8_MIN_ELEMENTS = 16 << 20
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
