@@ -406,12 +406,12 @@ class MeasuredLinear:
 def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Tensor]], reference: torch.Tensor,
                      weight: torch.Tensor, baseline: Callable[[torch.Tensor], object] | None = None):
     """The fastest of `candidates` (key -> product(weight)) whose product agrees with `reference` up to
-    bf16 rounding, each timed by streaming_time_us, or None: `baseline` (product(weight), timed first)
+    bf16 rounding (or the key's own `tolerance`: TmaTiling), each timed by streaming_time_us, or None:
+    `baseline` (product(weight), timed first)
     was faster, or nothing agreed. Without a baseline a lone agreeing candidate is taken untimed."""
     largest = reference.abs().max().item()
     agreeing = []
     for key, product in candidates.items():
-        # bf16 rounding, or a tiling's own (fp8 activations)
         tolerance = getattr(key, "tolerance", 2e-2) * largest + 1e-3
         try:
             if (product(weight).float().view_as(reference) - reference).abs().max().item() <= tolerance:
