@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import nn
 
 from ssd.layers.fp8 import FP8
-from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, OPERAND_MODES, TMA_CANDIDATES, TmaTiling,
+from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, TMA_CANDIDATES, TmaTiling,
                                       fastest_agreeing, tma_aligned, tma_available, tma_block_rows, tma_descriptor,
                                       tma_linear, tma_rows, weight_dot)
 
@@ -107,7 +107,7 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
         bias if bias is not None else y, y, scale if scale is not None else y, rows, n, eps, K=k, BLOCK_M=block_m,
         BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        OPERANDS=OPERAND_MODES[tiling.operands] if scale is not None else 0, num_warps=tiling.num_warps)
+        OPERANDS=tiling.operand_mode(scale is not None), num_warps=tiling.num_warps)
     return y.view(*lead, n)
 
 

@@ -178,6 +178,10 @@ class TmaTiling:
     def fits(self, n: int, k: int) -> bool:
         return n % self.block_n == 0 and k % (self.split_k * self.block_k) == 0
 
+    def operand_mode(self, fp8_weight: bool) -> int:
+        """weight_dot's OPERANDS: this tiling's way for an fp8 weight; a bf16 / fp16 one goes as is."""
+        return OPERAND_MODES[self.operands] if fp8_weight else 0
+
     @property
     def label(self) -> str:
         return (f"{self.block_n}x{self.block_k}_s{self.stages}_k{self.split_k}"
@@ -230,7 +234,7 @@ def tma_linear(x: torch.Tensor, weight: torch.Tensor, tiling: TmaTiling,
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         out, res, scale if scale is not None else res, rows, n, K=k, BLOCK_M=block_m, BLOCK_N=tiling.block_n,
         BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k, STAGES=tiling.stages, HAS_RESIDUAL=residual is not None,
-        HAS_SCALE=scale is not None, OPERANDS=OPERAND_MODES[tiling.operands] if scale is not None else 0,
+        HAS_SCALE=scale is not None, OPERANDS=tiling.operand_mode(scale is not None),
         num_warps=tiling.num_warps)
     if tiling.split_k > 1:
         _sum_splits_kernel[(triton.cdiv(rows * n, 1024),)](out, y, res, rows * n, SPLIT_K=tiling.split_k, BLOCK=1024,
