@@ -120,7 +120,7 @@ case $part in
   fp8fused) # fp8 weights inside the TMA kernels (fused norm / residual products, LM head; widened to bf16, as f16
            # or against fp8 activations): per product against bf16, then the 1B draft round in bf16, fp8 (gate/up
            # + head) and fp8 on the head alone, or the weights QUANTS names (e.g. QUANTS="none fp8:down_proj,lm_head")
-           timeout 200 python bench/draft_kernel_sweep.py --parts fp8_fusion --out "$out/fp8_fusion_sweep.json" \
+           timeout ${SWEEP_S:-200} python bench/draft_kernel_sweep.py --parts fp8_fusion --out "$out/fp8_fusion_sweep.json" \
              > "$out/fp8_fusion_sweep.log" 2>&1
            grep -E "fp8 fusion .*best|Error|error" "$out/fp8_fusion_sweep.log" | cut -c1-480
            timeout ${ROUND_S:-380} python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 \
