@@ -142,8 +142,9 @@ def test_fp8_runner_quantizes_linears_and_head_not_the_embedding(tiny_checkpoint
     exact = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2), TPGroup())
     fp8 = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2, weight_quant="fp8"), TPGroup())
     weights = dict(fp8.model.named_parameters())
-    quantized = [name for name in weights if name.endswith("gate_up_proj.weight") or name == "lm_head.weight"]
-    assert len(quantized) == 2 + 1 and all(weights[name].dtype == FP8 for name in quantized)
+    quantized = [name for name in weights
+                 if name.endswith(("gate_up_proj.weight", "down_proj.weight")) or name == "lm_head.weight"]
+    assert len(quantized) == 2 * 2 + 1 and all(weights[name].dtype == FP8 for name in quantized)
     assert all(weights[name].dtype == torch.float32 for name in weights if name not in quantized)
     assert weights["model.embed_tokens.weight"].dtype == torch.float32
     torch.testing.assert_close(fp8.model.model.embed_tokens.weight, exact.model.model.embed_tokens.weight)
@@ -158,15 +159,14 @@ def test_fp8_runner_quantizes_linears_and_head_not_the_embedding(tiny_checkpoint
 
 
 def test_runner_stores_the_layers_it_is_told_in_fp8(tiny_checkpoints):
-    """RunnerConfig.fp8_layers: the down projections too (a choice the benches measure)."""
+    """RunnerConfig.fp8_layers: another list than the default (a choice the benches measure)."""
     cfg = RunnerConfig(model=str(tiny_checkpoints["llama"]), max_len=64, num_slots=2, weight_quant="fp8",
-                       fp8_layers=("gate_up_proj", "down_proj", "lm_head"))
+                       fp8_layers=("down_proj", "lm_head"))
     weights = dict(ModelRunner(cfg, TPGroup()).model.named_parameters())
     quantized = {name for name, weight in weights.items() if weight.dtype == FP8}
     layers = len([name for name in weights if name.endswith("down_proj.weight")])
-    assert layers and len(quantized) == 2 * layers + 1
-    assert quantized == {name for name in weights if name.endswith(("gate_up_proj.weight", "down_proj.weight"))
-                         or name == "lm_head.weight"}
+    assert layers and len(quantized) == layers + 1
+    assert quantized == {name for name in weights if name.endswith("down_proj.weight") or name == "lm_head.weight"}
 
 
 def test_bad_quantization_name_is_refused():

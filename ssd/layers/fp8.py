@@ -1,6 +1,6 @@
 """FP8 (e4m3) weights for a draft model's largest products: half the bytes to stream.
 
-The gate/up projections' and the LM head's weights [N, K] (FP8_LAYERS: where fp8 measured faster)
+The MLP's (gate/up, down) and the LM head's weights [N, K] (FP8_LAYERS: where fp8 measured faster)
 are stored as float8_e4m3fn with one float32 scale per output row (the row's absolute maximum /
 448), quantized once after loading, each rank its own shard. The embedding stays as loaded (a tied
 LM head gets its own fp8 copy). What a draft computes only moves its acceptance rate: the target's
@@ -29,15 +29,16 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max           # 448
-# the layers stored in fp8: where it measured faster on an H200 at the 1B draft's shapes (results/
-# fp8_gemm_sweep_h200.json, weights rotated as in a model): gate/up 18.8 -> 14.3 us and the LM head
-# 134 -> 89 us at 21 rows; the 8-13 MB attention weights are bound by each product's fixed cost
-# (~6 us), and the down projection (N = 2048, K = 8192) was no faster. Smaller weights than
+# the layers stored in fp8: where it measured faster at the 1B draft's shapes. Alone (results/
+# fp8_gemm_sweep_h200.json, H200, weights rotated as in a model): gate/up 18.8 -> 14.3 us and the LM head
+# 134 -> 89 us at 21 rows; the 8-13 MB attention weights are bound by each product's fixed cost (~6 us).
+# Inside the fused norm / residual TMA kernels with both operands as f16 (weight_dot; H100,
+# results/fp8_fusion_sweep_h100_operands.json, bf16 -> fp8 at 21 rows): gate/up 25.6 -> 15.7 us, down
+# 15.8 -> 11.2, head 179 -> 98, while qkv (8.6 -> 9.8) and o (6.4 -> 7.0) lose; the 1B round (32K head,
+# H100, results/draft_round_h100_llama1b_fp8_down_vocab32k.json) bf16 -> this list: B = 1 8.13 -> 6.54 ms,
+# B = 16 12.98 -> 13.25 (many-row products go through torch._scaled_mm). Smaller weights than
 # FP8_MIN_ELEMENTS stay too (qwen3-0.6b's 12.6 MB gate/up: its draft round was 3 % slower with it)
-# Inside the fused norm kernels, widened (H100 / H200, results/fp8_fusion_sweep_h100.json, _h200.json) fp8
-# gate/up measured slower than bf16 (H200: 18.4 -> 28.6 us at 7 rows), the head faster (123 -> 87 us); the
-# 1B round (32K head, H200) came out within 2 % either way at B = 1 and 5 % faster at B = 16 with this list.
-FP8_LAYERS = ("gate_up_proj", "lm_head")
+FP8_LAYERS = ("gate_up_proj", "down_proj", "lm_head")
 FP8_MIN_ELEMENTS = 16 << 20
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
 
