@@ -5,6 +5,9 @@ from pathlib import Path
 # Triton kernels (ssd.layers.triton_attention) run on CPU tensors under Triton's interpreter; it is
 # chosen when a kernel is defined, so before anything imports one
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# measured kernel choices are not kept between tests (nor read from a developer's cache): the tests
+# of ssd.layers.choice_cache name their own file
+os.environ["SSD_KERNEL_CACHE"] = "off"
 
 import pytest
 

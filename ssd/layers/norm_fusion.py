@@ -33,9 +33,10 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from ssd.layers.choice_cache import DeviceChoiceCaches
 from ssd.layers.fp8 import FP8
-from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, MAX_ROWS, TMA_CANDIDATES, TmaTiling,
-                                      fastest_agreeing, tma_aligned, tma_available, tma_block_rows, tma_descriptor,
+from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, KERNEL_SOURCES, MAX_ROWS, TMA_CANDIDATES, TmaTiling,
+                                      fastest_agreeing, recalled_or_measured, tma_aligned, tma_available, tma_block_rows, tma_descriptor,
                                       tma_linear, tma_rows, weight_dot)
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ class NormFusion:
     any_device: bool = False           # tests: CPU tensors, under Triton's interpreter
     choices: dict[tuple, TmaTiling | None] = field(default_factory=dict)
     measuring_s: float = 0.0
+    kernel_cache: bool = True          # keep the choices on disk for the next start-up (ssd.layers.choice_cache)
+    recalled: int = 0                  # choices taken from there
+    _disk: DeviceChoiceCaches | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.kernel_cache:
+            tilings = (self.norm_tilings, self.residual_tilings, self.fp8_norm_tilings, self.fp8_residual_tilings)
+            self._disk = DeviceChoiceCaches(f"norm fusion {tilings}", KERNEL_SOURCES)
 
     def runs_on(self, device: torch.device) -> bool:
         """Whether the fused kernels run on this device (fold_gains is worth it there)."""
@@ -191,7 +200,10 @@ class NormFusion:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return unfused()
             start = time.perf_counter()
-            self.choices[key] = self._measure(fused, unfused, tilings, weight, chain if weight.dtype == FP8 else None)
+            cache = self._disk.at(x.device) if self._disk is not None else None
+            self.choices[key], recalled = recalled_or_measured(
+                cache, key, lambda: self._measure(fused, unfused, tilings, weight, chain if weight.dtype == FP8 else None))
+            self.recalled += recalled
             self.measuring_s += time.perf_counter() - start
         tiling = self.choices[key]
         return unfused() if tiling is None else fused(weight, tiling)
@@ -209,7 +221,8 @@ class NormFusion:
     def summary(self) -> str:
         fused = sum(tiling is not None for tiling in self.choices.values())
         return (f"{len(self.choices)} fused-norm shapes measured in {self.measuring_s:.1f} s "
-                f"({fused} fused, {len(self.choices) - fused} unfused)")
+                f"({fused} fused, {len(self.choices) - fused} unfused"
+                + (f"; {self.recalled} stored by an earlier run" if self.recalled else "") + ")")
 
 
 def fp8_scale(module: nn.Module) -> torch.Tensor | None:

@@ -20,7 +20,8 @@ Which one runs is measured, not assumed: `MeasuredLinear` times F.linear, a few 
 kernels and cuBLASLt's listed algorithms for the problem (ssd.layers.cublaslt) once per (rows,
 weight shape) when it first sees the shape outside CUDA-graph capture (graph warm-up runs every
 shape eagerly first) and uses the fastest from then on. Each candidate is timed inside a small
-CUDA graph of its own, as the engine runs it.
+CUDA graph of its own, as the engine runs it. The choices are kept on disk for the next start-up on
+the same setup (ssd.layers.choice_cache).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import logging
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -38,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ssd.engine.gpu_timing import graph_time_us as time_us
+from ssd.layers.choice_cache import ChoiceCache, DeviceChoiceCaches
 from ssd.layers.cublaslt import LISTED_ALGORITHMS, CublasLt, LtAlgorithm, row_matrix
 from ssd.layers.fp8 import dequantized_linear
 
@@ -300,7 +303,14 @@ class MeasuredLinear:
     tma: bool = True           # also the TMA kernel's tilings (Hopper and later)
     wide_rows: int = 0
     measuring_s: float = 0.0   # spent timing candidates so far (start-up cost)
+    kernel_cache: bool = True  # keep the choices on disk for the next start-up (ssd.layers.choice_cache)
+    recalled: int = 0          # choices taken from there
     _lt: dict[torch.device, CublasLt | None] = field(default_factory=dict, repr=False)
+    _disk: DeviceChoiceCaches | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.kernel_cache:
+            self._disk = DeviceChoiceCaches(f"linear lt={self.lt_algorithms} tma={self.tma}", KERNEL_SOURCES)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -311,10 +321,9 @@ class MeasuredLinear:
         if key not in self.choices:
             if not self.measures(rows) or torch.cuda.is_current_stream_capturing():   # no timing inside a capture
                 return F.linear(x, weight)
-            lt, start = self.cublaslt(x.device), time.perf_counter()
-            self.choices[key] = self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms,
-                                             tma=self.tma and tma_available(x.device))
-            self.measuring_s += time.perf_counter() - start
+            lt = self.cublaslt(x.device)
+            self._choose(key, x, weight, lambda: self.measure(x, weight, lt=lt, lt_count=self.lt_algorithms,
+                                                              tma=self.tma and tma_available(x.device)))
         choice = self.choices[key]
         if choice is None:
             return F.linear(x, weight)
@@ -324,12 +333,29 @@ class MeasuredLinear:
             return tma_linear(x, weight, choice) if tma_aligned(weight) else F.linear(x, weight)
         return self.cublaslt(x.device).apply(x, weight, choice)
 
+    def _choose(self, key: tuple, x: torch.Tensor, weight: torch.Tensor, measure: Callable[[], object]) -> None:
+        """choices[key]: as stored on disk for this setup, else measure()'s (then stored)."""
+        start = time.perf_counter()
+        cache = self._disk.at(x.device) if self._disk is not None else None
+        self.choices[key], recalled = recalled_or_measured(cache, key, measure,
+                                                           lambda rank: self.lt_algorithm(x, weight, rank))
+        self.recalled += recalled
+        self.measuring_s += time.perf_counter() - start
+
+    def lt_algorithm(self, x: torch.Tensor, weight: torch.Tensor, rank: int) -> LtAlgorithm | None:
+        """cuBLASLt's algorithm of this rank for x times weight^T (a stored choice), or None."""
+        lt = self.cublaslt(x.device)
+        if lt is None or rank >= self.lt_algorithms:
+            return None
+        return next((a for a in lt.algorithms(row_matrix(x), weight, rank + 1) if a.rank == rank), None)
+
     def summary(self) -> str:
         """How many shapes run what, and what measuring them cost."""
         kinds = Counter("F.linear" if c is None else "Triton" if isinstance(c, SkinnyTiling)
                         else "Triton TMA" if isinstance(c, TmaTiling) else "cuBLASLt" for c in self.choices.values())
         return (f"{len(self.choices)} linear shapes measured in {self.measuring_s:.1f} s ("
-                + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) + ")")
+                + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
+                + (f"; {self.recalled} stored by an earlier run" if self.recalled else "") + ")")
 
     def measures(self, rows: int) -> bool:
         """Whether a new shape of this many rows is measured (else it runs F.linear)."""
@@ -363,10 +389,8 @@ class MeasuredLinear:
         if key not in self.choices:
             if torch.cuda.is_current_stream_capturing():
                 return self.library_fp8(x, weight, scale)
-            start = time.perf_counter()
-            self.choices[key] = self.measure(x, weight, scale, self.library_fp8,
-                                             tma=self.tma and tma_available(x.device))
-            self.measuring_s += time.perf_counter() - start
+            self._choose(key, x, weight, lambda: self.measure(x, weight, scale, self.library_fp8,
+                                                              tma=self.tma and tma_available(x.device)))
         tiling = self.choices[key]
         if isinstance(tiling, SkinnyTiling):
             return skinny_linear(x, weight, tiling, scale)
@@ -405,6 +429,52 @@ class MeasuredLinear:
         best = fastest_agreeing(candidates, reference, weight, baseline=library)
         log.debug("linear rows=%d weight=%s %s -> %s", rows, tuple(weight.shape), weight.dtype, best)
         return best
+
+
+# the files whose source a stored choice depends on (ssd.layers.choice_cache.setup_digest)
+KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name))
+                       for name in ("triton_linear.py", "norm_fusion.py", "cublaslt.py", "fp8.py"))
+UNUSABLE = object()   # a stored choice this process cannot use (another format, an algorithm gone)
+
+
+def stored_choice(choice: SkinnyTiling | TmaTiling | LtAlgorithm | None) -> dict:
+    """A measured choice as the kernel cache stores it (a cuBLASLt algorithm by its heuristic rank)."""
+    if choice is None:
+        return {"kind": "library"}
+    if isinstance(choice, (SkinnyTiling, TmaTiling)):
+        return {"kind": "skinny" if isinstance(choice, SkinnyTiling) else "tma", **asdict(choice)}
+    return {"kind": "lt", "rank": choice.rank}
+
+
+def restored_choice(stored: dict, lt_algorithm: Callable[[int], LtAlgorithm | None]):
+    """stored_choice's inverse (lt_algorithm(rank) finds the algorithm again), or UNUSABLE."""
+    params = {name: value for name, value in stored.items() if name != "kind"}
+    try:
+        if stored.get("kind") == "library":
+            return None
+        if stored.get("kind") in ("skinny", "tma"):
+            return (SkinnyTiling if stored["kind"] == "skinny" else TmaTiling)(**params)
+        if stored.get("kind") == "lt":
+            algorithm = lt_algorithm(int(params["rank"]))
+            return UNUSABLE if algorithm is None else algorithm
+    except (TypeError, ValueError, KeyError):
+        pass
+    return UNUSABLE
+
+
+def recalled_or_measured(cache: ChoiceCache | None, key: tuple, measure: Callable[[], object],
+                         lt_algorithm: Callable[[int], LtAlgorithm | None] = lambda rank: None) -> tuple[object, bool]:
+    """(choice, whether it came from the cache): the one `cache` stores for key, else measure()'s,
+    which is then stored."""
+    stored = cache.get(key) if cache is not None else None
+    if stored is not None:
+        choice = restored_choice(stored, lt_algorithm)
+        if choice is not UNUSABLE:
+            return choice, True
+    choice = measure()
+    if cache is not None:
+        cache.put(key, stored_choice(choice))
+    return choice, False
 
 
 def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Tensor]], reference: torch.Tensor,
