@@ -16,6 +16,7 @@ all-dynamic, automatic-dynamic and static shapes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import sys
@@ -400,6 +401,12 @@ def fusion_sweep(calls: int) -> list[dict]:
     return rows
 
 
+def every_operand_mode(tilings) -> list:
+    """The engine's fp8 tilings in each of weight_dot's ways to meet the activations (OPERAND_MODES)."""
+    from ssd.layers.triton_linear import OPERAND_MODES
+    return [dataclasses.replace(t, operands=mode) for mode in OPERAND_MODES for t in tilings]
+
+
 def fp8_fusion_sweep(calls: int) -> list[dict]:
     """Every product of a 1B draft layer and its LM head with an fp8 weight inside the TMA kernels
     (widened to bf16, both operands as f16, or against fp8 activations: TmaTiling.operands; the fused
@@ -420,11 +427,11 @@ def fp8_fusion_sweep(calls: int) -> list[dict]:
         q0, s0 = fp8()
         if name in ("qkv", "gate_up"):
             product = lambda w, t, s=None: tma_norm_linear(x, eps, w, t, gated=gated, scale=s)  # noqa: E731
-            tilings = {"bf16": NORM_TMA_CANDIDATES, "fp8": FP8_NORM_TMA_CANDIDATES}
+            tilings = {"bf16": NORM_TMA_CANDIDATES, "fp8": every_operand_mode(FP8_NORM_TMA_CANDIDATES)}
         else:
             res = None if name == "lm_head" else residual
             product = lambda w, t, s=None, res=res: tma_linear(x, w, t, res, s)  # noqa: E731
-            tilings = {"bf16": TMA_CANDIDATES, "fp8": FP8_TMA_CANDIDATES}
+            tilings = {"bf16": TMA_CANDIDATES, "fp8": every_operand_mode(FP8_TMA_CANDIDATES)}
         reference = product(q0.to(dtype) * s0[:, None].to(dtype), tilings["bf16"][0]).float()
         candidates = {f"bf16_tma_{t.label}": (lambda t=t: product(bf16(), t), 2)
                       for t in tilings["bf16"] if t.fits(shape[0] // (2 if gated else 1), shape[1])}

@@ -9,11 +9,11 @@ verification keeps the output exact.
 The product, by where it runs:
 - CUDA: fp8 x fp8 on the tensor cores (torch._scaled_mm), each activation row quantized with its
   own scale (its absolute maximum / 448); at most MAX_ROWS rows (decode, windows, the tree at small
-  batch), or a few-row Triton kernel widening the weight to bf16 as it loads it (weights-only: the
-  plain one, or on Hopper the TMA one, which can also multiply both operands as f16 or quantize the
-  activations to e4m3 for the fp8 MMA: triton_linear.weight_dot), whichever measured faster for the
-  shape; where a layer's norms are fused into its products (ssd.layers.norm_fusion) the fused kernels
-  take the fp8 weight the same ways, where they measured faster than this layer's unfused fp8 chain;
+  batch), or a few-row Triton kernel (weights-only: the plain one widening the weight to bf16 as it
+  loads it, or on Hopper the TMA one multiplying both operands as f16: triton_linear.weight_dot),
+  whichever measured faster for the shape; where a layer's norms are fused into its products
+  (ssd.layers.norm_fusion) the fused kernels take the fp8 weight the same way, where they measured
+  faster than this layer's unfused fp8 chain;
 - CPU: the weights-only product in the input's dtype, from a widened copy of the fp8 weight (fp8
   numbers at float speed: tests, accuracy checks with real checkpoints).
 """

@@ -45,11 +45,10 @@ FOLD_ROWS = 4096   # weight rows widened to float32 at a time while folding the 
 # gate/up's programs stream two weight tiles per step: the 6-stage tiling does not fit shared memory there
 NORM_TMA_CANDIDATES = (TmaTiling(64, 128, 4), TmaTiling(64, 128, 6), TmaTiling(64, 128, 3), TmaTiling(128, 128, 4),
                        TmaTiling(128, 128, 3), TmaTiling(64, 256, 3))
-# fp8 weights (ssd.layers.fp8): a byte per weight, so twice the BLOCK_K for the same bytes per stage
-FP8_NORM_TMA_CANDIDATES = (TmaTiling(64, 256, 3), TmaTiling(64, 256, 4), TmaTiling(128, 256, 3), TmaTiling(64, 128, 4),
-                           TmaTiling(64, 128, 6), TmaTiling(128, 128, 4),
-                           *(TmaTiling(64, block_k, stages, operands=mode)
-                             for mode in ("f16", "fp8") for block_k, stages in ((256, 3), (128, 4))))
+# fp8 weights (ssd.layers.fp8): a byte per weight, so twice the BLOCK_K for the same bytes per stage; both
+# operands as f16 (see FP8_TMA_CANDIDATES)
+FP8_NORM_TMA_CANDIDATES = tuple(TmaTiling(64, block_k, stages, operands="f16")
+                                for block_k, stages in ((256, 3), (256, 4), (128, 4), (128, 6)))
 
 
 @triton.jit

@@ -203,11 +203,13 @@ class TmaTiling:
 TMA_CANDIDATES = (TmaTiling(64, 128, 6), TmaTiling(64, 128, 4), TmaTiling(128, 128, 4), TmaTiling(64, 256, 3, 4),
                   TmaTiling(64, 128, 4, 4), TmaTiling(64, 128, 6, 2))
 
-# fp8 weights (HAS_SCALE): a byte per weight, so the same bytes per stage at twice the BLOCK_K
-FP8_TMA_CANDIDATES = (TmaTiling(64, 256, 4), TmaTiling(64, 256, 6), TmaTiling(128, 256, 3), TmaTiling(64, 128, 6),
-                      TmaTiling(64, 256, 4, 4), TmaTiling(64, 256, 4, 2),
-                      *(TmaTiling(64, 256, stages, split_k, operands=mode)
-                        for mode in ("f16", "fp8") for stages, split_k in ((3, 1), (4, 4), (4, 2))))
+# fp8 weights (HAS_SCALE): a byte per weight, so the same bytes per stage at twice the BLOCK_K; both operands
+# as f16 (weight_dot), the fastest way on an H100 at every product (results/fp8_fusion_sweep_h100_operands.json,
+# 21 rows, best f16 / fp8 activations / widened: gate/up 15.7 / 19.2 / 29.4 us, down 11.2 / 15.6 / 15.4, LM head
+# 98 / 116 / 105), so the others are left to `draft_kernel_sweep.py --parts fp8_fusion` (fewer kernels to
+# compile and time at start-up)
+FP8_TMA_CANDIDATES = tuple(TmaTiling(64, block_k, stages, split_k, operands="f16") for block_k, stages, split_k in
+                           ((256, 3, 1), (256, 4, 1), (256, 4, 2), (256, 4, 4), (128, 6, 1), (128, 4, 4)))
 
 
 def tma_available(device: torch.device) -> bool:
