@@ -21,12 +21,12 @@ from ssd.draft_worker.serve import serve_draft
 from ssd.engine.autoregressive import AutoregressiveDecoder
 from ssd.engine.kv_cache import check_draft_fits
 from ssd.engine.model_runner import ModelRunner, arch_of, load_arch
-from ssd.engine.sampler import derive_seed
-from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.engine.runner_config import RunnerConfig
+from ssd.engine.sampler import derive_seed
 from ssd.engine.sequence import RequestOutput, Sequence
 from ssd.engine.stats import GenerationStats
 from ssd.engine.stop_strings import StopStringWatch, output_text
+from ssd.layers.cublaslt import LISTED_ALGORITHMS
 from ssd.loading.generation_info import eos_token_ids, load_tokenizer, tokens_mapped_differently
 from ssd.models.presets import is_preset
 from ssd.sampling_params import SamplingParams
