@@ -156,8 +156,8 @@ def test_a_stored_choice_this_version_cannot_use_is_measured_again(tmp_path, sto
 
 
 def test_measured_linear_finds_its_cublaslt_algorithm_by_rank(monkeypatch):
-    """lt_algorithm asks the heuristic for rank + 1 algorithms and takes that rank; none past the
-    ones it measures, none without cuBLASLt."""
+    """lt_algorithm asks the heuristic for as many algorithms as measure does and takes that rank;
+    none past the ones it measures, none without cuBLASLt."""
     asked = []
 
     class FakeLt:
@@ -168,9 +168,9 @@ def test_measured_linear_finds_its_cublaslt_algorithm_by_rank(monkeypatch):
     linear = MeasuredLinear(lt_algorithms=4, kernel_cache=False)
     monkeypatch.setattr(linear, "cublaslt", lambda device: FakeLt())
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
-    assert linear.lt_algorithm(x, weight, 2).rank == 2 and asked == [3]
+    assert linear.lt_algorithm(x, weight, 2).rank == 2 and asked == [4]
     assert linear.lt_algorithm(x, weight, 1) is None
-    assert linear.lt_algorithm(x, weight, 4) is None and asked == [3, 2]
+    assert linear.lt_algorithm(x, weight, 4) is None and asked == [4, 4]
     monkeypatch.setattr(linear, "cublaslt", lambda device: None)
     assert linear.lt_algorithm(x, weight, 0) is None
 

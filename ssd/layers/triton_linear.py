@@ -345,11 +345,12 @@ class MeasuredLinear:
         self.measuring_s += time.perf_counter() - start
 
     def lt_algorithm(self, x: torch.Tensor, weight: torch.Tensor, rank: int) -> LtAlgorithm | None:
-        """cuBLASLt's algorithm of this rank for x times weight^T (a stored choice), or None."""
+        """cuBLASLt's algorithm of this rank for x times weight^T (a stored choice), or None; the
+        heuristic is asked for as many as when measuring, so that ranks mean the same."""
         lt = self.cublaslt(x.device)
         if lt is None or rank >= self.lt_algorithms:
             return None
-        return next((a for a in lt.algorithms(row_matrix(x), weight, rank + 1) if a.rank == rank), None)
+        return next((a for a in lt.algorithms(row_matrix(x), weight, self.lt_algorithms) if a.rank == rank), None)
 
     def summary(self) -> str:
         """How many shapes run what, and what measuring them cost."""
