@@ -66,6 +66,7 @@ class ChoiceCache:
     path: Path
     setup: str
     stored: dict[str, dict] = field(default_factory=dict)
+    writable: bool = True      # False after a failed write (warned once; the choices stay in memory)
 
     @classmethod
     def open(cls, path: Path, setup: str) -> "ChoiceCache":
@@ -81,6 +82,8 @@ class ChoiceCache:
     def put(self, key: tuple, choice: dict) -> None:
         """Stores one choice, written through to the file (merged with what other processes wrote)."""
         self.stored[key_text(key)] = choice
+        if not self.writable:
+            return
         setups = self._read_setups()
         setups[self.setup] = {**setups.get(self.setup, {}), **self.stored}
         try:
@@ -90,6 +93,7 @@ class ChoiceCache:
                 json.dump({"format": FORMAT, "setups": setups}, tmp)
             os.replace(tmp.name, self.path)
         except OSError as exc:
+            self.writable = False
             log.warning("kernel choices not written to %s (%s): the next start-up measures again", self.path, exc)
 
     def _read_setups(self) -> dict[str, dict]:
