@@ -195,3 +195,13 @@ def test_measured_linear_recalls_tilings_and_cublaslt_algorithms(cache_file, mon
     for key in (tiling_key, lt_key):
         second._choose(key, x, weight, lambda: pytest.fail("a stored choice was measured again"))
     assert second.choices[tiling_key] == TILINGS[1] and second.choices[lt_key].rank == 2 and second.recalled == 2
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    cache = ChoiceCache.open(tmp_path / "choices.json", "s")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", disk_full)
+    cache.put(("k",), {"kind": "library"})
+    assert not cache.writable and list(tmp_path.iterdir()) == []

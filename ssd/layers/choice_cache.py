@@ -87,14 +87,22 @@ class ChoiceCache:
         setups = self._read_setups()
         setups[self.setup] = {**setups.get(self.setup, {}), **self.stored}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=self.path.name, suffix=".tmp",
-                                             delete=False) as tmp:
-                json.dump({"format": FORMAT, "setups": setups}, tmp)
-            os.replace(tmp.name, self.path)
+            self._replace_file({"format": FORMAT, "setups": setups})
         except OSError as exc:
             self.writable = False
             log.warning("kernel choices not written to %s (%s): the next start-up measures again", self.path, exc)
+
+    def _replace_file(self, data: dict) -> None:
+        """The file replaced whole (a reader sees the old file or the new one; no temporary left behind)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(data, file)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _read_setups(self) -> dict[str, dict]:
         try:
