@@ -36,8 +36,8 @@ from torch import nn
 from ssd.layers.choice_cache import DeviceChoiceCaches
 from ssd.layers.fp8 import FP8
 from ssd.layers.triton_linear import (FP8_TMA_CANDIDATES, KERNEL_SOURCES, MAX_ROWS, TMA_CANDIDATES, TmaTiling,
-                                      fastest_agreeing, recalled_or_measured, tma_aligned, tma_available, tma_block_rows, tma_descriptor,
-                                      tma_linear, tma_rows, weight_dot)
+                                      fastest_agreeing, recalled_or_measured, tma_aligned, tma_available,
+                                      tma_block_rows, tma_descriptor, tma_linear, tma_rows, weight_dot)
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ class NormFusion:
                 return unfused()
             start = time.perf_counter()
             cache = self._disk.at(x.device) if self._disk is not None else None
+            baseline = chain if weight.dtype == FP8 else None
             self.choices[key], recalled = recalled_or_measured(
-                cache, key, lambda: self._measure(fused, unfused, tilings, weight, chain if weight.dtype == FP8 else None))
+                cache, key, lambda: self._measure(fused, unfused, tilings, weight, baseline))
             self.recalled += recalled
             self.measuring_s += time.perf_counter() - start
         tiling = self.choices[key]

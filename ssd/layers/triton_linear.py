@@ -30,8 +30,8 @@ import logging
 import time
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
