@@ -20,6 +20,7 @@ from ssd.sampling_params import SamplingParams
 from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
 from ssd.engine.graph_capture import graph_capture
+from ssd.engine.progress_log import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +269,14 @@ class BranchGraphs:
         self.sampling = {b: SamplingTensors.from_params([SamplingParams(temperature=1.0)] * b, runner.device, 0)
                          for b in pool.buckets}
         self.graphs: dict[tuple[str, int, int], tuple] = {}
-        log.info("capturing %d tree graphs (new shapes' kernels timed first)",
-                 len(self.MODES) * len(pool.attend_lens) * len(pool.buckets))
+        total = len(self.MODES) * len(pool.attend_lens) * len(pool.buckets)
+        log.info("capturing %d tree graphs (new shapes' kernels timed first)", total)
+        progress = ProgressLog(log, "tree graphs captured", total)
         for mode in self.MODES:
             for attend_len in reversed(pool.attend_lens):
                 for bucket in reversed(pool.buckets):
                     self.graphs[mode, bucket, attend_len] = self.capture(mode, bucket, attend_len, pool)
+                    progress.step(builder.runner.linear_summary)
         log.info("captured %d tree graphs (%s)%s", len(self.graphs), ", ".join(self.MODES),
                  builder.runner.linear_summary())
 

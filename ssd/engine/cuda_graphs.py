@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssd.engine.graph_capture import graph_capture
+from ssd.engine.progress_log import ProgressLog
 
 if TYPE_CHECKING:
     from ssd.engine.model_runner import ModelRunner
@@ -45,12 +46,15 @@ class GraphPool:
         self.attend_lens = sorted({runner.attend_bucket(n) for n in _powers_of_two(runner.max_len)})
         self.pool = None
         self.graphs: dict[tuple[int, int, int], CapturedForward] = {}
+        total = len(self.buckets) * len(self.widths) * len(self.attend_lens)
         log.info("capturing %d CUDA graphs; kernels are timed per new shape first (on a fresh machine Triton "
-                 "compiles them too: up to a minute)", len(self.buckets) * len(self.widths) * len(self.attend_lens))
+                 "compiles them too: minutes; the choices are kept for the next start-up)", total)
+        progress = ProgressLog(log, "CUDA graphs captured", total)
         for attend_len in reversed(self.attend_lens):  # largest first: smaller graphs reuse its memory
             for width in reversed(self.widths):
                 for bucket in reversed(self.buckets):
                     self.graphs[bucket, width, attend_len] = self._capture(bucket, width, attend_len)
+                    progress.step(runner.linear_summary)
         log.info("captured %d CUDA graphs (batch buckets %s, widths %s, attention lengths %s)%s",
                  len(self.graphs), self.buckets, self.widths, self.attend_lens, runner.linear_summary())
 
