@@ -205,8 +205,8 @@ class NormFusion:
                 cache, key, lambda: self._measure(fused, unfused, tilings, weight, baseline))
             self.recalled += recalled
             self.measuring_s += time.perf_counter() - start
-        tiling = self.choices[key]
-        return unfused() if tiling is None else fused(weight, tiling)
+        tiling = self.choices[key]   # chosen for an aligned weight of this shape (perhaps by an earlier run)
+        return unfused() if tiling is None or not tma_aligned(weight) else fused(weight, tiling)
 
     @staticmethod
     def _measure(fused: Callable, unfused: Callable, tilings: tuple[TmaTiling, ...], weight: torch.Tensor,
