@@ -31,7 +31,7 @@ class RunnerConfig:
     linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
     linear_tma: bool = True           # ... and the TMA Triton kernel's tilings (Hopper and later)
     norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU in the products
-    weight_quant: str | None = None   # "fp8": the largest weights (gate/up, LM head) in fp8 (ssd.layers.fp8; drafts)
+    weight_quant: str | None = None   # "fp8": the largest weights (MLP, LM head) in fp8 (ssd.layers.fp8; drafts)
     fp8_layers: tuple[str, ...] = FP8_LAYERS   # ... the layers (names' last parts) weight_quant="fp8" stores in fp8
     #                                            (the default list: on GPU only its weights of >= FP8_MIN_ELEMENTS)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
