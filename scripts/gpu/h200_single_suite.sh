@@ -11,10 +11,8 @@
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# measured kernel choices (ssd.layers.choice_cache) go to $out, so they come back; KERNEL_CACHE_IN (such a
-# file from an earlier run, carried along: e.g. .kernel_cache/kernel_choices.json) seeds them
-export SSD_KERNEL_CACHE=$out/kernel_choices.json
-if [[ -f ${KERNEL_CACHE_IN:-} ]]; then cp "$KERNEL_CACHE_IN" "$SSD_KERNEL_CACHE"; fi
+# kernel choices and compiled kernels of earlier runs (KERNEL_CACHE_IN, COMPILE_CACHE_IN; see caches.sh)
+source "$(dirname "$0")/caches.sh"
 ab() {  # ab NAME FAMILY TARGET_SIZE DRAFT_SIZE BATCH NUMSEQS OUTPUT_LEN
   local name=$1 family=$2 size=$3 draft=$4 batch=$5 numseqs=$6 len=$7
   timeout 300 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec --k 6 \

@@ -8,10 +8,8 @@
 set -uo pipefail
 out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# measured kernel choices (ssd.layers.choice_cache) go to $out, so they come back; KERNEL_CACHE_IN (such a
-# file from an earlier run, carried along: e.g. .kernel_cache/kernel_choices.json) seeds them
-export SSD_KERNEL_CACHE=$out/kernel_choices.json
-if [[ -f ${KERNEL_CACHE_IN:-} ]]; then cp "$KERNEL_CACHE_IN" "$SSD_KERNEL_CACHE"; fi
+# kernel choices and compiled kernels of earlier runs (KERNEL_CACHE_IN, COMPILE_CACHE_IN; see caches.sh)
+source "$(dirname "$0")/caches.sh"
 ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT FLAGS...]
   local name=$1 size=$2 draft=$3 family=$4 batch=$5 numseqs=$6 len=$7; shift 7
   local layout=("$@"); [ ${#layout[@]} -gt 0 ] || layout=(--gpus 2 --async --ab ar,sync,async)
