@@ -205,3 +205,22 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", disk_full)
     cache.put(("k",), {"kind": "library"})
     assert not cache.writable and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="MeasuredLinear measures on a GPU")
+@pytest.mark.parametrize("rows", [7, 21])
+def test_on_a_gpu_a_second_measured_linear_recalls_every_choice(cache_file, monkeypatch, rows):
+    """bf16 (Triton / cuBLASLt / F.linear) and fp8 (Triton / torch._scaled_mm) choices, measured by one
+    MeasuredLinear, are recalled by the next without timing, and compute the same products."""
+    from ssd.layers.fp8 import quantize_weight, scaled_mm_linear
+    device = torch.device("cuda")
+    x = torch.randn(rows, 2048, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(3072, 2048, device=device, dtype=torch.bfloat16) * 0.02
+    quantized, scale = quantize_weight(torch.randn(8192, 2048, device=device) * 0.02)
+    first = MeasuredLinear(library_fp8=scaled_mm_linear)
+    expected = (first(x, weight), first.quantized(x, quantized, scale))
+    monkeypatch.setattr(triton_linear, "streaming_time_us", lambda product, w: pytest.fail("measured again"))
+    second = MeasuredLinear(library_fp8=scaled_mm_linear)
+    torch.testing.assert_close(second(x, weight), expected[0])
+    torch.testing.assert_close(second.quantized(x, quantized, scale), expected[1])
+    assert second.recalled == 2 and {str(c) for c in second.choices.values()} == {str(c) for c in first.choices.values()}

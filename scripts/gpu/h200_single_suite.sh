@@ -41,9 +41,11 @@ case $part in
            timeout 300 python bench/decode_profile.py --preset llama-3.1-8b --batch 1 --attention fused matmul \
              --out "$out/decode_profile_llama8b.json" >> "$log" 2>&1
            grep -E "attention_kernel_bench|draft_round_bench|roofline|agree|Error|error" "$log" | cut -c1-400 ;;
-  lt)      # cuBLASLt's algorithms among MeasuredLinear's candidates: their GPU test, each algorithm timed
-           # at the 1B draft's shapes, then the draft round without and with them (PRESETS: the drafts)
-           timeout 120 python -m pytest -q tests/test_cublaslt.py > "$out/lt_tests.log" 2>&1; tail -2 "$out/lt_tests.log"
+  lt)      # cuBLASLt's algorithms among MeasuredLinear's candidates: their GPU tests (and the kernel-choice
+           # cache's), each algorithm timed at the 1B draft's shapes, then the draft round without and with
+           # them (PRESETS: the drafts)
+           timeout 150 python -m pytest -q tests/test_cublaslt.py tests/test_choice_cache.py > "$out/lt_tests.log" 2>&1
+           tail -2 "$out/lt_tests.log"
            timeout 180 python bench/draft_kernel_sweep.py --parts lt --out "$out/lt_gemm_sweep.json" \
              > "$out/lt_sweep.log" 2>&1
            grep -E "lt gemm .*best|Error|error" "$out/lt_sweep.log" | cut -c1-300
