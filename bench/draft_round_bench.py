@@ -53,7 +53,8 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
                 device: str, fused_attention: bool = True, measured_linear: bool = True,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
-                norm_fusion: bool = True, fp8_layers: tuple[str, ...] | None = None) -> AsyncDraft:
+                norm_fusion: bool = True, fp8_layers: tuple[str, ...] | None = None,
+                fp8_produced_rows: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -66,6 +67,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
     cfg.first_gpu = 0
     if fp8_layers:
         cfg.fp8_layers = fp8_layers
+    cfg.fp8_produced_rows = fp8_produced_rows
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
     return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", nargs="+", type=quant_arm, default=["none"], metavar="none|fp8|fp8:LAYER,...",
                         help="the draft's weights: as built (bf16) and / or fp8 (ssd.layers.fp8; fp8:NAMES: those "
                              "layers, e.g. fp8:gate_up_proj,down_proj,lm_head), one after the other")
+    parser.add_argument("--fp8-rows", nargs="+", choices=("produced", "separate"), default=["produced"],
+                        help="fp8 weights, many-row products: activations quantized by the norm / SiLU-mul "
+                             "writing them (produced) or by a kernel of their own (separate), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
                         help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
                              "one after the other")
@@ -334,18 +339,23 @@ def main(argv: list[str]) -> int:
         log.error("needs a CUDA device (--device cpu: a smoke run only)")
         return 1
     rows = []
-    for blas, mode, linear, quant, vocab in itertools.product(args.blas, args.attention, args.linear, args.quant,
-                                                              args.vocab):
+    for blas, mode, linear, quant, fp8_rows, vocab in itertools.product(args.blas, args.attention, args.linear,
+                                                                        args.quant, args.fp8_rows, args.vocab):
+        if quant == "none" and fp8_rows != args.fp8_rows[0]:
+            continue   # bf16 weights: nothing to quantize
         if args.device == "cuda":
             torch.backends.cuda.preferred_blas_library(blas)
         draft = build_draft(args.preset, args.k, args.f, max(args.batches), args.context + 256, args.eager,
                             args.device, fused_attention=mode.startswith("fused"), tree_kv_in_attention=mode == "fused",
                             **linear_options(linear),
                             quant=None if quant == "none" else "fp8", vocab=None if vocab == "none" else int(vocab),
-                            fp8_layers=tuple(quant.split(":", 1)[1].split(",")) if ":" in quant else None)
+                            fp8_layers=tuple(quant.split(":", 1)[1].split(",")) if ":" in quant else None,
+                            fp8_produced_rows=fp8_rows == "produced")
         for batch in args.batches:
-            rows.append({"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab, **measure_batch(draft, batch, args.context, args.warmup, args.iters,
-                                                             args.kernels)})
+            arm = {"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab}
+            if quant != "none":
+                arm["fp8_rows"] = fp8_rows
+            rows.append({**arm, **measure_batch(draft, batch, args.context, args.warmup, args.iters, args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
             if args.out:   # after every row: a run cut short by a time limit keeps what it measured
                 write_json(args.out, result_file(args, rows))

@@ -205,3 +205,60 @@ def test_only_listed_layers_at_least_the_threshold_are_quantized():
     x = torch.randn(3, 64)
     expected = F.linear(x, model["gate_up_proj"].weight.float() * model["gate_up_proj"].weight_scale[:, None])
     torch.testing.assert_close(model["gate_up_proj"](x), expected)
+
+
+def test_producers_quantize_rows_as_the_separate_quantization_does():
+    from ssd.layers.fp8 import add_rms_norm_fp8, quantize_rows, silu_and_mul_fp8
+    from ssd.layers.layernorm import add_rms_norm
+    x, residual, gain = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.rand(64) + 0.5
+    x[1, 2] = 0.0
+    residual[1, 2] = 0.0                                           # an all-zero row: scale stays finite
+    values, scales, summed = add_rms_norm_fp8(x, residual, gain, 1e-6)
+    normed, expected_sum = add_rms_norm(x, residual, gain, 1e-6)
+    expected_values, expected_scales = quantize_rows(normed)
+    assert values.dtype == FP8 and values.shape == (2, 3, 64) and scales.shape == (6, 1)
+    assert torch.equal(values.float(), expected_values.float()) and torch.equal(scales, expected_scales)
+    assert torch.equal(summed, expected_sum) and torch.isfinite(scales).all()
+    restored = values.float().reshape(6, 64) * scales
+    assert ((restored - normed.reshape(6, 64)).abs() <= normed.reshape(6, 64).abs() / 16 + scales / 512).all()
+    gate_up = torch.randn(4, 2 * 96)
+    values, scales = silu_and_mul_fp8(gate_up)
+    expected = quantize_rows(F.silu(gate_up[:, :96]) * gate_up[:, 96:])
+    assert torch.equal(values.float(), expected[0].float()) and torch.equal(scales, expected[1])
+
+
+def test_model_with_producer_quantized_rows_matches_the_separate_quantization(tiny_checkpoints, monkeypatch):
+    """fp8 x fp8 products (here on the CPU too): the post-attention norm and SiLU-mul hand gate/up and
+    down their rows quantized (one kernel fewer each on GPU), with the same logits as quantizing
+    them in the product; few enough rows for the few-row kernel keep the bf16 activations."""
+    from ssd.layers import fp8 as fp8_module
+    from ssd.layers.embed_head import ParallelLMHead
+    from ssd.layers.fp8 import quantize_model_fp8
+    from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
+    runner = ModelRunner(RunnerConfig(model=str(tiny_checkpoints["llama"]), max_len=64, num_slots=2), TPGroup())
+    calls = {"norm": 0, "silu": 0, "separate": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+    few_rows = type("FewRows", (), {"quantized": staticmethod(fp8_module.scaled_mm_linear)})()
+    linear = Fp8Linear(few_rows, counted("separate", fp8_module.scaled_mm_linear), max_rows=4,
+                       quantizing_add_rms_norm=counted("norm", fp8_module.add_rms_norm_fp8),
+                       quantizing_silu_and_mul=counted("silu", fp8_module.silu_and_mul_fp8),
+                       scaled_mm_devices=("cuda", "cpu"))
+    assert quantize_model_fp8(runner.model, linear, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead),
+                              ("gate_up_proj", "down_proj", "lm_head"), 0) == 2 * 2 + 1
+    ids = torch.tensor([PROMPTS[2][:9]])
+    positions = torch.arange(9)[None]
+    produced = runner.forward(ids, positions, 9)
+    layers = runner.arch.num_layers
+    assert calls == {"norm": layers, "silu": layers, "separate": 1}        # the head quantizes its own rows
+    linear.produced_rows = False
+    separate = runner.forward(ids, positions, 9)
+    assert calls["separate"] == 1 + 2 * layers + 1 and calls["norm"] == layers
+    torch.testing.assert_close(produced, separate, rtol=0, atol=0)
+    linear.produced_rows = True
+    runner.forward(ids[:, :3], positions[:, :3], 3)                        # 3 rows <= max_rows: few-row kernel
+    assert calls["norm"] == layers and calls["silu"] == layers

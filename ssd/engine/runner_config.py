@@ -33,6 +33,7 @@ class RunnerConfig:
     norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU in the products
     weight_quant: str | None = None   # "fp8": the largest weights (MLP, LM head) in fp8 (ssd.layers.fp8; drafts)
     fp8_layers: tuple[str, ...] = FP8_LAYERS   # ... the layers (names' last parts) weight_quant="fp8" stores in fp8
+    fp8_produced_rows: bool = True    # ... many-row fp8 x fp8 products take their rows quantized by the norm / SiLU
     #                                            (the default list: on GPU only its weights of >= FP8_MIN_ELEMENTS)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

@@ -9,6 +9,7 @@ from torch import nn
 from ssd.distributed.tp_group import TPGroup
 from ssd.layers.attention import ForwardContext, cached_attention, fused_applies
 from ssd.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from ssd.layers.fp8 import Fp8Rows, fp8_rows_wanted
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.layernorm import RMSNorm
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -68,8 +69,10 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [f, f], False, tp, kernels.linear)
         self.down_proj = RowParallelLinear(f, arch.hidden_size, False, tp, kernels.linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        fp8 = fp8_rows_wanted(self.down_proj, gate_up)
+        return self.down_proj(fp8.activated_rows(gate_up) if fp8 else self.kernels.silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -86,7 +89,11 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        fp8 = fp8_rows_wanted(self.mlp.gate_up_proj, x)
+        if fp8:   # the norm writes the fp8 rows gate/up reads
+            x, residual = fp8.normed_rows(x, residual, self.post_attention_layernorm)
+        else:
+            x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
     def forward_fused(self, h: torch.Tensor, rope, ctx: ForwardContext, fusion: NormFusion) -> torch.Tensor:
