@@ -38,7 +38,9 @@ FP8_MAX = torch.finfo(FP8).max           # 448
 # results/fp8_fusion_sweep_h100_operands.json, bf16 -> fp8 at 21 rows): gate/up 25.6 -> 15.7 us, down
 # 15.8 -> 11.2, head 179 -> 98, while qkv (8.6 -> 9.8) and o (6.4 -> 7.0) lose; the 1B round (32K head,
 # H100, results/draft_round_h100_llama1b_fp8_down_vocab32k.json) bf16 -> this list: B = 1 8.13 -> 6.54 ms,
-# B = 16 12.98 -> 13.25 (many-row products go through torch._scaled_mm). Smaller weights than
+# B = 16 12.98 -> 13.25 (many-row products go through torch._scaled_mm); on an H200 with the many-row
+# products' rows quantized by their producers (Fp8Linear): B = 1 6.80 -> 6.03, B = 16 12.42 -> 12.24
+# (results/draft_round_h200_llama1b_fp8_produced_rows.json). Smaller weights than
 # FP8_MIN_ELEMENTS stay too (qwen3-0.6b's 12.6 MB gate/up: its draft round was 3 % slower with it)
 FP8_LAYERS = ("gate_up_proj", "down_proj", "lm_head")
 FP8_MIN_ELEMENTS = 16 << 20
@@ -116,8 +118,9 @@ class Fp8Linear:
     Where a product runs fp8 x fp8 (takes_fp8_rows), the kernel producing its input may quantize the
     rows as it writes them and hand over Fp8Rows: the post-attention norm for gate/up, SiLU-mul for
     down (normed_rows / activated_rows, compiled on the graph path) — one kernel fewer per product
-    (H200, 1B draft, B = 16: the separate quantization took 3.0 us, 102 of them per round with
-    gate/up and the head in fp8). produced_rows=False: always quantized here (the benches' A/B)."""
+    (H200, 1B draft round, B = 16, 32K head: 12.67 -> 12.24 ms;
+    results/draft_round_h200_llama1b_fp8_produced_rows.json).
+    produced_rows=False: always quantized here (the benches' A/B)."""
     few_rows: Callable | None = None
     many_rows: Callable = scaled_mm_linear
     max_rows: int = 64
@@ -139,7 +142,8 @@ class Fp8Linear:
             y = self.many_rows(x, weight, scale)
         return y + bias if bias is not None else y
 
-    def normed_rows(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> tuple[Fp8Rows, torch.Tensor]:
+    def normed_rows(self, x: torch.Tensor, residual: torch.Tensor,
+                    norm: nn.Module) -> tuple[Fp8Rows, torch.Tensor]:
         """norm(x + residual) (an RMSNorm: .weight, .eps) as Fp8Rows, and x + residual."""
         values, scales, residual = self.quantizing_add_rms_norm(x, residual, norm.weight, norm.eps)
         return Fp8Rows(values, scales, x.dtype), residual
