@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Callable
 
 import torch
 
@@ -82,11 +83,22 @@ def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements
     few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
     if few_rows is not None:
         few_rows.library_fp8 = many_rows
-    linear = Fp8Linear(few_rows, many_rows, quantizing_add_rms_norm=fuse(add_rms_norm_fp8),
-                       quantizing_silu_and_mul=fuse(silu_and_mul_fp8), produced_rows=produced_rows)
+    add_rms_norm, silu_and_mul = fuse(add_rms_norm_fp8), fuse(silu_and_mul_fp8)
+    if compiled:   # the GPU graph path: Inductor's producers or the one-pass Triton ones, the faster
+        add_rms_norm, silu_and_mul = load_measured_producers(add_rms_norm, silu_and_mul)
+    linear = Fp8Linear(few_rows, many_rows, quantizing_add_rms_norm=add_rms_norm,
+                       quantizing_silu_and_mul=silu_and_mul, produced_rows=produced_rows)
     count = quantize_model_fp8(model, linear, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), names,
                                min_elements)
     log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(names), min_elements)
+
+
+def load_measured_producers(add_rms_norm: Callable, silu_and_mul: Callable) -> tuple[Callable, Callable]:
+    try:
+        from ssd.layers.triton_fp8_rows import measured_producers
+    except ImportError:
+        return add_rms_norm, silu_and_mul
+    return measured_producers(add_rms_norm, silu_and_mul)
 
 
 class _default_dtype:
