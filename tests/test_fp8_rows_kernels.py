@@ -73,6 +73,12 @@ def test_faster_of_measures_each_shape_once_and_runs_the_faster_that_agrees(monk
     wrong(torch.zeros(3))
     wrong(torch.zeros(3))
     assert calls[-1] == "first"                                 # a disagreeing second never runs
+    def failing(x):
+        raise RuntimeError("no kernel")
+    broken = FasterOf("x + 1", first, failing, agree, devices=("cpu",))
+    calls.clear()
+    broken(torch.zeros(3))
+    assert calls == ["first", "first"]                          # tried once, then the first
     plain = FasterOf("x + 1", first, second, agree)             # not measured on the CPU: the first
     calls.clear()
     plain(torch.zeros(3))

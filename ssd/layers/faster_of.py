@@ -39,7 +39,12 @@ class FasterOf:
 
     def _measure(self, args: tuple) -> Callable:
         shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-        if not self.agree(self.first(*args), self.second(*args)):
+        try:
+            agree = self.agree(self.first(*args), self.second(*args))
+        except Exception as exc:   # e.g. a kernel this GPU or Triton version cannot compile
+            log.warning("%s at %s: the second implementation failed (%s); the first runs", self.name, shapes, exc)
+            return self.first
+        if not agree:
             log.warning("%s at %s: the second implementation disagrees with the first; the first runs",
                         self.name, shapes)
             return self.first
