@@ -67,7 +67,8 @@ def _add_rms_norm_quant_kernel(x_ptr, residual_ptr, gain_ptr, out_ptr, scale_ptr
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    """[R, width] with unit stride along a row (the kernels' column offsets)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def _launch_shape(width: int) -> tuple[int, int]:
