@@ -136,10 +136,10 @@ class Fp8Linear:
             y = scaled_mm_rows(x, weight, scale)
         elif x.device.type not in self.scaled_mm_devices:
             y = dequantized_linear(x, weight, scale, widened)
-        elif self.few_rows is not None and x.numel() // x.shape[-1] <= self.max_rows:
-            y = self.few_rows.quantized(x, weight, scale)
-        else:
+        elif self.is_many_rows(x):
             y = self.many_rows(x, weight, scale)
+        else:
+            y = self.few_rows.quantized(x, weight, scale)
         return y + bias if bias is not None else y
 
     def normed_rows(self, x: torch.Tensor, residual: torch.Tensor,
@@ -151,10 +151,13 @@ class Fp8Linear:
     def activated_rows(self, gate_up: torch.Tensor) -> Fp8Rows:
         return Fp8Rows(*self.quantizing_silu_and_mul(gate_up), gate_up.dtype)
 
+    def is_many_rows(self, x: torch.Tensor) -> bool:
+        """More rows than the few-row kernel takes (or none runs): fp8 x fp8 where scaled_mm_devices says."""
+        return self.few_rows is None or x.numel() // x.shape[-1] > self.max_rows
+
     def takes_fp8_rows(self, x: torch.Tensor) -> bool:
         """Whether the product over x's rows runs fp8 x fp8 and takes them quantized by their producer."""
-        return (self.produced_rows and x.device.type in self.scaled_mm_devices
-                and (self.few_rows is None or x.numel() // x.shape[-1] > self.max_rows))
+        return self.produced_rows and x.device.type in self.scaled_mm_devices and self.is_many_rows(x)
 
 
 def fp8_rows_wanted(module: nn.Module, x: torch.Tensor) -> Fp8Linear | None:
