@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssd.layers.kernels import silu_and_mul
 from ssd.layers.layernorm import add_rms_norm
 
 FP8 = torch.float8_e4m3fn
@@ -47,16 +48,22 @@ FP8_MIN_ELEMENTS = 16 << 20
 _ROWS_PER_PASS = 8192                     # bounds the float32 temporary while quantizing an LM head
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (fp8 [..., K], scales float32 [R, 1]): each row scaled by its absolute maximum / 448."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scales = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(x.shape), scales
+
+
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (fp8 [N, K], scale [N] float32) with weight ~= fp8 * scale[:, None]."""
     quantized = torch.empty(weight.shape, dtype=FP8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], _ROWS_PER_PASS):
-        rows = weight[start:start + _ROWS_PER_PASS].float()
-        row_scale = (rows.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-        quantized[start:start + _ROWS_PER_PASS] = (rows / row_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        scale[start:start + _ROWS_PER_PASS] = row_scale
+        rows, row_scale = quantize_rows(weight[start:start + _ROWS_PER_PASS])
+        quantized[start:start + _ROWS_PER_PASS] = rows
+        scale[start:start + _ROWS_PER_PASS] = row_scale[:, 0]
     return quantized, scale
 
 
@@ -67,13 +74,6 @@ class Fp8Rows(NamedTuple):
     values: torch.Tensor
     scales: torch.Tensor
     dtype: torch.dtype
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] -> (fp8 [..., K], scales float32 [R, 1]): each row scaled by its absolute maximum / 448."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    scales = (rows.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(x.shape), scales
 
 
 def scaled_mm_rows(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -99,8 +99,7 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU(gate) * up, its rows quantized: (fp8 values, scales); compiled, one kernel."""
-    gate, up = x.chunk(2, dim=-1)
-    return quantize_rows(F.silu(gate) * up)
+    return quantize_rows(silu_and_mul(x))
 
 
 def dequantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
