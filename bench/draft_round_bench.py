@@ -166,6 +166,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     return {"batch": batch, "branch_tokens_per_step": batch * tree.shape.num_branches,
             **{name: median(t) for name, t in parts.items()}, "build_wall_ms": median(walls), **outcome,
             "linear_choices": linear_choices(draft), "norm_fusion_choices": norm_fusion_choices(draft),
+            "fp8_choices": fp8_choices(draft),
             "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph,
             **({"kernel_profiles": kernel_tables} if kernels else {})}
 
@@ -188,6 +189,22 @@ def norm_fusion_choices(draft: AsyncDraft) -> dict[str, str] | None:
         return None
     return {" ".join(str(d) for d in key[:4]): str(tiling or "unfused") for key, tiling in sorted(
         fusion.choices.items(), key=lambda item: item[0][:4])}
+
+
+def fp8_choices(draft: AsyncDraft) -> dict[str, str] | None:
+    """What the fp8 layers' measured kernels picked per shape: torch._scaled_mm or a Triton tiling
+    (ssd.layers.triton_fp8_matmul), Inductor's or the one-pass fp8-row producers (first / second)."""
+    fp8 = next((m.fp8 for m in draft.proposer.runner.model.modules() if getattr(m, "fp8", None) is not None), None)
+    if fp8 is None:
+        return None
+    picked = {}
+    for part in (fp8.rows_matmul, fp8.quantizing_add_rms_norm, fp8.quantizing_silu_and_mul):
+        name = getattr(part, "name", "fp8 rows matmul")
+        for key, choice in getattr(part, "choices", {}).items():
+            label = getattr(choice, "label", None) or ("first" if choice is getattr(part, "first", None) else
+                                                       "second" if choice is not None else "torch._scaled_mm")
+            picked[f"{name} {' '.join(str(d) for d in key[:3])}"] = label
+    return picked
 
 
 def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool | None:

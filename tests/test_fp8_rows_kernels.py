@@ -60,35 +60,40 @@ def test_faster_of_measures_each_shape_once_and_runs_the_faster_that_agrees(monk
     agree = lambda a, b: torch.equal(a[0], b[0])           # noqa: E731
     chooser = FasterOf("x + 1", first, second, agree, devices=("cpu",))
     chooser(torch.zeros(3))
+    assert calls == ["first"] and chooser.choices == {}        # outside the measuring window: not measured
+    with chooser.measuring_shapes():
+        chooser(torch.zeros(3))
     calls.clear()
     chooser(torch.zeros(3))
-    assert calls == ["second"]                                  # measured once: the faster runs
-    chooser(torch.zeros(4))
+    assert calls == ["second"] and not chooser.measuring       # measured once: the faster runs
+    with chooser.measuring_shapes():
+        chooser(torch.zeros(4))
     calls.clear()
     times["first"] = 1.0
     chooser(torch.zeros(4))
     assert calls == ["second"] and len(chooser.choices) == 2    # each shape keeps its choice
-    wrong = FasterOf("x + 1", first, lambda x: (x + 2,), agree, devices=("cpu",))
+    wrong = FasterOf("x + 1", first, lambda x: (x + 2,), agree, devices=("cpu",), measuring=True)
     calls.clear()
     wrong(torch.zeros(3))
     wrong(torch.zeros(3))
     assert calls[-1] == "first"                                 # a disagreeing second never runs
     def failing(x):
         raise RuntimeError("no kernel")
-    broken = FasterOf("x + 1", first, failing, agree, devices=("cpu",))
+    broken = FasterOf("x + 1", first, failing, agree, devices=("cpu",), measuring=True)
     calls.clear()
     broken(torch.zeros(3))
     assert calls == ["first", "first"]                          # tried once, then the first
-    plain = FasterOf("x + 1", first, second, agree)             # not measured on the CPU: the first
+    plain = FasterOf("x + 1", first, second, agree, measuring=True)   # not measured on the CPU: the first
     calls.clear()
     plain(torch.zeros(3))
     assert calls == ["first"] and plain.choices == {}
 
 
 def test_engine_times_its_compiled_producers_against_the_one_pass_kernels():
-    from ssd.engine.model_runner import load_measured_producers
+    from ssd.engine.model_runner import load_measured_fp8_kernels
+    from ssd.layers.triton_fp8_matmul import MeasuredRowsMatmul
     norm, silu = object(), object()
-    measured = load_measured_producers(norm, silu)
-    assert [type(m) for m in measured] == [FasterOf, FasterOf]
+    *measured, matmul = load_measured_fp8_kernels(norm, silu)
+    assert [type(m) for m in measured] == [FasterOf, FasterOf] and isinstance(matmul, MeasuredRowsMatmul)
     assert (measured[0].first, measured[0].second) == (norm, add_rms_norm_fp8_triton)
     assert (measured[1].first, measured[1].second) == (silu, silu_and_mul_fp8_triton)

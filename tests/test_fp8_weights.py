@@ -244,7 +244,7 @@ def test_model_with_producer_quantized_rows_matches_the_separate_quantization(ti
             return fn(*args)
         return wrapper
     few_rows = type("FewRows", (), {"quantized": staticmethod(fp8_module.scaled_mm_linear)})()
-    linear = Fp8Linear(few_rows, counted("separate", fp8_module.scaled_mm_linear), max_rows=4,
+    linear = Fp8Linear(few_rows, quantize=counted("separate", fp8_module.quantize_rows), max_rows=4,
                        quantizing_add_rms_norm=counted("norm", fp8_module.add_rms_norm_fp8),
                        quantizing_silu_and_mul=counted("silu", fp8_module.silu_and_mul_fp8),
                        scaled_mm_devices=("cuda", "cpu"))

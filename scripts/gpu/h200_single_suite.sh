@@ -133,7 +133,7 @@ case $part in
            timeout ${ROUND_S:-380} python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 \
              --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} ${KERNELS:+--kernels} \
              ${FP8_ROWS:+--fp8-rows $FP8_ROWS} --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
-           grep -E "batch|Error|error|fp8 rows at" "$out/round_fp8fused.log" | cut -c1-600 ;;
+           grep -E "batch|Error|error|fp8 rows at|fp8 rows matmul" "$out/round_fp8fused.log" | cut -c1-600 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

@@ -18,7 +18,7 @@ from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
 from ssd.layers.embed_head import ParallelLMHead
 from ssd.layers.fp8 import (FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, add_rms_norm_fp8, quantize_model_fp8,
-                            scaled_mm_linear, silu_and_mul_fp8)
+                            quantize_rows, scaled_mm_linear, scaled_mm_rows, silu_and_mul_fp8)
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ssd.loading.checkpoint import load_checkpoint
@@ -79,26 +79,30 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
 def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements: int = FP8_MIN_ELEMENTS,
                  names: tuple[str, ...] = FP8_LAYERS, produced_rows: bool = True) -> None:
     fuse = torch.compile if compiled else (lambda fn: fn)
-    many_rows = fuse(scaled_mm_linear)
     few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
     if few_rows is not None:
-        few_rows.library_fp8 = many_rows
+        few_rows.library_fp8 = fuse(scaled_mm_linear)
     add_rms_norm, silu_and_mul = fuse(add_rms_norm_fp8), fuse(silu_and_mul_fp8)
-    if compiled:   # the GPU graph path: Inductor's producers or the one-pass Triton ones, the faster
-        add_rms_norm, silu_and_mul = load_measured_producers(add_rms_norm, silu_and_mul)
-    linear = Fp8Linear(few_rows, many_rows, quantizing_add_rms_norm=add_rms_norm,
+    rows_matmul = scaled_mm_rows
+    if compiled:   # the GPU graph path: Inductor's producers or the one-pass Triton ones, the faster; the
+        # same for torch._scaled_mm and the Triton fp8 matmul
+        add_rms_norm, silu_and_mul, rows_matmul = load_measured_fp8_kernels(add_rms_norm, silu_and_mul)
+    linear = Fp8Linear(few_rows, rows_matmul, fuse(quantize_rows), quantizing_add_rms_norm=add_rms_norm,
                        quantizing_silu_and_mul=silu_and_mul, produced_rows=produced_rows)
     count = quantize_model_fp8(model, linear, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), names,
                                min_elements)
     log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(names), min_elements)
 
 
-def load_measured_producers(add_rms_norm: Callable, silu_and_mul: Callable) -> tuple[Callable, Callable]:
+def load_measured_fp8_kernels(add_rms_norm: Callable, silu_and_mul: Callable) -> tuple[Callable, Callable, Callable]:
+    """(producer of normed fp8 rows, producer of activated fp8 rows, fp8 rows matmul): each the faster per
+    shape of the given / torch one and a Triton one, where Triton loads."""
     try:
+        from ssd.layers.triton_fp8_matmul import MeasuredRowsMatmul
         from ssd.layers.triton_fp8_rows import measured_producers
     except ImportError:
-        return add_rms_norm, silu_and_mul
-    return measured_producers(add_rms_norm, silu_and_mul)
+        return add_rms_norm, silu_and_mul, scaled_mm_rows
+    return *measured_producers(add_rms_norm, silu_and_mul), MeasuredRowsMatmul()
 
 
 class _default_dtype:
@@ -130,10 +134,15 @@ class ModelRunner:
         self.header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         self.graphs = GraphPool(self, cfg) if cfg.use_cuda_graphs else None
 
-    def measuring_shapes(self):
+    def measuring_shapes(self) -> contextlib.ExitStack:
         """Around a CUDA graph's warm-up: the linear layers measure the shapes they see there, wide
-        ones included (ssd.layers.triton_linear.MeasuredLinear.measuring_wide)."""
-        return getattr(self.model.kernels.linear, "measuring_wide", contextlib.nullcontext)()
+        ones included (ssd.layers.triton_linear.MeasuredLinear.measuring_wide), and so do the fp8
+        layers' measured kernels (Fp8Linear.measuring_shapes)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(getattr(self.model.kernels.linear, "measuring_wide", contextlib.nullcontext)())
+        for fp8 in {id(m.fp8): m.fp8 for m in self.model.modules() if getattr(m, "fp8", None) is not None}.values():
+            stack.enter_context(fp8.measuring_shapes())
+        return stack
 
     def linear_summary(self) -> str:
         """What the measured linear layers and the norm fusion chose so far ('' where neither runs)."""

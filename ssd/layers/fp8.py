@@ -19,6 +19,7 @@ The product, by where it runs:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -119,9 +120,13 @@ class Fp8Linear:
     down (normed_rows / activated_rows, compiled on the graph path) — one kernel fewer per product
     (H200, 1B draft round, B = 16, 32K head: 12.67 -> 12.24 ms;
     results/draft_round_h200_llama1b_fp8_produced_rows.json).
-    produced_rows=False: always quantized here (the benches' A/B)."""
+    produced_rows=False: always quantized here (the benches' A/B).
+    rows_matmul: the fp8 x fp8 product of Fp8Rows (scaled_mm_rows, or on the GPU's graph path the
+    measured choice between it and a Triton kernel: ssd.layers.triton_fp8_matmul); quantize: the
+    rows' quantization where no producer did it (quantize_rows, compiled on the graph path)."""
     few_rows: Callable | None = None
-    many_rows: Callable = scaled_mm_linear
+    rows_matmul: Callable = scaled_mm_rows
+    quantize: Callable = quantize_rows
     max_rows: int = 64
     quantizing_add_rms_norm: Callable = add_rms_norm_fp8
     quantizing_silu_and_mul: Callable = silu_and_mul_fp8
@@ -132,14 +137,22 @@ class Fp8Linear:
                  scale: torch.Tensor, widened: torch.Tensor | None = None) -> torch.Tensor:
         """widened: the fp8 weight already widened to x's dtype (CPU, see quantize_model_fp8)."""
         if isinstance(x, Fp8Rows):
-            y = scaled_mm_rows(x, weight, scale)
+            y = self.rows_matmul(x, weight, scale)
         elif x.device.type not in self.scaled_mm_devices:
             y = dequantized_linear(x, weight, scale, widened)
         elif self.is_many_rows(x):
-            y = self.many_rows(x, weight, scale)
+            y = self.rows_matmul(Fp8Rows(*self.quantize(x), x.dtype), weight, scale)
         else:
             y = self.few_rows.quantized(x, weight, scale)
         return y + bias if bias is not None else y
+
+    def measuring_shapes(self) -> contextlib.ExitStack:
+        """A context in which the measured parts (rows_matmul, the producers) measure new shapes."""
+        stack = contextlib.ExitStack()
+        for part in (self.rows_matmul, self.quantizing_add_rms_norm, self.quantizing_silu_and_mul):
+            if hasattr(part, "measuring_shapes"):
+                stack.enter_context(part.measuring_shapes())
+        return stack
 
     def normed_rows(self, x: torch.Tensor, residual: torch.Tensor,
                     norm: nn.Module) -> tuple[Fp8Rows, torch.Tensor]:

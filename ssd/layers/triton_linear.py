@@ -440,23 +440,30 @@ KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name))
 UNUSABLE = object()   # a stored choice this process cannot use (another format, an algorithm gone)
 
 
-def stored_choice(choice: SkinnyTiling | TmaTiling | LtAlgorithm | None) -> dict:
-    """A measured choice as the kernel cache stores it (a cuBLASLt algorithm by its heuristic rank)."""
+# a tiling's kind in the kernel cache -> its class (another kernel's chooser passes its own)
+TILING_KINDS = {"skinny": SkinnyTiling, "tma": TmaTiling}
+
+
+def stored_choice(choice, kinds: dict[str, type] = TILING_KINDS) -> dict:
+    """A measured choice (None: the library product; a tiling of one of `kinds`; a cuBLASLt algorithm)
+    as the kernel cache stores it (an algorithm by its heuristic rank)."""
     if choice is None:
         return {"kind": "library"}
-    if isinstance(choice, (SkinnyTiling, TmaTiling)):
-        return {"kind": "skinny" if isinstance(choice, SkinnyTiling) else "tma", **asdict(choice)}
+    kind = next((name for name, cls in kinds.items() if isinstance(choice, cls)), None)
+    if kind is not None:
+        return {"kind": kind, **asdict(choice)}
     return {"kind": "lt", "rank": choice.rank}
 
 
-def restored_choice(stored: dict, lt_algorithm: Callable[[int], LtAlgorithm | None]):
+def restored_choice(stored: dict, lt_algorithm: Callable[[int], LtAlgorithm | None],
+                    kinds: dict[str, type] = TILING_KINDS):
     """stored_choice's inverse (lt_algorithm(rank) finds the algorithm again), or UNUSABLE."""
     params = {name: value for name, value in stored.items() if name != "kind"}
     try:
         if stored.get("kind") == "library":
             return None
-        if stored.get("kind") in ("skinny", "tma"):
-            return (SkinnyTiling if stored["kind"] == "skinny" else TmaTiling)(**params)
+        if stored.get("kind") in kinds:
+            return kinds[stored["kind"]](**params)
         if stored.get("kind") == "lt":
             algorithm = lt_algorithm(int(params["rank"]))
             return UNUSABLE if algorithm is None else algorithm
@@ -466,26 +473,29 @@ def restored_choice(stored: dict, lt_algorithm: Callable[[int], LtAlgorithm | No
 
 
 def recalled_or_measured(cache: ChoiceCache | None, key: tuple, measure: Callable[[], object],
-                         lt_algorithm: Callable[[int], LtAlgorithm | None] = lambda rank: None) -> tuple[object, bool]:
+                         lt_algorithm: Callable[[int], LtAlgorithm | None] = lambda rank: None,
+                         kinds: dict[str, type] = TILING_KINDS) -> tuple[object, bool]:
     """(choice, whether it came from the cache): the one `cache` stores for key, else measure()'s,
     which is then stored."""
     stored = cache.get(key) if cache is not None else None
     if stored is not None:
-        choice = restored_choice(stored, lt_algorithm)
+        choice = restored_choice(stored, lt_algorithm, kinds)
         if choice is not UNUSABLE:
             return choice, True
     choice = measure()
     if cache is not None:
-        cache.put(key, stored_choice(choice))
+        cache.put(key, stored_choice(choice, kinds))
     return choice, False
 
 
 def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Tensor]], reference: torch.Tensor,
-                     weight: torch.Tensor, baseline: Callable[[torch.Tensor], object] | None = None):
+                     weight: torch.Tensor, baseline: Callable[[torch.Tensor], object] | None = None,
+                     times: dict | None = None):
     """The fastest of `candidates` (key -> product(weight)) whose product agrees with `reference` up to
     bf16 rounding (or the key's own `tolerance`: TmaTiling), each timed by streaming_time_us, or None:
     `baseline` (product(weight), timed first)
-    was faster, or nothing agreed. Without a baseline a lone agreeing candidate is taken untimed."""
+    was faster, or nothing agreed. Without a baseline a lone agreeing candidate is taken untimed.
+    times: filled with the microseconds measured (key -> us; None: the baseline)."""
     largest = reference.abs().max().item()
     agreeing = []
     for key, product in candidates.items():
@@ -499,7 +509,9 @@ def fastest_agreeing(candidates: dict[object, Callable[[torch.Tensor], torch.Ten
             log.debug("%s failed at %s: %s", key, tuple(weight.shape), exc)
     if not agreeing or (baseline is None and len(agreeing) == 1):   # nothing to time against
         return agreeing[0] if agreeing else None
-    times = {None: streaming_time_us(baseline, weight)} if baseline is not None else {}
+    times = {} if times is None else times
+    if baseline is not None:
+        times[None] = streaming_time_us(baseline, weight)
     for key in agreeing:
         try:
             times[key] = streaming_time_us(candidates[key], weight)
