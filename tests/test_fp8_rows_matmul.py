@@ -98,3 +98,38 @@ def test_the_runner_opens_the_fp8_layers_measuring_windows_around_graph_warm_ups
     with runner.measuring_shapes():
         assert matmul.measuring and norm.measuring
     assert not matmul.measuring and not norm.measuring
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ssd.layers.triton_fp8_matmul import CANDIDATES, _fp8_rows_matmul_kernel
+for tiling in (CANDIDATES[0], CANDIDATES[-1]):
+    t = tiling
+    signature = {"x_desc": f"tensordesc<fp8e4nv[{t.block_m}, {t.block_k}]>",
+                 "w_desc": f"tensordesc<fp8e4nv[{t.block_n}, {t.block_k}]>",
+                 "y_ptr": "*bf16" if t.split_k == 1 else "*fp32", "x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                 "M": "i32", "N": "i32"}
+    constants = {"K": 8192, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "SPLIT_K": t.split_k,
+                 "STAGES": t.stages}
+    source = ASTSource(fn=_fp8_rows_matmul_kernel, signature={**signature, **{c: "constexpr" for c in constants}},
+                       constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": t.num_warps})
+    assert "wgmma" in compiled.asm["ptx"] and compiled.asm["cubin"]
+print("compiled")
+"""
+
+
+def test_kernel_compiles_to_hoppers_fp8_warpgroup_mma():
+    """The interpreter does not compile: build two tilings for sm_90 (the down projection's K) with
+    Triton's bundled ptxas, in a process of their own without the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no CUDA backend")
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
