@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from ssd.layers import triton_linear  # noqa: E402
 from ssd.layers.fp8 import Fp8Rows, quantize_rows, quantize_weight, scaled_mm_rows  # noqa: E402
 from ssd.layers.triton_fp8_matmul import (KINDS, Fp8MatmulTiling, MeasuredRowsMatmul,  # noqa: E402
-                                          fp8_rows_matmul)
+                                          ScaledMmFastAccum, fp8_rows_matmul)
 from ssd.layers.triton_linear import restored_choice, stored_choice  # noqa: E402
 
 
@@ -80,6 +80,21 @@ def test_a_choice_survives_the_kernel_cache():
     stored = json.loads(json.dumps(stored_choice(tiling, KINDS)))
     assert stored["kind"] == "fp8_rows" and restored_choice(stored, lambda rank: None, KINDS) == tiling
     assert restored_choice(json.loads(json.dumps(stored_choice(None, KINDS))), lambda rank: None, KINDS) is None
+    fast = json.loads(json.dumps(stored_choice(ScaledMmFastAccum(), KINDS)))
+    assert restored_choice(fast, lambda rank: None, KINDS) == ScaledMmFastAccum()
+
+
+def test_fast_accumulation_is_a_candidate_of_its_own(monkeypatch):
+    x, weight, scale = operands(20, 32, 64)
+    timed = []                                    # the library first, then fast accumulation: faster
+    monkeypatch.setattr(triton_linear, "streaming_time_us",
+                        lambda product, weight: 1.0 if timed.append(product) or len(timed) > 1 else 2.0)
+    chooser = MeasuredRowsMatmul(kernel_cache=False)
+    assert isinstance(chooser.candidates[0], ScaledMmFastAccum)
+    chooser = MeasuredRowsMatmul(candidates=(ScaledMmFastAccum(), Fp8MatmulTiling(16, 64, 32, 2)), kernel_cache=False)
+    assert chooser.measure(x, weight, scale) == ScaledMmFastAccum()
+    chooser.choices[(20, 32, 64, torch.bfloat16)] = ScaledMmFastAccum()
+    torch.testing.assert_close(chooser(x, weight, scale), scaled_mm_rows(x, weight, scale))
 
 
 def test_the_runner_opens_the_fp8_layers_measuring_windows_around_graph_warm_ups(tiny_checkpoints):

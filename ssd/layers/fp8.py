@@ -77,11 +77,13 @@ class Fp8Rows(NamedTuple):
     dtype: torch.dtype
 
 
-def scaled_mm_rows(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp8 x fp8 on the tensor cores: x's rows times weight fp8 [N, K] (scale [N]) -> [..., N] in x.dtype."""
+def scaled_mm_rows(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
+    """fp8 x fp8 on the tensor cores: x's rows times weight fp8 [N, K] (scale [N]) -> [..., N] in x.dtype;
+    fast_accum: Hopper's fp8 MMA accumulating in its own precision throughout (no periodic promotion to
+    float32; as Triton's fp8 dot does on sm_90)."""
     lead, k = x.values.shape[:-1], x.values.shape[-1]
     y = torch._scaled_mm(x.values.reshape(-1, k), weight.t(), scale_a=x.scales, scale_b=scale[None, :],
-                         out_dtype=x.dtype)
+                         out_dtype=x.dtype, use_fast_accum=fast_accum)
     return y.view(*lead, weight.shape[0])
 
 

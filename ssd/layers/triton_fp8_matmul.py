@@ -8,7 +8,8 @@ has only 3 x 16 such tiles for 132 SMs. This kernel tiles rows x columns (option
 partial sums, added by triton_linear's _sum_splits_kernel) with both operands loaded by TMA; program
 ids run over row blocks first, so the programs reading one weight tile run together and it streams
 from memory once. `MeasuredRowsMatmul` times its tilings against torch._scaled_mm per (rows, N, K)
-inside the engine's measuring window (CUDA-graph warm-ups) and runs the fastest that agrees.
+inside the engine's measuring window (CUDA-graph warm-ups) and runs the fastest that agrees; also
+torch._scaled_mm with fast accumulation (ScaledMmFastAccum).
 """
 from __future__ import annotations
 
@@ -73,13 +74,20 @@ class Fp8MatmulTiling:
         return 2e-2
 
 
+@dataclass(frozen=True)
+class ScaledMmFastAccum:
+    """torch._scaled_mm with use_fast_accum (cuBLAS's fp8 kernels without periodic float32 promotion)."""
+    label = "torch._scaled_mm fast accum"
+    tolerance = 2e-2
+
+
 # tiles of 64-128 rows; for the 1B draft's down projection (N = 2048, K = 8192) narrower columns or
 # split-K give 96-192 programs where cuBLAS's 128 x 128 tiles give 48 at 336 rows
 CANDIDATES = (Fp8MatmulTiling(128, 128, 128, 4, num_warps=8), Fp8MatmulTiling(128, 256, 128, 3, num_warps=8),
               Fp8MatmulTiling(64, 128, 128, 4), Fp8MatmulTiling(128, 64, 128, 4), Fp8MatmulTiling(64, 64, 256, 3),
               Fp8MatmulTiling(128, 128, 128, 4, 2, 8), Fp8MatmulTiling(64, 128, 128, 4, 2),
               Fp8MatmulTiling(128, 128, 128, 4, 4, 8))
-KINDS = {"fp8_rows": Fp8MatmulTiling}   # how the kernel cache stores a choice (triton_linear.stored_choice)
+KINDS = {"fp8_rows": Fp8MatmulTiling, "scaled_mm_fast_accum": ScaledMmFastAccum}   # how the kernel cache stores a choice (triton_linear.stored_choice)
 
 
 def fp8_rows_matmul(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, tiling: Fp8MatmulTiling) -> torch.Tensor:
@@ -109,8 +117,8 @@ class MeasuredRowsMatmul:
     whichever measured fastest (agreeing with _scaled_mm) for (rows, N, K, dtype). Shapes are measured
     only inside `measuring_shapes` (the engine's CUDA-graph warm-ups), so a prompt of a new length
     never stalls on timing; elsewhere, and on CPU, an unmeasured shape runs _scaled_mm."""
-    candidates: tuple[Fp8MatmulTiling, ...] = CANDIDATES
-    choices: dict[tuple, Fp8MatmulTiling | None] = field(default_factory=dict)
+    candidates: tuple[Fp8MatmulTiling | ScaledMmFastAccum, ...] = (ScaledMmFastAccum(), *CANDIDATES)
+    choices: dict[tuple, Fp8MatmulTiling | ScaledMmFastAccum | None] = field(default_factory=dict)
     measuring: bool = False
     measuring_s: float = 0.0
     kernel_cache: bool = True
@@ -126,10 +134,7 @@ class MeasuredRowsMatmul:
             if not (self.measuring and x.values.is_cuda) or torch.cuda.is_current_stream_capturing():
                 return scaled_mm_rows(x, weight, scale)
             self._choose(key, x, weight, scale)
-        tiling = self.choices[key]
-        if tiling is None:
-            return scaled_mm_rows(x, weight, scale)
-        return fp8_rows_matmul(x, weight, scale, tiling)
+        return product(x, weight, scale, self.choices[key])
 
     def measuring_shapes(self):
         return measuring_window(self)
@@ -150,15 +155,25 @@ class MeasuredRowsMatmul:
         """The fastest tiling agreeing with torch._scaled_mm, or None (it was faster); times: filled
         with what each took (us)."""
         library_out = scaled_mm_rows(x, weight, scale)   # stays allocated (see MeasuredLinear.measure)
-        candidates = {tiling: (lambda w, t=tiling: fp8_rows_matmul(x, w, scale, t))
-                      for tiling in self.candidates if tiling.fits(*weight.shape)}
+        candidates = {choice: (lambda w, c=choice: product(x, w, scale, c)) for choice in self.candidates
+                      if isinstance(choice, ScaledMmFastAccum) or choice.fits(*weight.shape)}
         return fastest_agreeing(candidates, library_out.float(), weight,
                                 baseline=lambda w: scaled_mm_rows(x, w, scale), times=times)
 
 
-def label(choice: Fp8MatmulTiling | None) -> str:
+def product(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
+            choice: Fp8MatmulTiling | ScaledMmFastAccum | None) -> torch.Tensor:
+    if choice is None:
+        return scaled_mm_rows(x, weight, scale)
+    if isinstance(choice, ScaledMmFastAccum):
+        return scaled_mm_rows(x, weight, scale, fast_accum=True)
+    return fp8_rows_matmul(x, weight, scale, choice)
+
+
+def label(choice: Fp8MatmulTiling | ScaledMmFastAccum | None) -> str:
     return "torch._scaled_mm" if choice is None else choice.label
 
 
 # the files whose source a stored choice depends on (ssd.layers.choice_cache.setup_digest)
-KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name)) for name in ("triton_fp8_matmul.py", "triton_linear.py"))
+KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name))
+                       for name in ("triton_fp8_matmul.py", "triton_linear.py", "fp8.py"))
