@@ -61,12 +61,12 @@ def coordinator_for(pair):
 
 # ---------------------------------------------------------------- messages
 SAMPLES = [
-    AddRequest("r1", [1, 2, 3], {"temperature": 0.0, "max_tokens": 4}, queued=2),
+    AddRequest("r1", [1, 2, 3], {"temperature": 0.0, "max_tokens": 4}, queued=2, following=3),
     Abort("r1"), Shutdown(), EngineReady(123, 8, 2048, "async"),
     RoundDeltas(7, 0.012, [TokenDelta("r1", [4, 5], None), TokenDelta("r2", [], "abort"),
                            TokenDelta("r3", [6], "stop", "w6"), TokenDelta("r4", [7], "stop", 7)], 0.0003),
     RoundDeltas(None, 0.0, []), RequestRejected("r3", "prompt too long"), EngineFailed("boom"),
-    Submit("r4", [{"role": "user", "content": "hi"}], {"seed": 3}, chat=True), Submit("r5", "text", {}),
+    Submit("r4", [{"role": "user", "content": "hi"}], {"seed": 3}, chat=True), Submit("r5", "text", {}, following=1),
     RequestOutputs([OutputDelta("r1", [4], "é", None), OutputDelta("r2", [5], "", "stop", [1], "x", [1.0, None, 2.0]),
                     OutputDelta("r3", [6], "", "stop", [1], "x", [1.0, 1.5, 2.0], "w6")]),
     GetTimings(reset=True), RoundTimings([0.1], [0.001], [0.2], [0.01], [0.5], [0.05]),

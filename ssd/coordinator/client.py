@@ -152,7 +152,7 @@ class Coordinator:
             request_id = f"req-{next(self.request_numbers)}"
             self.inboxes[request_id] = deque()
             pending[request_id] = Pending(index, prompt)
-            self.send(Submit(request_id, prompt, dataclasses.asdict(sp), chat))
+            self.send(Submit(request_id, prompt, dataclasses.asdict(sp), chat, following=len(prompts) - index - 1))
         return pending
 
     def next_message(self, pending: dict[str, Pending]) -> OutputDelta | RequestRejected:

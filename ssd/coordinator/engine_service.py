@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200
 PARENT_CHECK_S = 0.5
+BURST_WAIT_S = 0.05   # an idle engine told more requests are right behind: how long it waits for them
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class EngineService:
         self.round_index = 0
         self.previous_round_end: float | None = None
         self.coordinator_queued = 0  # the coordinator's backlog, as of its last AddRequest
+        self.burst_following = 0     # AddRequests announced right behind the last one (AddRequest.following)
         self.stopping = False
         self.parent_check = Throttle(PARENT_CHECK_S)
 
@@ -64,6 +66,10 @@ class EngineService:
         self.send(EngineReady(os.getpid(), self.llm.cfg.num_slots, self.llm.max_model_len, self.mode))
         while not self.stopping:
             self.receive(timeout_ms=0 if self.busy else IDLE_POLL_MS)
+            if self.refill_wait and self.burst_following and not self.running:
+                # as LLM.generate would: a call's requests start together, not one round apart
+                self.await_refill(self.burst_following, BURST_WAIT_S)
+            self.burst_following = 0
             if self.busy:
                 self.run_round()
             elif self.unreported:
@@ -105,7 +111,7 @@ class EngineService:
 
     # ---- requests ----
     def add(self, request: AddRequest) -> int:
-        self.coordinator_queued = request.queued
+        self.coordinator_queued, self.burst_following = request.queued, request.following
         try:
             seq = self.make_sequence(request)
         except (ValueError, TypeError) as error:
@@ -170,9 +176,10 @@ class EngineService:
         return taken
 
     def await_refill(self, expected: int, budget_s: float) -> None:
-        """Freed slots with requests queued in the coordinator: wait briefly for them so they join the
-        next round, as they would in LLM.generate. Worth it while the wait costs the running batch
-        less than an empty slot costs (about one round's time per slot)."""
+        """Wait up to budget_s for `expected` requests so they join the next round, as they would in
+        LLM.generate: after freed slots with requests queued in the coordinator (worth it while the wait
+        costs the running batch less than an empty slot costs: about one round's time per slot), or
+        when idle with a burst announced (AddRequest.following)."""
         deadline = time.perf_counter() + budget_s
         while expected > 0:
             remaining_ms = math.ceil(1000 * (deadline - time.perf_counter()))

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
-PROTOCOL_VERSION = 2   # 2: stop_reason in TokenDelta and OutputDelta
+PROTOCOL_VERSION = 3   # 2: stop_reason in TokenDelta and OutputDelta; 3: `following` in Submit and AddRequest
 
 
 class ProtocolError(ValueError):
@@ -27,6 +27,8 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling_params: dict[str, Any]   # SamplingParams fields
     queued: int = 0                   # requests still waiting in the coordinator after this one
+    following: int = 0                # AddRequests of the same burst (one client call) on their way right
+                                      # behind this one: an idle engine waits briefly to start them together
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Submit:
     prompt: str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
     sampling_params: dict[str, Any]
     chat: bool = False
+    following: int = 0                # Submits of the same call right behind this one
 
 
 class OutputDelta(NamedTuple):

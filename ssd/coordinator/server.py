@@ -198,7 +198,7 @@ class CoordinatorServer:
             return
         self.requests[submit.request_id] = state
         self.admission.enqueue(submit.request_id)
-        await self.admit()
+        await self.admit(submit.following)
 
     def new_request(self, submit: Submit) -> RequestState:
         if submit.request_id in self.requests:
@@ -208,11 +208,15 @@ class CoordinatorServer:
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         return RequestState(submit.request_id, ids, params, detokenizer, time.perf_counter())
 
-    async def admit(self) -> None:
-        for request_id, queued in self.admission.admit():
+    async def admit(self, following: int = 0) -> None:
+        """Send the engine what admission lets in; following: requests of the same client call still
+        on their way here (the last one sent tells the engine how many of them will fit after it)."""
+        admitted = self.admission.admit()
+        fitting = min(following, self.admission.limit - len(self.admission.in_engine))
+        for n, (request_id, queued) in enumerate(admitted):
             state = self.requests[request_id]
             await self.send_engine(AddRequest(request_id, state.prompt_token_ids, dataclasses.asdict(state.params),
-                                              queued))
+                                              queued, fitting if n == len(admitted) - 1 else 0))
 
     async def on_abort(self, request_id: str) -> None:
         if request_id not in self.requests:
