@@ -137,7 +137,7 @@ case $part in
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-               for seqs in 1 16; do
+               for seqs in ${SEQS:-1 16}; do  # SEQS: the batch limits to run
                  PYTHONPATH=/tmp/site:$PYTHONPATH timeout 240 python bench/coordinator_bench.py --model llama-3.1-8b \
                    --random-weights --device cuda --num-prompts $((seqs * 2)) --max-num-seqs $seqs --prompt-len 256 \
                    --max-tokens 128 --repeats 3 --json "$out/coordinator_llama8b_b$seqs.json" > "$out/coordinator_b$seqs.log" 2>&1
