@@ -54,7 +54,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
                 quant: str | None = None, vocab: int | None = None, tree_kv_in_attention: bool = True,
                 linear_algorithms: int = LISTED_ALGORITHMS, linear_tma: bool = True,
                 norm_fusion: bool = True, fp8_layers: tuple[str, ...] | None = None,
-                fp8_produced_rows: bool = True, fp8_many_row_layers: tuple[str, ...] = ()) -> AsyncDraft:
+                fp8_produced_rows: bool = True) -> AsyncDraft:
     spec = AsyncSpecConfig.create(k, fan_out=fan_out)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target_cfg = RunnerConfig(model=preset, random_weights=True, device_type=device, dtype=dtype,
@@ -67,7 +67,7 @@ def build_draft(preset: str, k: int, fan_out: int, num_slots: int, max_len: int,
     cfg.first_gpu = 0
     if fp8_layers:
         cfg.fp8_layers = fp8_layers
-    cfg.fp8_produced_rows, cfg.fp8_many_row_layers = fp8_produced_rows, fp8_many_row_layers
+    cfg.fp8_produced_rows = fp8_produced_rows
     runner = ModelRunner(cfg, TPGroup())
     proposer = DraftProposer(runner, k, spec.saguaro_c, spec.shape.fanout_miss)
     return AsyncDraft(proposer, TreeBuilder(runner, spec.shape, spec.saguaro_c), "jit")
@@ -323,9 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp8-rows", nargs="+", choices=("produced", "separate"), default=["produced"],
                         help="fp8 weights, many-row products: activations quantized by the norm / SiLU-mul "
                              "writing them (produced) or by a kernel of their own (separate), one after the other")
-    parser.add_argument("--fp8-many-rows", nargs="+", type=layer_list_arm, default=["none"], metavar="none|LAYER,...",
-                        help="fp8 weights: layers kept as loaded plus an fp8 copy for many-row products "
-                             "(RunnerConfig.fp8_many_row_layers, e.g. qkv_proj), one after the other")
     parser.add_argument("--vocab", nargs="+", default=["none"], metavar="none|N",
                         help="the draft's LM head over all tokens and / or only N (ssd.spec.draft_vocabulary), "
                              "one after the other")
@@ -359,9 +356,9 @@ def main(argv: list[str]) -> int:
         log.error("needs a CUDA device (--device cpu: a smoke run only)")
         return 1
     rows = []
-    for blas, mode, linear, quant, fp8_rows, many_rows, vocab in itertools.product(
-            args.blas, args.attention, args.linear, args.quant, args.fp8_rows, args.fp8_many_rows, args.vocab):
-        if quant == "none" and (fp8_rows, many_rows) != (args.fp8_rows[0], args.fp8_many_rows[0]):
+    for blas, mode, linear, quant, fp8_rows, vocab in itertools.product(args.blas, args.attention, args.linear,
+                                                                        args.quant, args.fp8_rows, args.vocab):
+        if quant == "none" and fp8_rows != args.fp8_rows[0]:
             continue   # bf16 weights: nothing to quantize
         if args.device == "cuda":
             torch.backends.cuda.preferred_blas_library(blas)
@@ -370,12 +367,11 @@ def main(argv: list[str]) -> int:
                             **linear_options(linear),
                             quant=None if quant == "none" else "fp8", vocab=None if vocab == "none" else int(vocab),
                             fp8_layers=tuple(quant.split(":", 1)[1].split(",")) if ":" in quant else None,
-                            fp8_produced_rows=fp8_rows == "produced",
-                            fp8_many_row_layers=() if many_rows == "none" else tuple(many_rows.split(",")))
+                            fp8_produced_rows=fp8_rows == "produced")
         for batch in args.batches:
             arm = {"blas": blas, "attention": mode, "linear": linear, "weights": quant, "head_vocab": vocab}
             if quant != "none":
-                arm.update(fp8_rows=fp8_rows, fp8_many_rows=many_rows)
+                arm["fp8_rows"] = fp8_rows
             rows.append({**arm, **measure_batch(draft, batch, args.context, args.warmup, args.iters, args.kernels)})
             log.info("%s", {key: value for key, value in rows[-1].items() if key != "kernel_profiles"})
             if args.out:   # after every row: a run cut short by a time limit keeps what it measured
@@ -384,13 +380,6 @@ def main(argv: list[str]) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return 0
-
-
-def layer_list_arm(value: str) -> str:
-    """--fp8-many-rows' values: none or NAME,NAME (layers' names' last parts)."""
-    if value == "none" or all(value.split(",")):
-        return value
-    raise argparse.ArgumentTypeError(f"expected none or LAYER,LAYER..., got {value!r}")
 
 
 def quant_arm(value: str) -> str:

@@ -262,33 +262,3 @@ def test_model_with_producer_quantized_rows_matches_the_separate_quantization(ti
     linear.produced_rows = True
     runner.forward(ids[:, :3], positions[:, :3], 3)                        # 3 rows <= max_rows: few-row kernel
     assert calls["norm"] == layers and calls["silu"] == layers
-
-
-def test_fp8_copies_multiply_many_rows_in_fp8_and_few_rows_as_loaded(tiny_checkpoints):
-    """add_fp8_copies (RunnerConfig.fp8_many_row_layers): qkv keeps its weight for few rows (the
-    few-row kernels are faster unquantized there) and multiplies many rows fp8 x fp8 with its copy,
-    taking them quantized by the input norm: the logits of qkv stored in fp8, and of qkv as loaded."""
-    from ssd.layers import fp8 as fp8_module
-    from ssd.layers.embed_head import ParallelLMHead
-    from ssd.layers.fp8 import add_fp8_copies, quantize_model_fp8
-    from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
-    layer_types = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)
-    path = str(tiny_checkpoints["qwen2"])                        # qkv with a bias
-    few_rows = type("FewRows", (), {"quantized": staticmethod(fp8_module.scaled_mm_linear)})()
-
-    def runner(stored, copied):
-        built = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=2), TPGroup())
-        linear = Fp8Linear(few_rows, max_rows=4, scaled_mm_devices=("cuda", "cpu"))
-        quantize_model_fp8(built.model, linear, layer_types, stored, 0)
-        assert add_fp8_copies(built.model, linear, layer_types, copied) == (built.arch.num_layers if copied else 0)
-        return built
-    copies = runner(("down_proj",), ("qkv_proj",))
-    in_fp8, as_loaded = runner(("down_proj", "qkv_proj"), ()), runner(("down_proj",), ())
-    qkv = copies.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.weight.dtype == torch.float32 and qkv.weight_fp8.dtype == FP8
-    ids, positions = torch.tensor([PROMPTS[2][:9]]), torch.arange(9)[None]
-    many = copies.forward(ids, positions, 9)
-    torch.testing.assert_close(many, in_fp8.forward(ids, positions, 9), rtol=0, atol=0)
-    assert not torch.equal(many, as_loaded.forward(ids, positions, 9))
-    few = copies.forward(ids[:, :3], positions[:, :3], 3)                   # 3 rows <= max_rows
-    torch.testing.assert_close(few, as_loaded.forward(ids[:, :3], positions[:, :3], 3), rtol=0, atol=0)

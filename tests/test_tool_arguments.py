@@ -190,16 +190,15 @@ def test_draft_round_bench_restricts_a_checkpoints_head(checkpoints, tmp_path):
     assert [row["head_vocab"] for row in json.loads(out.read_text())["rows"]] == ["50"]
 
 
-def test_draft_round_bench_measures_fp8_arms_only_for_fp8_weights(checkpoints, tmp_path):
+def test_draft_round_bench_measures_fp8_rows_arms_only_for_fp8_weights(checkpoints, tmp_path):
     out = tmp_path / "round.json"
     assert bench_script("draft_round_bench").main(
         ["--device", "cpu", "--preset", str(checkpoints["bare"]), "--quant", "none", "fp8:down_proj", "--fp8-rows",
-         "produced", "separate", "--fp8-many-rows", "none", "qkv_proj", "--batches", "1", "--iters", "1",
-         "--warmup", "0", "--context", "16", "--out", str(out)]) == 0
+         "produced", "separate", "--batches", "1", "--iters", "1", "--warmup", "0", "--context", "16",
+         "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["weights"], row.get("fp8_rows"), row.get("fp8_many_rows")) for row in rows] == [
-        ("none", None, None), ("fp8:down_proj", "produced", "none"), ("fp8:down_proj", "produced", "qkv_proj"),
-        ("fp8:down_proj", "separate", "none"), ("fp8:down_proj", "separate", "qkv_proj")]
+    assert [(row["weights"], row.get("fp8_rows")) for row in rows] == [
+        ("none", None), ("fp8:down_proj", "produced"), ("fp8:down_proj", "separate")]
 
 
 def test_decode_profile_needs_cuda(no_cuda, caplog, capsys):

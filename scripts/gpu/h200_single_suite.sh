@@ -126,15 +126,13 @@ case $part in
            # default layers, ssd.layers.fp8.FP8_LAYERS) and fp8 on the head alone, or the weights QUANTS names (e.g. QUANTS="none fp8:down_proj,lm_head");
            # SWEEP_S=1 skips the sweep, KERNELS=1 adds the round's kernel tables, FP8_ROWS="produced separate" measures
            # many-row products' activations quantized by the norm / SiLU-mul or by a kernel of their own (the
-           # "fp8 rows at" lines: Inductor's producers against the one-pass Triton ones, per shape),
-           # FP8_MANY_ROWS="none qkv_proj" layers kept as loaded plus an fp8 copy for many rows
+           # "fp8 rows at" lines: Inductor's producers against the one-pass Triton ones, per shape)
            timeout ${SWEEP_S:-200} python bench/draft_kernel_sweep.py --parts fp8_fusion --out "$out/fp8_fusion_sweep.json" \
              > "$out/fp8_fusion_sweep.log" 2>&1
            grep -E "fp8 fusion .*best|Error|error" "$out/fp8_fusion_sweep.log" | cut -c1-480
            timeout ${ROUND_S:-380} python bench/draft_round_bench.py --preset llama-3.2-1b --k 6 --f 3 --batches 1 16 \
              --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} ${KERNELS:+--kernels} \
-             ${FP8_ROWS:+--fp8-rows $FP8_ROWS} ${FP8_MANY_ROWS:+--fp8-many-rows $FP8_MANY_ROWS} \
-             --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
+             ${FP8_ROWS:+--fp8-rows $FP8_ROWS} --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
            grep -E "batch|Error|error|fp8 rows at|fp8 rows matmul" "$out/round_fp8fused.log" | cut -c1-600 ;;
   llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
   qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;

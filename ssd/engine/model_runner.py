@@ -17,8 +17,8 @@ from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.attention import ForwardContext, TreeContext
 from ssd.layers.embed_head import ParallelLMHead
-from ssd.layers.fp8 import (FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, add_fp8_copies, add_rms_norm_fp8,
-                            quantize_model_fp8, quantize_rows, scaled_mm_linear, scaled_mm_rows, silu_and_mul_fp8)
+from ssd.layers.fp8 import (FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, add_rms_norm_fp8, quantize_model_fp8,
+                            quantize_rows, scaled_mm_linear, scaled_mm_rows, silu_and_mul_fp8)
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ssd.loading.checkpoint import load_checkpoint
@@ -72,13 +72,12 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
                         "saved: for accuracy checks)", cfg.dtype)
         quantize_fp8(model, kernels, cfg.use_cuda_graphs and cfg.compile,
                      FP8_MIN_ELEMENTS if device.type == "cuda" and cfg.fp8_layers == FP8_LAYERS else 0,
-                     cfg.fp8_layers, cfg.fp8_produced_rows, cfg.fp8_many_row_layers)
+                     cfg.fp8_layers, cfg.fp8_produced_rows)
     return model.eval()
 
 
 def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements: int = FP8_MIN_ELEMENTS,
-                 names: tuple[str, ...] = FP8_LAYERS, produced_rows: bool = True,
-                 many_row_names: tuple[str, ...] = ()) -> None:
+                 names: tuple[str, ...] = FP8_LAYERS, produced_rows: bool = True) -> None:
     fuse = torch.compile if compiled else (lambda fn: fn)
     few_rows = kernels.linear if hasattr(kernels.linear, "quantized") else None   # the measured Triton linear
     if few_rows is not None:
@@ -90,11 +89,8 @@ def quantize_fp8(model: CausalLM, kernels: Kernels, compiled: bool, min_elements
         add_rms_norm, silu_and_mul, rows_matmul = load_measured_fp8_kernels(add_rms_norm, silu_and_mul)
     linear = Fp8Linear(few_rows, rows_matmul, fuse(quantize_rows), quantizing_add_rms_norm=add_rms_norm,
                        quantizing_silu_and_mul=silu_and_mul, produced_rows=produced_rows)
-    layer_types = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)
-    count = quantize_model_fp8(model, linear, layer_types, names, min_elements)
-    if many_row_names:
-        copies = add_fp8_copies(model, linear, layer_types, many_row_names)
-        log.info("fp8 copies for many rows: %d layers (%s)", copies, ", ".join(many_row_names))
+    count = quantize_model_fp8(model, linear, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead), names,
+                               min_elements)
     log.info("fp8 weights: %d layers (%s of >= %d weights; per-row scales)", count, ", ".join(names), min_elements)
 
 

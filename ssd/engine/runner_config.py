@@ -34,7 +34,6 @@ class RunnerConfig:
     weight_quant: str | None = None   # "fp8": the largest weights (MLP, LM head) in fp8 (ssd.layers.fp8; drafts)
     fp8_layers: tuple[str, ...] = FP8_LAYERS   # ... the layers (names' last parts) weight_quant="fp8" stores in fp8
     fp8_produced_rows: bool = True    # ... many-row fp8 x fp8 products take their rows quantized by the norm / SiLU
-    fp8_many_row_layers: tuple[str, ...] = ()   # ... layers kept as loaded plus an fp8 copy for many rows
     #                                            (the default list: on GPU only its weights of >= FP8_MIN_ELEMENTS)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
     seed: int = 0

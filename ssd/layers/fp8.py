@@ -169,30 +169,9 @@ class Fp8Linear:
         """More rows than the few-row kernel takes (or none runs): fp8 x fp8 where scaled_mm_devices says."""
         return self.few_rows is None or x.numel() // x.shape[-1] > self.max_rows
 
-    def runs_fp8_rows(self, x: torch.Tensor) -> bool:
-        """Whether the product over x's rows runs fp8 x fp8 (rows_matmul)."""
-        return x.device.type in self.scaled_mm_devices and self.is_many_rows(x)
-
     def takes_fp8_rows(self, x: torch.Tensor) -> bool:
         """Whether the product over x's rows runs fp8 x fp8 and takes them quantized by their producer."""
-        return self.produced_rows and self.runs_fp8_rows(x)
-
-
-@dataclass
-class ManyRowsFp8:
-    """The `linear` of a layer that keeps its weight for few rows and multiplies many rows fp8 x fp8
-    with an fp8 copy (add_fp8_copies): for weights the few-row kernels multiply faster unquantized
-    (qkv: 8.6 -> 9.8 us in fp8 at 21 rows, H100) while at B = 16's 336 rows fp8 x fp8 is the faster."""
-    own: Callable            # the layer's linear, on its own weight
-    fp8: Fp8Linear
-    weight: torch.Tensor     # fp8 [N, K]
-    scale: torch.Tensor      # [N]
-
-    def __call__(self, x: torch.Tensor | Fp8Rows, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(x, Fp8Rows) or self.fp8.runs_fp8_rows(x):
-            return self.fp8(x, self.weight, bias, scale=self.scale)
-        return self.own(x, weight, bias)
+        return self.produced_rows and x.device.type in self.scaled_mm_devices and self.is_many_rows(x)
 
 
 def fp8_rows_wanted(module: nn.Module, x: torch.Tensor) -> Fp8Linear | None:
@@ -220,23 +199,6 @@ def quantize_model_fp8(model: nn.Module, linear: Fp8Linear, layer_types: tuple[t
             # CPU: fp8 values kept widened too (fp8 numbers at float speed, for accuracy checks)
             widened = quantized.to(dtype) if quantized.device.type == "cpu" else None
             module.linear = functools.partial(linear, scale=scale, widened=widened)
-            module.fp8 = linear
-            count += 1
-    return count
-
-
-@torch.no_grad()
-def add_fp8_copies(model: nn.Module, linear: Fp8Linear, layer_types: tuple[type, ...],
-                   names: tuple[str, ...]) -> int:
-    """Every module of layer_types named one of `names` keeps its weight and gains an fp8 copy
-    (buffers weight_fp8, weight_scale) for the products over many rows (ManyRowsFp8); returns how many."""
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, layer_types) and name.rsplit(".", 1)[-1] in names:
-            quantized, scale = quantize_weight(module.weight)
-            module.register_buffer("weight_fp8", quantized)
-            module.register_buffer("weight_scale", scale)
-            module.linear = ManyRowsFp8(module.linear, linear, quantized, scale)
             module.fp8 = linear
             count += 1
     return count

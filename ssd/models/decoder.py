@@ -75,14 +75,6 @@ class MLP(nn.Module):
         return self.down_proj(fp8.activated_rows(gate_up) if fp8 else self.kernels.silu_and_mul(gate_up))
 
 
-def add_norm_for(consumer: nn.Module, norm: RMSNorm, x: torch.Tensor,
-                 residual: torch.Tensor) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
-    """norm(x + residual), x + residual; the first as fp8 rows where the consumer's product takes them
-    from the norm (ssd.layers.fp8.Fp8Linear)."""
-    fp8 = fp8_rows_wanted(consumer, x)
-    return fp8.normed_rows(x, residual, norm) if fp8 else norm(x, residual)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer: int, tp: TPGroup, kernels: Kernels):
         super().__init__()
@@ -95,9 +87,13 @@ class DecoderLayer(nn.Module):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = add_norm_for(self.self_attn.qkv_proj, self.input_layernorm, x, residual)
+            x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, ctx)
-        x, residual = add_norm_for(self.mlp.gate_up_proj, self.post_attention_layernorm, x, residual)
+        fp8 = fp8_rows_wanted(self.mlp.gate_up_proj, x)
+        if fp8:   # the norm writes the fp8 rows gate/up reads
+            x, residual = fp8.normed_rows(x, residual, self.post_attention_layernorm)
+        else:
+            x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
     def forward_fused(self, h: torch.Tensor, rope, ctx: ForwardContext, fusion: NormFusion) -> torch.Tensor:
