@@ -143,3 +143,22 @@ def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_
         observed = torch.bincount(tokens[:, 0], minlength=q.numel()).double()
         kept = q > 0
         assert chisquare(observed[kept].numpy(), (q[kept] / q[kept].sum() * rows).numpy()).pvalue > 1e-3
+
+
+def test_a_tree_round_holds_what_each_step_would_build(tiny_checkpoints):
+    """The inputs every step shares, built once per round: step m's positions, scratch entries and
+    RoPE rows, and the rows' key ends."""
+    from ssd.layers.attention import tree_keys_end
+    runner = runner_for(tiny_checkpoints["llama"], scratch_len=24)
+    prefix_limit = torch.tensor([[3, 4, 4], [7, 8, 9]])
+    entry = torch.tensor([128, 132, 136])
+    steps = runner.tree_round(prefix_limit, entry, 4)
+    for depth in range(4):
+        positions = prefix_limit + 1 + depth
+        assert torch.equal(steps.positions[depth], positions)
+        assert torch.equal(steps.write_index[depth], (entry + depth).expand(2, 3))
+        cos, sin = runner.model.model.rotary(positions)
+        assert torch.equal(steps.cos[depth], cos) and torch.equal(steps.sin[depth], sin)
+        tree = steps.context(depth, 128, torch.ones(3, 12, dtype=torch.bool))
+        assert (tree.depth, tree.branch_len) == (depth, 4)
+    assert torch.equal(steps.keys_end, tree_keys_end(prefix_limit)) and steps.keys_end.tolist() == [5, 10]

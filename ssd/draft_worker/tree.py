@@ -17,7 +17,6 @@ from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, larg
                                 sample_from_weights)
 from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
-from ssd.layers.attention import TreeContext
 from ssd.engine.greedy import greedy_tokens
 from ssd.engine.graph_capture import graph_capture
 from ssd.engine.progress_log import ProgressLog
@@ -173,16 +172,17 @@ class TreeBuilder:
         scratch_start = self.runner.max_len
         entry = scratch_start + torch.arange(n, device=guess.device) * k                # [N]
         prefix_limit = (lengths[:, None] - 1 + self.fork[None, :]).expand(batch, n)
+        steps = self.runner.tree_round(prefix_limit, entry, k)
         current, tokens, probs = guess, [], []
         greedy = sampling is None or sampling.all_greedy
+        counters = None if greedy else steps.positions + 1        # a drawn token's position: its stream
         for depth in range(k):
-            positions = prefix_limit + 1 + depth
-            tree = TreeContext((entry + depth).expand(batch, n), scratch_start, self.masks[depth], k, depth)
+            tree = steps.context(depth, scratch_start, self.masks[depth])
             if greedy:   # the argmax straight from the head (a restricted one: over its kept tokens only)
-                current = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position, greedy=True)
+                current = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position, greedy=True)
             else:
-                logits = self.runner.tree_forward(current, positions, prefix_limit, tree, max_position)
-                current, p = self.pick(logits, positions + 1, sampling, depth,
+                logits = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position)
+                current, p = self.pick(logits, counters[depth], sampling, depth,
                                        probs_out[:, :, depth] if probs_out is not None else None)
                 if probs_out is None:
                     probs.append(p)

@@ -15,7 +15,7 @@ from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.greedy import greedy_tokens
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
-from ssd.layers.attention import ForwardContext, TreeContext
+from ssd.layers.attention import ForwardContext, TreeContext, TreeRound, tree_keys_end
 from ssd.layers.embed_head import ParallelLMHead
 from ssd.layers.fp8 import (FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, add_rms_norm_fp8, quantize_model_fp8,
                             quantize_rows, scaled_mm_linear, scaled_mm_rows, silu_and_mul_fp8)
@@ -163,16 +163,27 @@ class ModelRunner:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
         return self.model.compute_logits(hidden).float()
 
+    def tree_round(self, prefix_limit: torch.Tensor, entry: torch.Tensor, k: int) -> TreeRound:
+        """The inputs a tree round's K steps share (TreeRound): prefix_limit [B, N] (branch n's fork
+        point: its step m sits at position prefix_limit + 1 + m), entry [N] its first scratch entry."""
+        depths = torch.arange(k, device=prefix_limit.device)
+        positions = prefix_limit[None] + 1 + depths[:, None, None]                          # [K, B, N]
+        write_index = (entry[None, :] + depths[:, None])[:, None, :].expand(positions.shape)
+        cos, sin = self.model.model.rotary(positions)
+        return TreeRound(positions, write_index, cos, sin, tree_keys_end(prefix_limit))
+
     @torch.inference_mode()
-    def tree_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix_limit: torch.Tensor,
-                     tree: TreeContext, max_position: int, greedy: bool = False) -> torch.Tensor:
-        """Branch step of the draft's speculation tree (single-rank draft only): input_ids/positions/
+    def tree_forward(self, input_ids: torch.Tensor, steps: TreeRound, tree: TreeContext, prefix_limit: torch.Tensor,
+                     max_position: int, greedy: bool = False) -> torch.Tensor:
+        """Branch step tree.depth of the draft's speculation tree (single-rank draft only): input_ids /
         prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
         Returns logits [B, N, V] in the model's dtype (sampled ones convert when filtering — at B=16 a
         float32 copy of 336 x 128k logits would cost more per step than the step's attention), or with
         greedy the argmax token ids [B, N] (a restricted head: over its kept tokens' logits, which
         picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted)."""
-        ctx = ForwardContext(positions, prefix_limit, self.attend_bucket(max_position + 1), self.kv.k, self.kv.v, 0, tree)
+        depth = tree.depth
+        ctx = ForwardContext(steps.positions[depth], prefix_limit, self.attend_bucket(max_position + 1), self.kv.k,
+                             self.kv.v, 0, tree, (steps.cos[depth], steps.sin[depth]), steps.keys_end)
         hidden = self.model(input_ids, ctx)
         head = self.model.lm_head
         if not greedy:

@@ -1,7 +1,7 @@
 """Attention over the slot KV cache: write the new keys/values at their true positions, then attend."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -34,6 +34,27 @@ class TreeContext:
         return blocks[torch.arange(n, device=blocks.device), torch.arange(n, device=blocks.device)]
 
 
+@dataclass(frozen=True)
+class TreeRound:
+    """What the K steps of a tree round share, computed once per round: at B = 1 each of these is a
+    kernel of a few microseconds, formerly built again at every step. positions / write_index [K, B, N]
+    (step m's query positions and scratch entries), cos / sin their RoPE rows [K, B, N, 1, D/2],
+    keys_end [B] (the committed keys the round's queries see end there, at every step)."""
+    positions: torch.Tensor
+    write_index: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys_end: torch.Tensor
+
+    def context(self, depth: int, scratch_start: int, scratch_mask: torch.Tensor) -> TreeContext:
+        return TreeContext(self.write_index[depth], scratch_start, scratch_mask, self.positions.shape[0], depth)
+
+
+def tree_keys_end(key_limit: torch.Tensor) -> torch.Tensor:
+    """[B, T] last committed positions each query sees -> [B] one past the row's largest."""
+    return key_limit.amax(dim=1) + 1
+
+
 @dataclass
 class ForwardContext:
     """Per-forward inputs shared by every layer (built once per forward, passed explicitly)."""
@@ -44,14 +65,18 @@ class ForwardContext:
     v_caches: list[torch.Tensor]
     first_slot: int = 0            # batch row b uses slot first_slot + b
     tree: TreeContext | None = None
-    slot_rows: torch.Tensor = field(init=False)  # [B, 1] cache slot of each batch row
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # (cos, sin) rows of `positions`, where the
+    #                                caller gathered them already (a tree round: all its steps at once)
+    known_keys_end: torch.Tensor | None = None   # keys_end, where the caller has it (the same every tree step)
 
-    def __post_init__(self):
-        # built once per forward: per layer it would be two more kernels in every decode step
+    # built on first use (once per forward, not per layer; a fused tree step needs none of these three):
+    # the KV write needs slot_rows, the fused kernel keys_end, the matmul path the mask
+    @cached_property
+    def slot_rows(self) -> torch.Tensor:
+        """[B, 1] cache slot of each batch row."""
         batch = self.positions.shape[0]
-        self.slot_rows = (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
+        return (self.first_slot + torch.arange(batch, device=self.positions.device))[:, None]
 
-    # built on first use (once per forward): the fused kernel needs keys_end, the matmul path the mask
     @cached_property
     def attn_mask(self) -> torch.Tensor:
         """[B, 1, T, L] bool, which committed cache positions each query sees."""
@@ -60,7 +85,7 @@ class ForwardContext:
     @cached_property
     def keys_end(self) -> torch.Tensor:
         """[B] one past the last committed position any query of the row sees."""
-        return self.key_limit.amax(dim=1) + 1
+        return self.known_keys_end if self.known_keys_end is not None else tree_keys_end(self.key_limit)
 
     @cached_property
     def contiguous_from(self) -> int | None:

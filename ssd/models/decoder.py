@@ -117,7 +117,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary(ctx.positions)
+        rope = ctx.rope if ctx.rope is not None else self.rotary(ctx.positions)
         fusion = None if self.tensor_parallel else self.kernels.norm_fusion
         if fusion is not None and fusion.applies(x):
             for layer in self.layers:
