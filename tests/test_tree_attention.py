@@ -148,7 +148,7 @@ def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_
 def test_a_tree_round_holds_what_each_step_would_build(tiny_checkpoints):
     """The inputs every step shares, built once per round: step m's positions, scratch entries and
     RoPE rows, and the rows' key ends."""
-    from ssd.layers.attention import tree_keys_end
+    from ssd.layers.attention import keys_end_of
     runner = runner_for(tiny_checkpoints["llama"], scratch_len=24)
     prefix_limit = torch.tensor([[3, 4, 4], [7, 8, 9]])
     entry = torch.tensor([128, 132, 136])
@@ -161,4 +161,4 @@ def test_a_tree_round_holds_what_each_step_would_build(tiny_checkpoints):
         assert torch.equal(steps.cos[depth], cos) and torch.equal(steps.sin[depth], sin)
         tree = steps.context(depth, 128, torch.ones(3, 12, dtype=torch.bool))
         assert (tree.depth, tree.branch_len) == (depth, 4)
-    assert torch.equal(steps.keys_end, tree_keys_end(prefix_limit)) and steps.keys_end.tolist() == [5, 10]
+    assert torch.equal(steps.keys_end, keys_end_of(prefix_limit)) and steps.keys_end.tolist() == [5, 10]

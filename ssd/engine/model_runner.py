@@ -15,7 +15,7 @@ from ssd.engine.cuda_graphs import GraphPool
 from ssd.engine.greedy import greedy_tokens
 from ssd.engine.kv_cache import KVCache, fit_max_len
 from ssd.engine.runner_config import RunnerConfig
-from ssd.layers.attention import ForwardContext, TreeContext, TreeRound, tree_keys_end
+from ssd.layers.attention import ForwardContext, TreeContext, TreeRound, keys_end_of
 from ssd.layers.embed_head import ParallelLMHead
 from ssd.layers.fp8 import (FP8_LAYERS, FP8_MIN_ELEMENTS, Fp8Linear, add_rms_norm_fp8, quantize_model_fp8,
                             quantize_rows, scaled_mm_linear, scaled_mm_rows, silu_and_mul_fp8)
@@ -170,7 +170,7 @@ class ModelRunner:
         positions = prefix_limit[None] + 1 + depths[:, None, None]                          # [K, B, N]
         write_index = (entry[None, :] + depths[:, None])[:, None, :].expand(positions.shape)
         cos, sin = self.model.model.rotary(positions)
-        return TreeRound(positions, write_index, cos, sin, tree_keys_end(prefix_limit))
+        return TreeRound(positions, write_index, cos, sin, keys_end_of(prefix_limit))
 
     @torch.inference_mode()
     def tree_forward(self, input_ids: torch.Tensor, steps: TreeRound, tree: TreeContext, prefix_limit: torch.Tensor,

@@ -50,7 +50,7 @@ class TreeRound:
         return TreeContext(self.write_index[depth], scratch_start, scratch_mask, self.positions.shape[0], depth)
 
 
-def tree_keys_end(key_limit: torch.Tensor) -> torch.Tensor:
+def keys_end_of(key_limit: torch.Tensor) -> torch.Tensor:
     """[B, T] last committed positions each query sees -> [B] one past the row's largest."""
     return key_limit.amax(dim=1) + 1
 
@@ -85,7 +85,7 @@ class ForwardContext:
     @cached_property
     def keys_end(self) -> torch.Tensor:
         """[B] one past the last committed position any query of the row sees."""
-        return self.known_keys_end if self.known_keys_end is not None else tree_keys_end(self.key_limit)
+        return self.known_keys_end if self.known_keys_end is not None else keys_end_of(self.key_limit)
 
     @cached_property
     def contiguous_from(self) -> int | None:
