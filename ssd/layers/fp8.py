@@ -7,12 +7,13 @@ LM head gets its own fp8 copy). What a draft computes only moves its acceptance 
 verification keeps the output exact.
 
 The product, by where it runs:
-- CUDA: fp8 x fp8 on the tensor cores (torch._scaled_mm, with or without fast accumulation, or a
-  Triton matmul, whichever measured faster for the shape: ssd.layers.triton_fp8_matmul), each
-  activation row quantized with its own scale (its absolute maximum / 448); at most MAX_ROWS rows (decode, windows, the tree at small
-  batch), or a few-row Triton kernel (weights-only: the plain one widening the weight to bf16 as it
-  loads it, or on Hopper the TMA one multiplying both operands as f16: triton_linear.weight_dot),
-  whichever measured faster for the shape; where a layer's norms are fused into its products
+- CUDA, many rows: fp8 x fp8 on the tensor cores, each activation row quantized with its own scale
+  (its absolute maximum / 448): torch._scaled_mm (with or without fast accumulation) or a Triton
+  matmul, whichever measured faster for the shape (ssd.layers.triton_fp8_matmul);
+- CUDA, at most MAX_ROWS rows (decode, windows, the tree at small batch): torch._scaled_mm or a
+  few-row Triton kernel (weights-only: the plain one widening the weight to bf16 as it loads it, or
+  on Hopper the TMA one multiplying both operands as f16: triton_linear.weight_dot), whichever
+  measured faster for the shape; where a layer's norms are fused into its products
   (ssd.layers.norm_fusion) the fused kernels take the fp8 weight the same way, where they measured
   faster than this layer's unfused fp8 chain;
 - CPU: the weights-only product in the input's dtype, from a widened copy of the fp8 weight (fp8

@@ -87,10 +87,12 @@ CANDIDATES = (Fp8MatmulTiling(128, 128, 128, 4, num_warps=8), Fp8MatmulTiling(12
               Fp8MatmulTiling(64, 128, 128, 4), Fp8MatmulTiling(128, 64, 128, 4), Fp8MatmulTiling(64, 64, 256, 3),
               Fp8MatmulTiling(128, 128, 128, 4, 2, 8), Fp8MatmulTiling(64, 128, 128, 4, 2),
               Fp8MatmulTiling(128, 128, 128, 4, 4, 8))
-KINDS = {"fp8_rows": Fp8MatmulTiling, "scaled_mm_fast_accum": ScaledMmFastAccum}   # how the kernel cache stores a choice (triton_linear.stored_choice)
+# how the kernel cache stores a choice (triton_linear.stored_choice)
+KINDS = {"fp8_rows": Fp8MatmulTiling, "scaled_mm_fast_accum": ScaledMmFastAccum}
 
 
-def fp8_rows_matmul(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, tiling: Fp8MatmulTiling) -> torch.Tensor:
+def fp8_rows_matmul(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
+                    tiling: Fp8MatmulTiling) -> torch.Tensor:
     """scaled_mm_rows with this kernel: x's fp8 rows [..., K] (scales [R, 1]) times weight fp8 [N, K]
     (scale [N], rows 16-byte aligned; tiling.fits(N, K)) -> [..., N] in x.dtype."""
     lead, k = x.values.shape[:-1], x.values.shape[-1]
@@ -103,7 +105,8 @@ def fp8_rows_matmul(x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor, tilin
                                                     device=values.device)
     grid = (triton.cdiv(rows, tiling.block_m), n // tiling.block_n, tiling.split_k)
     _fp8_rows_matmul_kernel[grid](
-        tma_descriptor(values, [tiling.block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
+        tma_descriptor(values, [tiling.block_m, tiling.block_k]),
+        tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         out, x.scales.reshape(-1), scale, rows, n, K=k, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
         BLOCK_K=tiling.block_k, SPLIT_K=tiling.split_k, STAGES=tiling.stages, num_warps=tiling.num_warps)
     if tiling.split_k > 1:
