@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The measurements behind README "Measured results" on two H200 (random weights at real shapes;
 # speculative arms replay the shipped "code" acceptance profile: SIMULATED acceptance, real costs).
-# SSD_PROFILE=none measures the random draft's own (meaningless) acceptance instead.
+# SSD_PROFILE=none measures the random draft's own (meaningless) acceptance instead. DRAFT_FLAGS adds
+# draft options to every speculative run, e.g. DRAFT_FLAGS="--draft-quant fp8 --draft-vocab 32768" (the
+# fastest 1B draft round measured on one H200: README "Where things stand").
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
 # Usage: scripts/gpu/h200x2_suite.sh OUT_DIR PART   (PART: engine-qwen | ab-qwen | ab-llama | worker-death)
@@ -14,8 +16,9 @@ ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT
   local name=$1 size=$2 draft=$3 family=$4 batch=$5 numseqs=$6 len=$7; shift 7
   local layout=("$@"); [ ${#layout[@]} -gt 0 ] || layout=(--gpus 2 --async --ab ar,sync,async)
   local profile=(--profile "${SSD_PROFILE:-code}"); [ "${SSD_PROFILE:-code}" = none ] && profile=()
+  local draft_flags=(${DRAFT_FLAGS:-})
   timeout 280 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec \
-    --k 6 --f 3 "${layout[@]}" "${profile[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
+    --k 6 --f 3 "${layout[@]}" "${profile[@]}" "${draft_flags[@]}" --random --b "$batch" --numseqs "$numseqs" --output_len "$len" --warmup 1 \
     --json "$out/$name.json" > "$out/$name.log" 2>&1
   grep -E "simulated|decode tok|draft round|verify|cache hit|predicted|ratio|match|TPOT|Error" "$out/$name.log" | sed "s/^/[$name] /"
 }

@@ -222,9 +222,9 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
                        help="Draft temperature (default: --temp); needs --spec.")
     group.add_argument("--draft-quant", dest="draft_quant", choices=("fp8",), default=None,
                        help="Store the draft's largest weights (gate/up and down projections of >= 16M "
-                            "weights, LM head) in fp8 (e4m3, one scale per output row): ~20%% off a 1B draft "
-                            "round at batch 1 on an H100 (~2%% slower at 16), ~4%% lower acceptance on the "
-                            "real Qwen pair. Changes only the "
+                            "weights, LM head) in fp8 (e4m3, one scale per output row): a 1B draft round with "
+                            "a 32K-token head on an H200 6.77 -> 5.98 ms at batch 1, 12.00 -> 11.24 at 16; "
+                            "~4%% lower acceptance on the real Qwen pair. Changes only the "
                             "draft's proposals, never the output; needs --spec and, on GPU, fp8 tensor "
                             "cores (H100/H200 class).")
     group.add_argument("--draft-vocab", dest="draft_vocab", type=int, default=None, metavar="N",
