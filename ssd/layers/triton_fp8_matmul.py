@@ -14,7 +14,6 @@ torch._scaled_mm with fast accumulation (ScaledMmFastAccum).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +122,6 @@ class MeasuredRowsMatmul:
     candidates: tuple[Fp8MatmulTiling | ScaledMmFastAccum, ...] = (ScaledMmFastAccum(), *CANDIDATES)
     choices: dict[tuple, Fp8MatmulTiling | ScaledMmFastAccum | None] = field(default_factory=dict)
     measuring: bool = False
-    measuring_s: float = 0.0
     kernel_cache: bool = True
     _disk: DeviceChoiceCaches | None = field(default=None, repr=False)
 
@@ -143,7 +141,6 @@ class MeasuredRowsMatmul:
         return measuring_window(self)
 
     def _choose(self, key: tuple, x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        start = time.perf_counter()
         cache = self._disk.at(weight.device) if self._disk is not None else None
         times = {}
         self.choices[key], recalled = recalled_or_measured(cache, key, lambda: self.measure(x, weight, scale, times),
@@ -151,7 +148,6 @@ class MeasuredRowsMatmul:
         log.info("fp8 rows matmul %s: %s%s", "x".join(map(str, key[:3])), label(self.choices[key]),
                  " (stored by an earlier run)" if recalled else
                  " (us: " + ", ".join(f"{label(k)} {us:.1f}" for k, us in times.items()) + ")")
-        self.measuring_s += time.perf_counter() - start
 
     def measure(self, x: Fp8Rows, weight: torch.Tensor, scale: torch.Tensor,
                 times: dict | None = None) -> Fp8MatmulTiling | None:
