@@ -52,7 +52,7 @@ def build_model(cfg: RunnerConfig, arch: ModelArch, tp: TPGroup, device: torch.d
     with torch.device(device), _default_dtype(cfg.dtype):
         model = CausalLM(arch, tp, max_positions=max_positions, kernels=kernels)
     if cfg.random_weights or is_preset(cfg.model):
-        init_random_weights(model, cfg.seed, tp.rank)
+        init_random_weights(model, cfg.seed)
     else:
         load_checkpoint(model, cfg.model, show_progress=tp.rank == 0)
     if cfg.head_vocabulary is not None:   # before fp8: the kept rows are what gets quantized

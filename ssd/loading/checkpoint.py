@@ -99,9 +99,13 @@ def load_checkpoint(model: CausalLM, path: str | Path, show_progress: bool = Tru
                 raw = f.get_slice(name)
                 if load_tensor(model, params, name, LazySlice(raw, raw.get_shape())):
                     loaded.add(resolve_param(model, name)[0])
+    check_all_loaded(model, params, loaded, str(path))
+    log.info("loaded %d tensors from %s", len(loaded), path)
+
+
+def check_all_loaded(model: CausalLM, params: dict[str, nn.Parameter], loaded: set[str], source: str) -> None:
     missing = {n for n in params if n not in loaded}
     if model.arch.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
-        raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
-    log.info("loaded %d tensors from %s", len(loaded), path)
+        raise CheckpointError(f"{source}: missing weights {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
