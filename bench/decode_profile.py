@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from ssd import LLM  # noqa: E402
+from ssd.benchmark.ab import greedy_prefix_match_rate  # noqa: E402
+from ssd.benchmark.bandwidth import nominal_bandwidth  # noqa: E402
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
 from ssd.cli_types import at_least, writable_file  # noqa: E402
 from ssd.benchmark.linear_arms import add_linear_argument, linear_options  # noqa: E402
@@ -71,12 +73,6 @@ def profile_mode(args, fused: bool, linear: str, bandwidth: float | None) -> tup
     return result, tokens
 
 
-def same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
-    """Fraction of generated positions equal in both runs, counted up to each sequence's first difference."""
-    agree = sum(next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b))
-    return agree / max(1, sum(len(s) for s in a))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-3.1-8b")
@@ -95,7 +91,7 @@ def main(argv: list[str]) -> int:
         log.error("needs a CUDA device")
         return 1
     name = torch.cuda.get_device_name(0)
-    bandwidth = args.bandwidth or (4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None)
+    bandwidth = args.bandwidth or nominal_bandwidth(name)
     modes, tokens = [], []
     for mode, linear in itertools.product(args.attention, args.linear):
         result, generated = profile_mode(args, mode == "fused", linear, bandwidth)
@@ -104,7 +100,7 @@ def main(argv: list[str]) -> int:
     result = {"preset": args.preset, "batch": args.batch, "context": args.context, "device": name, "env": collect_env(),
               "weights": "random (timing only)", "modes": modes}
     if len(tokens) > 1:
-        result["greedy_prefix_agreement"] = round(same_tokens(tokens[0], tokens[1]), 4)
+        result["greedy_prefix_agreement"] = round(greedy_prefix_match_rate(tokens[0], tokens[1]), 4)
         log.info("greedy tokens of the first two modes agree on %.1f%% of positions (bf16, up to the first "
                  "difference)", 100 * result["greedy_prefix_agreement"])
     if args.out:

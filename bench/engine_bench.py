@@ -36,14 +36,13 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ssd.benchmark.bandwidth import nominal_bandwidth  # noqa: E402
 from ssd.cli_types import writable_file  # noqa: E402
 
 log = logging.getLogger("engine_bench")
 
 SCHEMA = "ssd-engine-bench/1"
 # Nominal HBM bandwidth (bytes/s) by device-name substring; first match wins (most specific first).
-NOMINAL_BANDWIDTH = (("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
-                     ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12))
 SDPA_BACKENDS = ("default", "MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION")
 ATTENTION_CELLS = ((1, 1), (16, 1), (1, 8), (16, 8))  # (batch, width)
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
@@ -115,10 +114,6 @@ def summarize_ms(times_ms: list[float]) -> dict:
     return {"median_ms": percentile(times_ms, 50), "p10_ms": percentile(times_ms, 10),
             "p90_ms": percentile(times_ms, 90), "mean_ms": sum(times_ms) / len(times_ms),
             "min_ms": min(times_ms), "n": len(times_ms)}
-
-
-def nominal_bandwidth(device_name: str) -> float | None:
-    return next((bw for key, bw in NOMINAL_BANDWIDTH if key in device_name), None)
 
 
 def bandwidth_fields(bytes_moved: float, seconds: float, refs: Refs) -> dict:

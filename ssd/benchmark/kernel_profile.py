@@ -45,3 +45,18 @@ def profile_kernels(fn: Callable[[], object], repeats: int = 10, top: int = 25) 
     kernel_ms = sum(r["us_per_step"] for r in table) / 1e3
     return {"wall_ms": round(wall_ms, 4), "kernel_ms": round(kernel_ms, 4),
             "kernels_per_repeat": round(sum(r["calls_per_step"] for r in table), 1), "kernels": table[:top]}
+
+
+
+def collective_kernel_ms(fn: Callable[[], object]) -> dict[str, float]:
+    """Device time of this process's NCCL kernels during one call of fn: all-reduces (ms, calls) and
+    the other collectives (all-gathers, broadcasts). A collective's kernel also spans its wait for
+    the slowest rank: this is what the collectives cost this rank, skew included."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    nccl = [row for row in kernel_table(prof, 1) if "nccl" in row["kernel"].lower()]
+    all_reduce = [row for row in nccl if "allreduce" in row["kernel"].lower()]
+    return {"all_reduce_ms": sum(r["us_per_step"] for r in all_reduce) / 1e3,
+            "all_reduce_calls": sum(r["calls_per_step"] for r in all_reduce),
+            "other_collectives_ms": sum(r["us_per_step"] for r in nccl if r not in all_reduce) / 1e3}
