@@ -58,3 +58,5 @@ def init_random_weights(model: CausalLM, seed: int) -> None:
         if load_tensor(model, params, name, RandomTensor(name, shape, seed, first.dtype, first.device)):
             loaded.add(resolve_param(model, name)[0])
     check_all_loaded(model, params, loaded, "random weights")
+    if first.device.type == "cuda":
+        torch.cuda.empty_cache()   # the whole tensors drawn: give their blocks back before KV sizing
