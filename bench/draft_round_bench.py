@@ -126,7 +126,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
     positions = lengths_d[:, None] - 1 + torch.arange(k + 1, device=device)
     logits = runner.forward(window, positions, max_length - 1 + k)
     width = max(tree.shape.fanout_max) + 1
-    guess = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width)
+    guess = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width, tree.kept_ids)
     fork_graph = check_fork_graph(tree, batch, logits, window, runner.attend_bucket(max_length + k))
     horizon = runner.attend_bucket(max_length + 2 * k + 1)
     sampled = sampling_for(batch, device, top_p=0.9)
@@ -138,7 +138,7 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
         return tree.decode_branches(guess, lengths_d, sampling, max_length + 2 * k)
     calls = {
         "window_forward": lambda: runner.forward(window, positions, max_length - 1 + k),
-        "fork": lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width),
+        "fork": lambda: fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, width, tree.kept_ids),
         "branch_decode": lambda: branches(None),
         "branch_decode_filtered": lambda: branches(sampled),
         "branch_decode_temperature_only": lambda: branches(temperature_only),
@@ -212,7 +212,7 @@ def check_fork_graph(tree, batch: int, logits, window, attend_len: int) -> bool 
     top-k width, so ties order alike); None where no fork graph applies."""
     if tree.fork_graphs is None or not tree.fork_graphs.has(batch, attend_len):
         return None
-    eager = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, tree.fork_graphs.width)
+    eager = fork_guesses(logits, window[:, 1:], tree.fork, tree.rank, tree.fork_graphs.width, tree.kept_ids)
     return bool(torch.equal(tree.fork_graphs.replay(batch, attend_len), eager))
 
 

@@ -13,6 +13,7 @@ from ssd.engine.runner_config import RunnerConfig
 from ssd.layers.fp8 import FP8
 from ssd.spec.draft_vocabulary import FORMAT, VERSION, frequency_ranking, kept_token_ids, load_ranking
 from ssd.spec.rank_vocabulary import model_turns
+from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig
 
 PROMPTS = [[5, 6, 7], [9] * 11, list(range(3, 30)), [40, 41]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -114,3 +115,16 @@ def test_sync_speculation_with_a_restricted_draft_of_the_target_is_exact(tiny_ch
         stats = llm.last_run_stats
     assert outs == expected
     assert 1.0 < stats.acceptance_length < 5.0
+
+
+@pytest.mark.parametrize("k, async_spec, vocabulary, width", [
+    (6, True, True, 7),      # the async window: kept logits only
+    (1, True, True, None),   # its width 2 is the proposer's catch-up too, which samples full rows
+    (6, False, True, None),  # sync drafts have no window forward
+    (6, True, False, None),  # nothing restricted
+])
+def test_only_the_async_window_returns_kept_logits(k, async_spec, vocabulary, width):
+    spec = AsyncSpecConfig.create(k, fan_out=2) if async_spec else None
+    cfg = SpecConfig("draft", k).runner_config(RunnerConfig(model="target"), None, spec,
+                                               (0, 1, 2) if vocabulary else None)
+    assert cfg.kept_logits_width == width

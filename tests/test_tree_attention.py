@@ -112,6 +112,23 @@ def test_fork_guesses_equal_per_position_top_f_without_the_drafted_token():
         assert guesses[row].tolist() == expected
 
 
+def test_fork_guesses_over_kept_logits_equal_those_over_the_spread_rows():
+    """The async draft's window with a restricted head returns its kept tokens' logits only
+    (RunnerConfig.kept_logits_width): the same guesses as over the -inf-filled full rows."""
+    from ssd.draft_worker.tree import fork_guesses
+    from ssd.layers.embed_head import spread_logits
+    g = torch.Generator().manual_seed(5)
+    fanout = (3, 1, 0, 2)  # K = 3
+    shape = TreeShape(3, fanout, fanout)
+    kept_ids = torch.randperm(80, generator=g)[:30].sort().values
+    kept = torch.randn(4, 4, 30, generator=g)
+    drafted = kept_ids[kept[:, :3].argmax(-1)]
+    drafted[2] = kept_ids[kept[2, :3].topk(2).indices[:, 1]]
+    args = (shape.branch_fork("cpu"), shape.branch_rank("cpu"), shape.num_branches + 1)
+    assert torch.equal(fork_guesses(kept, drafted, *args, kept_ids=kept_ids),
+                       fork_guesses(spread_logits(kept, kept_ids, 80), drafted, *args))
+
+
 @pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
 def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_checkpoints, saguaro_c):
     """Many rows with one context and their own seeds: each branch's first token, counted over the

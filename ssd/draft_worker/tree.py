@@ -84,15 +84,20 @@ class SpeculationCache:
 
 
 def fork_guesses(logits: torch.Tensor, drafted: torch.Tensor, fork: torch.Tensor, rank: torch.Tensor,
-                 width: int) -> torch.Tensor:
+                 width: int, kept_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Top-F_j tokens of the draft's distribution at each window position j, excluding the token
     drafted there (the target never emits it after rejecting it; nothing excluded at j = K): one
     top-`width` (= max F_j + 1) over every position, then branch n takes the rank[n]-th kept token at
     position fork[n]. logits [B, K+1, V]; drafted [B, K]; fork, rank [N] (TreeShape.branch_fork /
     branch_rank, on the device) -> guesses [B, N]. On the GPU the top-`width` is Triton's (at B = 16
     torch.topk's radix select took ~0.26 ms of a 1B draft's round on an H200): its 8 largest are
-    always exact (ssd.engine.triton_topk's bound), enough for any F_j <= 7."""
+    always exact (ssd.engine.triton_topk's bound), enough for any F_j <= 7. kept_ids [N]: logits
+    are a restricted head's kept tokens only [B, K+1, N] (column i: token kept_ids[i]): the same
+    guesses as over the -inf-filled full rows, up to the order of tied logits (a guess is only a
+    guess: any choice stays exact)."""
     top = largest_logits(logits, width)[1]                                               # [B, K+1, W]
+    if kept_ids is not None:
+        top = kept_ids[top]
     excluded = torch.nn.functional.pad(drafted, (0, 1), value=-1)[..., None]             # [B, K+1, 1]
     ranks = torch.arange(width, device=top.device)
     order = torch.where(top != excluded, ranks, width).argsort(dim=-1, stable=True)      # drafted moves last
@@ -119,6 +124,8 @@ class TreeBuilder:
         self.temperature_sample = load_temperature_sample() if runner.device.type == "cuda" and saguaro_c >= 1.0 \
             else None
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
+        # the window forward's logits: a restricted head's kept tokens only (RunnerConfig.kept_logits_width)
+        self.kept_ids = runner.model.lm_head.kept_ids if runner.cfg.kept_logits_width == shape.k + 1 else None
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
 
     def set_fanout(self, fanout: tuple[int, ...]) -> None:
@@ -145,7 +152,7 @@ class TreeBuilder:
         positions = lengths[:, None] - 1 + torch.arange(k + 1, device=lengths.device)
         # the window forward also writes the window's KV at its true positions (a hit's tokens lived
         # only in scratch until now)
-        logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V]
+        logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V or N kept]
         if self.shape.num_branches == 0:
             empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
             return SpeculationCache(self.fork.clone(), self.rank.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
@@ -154,7 +161,8 @@ class TreeBuilder:
         if self.fork_graphs is not None and self.fork_graphs.has(window.shape[0], attend_len):
             guess = self.fork_graphs.replay(window.shape[0], attend_len)
         else:
-            guess = fork_guesses(logits, window[:, 1:], self.fork, self.rank, max(self.shape.fanout_max) + 1)  # [B, N]
+            guess = fork_guesses(logits, window[:, 1:], self.fork, self.rank, max(self.shape.fanout_max) + 1,
+                                 self.kept_ids)                                           # [B, N]
         valid = self.rank[None, :] < self.row_fanout(last_was_hit).gather(1, self.fork.expand_as(guess))
         horizon = self.runner.attend_bucket(max_length + 2 * k + 1)
         if self.graphs is not None and self.graphs.has(guess.shape[0], horizon):
@@ -332,7 +340,8 @@ class ForkGraphs:
 
     def __init__(self, builder: TreeBuilder):
         self.builder, self.pool = builder, builder.runner.graphs
-        self.width = min(builder.shape.num_branches + 1, builder.runner.arch.vocab_size)
+        columns = builder.runner.arch.vocab_size if builder.kept_ids is None else len(builder.kept_ids)
+        self.width = min(builder.shape.num_branches + 1, columns)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         for (bucket, tokens, attend_len), window_graph in self.pool.graphs.items():
             if tokens == builder.shape.k + 1:
@@ -340,7 +349,7 @@ class ForkGraphs:
 
     def fork(self, window_graph) -> torch.Tensor:
         return fork_guesses(window_graph.logits, window_graph.input_ids[:, 1:], self.builder.fork,
-                            self.builder.rank, self.width)
+                            self.builder.rank, self.width, self.builder.kept_ids)
 
     @torch.inference_mode()
     def capture(self, window_graph) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -156,11 +156,14 @@ class ModelRunner:
                     logits_index: torch.Tensor | None, first_slot: int, attend_len: int) -> torch.Tensor:
         """input_ids/positions [B, T] for slots first_slot..first_slot+B-1, attending to cache
         positions < attend_len; logits_index [B] picks one position per row (None: all).
-        Returns logits [B, V] or [B, T, V] (float32)."""
+        Returns logits [B, V] or [B, T, V] (float32); [B, T, N] over a restricted head's kept tokens
+        for T = cfg.kept_logits_width."""
         ctx = ForwardContext(positions, positions, attend_len, self.kv.k, self.kv.v, first_slot)
         hidden = self.model(input_ids, ctx)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
+        elif input_ids.shape[1] == self.cfg.kept_logits_width:
+            return self.model.lm_head.kept_logits(hidden).float()
         return self.model.compute_logits(hidden).float()
 
     def tree_round(self, prefix_limit: torch.Tensor, entry: torch.Tensor, k: int) -> TreeRound:
