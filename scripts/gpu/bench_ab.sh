@@ -14,3 +14,12 @@ ab() {  # ab NAME TARGET_SIZE DRAFT_SIZE FAMILY BATCH NUMSEQS OUTPUT_LEN [LAYOUT
     --output_len "$len" --warmup 1 --json "$out/$name.json" > "$out/$name.log" 2>&1
   grep -E "simulated|decode tok|draft round|verify|cache hit|predicted|ratio|match|TPOT|Error" "$out/$name.log" | sed "s/^/[$name] /"
 }
+# ab_batches PREFIX TARGET_SIZE DRAFT_SIZE FAMILY GPUS DEFAULT_BATCHES [FLAGS...]: --ab ar,sync,async with the
+# draft on the last of GPUS, one run per batch size of BATCHES (else DEFAULT_BATCHES), result files PREFIX_bB
+ab_batches() {
+  local prefix=$1 size=$2 draft=$3 family=$4 gpus=$5 batches=${BATCHES:-$6}; shift 6
+  for b in $batches; do   # B = 1: 2 sequences of 96 tokens; B < 16: 2B of 64; B = 16: 16 of 48
+    local numseqs=$(( b == 1 ? 2 : b < 16 ? 2 * b : b )) len=$(( b == 1 ? 96 : b < 16 ? 64 : 48 ))
+    ab "${prefix}_b$b" "$size" "$draft" "$family" "$b" "$numseqs" "$len" --gpus "$gpus" --async --ab ar,sync,async "$@"
+  done
+}

@@ -22,13 +22,6 @@ tp_profile() {  # tp_profile NAME MODEL TP_SIZES BATCHES
   timeout 560 python bench/tp_profile.py --model "$2" --tp $3 --batch $4 --out "$out/$1.json" > "$out/$1.log" 2>&1
   grep -E "tok/s|match rate|Error" "$out/$1.log" | sed "s/^/[$1] /"
 }
-ab_batches() {  # ab_batches PREFIX TARGET_SIZE DRAFT_SIZE FAMILY GPUS DEFAULT_BATCHES [FLAGS...]
-  local prefix=$1 size=$2 draft=$3 family=$4 gpus=$5 batches=${BATCHES:-$6}; shift 6
-  for b in $batches; do   # sequences and tokens per batch size: as in h200x2_suite.sh
-    local numseqs=$(( b == 1 ? 2 : b < 16 ? 2 * b : b )) len=$(( b == 1 ? 96 : b < 16 ? 64 : 48 ))
-    ab "${prefix}_b$b" "$size" "$draft" "$family" "$b" "$numseqs" "$len" --gpus "$gpus" --async --ab ar,sync,async "$@"
-  done
-}
 case $part in
   tp-match) tp_profile tp_llama8b_tp1_tp4 llama-3.1-8b "1 4" "1 16" ;;
   tp4-70b) tp_profile tp_llama70b_tp4 llama-3.1-70b 4 "1 4 16" ;;
