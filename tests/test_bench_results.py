@@ -52,6 +52,8 @@ def test_metrics_computed_from_outputs_and_stats():
     assert m["num_rounds"] == 8
     assert m["acceptance_length"] == pytest.approx((3.0 * 2 + 1.0 * 6) / 8)  # weighted by rounds
     assert m["draft_round_ms"] == pytest.approx((10 * 2 + 4 * 6) / 8)
+    assert m["round_ms"] == pytest.approx(1000 * 3.0 / 8)   # decode time per round
+    assert m["round_over_verify"] == pytest.approx(m["round_ms"] / ((20 * 2 + 8 * 6) / 8))
     assert m["per_position_acceptance"] == pytest.approx([(0.9 * 2 + 0.3 * 6) / 8, 0.5])
     assert m["cache_hit_rate"] is None  # not async
 
@@ -62,7 +64,9 @@ def test_autoregressive_metrics_have_no_spec_stats():
                    wall_s=0.25)
     m = compute_metrics([run])
     assert m["decode_tok_s"] == pytest.approx(20.0)
-    for name in ("acceptance_length", "per_position_acceptance", "draft_round_ms", "verify_ms", "cache_hit_rate"):
+    assert m["round_ms"] == pytest.approx(50.0)   # a decode step
+    for name in ("acceptance_length", "per_position_acceptance", "draft_round_ms", "verify_ms", "round_over_verify",
+                 "cache_hit_rate"):
         assert m[name] is None
 
 
