@@ -22,4 +22,6 @@ ab_batches() {
     local numseqs=$(( b == 1 ? 2 : b < 16 ? 2 * b : b )) len=$(( b == 1 ? 96 : b < 16 ? 64 : 48 ))
     ab "${prefix}_b$b" "$size" "$draft" "$family" "$b" "$numseqs" "$len" --gpus "$gpus" --async --ab ar,sync,async "$@"
   done
+  local files=(); for b in $batches; do [ -f "$out/${prefix}_b$b.json" ] && files+=("$out/${prefix}_b$b.json"); done
+  [ ${#files[@]} -eq 0 ] || python -m ssd.benchmark.ab_table "${files[@]}"   # the runs side by side
 }
