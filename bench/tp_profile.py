@@ -1,8 +1,8 @@
 """The target alone at several tensor-parallel sizes: greedy output against the first size's, decode
 throughput against the memory-bandwidth roofline, and what the all-reduces cost per decode step.
 
-    PYTHONUNBUFFERED=1 python bench/tp_profile.py --model llama-3.1-8b --tp 1 4 --batch 1 16 --out $OUT/tp_llama8b.json
-    PYTHONUNBUFFERED=1 python bench/tp_profile.py --model llama-3.1-70b --tp 4 --batch 1 4 16 --out $OUT/tp_llama70b.json
+    python bench/tp_profile.py --model llama-3.1-8b --tp 1 4 --batch 1 16 --out $OUT/tp_llama8b.json
+    python bench/tp_profile.py --model llama-3.1-70b --tp 4 --batch 1 4 16 --out $OUT/tp_llama70b.json
 
 Weights are random (a preset, or a checkpoint directory's architecture), and the same model at
 every TP size (ssd.loading.random_weights), so outputs compare: in bf16 the ranks' partial sums

@@ -28,7 +28,8 @@ METRIC_NAMES = (
     "wall_time_s", "prefill_time_s", "decode_time_s",
     "decode_tok_s", "e2e_tok_s", "ttft_s", "tpot_s", "e2e_latency_s",
     "num_rounds", "acceptance_length", "per_position_acceptance",
-    "round_ms", "draft_round_ms", "verify_ms", "round_over_verify", "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
+    "round_ms", "draft_round_ms", "verify_ms", "round_over_verify",
+    "cache_hit_rate", "tokens_per_round_on_hit", "tokens_per_round_on_miss",
     "target_wait_ms", "draft_wait_ms", "backup_ms", "jit_backups", "fast_backups", "accepted_histogram",
     "cache_hit_rate_by_batch", "predicted_speedup_over_ar",
 )
