@@ -47,7 +47,6 @@ def profile_kernels(fn: Callable[[], object], repeats: int = 10, top: int = 25) 
             "kernels_per_repeat": round(sum(r["calls_per_step"] for r in table), 1), "kernels": table[:top]}
 
 
-
 def collective_kernel_ms(fn: Callable[[], object]) -> dict[str, float]:
     """Device time of this process's NCCL kernels during one call of fn: all-reduces (ms, calls) and
     the other collectives (all-gathers, broadcasts). A collective's kernel also spans its wait for
