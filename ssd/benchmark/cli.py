@@ -453,8 +453,8 @@ def _warn_unused_options(ns: argparse.Namespace, arm_names: tuple[str, ...]) -> 
             log.warning("%s: options of async speculation; no async arm runs, so they are ignored", " ".join(given))
     if ns.colocate and not any(name == "sync" for name in arm_names):
         log.warning("--colocate places a sync draft; no sync arm runs, so it is ignored")
-    ignored = [flag for flag, given, modes in (("--spec", ns.spec, {"sync", "async"}), ("--async", ns.async_spec, {"async"}))
-               if given and not modes & set(arm_names)]
+    flag_modes = (("--spec", ns.spec, {"sync", "async"}), ("--async", ns.async_spec, {"async"}))
+    ignored = [flag for flag, given, modes in flag_modes if given and not modes & set(arm_names)]
     if ns.ab is not None and ignored:
         log.warning("%s: with --ab the arms (%s) say what runs; ignored", " ".join(ignored), ",".join(arm_names))
 

@@ -75,7 +75,8 @@ class Coordinator:
         self.socket = configure(self.context.socket(zmq.DEALER), linger_ms=0)
         self.socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         config = CoordinatorConfig(
-            engine_kwargs={"model": model, **llm_kwargs}, client_endpoint=bind_fresh(self.socket, self.workdir, "client"),
+            engine_kwargs={"model": model, **llm_kwargs},
+            client_endpoint=bind_fresh(self.socket, self.workdir, "client"),
             parent_pid=os.getpid(), workdir=self.workdir, mode=mode, start_timeout_s=start_timeout_s,
             stop_timeout_s=stop_timeout_s, log_level=log_level, refill_wait=refill_wait)
         self.process = mp.get_context("spawn").Process(target=coordinator_main, args=(config,),

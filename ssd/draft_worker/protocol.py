@@ -18,7 +18,8 @@ OUTCOME_ROWS = ("accepted", "recovered", "prev", "lengths", "ranks")
 
 class DraftOp(IntEnum):
     PREFILL = 1       # header: B, T, first_slot      then ids [B,T], positions [B,T]
-    SET_SAMPLING = 2  # header: B                      then temperature [B] f32, top_p [B] f32, top_k [B], seed [B], flags
+    SET_SAMPLING = 2  # header: B                      then temperature [B] f32, top_p [B] f32, top_k [B],
+                      # seed [B], flags
     PROPOSE = 3       # header: B, max_length, want_probs; payload prev/last/lengths [3, B];
                       # reply tokens [B,K] (+probs [B,K,V])
     MOVE_SLOT = 4     # header: src, dst, length
@@ -31,7 +32,8 @@ class DraftOp(IntEnum):
     KEEP_ROWS = 9     # async, header: B'; payload the surviving rows [B'] (old indices, in their new order)
     JOIN = 10         # async, header: B, max_length, want_probs, J   the batch's last J rows are new (prefilled):
                       # payload last/lengths [2, B]; reply for the J rows as OUTCOME's; then the draft
-                      # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on the critical path)
+                      # rebuilds the cache for all B rows (the J rows answered by n-gram: no drafting on
+                      # the critical path)
 
 
 def command_size(max_batch: int) -> int:

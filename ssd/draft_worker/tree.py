@@ -132,7 +132,8 @@ class TreeBuilder:
         """Online re-allocation (one list for hits and misses) within the same branch budget: the
         layout tensors are rewritten in place, so captured graphs keep reading them."""
         if sum(fanout) != self.shape.num_branches or len(fanout) != self.shape.k + 1:
-            raise ValueError(f"fan-out {fanout} must keep {self.shape.k + 1} entries and {self.shape.num_branches} branches")
+            raise ValueError(f"fan-out {fanout} must keep {self.shape.k + 1} entries and "
+                             f"{self.shape.num_branches} branches")
         self.shape = TreeShape(self.shape.k, tuple(fanout), tuple(fanout))
         device = self.fork.device
         for target, value in ((self.fork, self.shape.branch_fork(device)), (self.rank, self.shape.branch_rank(device)),
@@ -155,8 +156,8 @@ class TreeBuilder:
         logits = self.runner.forward(window, positions, max_length - 1 + k)            # [B, K+1, V or N kept]
         if self.shape.num_branches == 0:
             empty = torch.zeros((window.shape[0], 0), dtype=torch.int64, device=window.device)
-            return SpeculationCache(self.fork.clone(), self.rank.clone(), empty, empty.bool(), torch.zeros((window.shape[0], 1, k),
-                                    dtype=torch.int64, device=window.device), None)
+            no_tokens = torch.zeros((window.shape[0], 1, k), dtype=torch.int64, device=window.device)
+            return SpeculationCache(self.fork.clone(), self.rank.clone(), empty, empty.bool(), no_tokens, None)
         attend_len = self.runner.attend_bucket(max_length + k)  # the window forward's (see ModelRunner.forward)
         if self.fork_graphs is not None and self.fork_graphs.has(window.shape[0], attend_len):
             guess = self.fork_graphs.replay(window.shape[0], attend_len)

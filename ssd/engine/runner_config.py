@@ -30,7 +30,8 @@ class RunnerConfig:
     measured_linear: bool = True      # GPU graphs: few-row linears take cuBLAS or a Triton kernel, measured per shape
     linear_algorithms: int = LISTED_ALGORITHMS   # ... and cuBLASLt's algorithms (this many per shape; 0: none)
     linear_tma: bool = True           # ... and the TMA Triton kernel's tilings (Hopper and later)
-    norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU in the products
+    norm_fusion: bool = True          # GPU graphs, Hopper, TP 1: few-row layers with norms / adds / SiLU inside
+    #                                            the products
     weight_quant: str | None = None   # "fp8": the largest weights (MLP, LM head) in fp8 (ssd.layers.fp8; drafts)
     fp8_layers: tuple[str, ...] = FP8_LAYERS   # ... the layers (names' last parts) weight_quant="fp8" stores in fp8
     fp8_produced_rows: bool = True    # ... many-row fp8 x fp8 products take their rows quantized by the norm / SiLU

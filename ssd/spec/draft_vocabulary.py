@@ -36,7 +36,8 @@ def kept_token_ids(size: int, vocab_size: int, always: Iterable[int] = (),
         raise ValueError(f"draft vocabulary size must lie in [1, {vocab_size}] (the model's vocabulary), got {size}")
     kept = {i for i in always if 0 <= i < vocab_size}
     if len(kept) > size:
-        raise ValueError(f"draft vocabulary size {size} is smaller than the {len(kept)} stop/special tokens it must keep")
+        raise ValueError(f"draft vocabulary size {size} is smaller than the {len(kept)} stop/special tokens "
+                         "it must keep")
     for token in itertools.chain(ranking or (), range(vocab_size)):
         if len(kept) == size:
             break
