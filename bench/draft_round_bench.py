@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout, no install
 import torch  # noqa: E402
 
 from ssd.benchmark.kernel_profile import profile_kernels  # noqa: E402
-from ssd.cli_types import at_least, writable_file  # noqa: E402
+from ssd.cli_types import at_least, preset_or_checkpoint, writable_file  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.distributed.tp_group import TPGroup  # noqa: E402
 from ssd.draft_worker.async_draft import AsyncDraft  # noqa: E402
@@ -42,7 +42,7 @@ from ssd.engine.random import RandomStream  # noqa: E402
 from ssd.engine.sampler import (SamplingTensors, compact_probs_from_logits, probs_from_logits, sample_among,  # noqa: E402
                                 sample_from_weights)
 from ssd.sampling_params import SamplingParams  # noqa: E402
-from ssd.models.presets import PRESETS, is_preset  # noqa: E402
+from ssd.models.presets import PRESETS  # noqa: E402
 from ssd.spec.draft_vocabulary import kept_token_ids  # noqa: E402
 from ssd.spec.spec_config import AsyncSpecConfig, SpecConfig  # noqa: E402
 
@@ -332,14 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run only")
     parser.add_argument("--out", type=writable_file, default=None)
     return parser
-
-
-def preset_or_checkpoint(value: str) -> str:
-    """--preset's values: a preset name, or a checkpoint directory (its config.json gives the shapes)."""
-    if is_preset(value) or (Path(value) / "config.json").is_file():
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
-                                     "directory with a config.json")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

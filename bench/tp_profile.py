@@ -32,7 +32,7 @@ from ssd.benchmark.ab import greedy_prefix_match_rate  # noqa: E402
 from ssd.benchmark.bandwidth import nominal_bandwidth  # noqa: E402
 from ssd.benchmark.kernel_profile import collective_kernel_ms  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
-from ssd.cli_types import at_least, writable_file  # noqa: E402
+from ssd.cli_types import at_least, preset_or_checkpoint, writable_file  # noqa: E402
 from ssd.json_files import write_json  # noqa: E402
 
 log = logging.getLogger("tp_profile")
@@ -40,8 +40,8 @@ log = logging.getLogger("tp_profile")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-3.1-8b", help="a preset or a checkpoint directory (its "
-                        "architecture; the weights are random)")
+    parser.add_argument("--model", default="llama-3.1-8b", type=preset_or_checkpoint,
+                        help="a preset or a checkpoint directory (its architecture; the weights are random)")
     parser.add_argument("--tp", type=at_least(1), nargs="+", default=[1, 4],
                         help="tensor-parallel sizes, one after the other; outputs compare with the first's")
     parser.add_argument("--batch", type=at_least(1), nargs="+", default=[1, 16])
@@ -111,8 +111,9 @@ def compare_outputs(runs: dict[int, list[dict]]) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.device == "cuda" and torch.cuda.device_count() < max(args.tp):
-        log.error("--tp %d needs %d GPUs; %d visible", max(args.tp), max(args.tp), torch.cuda.device_count())
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and visible < max(args.tp):
+        log.error("--tp %d needs %d GPUs; %d visible (CUDA_VISIBLE_DEVICES?)", max(args.tp), max(args.tp), visible)
         return 1
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     bandwidth = args.bandwidth or (nominal_bandwidth(device_name) if args.device == "cuda" else None)

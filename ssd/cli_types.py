@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+from ssd.models.presets import PRESETS, is_preset
 from ssd.output_files import output_file_problem
 
 
@@ -29,3 +30,12 @@ def writable_file(text: str) -> Path:
 
 
 writable_file.__name__ = "file path"
+
+
+def preset_or_checkpoint(value: str) -> str:
+    """A model given for its shapes: a random-weights preset name, or a checkpoint directory (its
+    config.json gives the shapes)."""
+    if is_preset(value) or (Path(value) / "config.json").is_file():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                                     "directory with a config.json")

@@ -176,6 +176,20 @@ def test_draft_round_bench_refuses_bad_arguments(extra, message, capsys):
     assert message in refusal(bench_script("draft_round_bench").main, ["--device", "cpu"] + extra, capsys)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "nosuch"], "'nosuch' is neither a preset (llama-3.1-70b"),
+    (["--tp", "1", "0"], "argument --tp: must be >= 1"),
+    (["--tokens", "1"], "argument --tokens: must be >= 2"),
+])
+def test_tp_profile_refuses_bad_arguments(extra, message, capsys):
+    assert message in refusal(bench_script("tp_profile").main, ["--device", "cpu"] + extra, capsys)
+
+
+def test_tp_profile_says_how_many_gpus_it_needs(no_cuda, caplog):
+    assert bench_script("tp_profile").main(["--tp", "1", "4"]) == 1
+    assert "--tp 4 needs 4 GPUs; 0 visible" in caplog.text
+
+
 def test_draft_round_bench_takes_a_checkpoint_directory_as_preset(checkpoints):
     args = bench_script("draft_round_bench").build_parser().parse_args(["--preset", str(checkpoints["bare"])])
     assert args.preset == str(checkpoints["bare"])
