@@ -16,18 +16,23 @@ import ssd.benchmark.cli as bench_cli
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def recorded_commands(tmp_path: Path, suite: str, part: str, **env: str) -> list[list[str]]:
-    fake_bin, log, out = tmp_path / "bin", tmp_path / f"{part}.jsonl", tmp_path / "out"
+def recorded_runs(tmp_path: Path, suite: str, *args: str, **env: str) -> list[list[str]]:
+    """What `scripts/gpu/SUITE OUT ARGS...` runs with `python`: [working directory, *arguments] each."""
+    fake_bin, log, out = tmp_path / "bin", tmp_path / f"{args[0]}.jsonl", tmp_path / "out"
     fake_bin.mkdir(exist_ok=True)
     out.mkdir(exist_ok=True)
     recorder = fake_bin / "python"
-    recorder.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(log)!r}, 'a').write(json.dumps([os.getcwd(), *sys.argv[1:]]) + '\\n')\n")
     recorder.chmod(recorder.stat().st_mode | stat.S_IEXEC)
     # exit status: the suite's last grep finds no result lines in the empty logs (1): not checked
-    subprocess.run(["bash", f"scripts/gpu/{suite}", str(out), part], cwd=REPO_ROOT, capture_output=True,
+    subprocess.run(["bash", f"scripts/gpu/{suite}", str(out), *args], cwd=REPO_ROOT, capture_output=True,
                    env={**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", **env})
     return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def recorded_commands(tmp_path: Path, suite: str, *args: str, **env: str) -> list[list[str]]:
+    return [run[1:] for run in recorded_runs(tmp_path, suite, *args, **env)]
 
 
 def tp_profile_parser():
@@ -73,3 +78,15 @@ def test_two_gpu_runs_parse(tmp_path, bench_configs):
     assert [(c.batch_size, c.target_tp_size) for c in configs] == [(1, 1), (4, 1), (16, 1)]
     colocated, = bench_configs(recorded_commands(tmp_path, "h200x2_suite.sh", "ab-qwen-colocated"))
     assert colocated.arms[-1].colocated
+
+
+def test_ab_baseline_alternates_the_trees_and_names_each_runs_output(tmp_path):
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    runs = recorded_runs(tmp_path, "ab_baseline.sh", str(baseline), "2", "python", "bench/draft_round_bench.py",
+                         "--iters", "5", "--out", "{out}")
+    out = tmp_path / "out"
+    assert [(Path(cwd), argv[-1]) for cwd, *argv in runs] == [
+        (REPO_ROOT, str(out / "head_1.json")), (baseline, str(out / "base_1.json")),
+        (REPO_ROOT, str(out / "head_2.json")), (baseline, str(out / "base_2.json"))]
+    assert all(argv[:3] == ["bench/draft_round_bench.py", "--iters", "5"] for _, *argv in runs)
