@@ -162,6 +162,36 @@ def test_filtered_branches_are_drawn_from_the_distribution_the_cache_keeps(tiny_
         assert chisquare(observed[kept].numpy(), (q[kept] / q[kept].sum() * rows).numpy()).pvalue > 1e-3
 
 
+def test_temperature_steps_of_a_restricted_head_sample_its_kept_columns(tiny_checkpoints):
+    """On the GPU a temperature-only tree step runs the Triton kernel (here its interpreter); with a
+    restricted head it reads the kept tokens' logits only, and must give the branches' tokens and the
+    cached q of the -inf-filled full rows."""
+    pytest.importorskip("triton")
+    from ssd import SamplingParams
+    from ssd.engine.sampler import SamplingTensors
+    from ssd.engine.triton_temperature_sampling import temperature_sample
+    shape = TreeShape(2, (2, 1, 1), (2, 1, 1))
+    runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head_vocabulary=RESTRICTED)
+    runner.forward(torch.tensor([[5, 6, 7, 8], [9, 9, 3, 1]]), torch.arange(4).expand(2, 4).contiguous(), 4)
+    sampling = SamplingTensors.from_params([SamplingParams(temperature=0.8, seed=3),
+                                            SamplingParams(temperature=1.3, seed=4)], "cpu", 0)
+    caches = []
+    for kept in (True, False):
+        builder = TreeBuilder(runner, shape)
+        builder.temperature_sample = temperature_sample
+        if not kept:
+            builder.head_ids = None   # the full rows (-inf outside the kept tokens)
+        assert builder.samples_kept_columns(sampling) == kept
+        caches.append(builder.build(torch.tensor([[8, 1, 3], [1, 5, 7]]), torch.tensor([4, 4]),
+                                    torch.ones(2, dtype=torch.bool), sampling, 4))
+    kept_cache, full_cache = caches
+    assert torch.equal(kept_cache.tokens, full_cache.tokens)
+    torch.testing.assert_close(kept_cache.probs, full_cache.probs, rtol=1e-5, atol=1e-7)
+    outside = torch.ones(97, dtype=torch.bool)
+    outside[list(RESTRICTED)] = False
+    assert kept_cache.probs[..., outside].abs().max() == 0
+
+
 def test_a_tree_round_holds_what_each_step_would_build(tiny_checkpoints):
     """The inputs every step shares, built once per round: step m's positions, scratch entries and
     RoPE rows, and the rows' key ends."""

@@ -65,3 +65,26 @@ def test_draws_follow_the_distribution():
     expected = (logits[0] / 0.7).softmax(-1)
     frequency = torch.bincount(tokens, minlength=4).float() / 1500
     assert 0.5 * (frequency - expected).abs().sum() < 0.05
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_kept_columns_give_the_tokens_and_q_of_the_full_rows(chunks):
+    """A restricted head's kept logits with their token ids: q written at those tokens' columns (the rest
+    left at zero) and the token drawn are exactly those of the -inf-filled full rows."""
+    g = torch.Generator().manual_seed(11)
+    vocab, kept = 3000, 700
+    ids = torch.randperm(vocab, generator=g)[:kept].sort().values
+    logits = torch.randn(4, kept, generator=g) * 3
+    logits[2, [5, 600]] = 40.0                                      # a greedy row with a tie: the first wins
+    full = torch.full((4, vocab), float("-inf")).index_copy_(1, ids, logits)
+    temperature, seed, counter = torch.tensor([1.0, 0.4, 0.0, 2.0]), torch.arange(4) + 7, torch.full((4,), 3)
+    tokens, q = temperature_sample(full, temperature, seed, counter, RandomStream.DRAFT, chunks=chunks)
+    out = torch.zeros(4, 2, vocab)[:, 1]                             # strided rows, as a graph's buffer slice
+    kept_tokens, kept_q = temperature_sample(logits, temperature, seed, counter, RandomStream.DRAFT, out=out,
+                                             chunks=chunks, ids=ids, vocab_size=vocab)
+    assert torch.equal(kept_tokens, tokens) and int(tokens[2]) == int(ids[5])
+    torch.testing.assert_close(kept_q, q, rtol=1e-6, atol=1e-9)
+    assert kept_q.data_ptr() == out.data_ptr()
+    new_tokens, new_q = temperature_sample(logits, temperature, seed, counter, RandomStream.DRAFT, chunks=chunks,
+                                           ids=ids, vocab_size=vocab)
+    assert torch.equal(new_tokens, tokens) and torch.equal(new_q, kept_q)

@@ -126,6 +126,7 @@ class TreeBuilder:
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         # the window forward's logits: a restricted head's kept tokens only (RunnerConfig.kept_logits_width)
         self.kept_ids = runner.model.lm_head.kept_ids if runner.cfg.kept_logits_width == shape.k + 1 else None
+        self.head_ids = runner.model.lm_head.kept_ids   # a restricted head's token ids (None: the full head)
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
 
     def set_fanout(self, fanout: tuple[int, ...]) -> None:
@@ -190,7 +191,8 @@ class TreeBuilder:
             if greedy:   # the argmax straight from the head (a restricted one: over its kept tokens only)
                 current = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position, greedy=True)
             else:
-                logits = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position)
+                logits = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position,
+                                                  kept=self.samples_kept_columns(sampling))
                 current, p = self.pick(logits, counters[depth], sampling, depth,
                                        probs_out[:, :, depth] if probs_out is not None else None)
                 if probs_out is None:
@@ -202,18 +204,27 @@ class TreeBuilder:
             return torch.stack(tokens, 2), probs_out
         return torch.stack(tokens, 2), CompactProbs.stack(probs, 2) if sampling.apply_filters else torch.stack(probs, 2)
 
+    def samples_kept_columns(self, sampling: SamplingTensors) -> bool:
+        """Temperature-only sampled steps of a restricted head run on its kept tokens' logits (the Triton
+        kernel writes q at their columns and races by token id: the full rows' q and token)."""
+        return self.head_ids is not None and self.temperature_sample is not None and not sampling.apply_filters
+
     def pick(self, logits, counter, sampling, depth, out: torch.Tensor | None = None):
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
         distribution, counter = the token's position (same stream a backup would use there); the
-        distribution is written to out [B, N, V] when given."""
+        distribution is written to out [B, N, V] when given. logits [B, N, V], or [B, N, kept] of a
+        restricted head where samples_kept_columns."""
         if sampling is None or sampling.all_greedy:
             return greedy_tokens(logits), None
-        batch, n, vocab = logits.shape
+        batch, n, columns = logits.shape
+        vocab = self.runner.arch.vocab_size
         sequence = torch.arange(batch, device=logits.device).repeat_interleave(n)   # each branch's row
         if self.temperature_sample is not None and not sampling.apply_filters:
-            token, q = self.temperature_sample(logits.reshape(batch * n, vocab), sampling.temperature[sequence],
+            ids = self.head_ids if self.samples_kept_columns(sampling) else None
+            token, q = self.temperature_sample(logits.reshape(batch * n, columns), sampling.temperature[sequence],
                                                sampling.seed[sequence], counter.reshape(-1), RandomStream.DRAFT,
-                                               out.view(batch * n, vocab) if out is not None else None)
+                                               out.view(batch * n, vocab) if out is not None else None,
+                                               ids=ids, vocab_size=vocab)
             return token.view(batch, n), q.view(batch, n, vocab)
         rows = sampling.select_rows(sequence)
         if sampling.apply_filters:
@@ -270,7 +281,8 @@ class BranchGraphs:
         self.builder = builder
         pool = builder.runner.graphs
         runner, shape = builder.runner, builder.shape
-        self.probs_out = {b: torch.empty((b, shape.num_branches, shape.k, runner.arch.vocab_size),
+        # zeros: a restricted head's temperature steps write its kept tokens' columns only
+        self.probs_out = {b: torch.zeros((b, shape.num_branches, shape.k, runner.arch.vocab_size),
                                          dtype=torch.float32, device=runner.device) for b in pool.buckets}
         width = min(DRAFT_FILTER_CANDIDATES, runner.arch.vocab_size)
         self.compact_out = {b: CompactProbs.empty((b, shape.num_branches, shape.k), width, runner.arch.vocab_size,

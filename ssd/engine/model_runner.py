@@ -177,18 +177,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def tree_forward(self, input_ids: torch.Tensor, steps: TreeRound, tree: TreeContext, prefix_limit: torch.Tensor,
-                     max_position: int, greedy: bool = False) -> torch.Tensor:
+                     max_position: int, greedy: bool = False, kept: bool = False) -> torch.Tensor:
         """Branch step tree.depth of the draft's speculation tree (single-rank draft only): input_ids /
         prefix_limit [B, N]; query n sees committed positions <= prefix_limit and its scratch entries.
         Returns logits [B, N, V] in the model's dtype (sampled ones convert when filtering — at B=16 a
         float32 copy of 336 x 128k logits would cost more per step than the step's attention), or with
         greedy the argmax token ids [B, N] (a restricted head: over its kept tokens' logits, which
-        picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted)."""
+        picks the same token as over the full -inf-filled row, ties included: the kept ids are sorted);
+        kept: a restricted head's logits of its kept tokens only [B, N, kept]."""
         depth = tree.depth
         ctx = ForwardContext(steps.positions[depth], prefix_limit, self.attend_bucket(max_position + 1), self.kv.k,
                              self.kv.v, 0, tree, (steps.cos[depth], steps.sin[depth]), steps.keys_end)
         hidden = self.model(input_ids, ctx)
         head = self.model.lm_head
+        if kept:
+            return head.kept_logits(hidden)
         if not greedy:
             return self.model.compute_logits(hidden)
         if head.kept_ids is None:

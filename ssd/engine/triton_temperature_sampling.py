@@ -9,6 +9,11 @@ chunks as in ssd.engine.triton_sampling: (1) each chunk's max and sum of exp, an
 counter-hashed uniforms as sample_from_weights, so the draw is what sample_from_weights(q) draws);
 (3) each row's best chunk. Greedy rows (T below GREEDY_TEMPERATURE_EPS) get the one-hot of their
 argmax, which the race then picks.
+
+With `ids` the logits are a restricted head's kept tokens only (column i: token ids[i]): q goes to the
+tokens' columns of a vocabulary-wide row (the others stay as they are: zeros) and the race hashes the
+token ids, so the token and q are exactly those of the -inf-filled full rows, read and written at a
+fraction of the width.
 """
 from __future__ import annotations
 
@@ -58,12 +63,13 @@ def _chunk_stats_kernel(x_ptr, t_ptr, stats_ptr, sx_r, V: tl.constexpr, CHUNK: t
 
 
 @triton.jit
-def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr, score_ptr, index_ptr, sx_r, sq_r,
-                           V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr, BLOCK: tl.constexpr,
-                           EPS: tl.constexpr, SALT_STATE: tl.constexpr, GOLDEN: tl.constexpr, SHIFT: tl.constexpr,
-                           SCALE: tl.constexpr):
+def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr, score_ptr, index_ptr, ids_ptr,
+                           sx_r, sq_r, V: tl.constexpr, CHUNK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+                           BLOCK: tl.constexpr, EPS: tl.constexpr, SALT_STATE: tl.constexpr, GOLDEN: tl.constexpr,
+                           SHIFT: tl.constexpr, SCALE: tl.constexpr, IDS: tl.constexpr):
     """q = exp(logits / T - M) / S over the chunk (one-hot of the argmax on greedy rows), stored, and
-    the chunk's best q / E with its first column into score / index [R, C]."""
+    the chunk's best q / E with its first token into score / index [R, C] (IDS: column i is token
+    ids[i], increasing)."""
     row, chunk, chunks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     rows = tl.num_programs(0) * chunks
     c = tl.arange(0, CHUNKS_POW2)
@@ -82,27 +88,38 @@ def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr
         ok = cols < V
         v, greedy = _scaled(x_ptr, t_ptr, row, sx_r, cols, ok, EPS)
         q = tl.where(greedy, (cols == argmax).to(tl.float32), tl.exp(v - top) / total)
-        tl.store(q_ptr + row * sq_r + cols, q, mask=ok)
-        score = _race_score(q, state, cols, ok, GOLDEN, SHIFT, SCALE)
+        if IDS:
+            tokens = tl.load(ids_ptr + cols, mask=ok, other=0)
+        else:
+            tokens = cols
+        tl.store(q_ptr + row * sq_r + tokens, q, mask=ok)
+        score = _race_score(q, state, tokens, ok, GOLDEN, SHIFT, SCALE)
         better = score > best_score
-        best_index = tl.where(better, cols, best_index)
+        best_index = tl.where(better, tokens, best_index)
         best_score = tl.where(better, score, best_score)
     best = tl.max(best_score, 0)
-    first = tl.min(tl.where(best_score == best, best_index, V + BLOCK), 0)
+    first = tl.min(tl.where(best_score == best, best_index, 2147483647), 0)   # the first token on ties
     tl.store(score_ptr + row * chunks + chunk, best)
     tl.store(index_ptr + row * chunks + chunk, first.to(tl.int64))
 
 
 def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
-                       salt: int, out: torch.Tensor | None = None,
-                       chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       salt: int, out: torch.Tensor | None = None, chunks: int | None = None,
+                       ids: torch.Tensor | None = None, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] (unit column stride); temperature, seed, counter [R]. Returns (tokens int64 [R],
     q float32 [R, V]) with q = softmax(logits / T) (one-hot argmax where greedy) written into out
-    when given (rows may be strided), and tokens = sample_from_weights(q, seed, counter, salt)."""
+    when given (rows may be strided), and tokens = sample_from_weights(q, seed, counter, salt).
+    ids [V] (increasing token ids) with vocab_size: logits of those tokens only; q [R, vocab_size] is
+    written at their columns only — out's other columns must hold zeros (a new q is zero-filled)."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    q = torch.empty((rows, vocab), dtype=torch.float32, device=logits.device) if out is None else out
+    width = vocab if ids is None else vocab_size
+    if out is None:
+        q = torch.empty((rows, width), dtype=torch.float32, device=logits.device) if ids is None \
+            else torch.zeros((rows, width), dtype=torch.float32, device=logits.device)
+    else:
+        q = out
     block = min(BLOCK_V, triton.next_power_of_2(vocab))
     blocks = triton.cdiv(vocab, block)
     chunks = min(chunks or race_chunks(rows, blocks, logits.device), blocks)
@@ -116,9 +133,10 @@ def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: to
     score = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, chunks), dtype=torch.int64, device=logits.device)
     _write_and_race_kernel[(rows, chunks)](
-        logits, temperature, stats, seed, counter, q, score, index, logits.stride(0), q.stride(0), V=vocab,
-        CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(chunks), BLOCK=block, EPS=GREEDY_TEMPERATURE_EPS,
-        SALT_STATE=salt_state(salt), GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS, SCALE=2.0 ** -(_UNIFORM_BITS + 1))
+        logits, temperature, stats, seed, counter, q, score, index, index if ids is None else ids, logits.stride(0),
+        q.stride(0), V=vocab, CHUNK=chunk, CHUNKS_POW2=triton.next_power_of_2(chunks), BLOCK=block,
+        EPS=GREEDY_TEMPERATURE_EPS, SALT_STATE=salt_state(salt), GOLDEN=_GOLDEN32, SHIFT=32 - _UNIFORM_BITS,
+        SCALE=2.0 ** -(_UNIFORM_BITS + 1), IDS=ids is not None)
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     _race_pick_kernel[(rows,)](score, index, tokens, CHUNKS=chunks, CHUNKS_POW2=triton.next_power_of_2(chunks))
     return tokens, q
