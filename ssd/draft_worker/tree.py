@@ -123,10 +123,10 @@ class TreeBuilder:
         # temperature only (no top-k / top-p, C = 1): distribution and draw in three chunked kernels
         self.temperature_sample = load_temperature_sample() if runner.device.type == "cuda" and saguaro_c >= 1.0 \
             else None
-        self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         # the window forward's logits: a restricted head's kept tokens only (RunnerConfig.kept_logits_width)
         self.kept_ids = runner.model.lm_head.kept_ids if runner.cfg.kept_logits_width == shape.k + 1 else None
         self.head_ids = runner.model.lm_head.kept_ids   # a restricted head's token ids (None: the full head)
+        self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
 
     def set_fanout(self, fanout: tuple[int, ...]) -> None:

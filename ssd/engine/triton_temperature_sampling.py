@@ -89,7 +89,7 @@ def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr
         v, greedy = _scaled(x_ptr, t_ptr, row, sx_r, cols, ok, EPS)
         q = tl.where(greedy, (cols == argmax).to(tl.float32), tl.exp(v - top) / total)
         if IDS:
-            tokens = tl.load(ids_ptr + cols, mask=ok, other=0)
+            tokens = tl.load(ids_ptr + cols, mask=ok, other=0).to(tl.int32)   # loop-carried: one type
         else:
             tokens = cols
         tl.store(q_ptr + row * sq_r + tokens, q, mask=ok)
