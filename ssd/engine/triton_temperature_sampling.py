@@ -105,7 +105,8 @@ def _write_and_race_kernel(x_ptr, t_ptr, stats_ptr, seed_ptr, counter_ptr, q_ptr
 
 def temperature_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
                        salt: int, out: torch.Tensor | None = None, chunks: int | None = None,
-                       ids: torch.Tensor | None = None, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       ids: torch.Tensor | None = None,
+                       vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] (unit column stride); temperature, seed, counter [R]. Returns (tokens int64 [R],
     q float32 [R, V]) with q = softmax(logits / T) (one-hot argmax where greedy) written into out
     when given (rows may be strided), and tokens = sample_from_weights(q, seed, counter, salt).
