@@ -220,7 +220,7 @@ class TreeBuilder:
         vocab = self.runner.arch.vocab_size
         sequence = torch.arange(batch, device=logits.device).repeat_interleave(n)   # each branch's row
         if self.temperature_sample is not None and not sampling.apply_filters:
-            ids = self.head_ids if self.samples_kept_columns(sampling) else None
+            ids = self.head_ids   # samples_kept_columns here: the logits are the kept tokens' (if restricted)
             token, q = self.temperature_sample(logits.reshape(batch * n, columns), sampling.temperature[sequence],
                                                sampling.seed[sequence], counter.reshape(-1), RandomStream.DRAFT,
                                                out.view(batch * n, vocab) if out is not None else None,
