@@ -260,6 +260,8 @@ def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
         result[name] = {"tokens_equal": bool(torch.equal(eager_tokens, graph_tokens)),
                         "max_abs_prob_diff": None if eager_probs is None else
                         float((widened(eager_probs) - widened(graph_probs)).abs().max())}
+    if tree.head_ids is not None:   # a restricted head's filtered steps on its kept columns vs on the full rows
+        result["filtered_kept_vs_full_rows"] = kept_vs_full_rows(tree, guess, lengths, sampling, horizon)
     if tree.temperature_sample is not None:   # the Triton temperature path against the compiled PyTorch one
         kernel_tokens, kernel_probs = tree.graphs.replay(guess, lengths, temperature_only := sampling_for(
             guess.shape[0], guess.device, 1.0), horizon)
@@ -389,3 +391,16 @@ def result_file(args: argparse.Namespace, rows: list[dict]) -> dict:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def kept_vs_full_rows(tree, guess, lengths, sampling, horizon) -> dict:
+    """Eager filtered branch decodes of a restricted head: over its kept tokens' logits (what runs)
+    against over the -inf-filled full rows (before): agreement of the tokens, largest q difference."""
+    kept_tokens, kept_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
+    saved, tree.head_ids = tree.head_ids, None
+    try:
+        full_tokens, full_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
+    finally:
+        tree.head_ids = saved
+    return {"token_agreement": float((kept_tokens == full_tokens).float().mean()),
+            "max_abs_prob_diff": float((widened(kept_probs) - widened(full_probs)).abs().max())}

@@ -192,6 +192,33 @@ def test_temperature_steps_of_a_restricted_head_sample_its_kept_columns(tiny_che
     assert kept_cache.probs[..., outside].abs().max() == 0
 
 
+@pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
+def test_filtered_steps_of_a_restricted_head_sample_its_kept_columns(tiny_checkpoints, saguaro_c):
+    """Top-k / top-p tree steps of a restricted head look for their candidates among the kept
+    tokens' logits only, and must give the branches' tokens and the cached q of the -inf-filled
+    full rows (with Saguaro's C < 1 too)."""
+    from ssd import SamplingParams
+    from ssd.engine.sampler import SamplingTensors
+    shape = TreeShape(2, (2, 1, 1), (2, 1, 1))
+    runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head_vocabulary=RESTRICTED)
+    runner.forward(torch.tensor([[5, 6, 7, 8], [9, 9, 3, 1]]), torch.arange(4).expand(2, 4).contiguous(), 4)
+    sampling = SamplingTensors.from_params([SamplingParams(temperature=0.8, top_p=0.9, seed=3),
+                                            SamplingParams(temperature=1.3, top_k=12, seed=4)], "cpu", 0)
+    caches = []
+    for kept in (True, False):
+        builder = TreeBuilder(runner, shape, saguaro_c)
+        if not kept:
+            builder.head_ids = None   # the full rows (-inf outside the kept tokens)
+        assert builder.samples_kept_columns(sampling) == kept
+        caches.append(builder.build(torch.tensor([[8, 1, 3], [1, 5, 7]]), torch.tensor([4, 4]),
+                                    torch.ones(2, dtype=torch.bool), sampling, 4))
+    kept_cache, full_cache = caches
+    assert kept_cache.probs.ids.shape[-1] == len(RESTRICTED) < full_cache.probs.ids.shape[-1]
+    assert torch.equal(kept_cache.tokens, full_cache.tokens)
+    torch.testing.assert_close(kept_cache.probs.dense(), full_cache.probs.dense(), rtol=1e-5, atol=1e-7)
+    assert set(kept_cache.tokens.unique().tolist()) <= set(RESTRICTED)
+
+
 def test_a_tree_round_holds_what_each_step_would_build(tiny_checkpoints):
     """The inputs every step shares, built once per round: step m's positions, scratch entries and
     RoPE rows, and the rows' key ends."""

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ssd.engine.triton_topk import (CHUNK, PER_CHUNK, scaled_top_candidates, scaled_top_candidates_op,  # noqa: E402
-                                    top_candidates, top_candidates_op)
+from ssd.engine.triton_topk import (CHUNK, MIN_CHUNK, PER_CHUNK, chunk_width, scaled_top_candidates,  # noqa: E402
+                                    scaled_top_candidates_op, top_candidates, top_candidates_op)
 
 
 # k / vocab as in the 1B draft (256 of 128k: a chunk holds 1 of them on average); one tile, ragged, several
@@ -70,10 +70,29 @@ def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="k must be"):
         top_candidates(torch.randn(2, 100), 101)
     with pytest.raises(ValueError, match=r"1\.\.9,"):   # a last chunk of one id gives one candidate
-        top_candidates(torch.randn(2, CHUNK + 1), 10)
-    assert top_candidates(torch.randn(2, CHUNK + 1), 9)[1].max() <= CHUNK
+        top_candidates(torch.randn(2, MIN_CHUNK + 1), 10)
+    assert top_candidates(torch.randn(2, MIN_CHUNK + 1), 9)[1].max() <= MIN_CHUNK
     with pytest.raises(ValueError, match="float32"):
         top_candidates(torch.randn(2, 100, dtype=torch.float16), 16)
+
+
+def test_chunks_keep_the_share_of_the_largest_at_every_vocabulary():
+    """k <= PER_CHUNK is exact at any chunk width: the widest. The draft filters' 256 of a 128k row
+    (and of a 152k one) keep 512-id chunks; a restricted head's 32k kept logits get 128-id ones, ~2048
+    candidates a row either way."""
+    assert chunk_width(32768, PER_CHUNK) == CHUNK
+    assert chunk_width(128256, 256) == chunk_width(151936, 256) == CHUNK
+    assert chunk_width(32768, 256) == 128 and chunk_width(300, 16) == MIN_CHUNK
+
+
+def test_restricted_head_rows_find_their_256_largest():
+    """32k kept logits, 256 largest: with 512-id chunks most rows would crowd a chunk (4 of the
+    256 per chunk on average, 8 kept); with 128-id ones torch.topk's values."""
+    logits = torch.randn(2, 32768, generator=torch.Generator().manual_seed(5))
+    values, index = scaled_top_candidates(logits, torch.tensor([1.0, 0.7]), 256)[:2]
+    expected = (logits / torch.tensor([[1.0], [0.7]])).topk(256)
+    torch.testing.assert_close(values, expected.values)
+    assert torch.equal(index, expected.indices)
 
 
 def test_custom_op_is_torch_topk_off_the_gpu_and_traceable():
@@ -89,11 +108,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ssd.engine import triton_topk as topk
 vocab = 128256
-chunks = triton.cdiv(vocab, topk.CHUNK)
+chunk = topk.chunk_width(vocab, 256)
+chunks = triton.cdiv(vocab, chunk)
 candidates = chunks * topk.PER_CHUNK
 kernels = {
     topk._chunk_candidates_kernel: ({"x_ptr": "*fp32", "out_ptr": "*u64", "sx_r": "i32"},
-        {"V": vocab, "CHUNKS": chunks, "CHUNK": topk.CHUNK, "PER_CHUNK": topk.PER_CHUNK, "TILE_CHUNKS": topk.TILE_CHUNKS}),
+        {"V": vocab, "CHUNKS": chunks, "CHUNK": chunk, "PER_CHUNK": topk.PER_CHUNK, "TILE_CHUNKS": topk.TILE_CHUNKS}),
     topk._select_kernel: ({"x_ptr": "*fp32", "cand_ptr": "*u64", "value_ptr": "*fp32", "index_ptr": "*i32", "sx_r": "i32"},
         {"CANDIDATES": candidates, "PADDED": triton.next_power_of_2(candidates), "K": 256}),
 }

@@ -205,9 +205,15 @@ class TreeBuilder:
         return torch.stack(tokens, 2), CompactProbs.stack(probs, 2) if sampling.apply_filters else torch.stack(probs, 2)
 
     def samples_kept_columns(self, sampling: SamplingTensors) -> bool:
-        """Temperature-only sampled steps of a restricted head run on its kept tokens' logits (the Triton
-        kernel writes q at their columns and races by token id: the full rows' q and token)."""
-        return self.head_ids is not None and self.temperature_sample is not None and not sampling.apply_filters
+        """Sampled steps of a restricted head that run on its kept tokens' logits: filtered ones (the
+        candidates' columns map to token ids) and temperature-only ones where the Triton kernel runs
+        (it writes q at the kept tokens' columns and races by token id) — the full rows' q and token."""
+        return self.head_ids is not None and (sampling.apply_filters or self.temperature_sample is not None)
+
+    def filtered_width(self) -> int:
+        """Candidates a filtered step keeps per branch (CompactProbs' width)."""
+        columns = self.runner.arch.vocab_size if self.head_ids is None else len(self.head_ids)
+        return min(DRAFT_FILTER_CANDIDATES, columns)
 
     def pick(self, logits, counter, sampling, depth, out: torch.Tensor | None = None):
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
@@ -227,9 +233,9 @@ class TreeBuilder:
                                                ids=ids, vocab_size=vocab)
             return token.view(batch, n), q.view(batch, n, vocab)
         rows = sampling.select_rows(sequence)
-        if sampling.apply_filters:
-            token, ids, probs = self.compact_step(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth],
-                                                  self.c, self.shape.num_branches, counter.reshape(-1))
+        if sampling.apply_filters:   # samples_kept_columns: a restricted head's logits are its kept tokens'
+            token, ids, probs = self.compact_step(logits.reshape(batch * n, columns), rows, self.fanout_hit[depth],
+                                                  self.c, self.shape.num_branches, counter.reshape(-1), self.head_ids)
             q = out.copy_(ids, probs) if out is not None else CompactProbs(ids, probs, vocab).view(batch, n)
             return token.view(batch, n), q
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
@@ -250,12 +256,16 @@ def load_temperature_sample():
 
 
 def compact_branch_step(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,
-                        counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        counter: torch.Tensor, kept_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A filtered tree step over rows of logits [R, V]: the draft's distribution among its
     DRAFT_FILTER_CANDIDATES largest logits (compact_probs_from_logits, Saguaro-rescaled on its top
     F — see pick) and the token drawn from it, the one sample_from_weights would draw from the
-    dense rows: (tokens [R], ids [R, W], probs [R, W])."""
+    dense rows: (tokens [R], ids [R, W], probs [R, W]). kept_ids [N]: logits [R, N] are a restricted
+    head's kept tokens' (sorted ids, so ties keep the full rows' order, lower id first)."""
     ids, probs = compact_probs_from_logits(logits, sampling, DRAFT_FILTER_CANDIDATES)
+    if kept_ids is not None:
+        ids = kept_ids[ids]
     probs = saguaro_probs(probs, top_f, c, max_f)
     return sample_among(ids, probs, sampling.seed, counter, RandomStream.DRAFT), ids, probs
 
@@ -284,7 +294,7 @@ class BranchGraphs:
         # zeros: a restricted head's temperature steps write its kept tokens' columns only
         self.probs_out = {b: torch.zeros((b, shape.num_branches, shape.k, runner.arch.vocab_size),
                                          dtype=torch.float32, device=runner.device) for b in pool.buckets}
-        width = min(DRAFT_FILTER_CANDIDATES, runner.arch.vocab_size)
+        width = builder.filtered_width()
         self.compact_out = {b: CompactProbs.empty((b, shape.num_branches, shape.k), width, runner.arch.vocab_size,
                                                   runner.device) for b in pool.buckets}
         self.sampling = {b: SamplingTensors.from_params([SamplingParams(temperature=1.0)] * b, runner.device, 0)

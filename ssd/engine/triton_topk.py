@@ -4,8 +4,9 @@ its 256 largest logits only (ssd.draft_worker.proposer.DRAFT_FILTER_CANDIDATES),
 radix select over 336 x 128k logits cost ~540 us per tree step at B = 16 on an H200 (four
 digit-count passes, then a gather) — more than the step's token choice.
 
-1. Every CHUNK consecutive logits of a row keep their PER_CHUNK largest (many programs per row, one
-   read of the logits, no sort: PER_CHUNK rounds of max over a tile of chunks);
+1. every chunk of consecutive logits of a row (chunk_width: 512 at 128k) keeps its PER_CHUNK
+   largest (many programs per row, one read of the logits, no sort: PER_CHUNK rounds of max over a
+   tile of chunks);
 2. per row, those candidates are sorted in registers by (value, lower index first) and the first k
    taken.
 
@@ -14,11 +15,10 @@ loaded) and also returns each row's log-sum-exp, combined from every chunk's max
 the second kernel: the filtered draft step needs no scaled copy of the logits and no logsumexp
 pass of its own (H200, 1B draft, B = 16 tree step: that pass took 111 us).
 
-That is exactly logits.topk(k)'s values whenever no CHUNK consecutive token ids hold more than
-PER_CHUNK of the row's k largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average);
-otherwise the lowest of them are replaced by the next largest — a slightly different draft
-distribution, never an inexact verification (the verifier is given the distribution the draft
-sampled from). A radix select in one kernel (tl.histogram of 12-bit digits) was ~100x slower on
+That is exactly logits.topk(k)'s values whenever no chunk holds more than PER_CHUNK of the row's
+k largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average); otherwise the lowest of
+them are replaced by the next largest — a slightly different draft distribution, never an inexact
+verification (the verifier is given the distribution the draft sampled from). A radix select in one kernel (tl.histogram of 12-bit digits) was ~100x slower on
 the H200: Triton's histogram compares every element with every bin.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ from ssd.sampling_params import GREEDY_TEMPERATURE_EPS
 
 # a row of 128k logits gives 2008 candidates (a 2048-entry sort; 256-id chunks keeping 8 gave 4008,
 # whose sort took 186 us per tree step at B = 16 on the H200, half of the selection)
-CHUNK = 512        # consecutive token ids per chunk
+CHUNK = 512        # consecutive token ids per chunk, at most
+MIN_CHUNK = 64
+CANDIDATES = 2048  # about the candidates a row yields where k > PER_CHUNK (the second kernel's sort)
 PER_CHUNK = 8      # candidates each chunk keeps
 TILE_CHUNKS = 8    # chunks per program of the first kernel
 
@@ -110,14 +112,26 @@ def _select_kernel(x_ptr, t_ptr, cand_ptr, stats_ptr, value_ptr, index_ptr, lse_
         tl.store(lse_ptr + row, row_max + tl.log(total))
 
 
-def candidate_count(vocab: int) -> int:
-    """Candidates a row of `vocab` logits yields (the last chunk may hold fewer than PER_CHUNK)."""
-    full, rest = divmod(vocab, CHUNK)
+def chunk_width(vocab: int, k: int) -> int:
+    """Consecutive ids per chunk for the k largest of `vocab`. k <= PER_CHUNK: CHUNK (exact at any
+    width; the fewest candidates). Larger k: about CANDIDATES candidates a row, so that a chunk holds
+    the same share of the k largest at every vocabulary — a restricted head's 32k kept logits get
+    128-id chunks (512-id ones would leave 512 candidates for the 256 largest: crowded chunks in most
+    rows)."""
+    if k <= PER_CHUNK:
+        return CHUNK
+    return max(MIN_CHUNK, min(CHUNK, triton.next_power_of_2(triton.cdiv(vocab * PER_CHUNK, CANDIDATES))))
+
+
+def candidate_count(vocab: int, k: int) -> int:
+    """Candidates a row of `vocab` logits yields for its k largest (the last chunk may hold fewer
+    than PER_CHUNK)."""
+    full, rest = divmod(vocab, chunk_width(vocab, k))
     return full * PER_CHUNK + min(rest, PER_CHUNK)
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits float32 [R, V] (rows contiguous), k <= candidate_count(V) -> (values [R, k] sorted
+    """logits float32 [R, V] (rows contiguous), k <= candidate_count(V, k) -> (values [R, k] sorted
     descending, indices [R, k] int64): logits.topk(k), up to the chunk bound of the module docstring."""
     if logits.dtype != torch.float32:
         raise ValueError("top_candidates takes float32 logits with contiguous rows")
@@ -138,10 +152,11 @@ def _run(logits: torch.Tensor, temperature: torch.Tensor | None, k: int):
     rows, vocab = logits.shape
     if logits.stride(-1) != 1:
         raise ValueError("top_candidates takes logits with contiguous rows")
-    chunks = triton.cdiv(vocab, CHUNK)
+    chunk = chunk_width(vocab, k)
+    chunks = triton.cdiv(vocab, chunk)
     candidates = chunks * PER_CHUNK
-    if not 0 < k <= candidate_count(vocab):
-        raise ValueError(f"k must be in 1..{candidate_count(vocab)}, got {k}")
+    if not 0 < k <= candidate_count(vocab, k):
+        raise ValueError(f"k must be in 1..{candidate_count(vocab, k)}, got {k}")
     device, scaled = logits.device, temperature is not None
     values = torch.empty((rows, k), dtype=torch.float32, device=device)
     index = torch.empty((rows, k), dtype=torch.int32, device=device)
@@ -151,7 +166,7 @@ def _run(logits: torch.Tensor, temperature: torch.Tensor | None, k: int):
         stats = torch.empty((rows, 2, chunks) if scaled else (1,), dtype=torch.float32, device=device)
         t = temperature.float().contiguous() if scaled else values
         _chunk_candidates_kernel[(rows, triton.cdiv(chunks, TILE_CHUNKS))](
-            logits, t, packed, stats, logits.stride(0), V=vocab, CHUNKS=chunks, CHUNK=CHUNK, PER_CHUNK=PER_CHUNK,
+            logits, t, packed, stats, logits.stride(0), V=vocab, CHUNKS=chunks, CHUNK=chunk, PER_CHUNK=PER_CHUNK,
             TILE_CHUNKS=TILE_CHUNKS, SCALED=scaled, EPS=GREEDY_TEMPERATURE_EPS, num_warps=4)
         _select_kernel[(rows,)](logits, t, packed, stats, values, index, lse, logits.stride(0), CANDIDATES=candidates,
                                 PADDED=triton.next_power_of_2(candidates), K=k, CHUNKS=chunks,
@@ -164,7 +179,7 @@ def _run(logits: torch.Tensor, temperature: torch.Tensor | None, k: int):
 def top_candidates_op(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """top_candidates of float32 [R, V], an opaque op for torch.compile: the Triton kernels on CUDA,
     logits.topk(k) elsewhere."""
-    if logits.is_cuda and k <= candidate_count(logits.shape[-1]):
+    if logits.is_cuda and k <= candidate_count(logits.shape[-1], k):
         return top_candidates(logits.contiguous(), k)
     values, index = logits.topk(k, dim=-1)
     return values, index
@@ -181,7 +196,7 @@ def scaled_top_candidates_op(logits: torch.Tensor, temperature: torch.Tensor,
                              k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scaled_top_candidates as an opaque op for torch.compile: the Triton kernels on CUDA, PyTorch
     (topk and logsumexp of the scaled logits) elsewhere."""
-    if logits.is_cuda and k <= candidate_count(logits.shape[-1]):
+    if logits.is_cuda and k <= candidate_count(logits.shape[-1], k):
         return scaled_top_candidates(logits.contiguous(), temperature, k)
     from ssd.engine.sampler import scaled_topk_reference   # (the sampler imports this module lazily)
     return scaled_topk_reference(logits, temperature, k)
