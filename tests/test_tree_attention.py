@@ -193,6 +193,32 @@ def test_temperature_steps_of_a_restricted_head_sample_its_kept_columns(tiny_che
 
 
 @pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
+def test_pytorch_sampled_steps_of_a_restricted_head_sample_its_kept_columns(tiny_checkpoints, saguaro_c):
+    """Without the Triton kernel (C < 1, or no Triton) a sampled tree step's distribution is computed
+    over a restricted head's kept logits and written at their columns: the branches' tokens and the
+    cached q of the -inf-filled full rows."""
+    from ssd import SamplingParams
+    from ssd.engine.sampler import SamplingTensors
+    shape = TreeShape(2, (2, 1, 1), (2, 1, 1))
+    runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head_vocabulary=RESTRICTED)
+    runner.forward(torch.tensor([[5, 6, 7, 8], [9, 9, 3, 1]]), torch.arange(4).expand(2, 4).contiguous(), 4)
+    sampling = SamplingTensors.from_params([SamplingParams(temperature=0.8, seed=3),
+                                            SamplingParams(temperature=1.3, seed=4)], "cpu", 0)
+    caches = []
+    for kept in (True, False):
+        builder = TreeBuilder(runner, shape, saguaro_c)
+        assert builder.temperature_sample is None
+        if not kept:
+            builder.head_ids = None
+        caches.append(builder.build(torch.tensor([[8, 1, 3], [1, 5, 7]]), torch.tensor([4, 4]),
+                                    torch.ones(2, dtype=torch.bool), sampling, 4))
+    kept_cache, full_cache = caches
+    assert torch.equal(kept_cache.tokens, full_cache.tokens)
+    torch.testing.assert_close(kept_cache.probs, full_cache.probs, rtol=1e-5, atol=1e-7)
+    assert kept_cache.probs.shape[-1] == 97 and kept_cache.probs[..., RESTRICTED[0]].sum() > 0
+
+
+@pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
 def test_filtered_steps_of_a_restricted_head_sample_its_kept_columns(tiny_checkpoints, saguaro_c):
     """Top-k / top-p tree steps of a restricted head look for their candidates among the kept
     tokens' logits only, and must give the branches' tokens and the cached q of the -inf-filled

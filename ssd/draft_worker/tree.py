@@ -205,10 +205,11 @@ class TreeBuilder:
         return torch.stack(tokens, 2), CompactProbs.stack(probs, 2) if sampling.apply_filters else torch.stack(probs, 2)
 
     def samples_kept_columns(self, sampling: SamplingTensors) -> bool:
-        """Sampled steps of a restricted head that run on its kept tokens' logits: filtered ones (the
-        candidates' columns map to token ids) and temperature-only ones where the Triton kernel runs
-        (it writes q at the kept tokens' columns and races by token id) — the full rows' q and token."""
-        return self.head_ids is not None and (sampling.apply_filters or self.temperature_sample is not None)
+        """Sampled steps of a restricted head run on its kept tokens' logits: the filtered ones' candidate
+        columns map to token ids, the Triton temperature kernel writes q at the kept tokens' columns and
+        races by token id, the PyTorch distribution (C < 1, no Triton) is written at those columns —
+        the tokens and q of the -inf-filled full rows every way."""
+        return self.head_ids is not None
 
     def filtered_width(self) -> int:
         """Candidates a filtered step keeps per branch (CompactProbs' width)."""
@@ -219,21 +220,20 @@ class TreeBuilder:
         """Next token of every branch: argmax, or a sample from the (Saguaro-rescaled) draft
         distribution, counter = the token's position (same stream a backup would use there); the
         distribution is written to out [B, N, V] when given. logits [B, N, V], or [B, N, kept] of a
-        restricted head where samples_kept_columns."""
+        restricted head (samples_kept_columns)."""
         if sampling is None or sampling.all_greedy:
             return greedy_tokens(logits), None
         batch, n, columns = logits.shape
         vocab = self.runner.arch.vocab_size
         sequence = torch.arange(batch, device=logits.device).repeat_interleave(n)   # each branch's row
         if self.temperature_sample is not None and not sampling.apply_filters:
-            ids = self.head_ids   # samples_kept_columns here: the logits are the kept tokens' (if restricted)
             token, q = self.temperature_sample(logits.reshape(batch * n, columns), sampling.temperature[sequence],
                                                sampling.seed[sequence], counter.reshape(-1), RandomStream.DRAFT,
                                                out.view(batch * n, vocab) if out is not None else None,
-                                               ids=ids, vocab_size=vocab)
+                                               ids=self.head_ids, vocab_size=vocab)
             return token.view(batch, n), q.view(batch, n, vocab)
         rows = sampling.select_rows(sequence)
-        if sampling.apply_filters:   # samples_kept_columns: a restricted head's logits are its kept tokens'
+        if sampling.apply_filters:
             token, ids, probs = self.compact_step(logits.reshape(batch * n, columns), rows, self.fanout_hit[depth],
                                                   self.c, self.shape.num_branches, counter.reshape(-1), self.head_ids)
             q = out.copy_(ids, probs) if out is not None else CompactProbs(ids, probs, vocab).view(batch, n)
@@ -241,8 +241,8 @@ class TreeBuilder:
         # a branch is used only on a hit, where its token at depth m is the next window's d_{m+1}:
         # the cache will fork at that position with the hit list's F_m (a device tensor: an online
         # re-fit rewrites it in place, and captured graphs read the new value)
-        q = self.distribution(logits.reshape(batch * n, vocab), rows, self.fanout_hit[depth], self.c,
-                              self.shape.num_branches, out).view(batch * n, vocab)
+        q = self.distribution(logits.reshape(batch * n, columns), rows, self.fanout_hit[depth], self.c,
+                              self.shape.num_branches, out, self.head_ids, vocab).view(batch * n, vocab)
         token = sample_from_weights(q, rows.seed, counter.reshape(-1), RandomStream.DRAFT)
         return token.view(batch, n), q.view(batch, n, vocab)
 
@@ -271,11 +271,19 @@ def compact_branch_step(logits: torch.Tensor, sampling: SamplingTensors, top_f: 
 
 
 def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: torch.Tensor, c: float, max_f: int,
-                        out: torch.Tensor | None) -> torch.Tensor:
+                        out: torch.Tensor | None, kept_ids: torch.Tensor | None = None,
+                        vocab_size: int = 0) -> torch.Tensor:
     """draft_distribution of logits [B*N, V], written into out [B, N, V] when given (a slice of a
-    graph's static probs buffer; compiled, the last pass stores there directly)."""
+    graph's static probs buffer; compiled, the last pass stores there directly). kept_ids [N kept]:
+    logits [B*N, N kept] are a restricted head's kept tokens' (sorted ids: the top F keep the full
+    rows' order); q goes to those columns of vocab_size, 0 elsewhere (out is zero there: a restricted
+    head's sampled steps write its kept columns only)."""
     q = draft_distribution(logits, sampling, top_f, c, max_f)
-    return q if out is None else out.copy_(q.view(out.shape))
+    if kept_ids is None:
+        return q if out is None else out.copy_(q.view(out.shape))
+    if out is None:
+        return q.new_zeros((q.shape[0], vocab_size)).index_copy_(-1, kept_ids, q)
+    return out.index_copy_(-1, kept_ids, q.view(*out.shape[:-1], -1))
 
 
 class BranchGraphs:
@@ -291,7 +299,7 @@ class BranchGraphs:
         self.builder = builder
         pool = builder.runner.graphs
         runner, shape = builder.runner, builder.shape
-        # zeros: a restricted head's temperature steps write its kept tokens' columns only
+        # zeros: a restricted head's sampled steps write its kept tokens' columns only
         self.probs_out = {b: torch.zeros((b, shape.num_branches, shape.k, runner.arch.vocab_size),
                                          dtype=torch.float32, device=runner.device) for b in pool.buckets}
         width = builder.filtered_width()
