@@ -107,19 +107,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ssd.engine import triton_topk as topk
-vocab = 128256
-chunk = topk.chunk_width(vocab, 256)
-chunks = triton.cdiv(vocab, chunk)
-candidates = chunks * topk.PER_CHUNK
-kernels = {
-    topk._chunk_candidates_kernel: ({"x_ptr": "*fp32", "out_ptr": "*u64", "sx_r": "i32"},
-        {"V": vocab, "CHUNKS": chunks, "CHUNK": chunk, "PER_CHUNK": topk.PER_CHUNK, "TILE_CHUNKS": topk.TILE_CHUNKS}),
-    topk._select_kernel: ({"x_ptr": "*fp32", "cand_ptr": "*u64", "value_ptr": "*fp32", "index_ptr": "*i32", "sx_r": "i32"},
-        {"CANDIDATES": candidates, "PADDED": triton.next_power_of_2(candidates), "K": 256}),
-}
-for kernel, (signature, constants) in kernels.items():
-    source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in constants}}, constexprs=constants)
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+for vocab in (128256, 32768):   # the full head's rows (512-id chunks), a restricted head's kept ones (128)
+    chunk = topk.chunk_width(vocab, 256)
+    chunks = triton.cdiv(vocab, chunk)
+    candidates = chunks * topk.PER_CHUNK
+    kernels = {
+        topk._chunk_candidates_kernel: ({"x_ptr": "*fp32", "out_ptr": "*u64", "sx_r": "i32"},
+            {"V": vocab, "CHUNKS": chunks, "CHUNK": chunk, "PER_CHUNK": topk.PER_CHUNK, "TILE_CHUNKS": topk.TILE_CHUNKS}),
+        topk._select_kernel: ({"x_ptr": "*fp32", "cand_ptr": "*u64", "value_ptr": "*fp32", "index_ptr": "*i32",
+                               "sx_r": "i32"}, {"CANDIDATES": candidates, "PADDED": triton.next_power_of_2(candidates), "K": 256}),
+    }
+    for kernel, (signature, constants) in kernels.items():
+        source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in constants}}, constexprs=constants)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 
