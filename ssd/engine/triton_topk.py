@@ -18,8 +18,9 @@ pass of its own (H200, 1B draft, B = 16 tree step: that pass took 111 us).
 That is exactly logits.topk(k)'s values whenever no chunk holds more than PER_CHUNK of the row's
 k largest (a chunk of 512 ids holds 1 of the top 256 of 128k on average); otherwise the lowest of
 them are replaced by the next largest — a slightly different draft distribution, never an inexact
-verification (the verifier is given the distribution the draft sampled from). A radix select in one kernel (tl.histogram of 12-bit digits) was ~100x slower on
-the H200: Triton's histogram compares every element with every bin.
+verification (the verifier is given the distribution the draft sampled from). A radix select in
+one kernel (tl.histogram of 12-bit digits) was ~100x slower on the H200: Triton's histogram
+compares every element with every bin.
 """
 from __future__ import annotations
 
