@@ -168,6 +168,8 @@ def measure_batch(draft: AsyncDraft, batch: int, context: int, warmup: int, iter
             "linear_choices": linear_choices(draft), "norm_fusion_choices": norm_fusion_choices(draft),
             "fp8_choices": fp8_choices(draft),
             "sampled_graph_check": graph_check, "fork_graph_matches_eager": fork_graph,
+            "filtered_kept_vs_full_rows": kept_vs_full_rows(tree, guess, lengths_d, sampled, horizon)
+            if tree.head_ids is not None else None,
             **({"kernel_profiles": kernel_tables} if kernels else {})}
 
 
@@ -241,6 +243,20 @@ def check_compact_filter(logits: torch.Tensor, sampling: SamplingTensors) -> dic
             "token_agreement": float((compact_tokens == dense_tokens).float().mean())}
 
 
+def kept_vs_full_rows(tree, guess, lengths, sampling, horizon) -> dict:
+    """Eager filtered branch decodes of a restricted head: over its kept tokens' logits (what runs)
+    against over the -inf-filled full rows (before): agreement of the tokens, largest q difference
+    (on a GPU the candidates' chunks differ between the two widths: rare crowded chunks may too)."""
+    kept_tokens, kept_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
+    saved, tree.head_ids = tree.head_ids, None
+    try:
+        full_tokens, full_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
+    finally:
+        tree.head_ids = saved
+    return {"token_agreement": float((kept_tokens == full_tokens).float().mean()),
+            "max_abs_prob_diff": float((widened(kept_probs) - widened(full_probs)).abs().max())}
+
+
 def sampling_for(batch: int, device, top_p: float) -> SamplingTensors:
     params = [SamplingParams(temperature=0.8, top_p=top_p, seed=i) for i in range(batch)]
     return SamplingTensors.from_params(params, device, 0)
@@ -260,8 +276,6 @@ def check_graphs_match_eager(tree, guess, lengths, sampling, horizon) -> dict:
         result[name] = {"tokens_equal": bool(torch.equal(eager_tokens, graph_tokens)),
                         "max_abs_prob_diff": None if eager_probs is None else
                         float((widened(eager_probs) - widened(graph_probs)).abs().max())}
-    if tree.head_ids is not None:   # a restricted head's filtered steps on its kept columns vs on the full rows
-        result["filtered_kept_vs_full_rows"] = kept_vs_full_rows(tree, guess, lengths, sampling, horizon)
     if tree.temperature_sample is not None:   # the Triton temperature path against the compiled PyTorch one
         kernel_tokens, kernel_probs = tree.graphs.replay(guess, lengths, temperature_only := sampling_for(
             guess.shape[0], guess.device, 1.0), horizon)
@@ -391,16 +405,3 @@ def result_file(args: argparse.Namespace, rows: list[dict]) -> dict:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def kept_vs_full_rows(tree, guess, lengths, sampling, horizon) -> dict:
-    """Eager filtered branch decodes of a restricted head: over its kept tokens' logits (what runs)
-    against over the -inf-filled full rows (before): agreement of the tokens, largest q difference."""
-    kept_tokens, kept_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
-    saved, tree.head_ids = tree.head_ids, None
-    try:
-        full_tokens, full_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
-    finally:
-        tree.head_ids = saved
-    return {"token_agreement": float((kept_tokens == full_tokens).float().mean()),
-            "max_abs_prob_diff": float((widened(kept_probs) - widened(full_probs)).abs().max())}

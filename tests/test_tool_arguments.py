@@ -201,7 +201,10 @@ def test_draft_round_bench_restricts_a_checkpoints_head(checkpoints, tmp_path):
     assert bench_script("draft_round_bench").main(
         ["--device", "cpu", "--preset", str(checkpoints["bare"]), "--vocab", "50", "--batches", "1",
          "--iters", "1", "--warmup", "0", "--context", "16", "--out", str(out)]) == 0
-    assert [row["head_vocab"] for row in json.loads(out.read_text())["rows"]] == ["50"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["head_vocab"] for row in rows] == ["50"]
+    kept_vs_full = rows[0]["filtered_kept_vs_full_rows"]
+    assert kept_vs_full["token_agreement"] == 1.0 and kept_vs_full["max_abs_prob_diff"] < 1e-6
 
 
 def test_draft_round_bench_measures_fp8_rows_arms_only_for_fp8_weights(checkpoints, tmp_path):
