@@ -176,7 +176,7 @@ def caches_of_kept_columns_and_full_rows(checkpoint, params, saguaro_c=1.0, temp
         builder.temperature_sample = temperature_sample
         if not kept:
             builder.head_ids = None
-        assert builder.samples_kept_columns(sampling) == kept
+        assert builder.samples_kept_columns() == kept
         caches.append(builder.build(torch.tensor([[8, 1, 3], [1, 5, 7]]), torch.tensor([4, 4]),
                                     torch.ones(2, dtype=torch.bool), sampling, 4))
     return caches

@@ -192,7 +192,7 @@ class TreeBuilder:
                 current = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position, greedy=True)
             else:
                 logits = self.runner.tree_forward(current, steps, tree, prefix_limit, max_position,
-                                                  kept=self.samples_kept_columns(sampling))
+                                                  kept=self.samples_kept_columns())
                 current, p = self.pick(logits, counters[depth], sampling, depth,
                                        probs_out[:, :, depth] if probs_out is not None else None)
                 if probs_out is None:
@@ -204,7 +204,7 @@ class TreeBuilder:
             return torch.stack(tokens, 2), probs_out
         return torch.stack(tokens, 2), CompactProbs.stack(probs, 2) if sampling.apply_filters else torch.stack(probs, 2)
 
-    def samples_kept_columns(self, sampling: SamplingTensors) -> bool:
+    def samples_kept_columns(self) -> bool:
         """Sampled steps of a restricted head run on its kept tokens' logits: the filtered ones' candidate
         columns map to token ids, the Triton temperature kernel writes q at the kept tokens' columns and
         races by token id, the PyTorch distribution (C < 1, no Triton) is written at those columns —
