@@ -79,10 +79,13 @@ def test_refuses_what_it_cannot_do():
 def test_chunks_keep_the_share_of_the_largest_at_every_vocabulary():
     """k <= PER_CHUNK is exact at any chunk width: the widest. The draft filters' 256 of a 128k row
     (and of a 152k one) keep 512-id chunks; a restricted head's 32k kept logits get 128-id ones, ~2048
-    candidates a row either way."""
+    candidates a row either way. The fork graphs' top 22 (K = 6, F = 3) of 32k keeps 512-id chunks:
+    about a chunk per largest logit, not a sort of 2048 candidates for 22."""
     assert chunk_width(32768, PER_CHUNK) == CHUNK
     assert chunk_width(128256, 256) == chunk_width(151936, 256) == CHUNK
     assert chunk_width(32768, 256) == 128 and chunk_width(300, 16) == MIN_CHUNK
+    assert chunk_width(32768, 22) == chunk_width(128256, 22) == CHUNK
+    assert chunk_width(32768, 128) == 256
 
 
 def test_restricted_head_rows_find_their_256_largest():

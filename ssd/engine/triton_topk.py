@@ -34,7 +34,6 @@ from ssd.sampling_params import GREEDY_TEMPERATURE_EPS
 # whose sort took 186 us per tree step at B = 16 on the H200, half of the selection)
 CHUNK = 512        # consecutive token ids per chunk, at most
 MIN_CHUNK = 64
-CANDIDATES = 2048  # about the candidates a row yields where k > PER_CHUNK (the second kernel's sort)
 PER_CHUNK = 8      # candidates each chunk keeps
 TILE_CHUNKS = 8    # chunks per program of the first kernel
 
@@ -115,13 +114,14 @@ def _select_kernel(x_ptr, t_ptr, cand_ptr, stats_ptr, value_ptr, index_ptr, lse_
 
 def chunk_width(vocab: int, k: int) -> int:
     """Consecutive ids per chunk for the k largest of `vocab`. k <= PER_CHUNK: CHUNK (exact at any
-    width; the fewest candidates). Larger k: about CANDIDATES candidates a row, so that a chunk holds
-    the same share of the k largest at every vocabulary — a restricted head's 32k kept logits get
-    128-id chunks (512-id ones would leave 512 candidates for the 256 largest: crowded chunks in most
-    rows)."""
+    width; the fewest candidates). Larger k: about k chunks (PER_CHUNK x k candidates a row), so that
+    a chunk holds one of the k largest on average at every vocabulary and every k — a restricted
+    head's 32k kept logits get 128-id chunks for 256 (512-id ones would leave 512 candidates for the
+    256 largest: crowded chunks in most rows), while the fork graphs' top 22 keeps 512-id ones (128-id
+    chunks there made its sort of 2048 candidates cost 25 us more per round on an H100)."""
     if k <= PER_CHUNK:
         return CHUNK
-    return max(MIN_CHUNK, min(CHUNK, triton.next_power_of_2(triton.cdiv(vocab * PER_CHUNK, CANDIDATES))))
+    return max(MIN_CHUNK, min(CHUNK, triton.next_power_of_2(triton.cdiv(vocab, k))))
 
 
 def candidate_count(vocab: int, k: int) -> int:
