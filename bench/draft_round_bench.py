@@ -245,8 +245,11 @@ def check_compact_filter(logits: torch.Tensor, sampling: SamplingTensors) -> dic
 
 def kept_vs_full_rows(tree, guess, lengths, sampling, horizon) -> dict:
     """Eager filtered branch decodes of a restricted head: over its kept tokens' logits (what runs)
-    against over the -inf-filled full rows (before): agreement of the tokens, largest q difference
-    (on a GPU the candidates' chunks differ between the two widths: rare crowded chunks may too)."""
+    against over the -inf-filled full rows (before): agreement of the tokens, largest q difference.
+    Equal on CPU (torch.topk both ways); on a GPU the full rows' 512-id chunks hold the kept ids
+    crowded (all 32k in the lowest 64 chunks when kept in id order) and lose some of the 256 largest,
+    so a few % of the tokens differ (H100: 93-98 %; later steps inherit an earlier step's change) —
+    the kept columns' 128-id chunks are the exact ones (top_candidates_vs_torch_topk)."""
     kept_tokens, kept_probs = tree.decode_branches(guess, lengths, sampling, horizon - 1)
     saved, tree.head_ids = tree.head_ids, None
     try:
