@@ -117,14 +117,48 @@ def test_sync_speculation_with_a_restricted_draft_of_the_target_is_exact(tiny_ch
     assert 1.0 < stats.acceptance_length < 5.0
 
 
-@pytest.mark.parametrize("k, async_spec, vocabulary, width", [
-    (6, True, True, 7),      # the async window: kept logits only
-    (1, True, True, None),   # its width 2 is the proposer's catch-up too, which samples full rows
-    (6, False, True, None),  # sync drafts have no window forward
-    (6, True, False, None),  # nothing restricted
-])
-def test_only_the_async_window_returns_kept_logits(k, async_spec, vocabulary, width):
+@pytest.mark.parametrize("k, async_spec, vocabulary", [(6, True, True), (1, True, True), (6, False, True),
+                                                      (6, True, False)])
+def test_a_restricted_draft_returns_kept_logits(k, async_spec, vocabulary):
+    """Every forward of a restricted draft (proposer, window) returns its kept logits only."""
     spec = AsyncSpecConfig.create(k, fan_out=2) if async_spec else None
     cfg = SpecConfig("draft", k).runner_config(RunnerConfig(model="target"), None, spec,
                                                (0, 1, 2) if vocabulary else None)
-    assert cfg.kept_logits_width == width
+    assert cfg.kept_logits == vocabulary
+    with pytest.raises(ValueError, match="kept_logits needs a restricted"):
+        RunnerConfig(model="x", kept_logits=True)
+
+
+SAMPLINGS = {"greedy": dict(temperature=0), "temperature": dict(temperature=0.8),
+             "top-k/top-p": dict(temperature=1.0, top_k=5, top_p=0.8)}
+
+
+@pytest.mark.parametrize("saguaro_c", [1.0, 0.3])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_proposals_over_kept_logits_equal_those_over_the_spread_rows(tiny_checkpoints, sampling, saguaro_c):
+    """A restricted draft's proposer (sync rounds, the `jit` backup) reads its kept logits only: the
+    same tokens and q as over the -inf-filled full rows (kept ids sorted: the same ties; torch.topk on
+    CPU both ways), the q at the kept tokens' columns only."""
+    from ssd.draft_worker.proposer import DraftProposer
+    from ssd.engine.sampler import SamplingTensors
+    path, k = str(tiny_checkpoints["llama"]), 3
+    kept = tuple(sorted(torch.randperm(97, generator=torch.Generator().manual_seed(2))[:40].tolist()))
+    prompts = torch.tensor([[5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 25], [3, 3, 3, 3, 3, 3]])
+    params = [SamplingParams(**SAMPLINGS[sampling], seed=i) for i in range(3)]
+    proposals = []
+    for kept_logits in (True, False):
+        runner = ModelRunner(RunnerConfig(model=path, max_len=64, num_slots=3, head_vocabulary=kept,
+                                          kept_logits=kept_logits), TPGroup())
+        proposer = DraftProposer(runner, k, saguaro_c, (2, 1, 2, 1))
+        proposer.prefill(prompts[:, :4], torch.arange(4).expand(3, 4).contiguous(), 0)
+        proposer.set_sampling(SamplingTensors.from_params(params, "cpu", 0))
+        proposals.append(proposer.propose(prompts[:, 4], prompts[:, 5], torch.full((3,), 6), 6,
+                                          want_probs=sampling != "greedy"))
+    kept_columns, full_rows = proposals
+    assert torch.equal(kept_columns.tokens, full_rows.tokens)
+    assert set(kept_columns.tokens.flatten().tolist()) <= set(kept)
+    if sampling != "greedy":
+        torch.testing.assert_close(kept_columns.probs, full_rows.probs)
+        dropped = torch.ones(97, dtype=torch.bool)
+        dropped[list(kept)] = False
+        assert (kept_columns.probs[..., dropped] == 0).all()

@@ -114,7 +114,7 @@ def test_fork_guesses_equal_per_position_top_f_without_the_drafted_token():
 
 def test_fork_guesses_over_kept_logits_equal_those_over_the_spread_rows():
     """The async draft's window with a restricted head returns its kept tokens' logits only
-    (RunnerConfig.kept_logits_width): the same guesses as over the -inf-filled full rows."""
+    (RunnerConfig.kept_logits): the same guesses as over the -inf-filled full rows."""
     from ssd.draft_worker.tree import fork_guesses
     from ssd.layers.embed_head import spread_logits
     g = torch.Generator().manual_seed(5)

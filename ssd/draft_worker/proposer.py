@@ -8,8 +8,9 @@ import torch
 from ssd.engine.model_runner import ModelRunner
 from ssd.engine.random import RandomStream
 from ssd.spec.saguaro import saguaro_probs
-from ssd.engine.sampler import SamplingTensors, probs_from_logits, sample_from_weights, sample_with_probs
+from ssd.engine.sampler import SamplingTensors, probs_from_logits, sample_from_weights
 from ssd.engine.greedy import greedy_tokens
+from ssd.layers.embed_head import spread_columns
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DraftProposer:
         """saguaro_fanout: per position, the F whose top tokens Saguaro sampling scales by C."""
         self.runner, self.k = runner, k
         self.saguaro_c, self.saguaro_fanout = saguaro_c, saguaro_fanout
+        self.kept_ids = runner.kept_logit_ids   # a restricted head's forwards: its kept tokens' logits only
         self.sampling: SamplingTensors | None = None
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> None:
@@ -73,9 +75,18 @@ class DraftProposer:
         return Proposal(torch.stack(tokens, 1), torch.stack(probs, 1) if want_probs else None)
 
     def pick(self, logits: torch.Tensor, counter: torch.Tensor, want_probs: bool, position: int):
+        """Tokens [B] and (want_probs) the distribution q [B, V] they were drawn from. logits [B, V], or
+        [B, N] of a restricted head's kept tokens: q is computed over those and written at their
+        columns (0 elsewhere), and the race reads the full rows — the tokens and q of the -inf-filled
+        rows (kept ids sorted: the same argmax and top-F ties), with the top 256 among N, not V."""
+        greedy = greedy_tokens(logits) if self.kept_ids is None else self.kept_ids[greedy_tokens(logits)]
         if not want_probs:
-            return greedy_tokens(logits), None
+            return greedy, None
         if self.saguaro_c >= 1.0 or self.saguaro_fanout is None:
-            return sample_with_probs(logits, self.sampling, counter, RandomStream.DRAFT, DRAFT_FILTER_CANDIDATES)
-        q = draft_distribution(logits, self.sampling, self.saguaro_fanout[position], self.saguaro_c)
-        return sample_from_weights(q, self.sampling.seed, counter, RandomStream.DRAFT), q
+            q = probs_from_logits(logits, self.sampling, DRAFT_FILTER_CANDIDATES)
+        else:
+            q = draft_distribution(logits, self.sampling, self.saguaro_fanout[position], self.saguaro_c)
+        if self.kept_ids is not None:
+            q = spread_columns(q, self.kept_ids, self.runner.arch.vocab_size)
+        sampled = sample_from_weights(q, self.sampling.seed, counter, RandomStream.DRAFT)
+        return torch.where(self.sampling.is_greedy, greedy, sampled), q

@@ -19,6 +19,7 @@ from ssd.spec.saguaro import saguaro_probs
 from ssd.sampling_params import SamplingParams
 from ssd.engine.greedy import greedy_tokens
 from ssd.engine.graph_capture import graph_capture
+from ssd.layers.embed_head import spread_columns
 from ssd.engine.progress_log import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ class TreeBuilder:
         # temperature only (no top-k / top-p, C = 1): distribution and draw in three chunked kernels
         self.temperature_sample = load_temperature_sample() if runner.device.type == "cuda" and saguaro_c >= 1.0 \
             else None
-        # the window forward's logits: a restricted head's kept tokens only (RunnerConfig.kept_logits_width)
-        self.kept_ids = runner.model.lm_head.kept_ids if runner.cfg.kept_logits_width == shape.k + 1 else None
+        # the window forward's logits: a restricted head's kept tokens only (RunnerConfig.kept_logits)
+        self.kept_ids = runner.kept_logit_ids
         self.head_ids = runner.model.lm_head.kept_ids   # a restricted head's token ids (None: the full head)
         self.graphs = BranchGraphs(self) if runner.graphs is not None and shape.num_branches else None
         self.fork_graphs = ForkGraphs(self) if self.graphs is not None else None
@@ -282,7 +283,7 @@ def branch_distribution(logits: torch.Tensor, sampling: SamplingTensors, top_f: 
     if kept_ids is None:
         return q if out is None else out.copy_(q.view(out.shape))
     if out is None:
-        return q.new_zeros((q.shape[0], vocab_size)).index_copy_(-1, kept_ids, q)
+        return spread_columns(q, kept_ids, vocab_size)
     return out.index_copy_(-1, kept_ids, q.view(*out.shape[:-1], -1))
 
 

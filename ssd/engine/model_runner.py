@@ -156,15 +156,21 @@ class ModelRunner:
                     logits_index: torch.Tensor | None, first_slot: int, attend_len: int) -> torch.Tensor:
         """input_ids/positions [B, T] for slots first_slot..first_slot+B-1, attending to cache
         positions < attend_len; logits_index [B] picks one position per row (None: all).
-        Returns logits [B, V] or [B, T, V] (float32); [B, T, N] over a restricted head's kept tokens
-        for T = cfg.kept_logits_width."""
+        Returns logits [B, V] or [B, T, V] (float32); without logits_index and with cfg.kept_logits,
+        [B, T, N] over a restricted head's kept tokens (kept_logit_ids)."""
         ctx = ForwardContext(positions, positions, attend_len, self.kv.k, self.kv.v, first_slot)
         hidden = self.model(input_ids, ctx)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
-        elif input_ids.shape[1] == self.cfg.kept_logits_width:
+        elif self.cfg.kept_logits:
             return self.model.lm_head.kept_logits(hidden).float()
         return self.model.compute_logits(hidden).float()
+
+    @property
+    def kept_logit_ids(self) -> torch.Tensor | None:
+        """The token id of each column of forward's logits (no logits_index): a restricted head's kept
+        ids [N] with cfg.kept_logits; None: column i is token i."""
+        return self.model.lm_head.kept_ids if self.cfg.kept_logits else None
 
     def tree_round(self, prefix_limit: torch.Tensor, entry: torch.Tensor, k: int) -> TreeRound:
         """The inputs a tree round's K steps share (TreeRound): prefix_limit [B, N] (branch n's fork

@@ -37,9 +37,9 @@ class RunnerConfig:
     fp8_produced_rows: bool = True    # ... many-row fp8 x fp8 products take their rows quantized by the norm / SiLU
     #                                            (the default list: on GPU only its weights of >= FP8_MIN_ELEMENTS)
     head_vocabulary: tuple[int, ...] | None = None   # LM head only over these token ids (-inf elsewhere; drafts)
-    # ... and forwards of this many tokens per row (no logits_index) return its kept logits only, [B, T, N]
-    # (the async draft's window, read only by the fork guesses: no full-vocabulary rows spread and scanned)
-    kept_logits_width: int | None = None
+    # ... and its forwards without a logits_index return the kept tokens' logits only, [B, T, N] (a draft's
+    # proposer, window and tree read them: no full-vocabulary rows spread and scanned; ModelRunner.kept_logit_ids)
+    kept_logits: bool = False
     seed: int = 0
     timeout_s: float = 300.0          # collective timeout: a dead peer fails loudly instead of hanging
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
@@ -57,8 +57,8 @@ class RunnerConfig:
             raise ValueError(f"weight quantization must be None or 'fp8', got {self.weight_quant!r}")
         if self.head_vocabulary is not None and self.tp_size != 1:
             raise ValueError("a restricted LM head vocabulary needs tp_size 1 (drafts run on one GPU)")
-        if self.kept_logits_width is not None and self.head_vocabulary is None:
-            raise ValueError("kept_logits_width needs a restricted LM head (head_vocabulary)")
+        if self.kept_logits and self.head_vocabulary is None:
+            raise ValueError("kept_logits needs a restricted LM head (head_vocabulary)")
 
     def device_for(self, rank: int) -> torch.device:
         """Under srun/torchrun across nodes, LOCAL_RANK (this node's index) picks the GPU."""

@@ -293,14 +293,13 @@ def sample_with_probs(
     st: SamplingTensors,
     counter: torch.Tensor,
     salt: int = RandomStream.SAMPLE,
-    candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample tokens [B] int64 from logits [B, V]; also return the probs [B, V] used.
 
     A draft model should call this with salt=RandomStream.DRAFT and hand the
-    probs to the verifier as draft_probs (candidates: see probs_from_logits).
+    probs to the verifier as draft_probs (ssd.draft_worker.proposer: among its top candidates).
     """
-    probs = probs_from_logits(logits, st, candidates)  # [B, V]
+    probs = probs_from_logits(logits, st)  # [B, V]
     sampled = sample_from_weights(probs, st.seed, counter, salt)  # [B]
     tokens = torch.where(st.is_greedy, greedy_tokens(logits), sampled)
     return tokens, probs

@@ -65,5 +65,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 def spread_logits(kept_logits: torch.Tensor, kept_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[..., N] logits of the kept tokens -> [..., vocab_size], -inf at every other token."""
-    logits = kept_logits.new_full((*kept_logits.shape[:-1], vocab_size), float("-inf"))
-    return logits.index_copy_(-1, kept_ids, kept_logits)
+    return spread_columns(kept_logits, kept_ids, vocab_size, float("-inf"))
+
+
+def spread_columns(kept: torch.Tensor, kept_ids: torch.Tensor, vocab_size: int, fill: float = 0.0) -> torch.Tensor:
+    """[..., N] values of the kept tokens (e.g. probabilities) -> [..., vocab_size], `fill` at every other token."""
+    return kept.new_full((*kept.shape[:-1], vocab_size), fill).index_copy_(-1, kept_ids, kept)

@@ -86,9 +86,7 @@ class SpecConfig:
         head_vocabulary: the token ids its LM head keeps (with `vocabulary`: kept_token_ids)."""
         first_gpu = target.first_gpu + (0 if self.colocated else target.tp_size)
         windows, scratch = ((2,), 0) if async_spec is None else ((2, self.k + 1), async_spec.shape.scratch_len)
-        # the window's width, unless the proposer's two-token catch-up (full logits) shares it (K = 1)
-        kept_width = self.k + 1 if async_spec is not None and head_vocabulary is not None and self.k > 1 else None
         return dataclasses.replace(target, model=str(checkpoint or self.draft), tp_size=1, first_gpu=first_gpu,
                                    window_sizes=windows, scratch_len=scratch, seed=target.seed + 1,
                                    weight_quant=self.quantization, head_vocabulary=head_vocabulary,
-                                   kept_logits_width=kept_width)
+                                   kept_logits=head_vocabulary is not None)
