@@ -294,11 +294,8 @@ def sample_with_probs(
     counter: torch.Tensor,
     salt: int = RandomStream.SAMPLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample tokens [B] int64 from logits [B, V]; also return the probs [B, V] used.
-
-    A draft model should call this with salt=RandomStream.DRAFT and hand the
-    probs to the verifier as draft_probs (ssd.draft_worker.proposer: among its top candidates).
-    """
+    """Sample tokens [B] int64 from logits [B, V]; also return the probs [B, V] used (filtered over
+    the whole vocabulary: a draft filters among its top candidates, ssd.draft_worker.proposer)."""
     probs = probs_from_logits(logits, st)  # [B, V]
     sampled = sample_from_weights(probs, st.seed, counter, salt)  # [B]
     tokens = torch.where(st.is_greedy, greedy_tokens(logits), sampled)
