@@ -21,6 +21,29 @@ def test_compiled_rope_and_cache_writes_the_same_cache_in_place():
         assert caches[0][first_slot, :, 3].abs().sum() > 0
 
 
+def test_compiled_rope_and_cache_with_qwen3_norms_matches_eager():
+    """qk_norm: q and k RMS-normalised per head before the rotation (q None: k only, as under the
+    fused attention), and the norms matter."""
+    from ssd.layers.qk_norm import QKNorm
+    compiled = Kernels.compiled()
+    g = torch.Generator().manual_seed(2)
+    batch, seq, dim = 2, 3, 8
+    q, k, v = (3 * torch.randn(batch, seq, h, dim, generator=g) for h in (4, 2, 2))
+    cos, sin = torch.randn(batch, seq, 1, dim // 2, generator=g), torch.randn(batch, seq, 1, dim // 2, generator=g)
+    positions, slots = torch.tensor([[3, 4, 5], [7, 8, 9]]), torch.arange(batch)[:, None]
+    norm = QKNorm(torch.randn(dim, generator=g), torch.randn(dim, generator=g), 1e-6)
+    for query in (q, None):
+        caches = [torch.zeros(2, 2, 16, dim) for _ in range(6)]
+        q1 = compiled.rope_and_cache(query, k, v, cos, sin, caches[0], caches[1], slots, positions, norm)
+        q2 = EAGER.rope_and_cache(query, k, v, cos, sin, caches[2], caches[3], slots, positions, norm)
+        q3 = EAGER.rope_and_cache(query, k, v, cos, sin, caches[4], caches[5], slots, positions)
+        if query is not None:
+            torch.testing.assert_close(q1, q2)
+            assert not torch.allclose(q2, q3, atol=0.1)
+        torch.testing.assert_close(caches[0], caches[2])
+        assert not torch.allclose(caches[2], caches[4], atol=0.1)
+
+
 def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
     compiled = Kernels.compiled()
     g = torch.Generator().manual_seed(1)

@@ -42,19 +42,20 @@ def use_fused_attention(runner: ModelRunner, tree_kv_in_attention: bool = False)
                                                  tree_kv_in_attention=tree_kv_in_attention)
 
 
-@pytest.mark.parametrize("fused,head", [(False, None), (True, None), ("kv", None), (False, RESTRICTED)],
-                         ids=["matmul", "fused", "fused-writes-kv", "restricted-head"])
-def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused, head):
+@pytest.mark.parametrize("fused,head,family", [(False, None, "llama"), (True, None, "llama"), ("kv", None, "llama"),
+                                               (False, RESTRICTED, "llama"), ("kv", None, "qwen3")],
+                         ids=["matmul", "fused", "fused-writes-kv", "restricted-head", "fused-writes-kv-qwen3"])
+def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused, head, family):
     """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask (and,
-    "kv", the kernel writing the tree steps' k/v itself); and a restricted head's greedy tree steps
-    (argmax over its kept logits) against full -inf-filled rows."""
+    "kv", the kernel writing the tree steps' k/v itself — for qwen3 normalising q and k first); and a
+    restricted head's greedy tree steps (argmax over its kept logits) against full -inf-filled rows."""
     if fused:
         pytest.importorskip("triton")
     k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
-    tree_runner = runner_for(tiny_checkpoints["llama"], shape.scratch_len, head)
+    tree_runner = runner_for(tiny_checkpoints[family], shape.scratch_len, head)
     if fused:
         use_fused_attention(tree_runner, tree_kv_in_attention=fused == "kv")
-    reference = runner_for(tiny_checkpoints["llama"], head_vocabulary=head)
+    reference = runner_for(tiny_checkpoints[family], head_vocabulary=head)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
     width = max(map(len, prompts))
     ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])

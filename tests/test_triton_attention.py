@@ -168,6 +168,55 @@ def test_tree_step_writing_its_own_kv_equals_writing_them_before(splits, scratch
     assert torch.equal(v_cache, v_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_qk_norm_inside_the_kernel_equals_normalising_before_it(dtype, splits):
+    """qk_norm: the kernel RMS-normalises q (and a tree step's new k) per head before rotating them,
+    as rope_and_cache's norms would (layernorm.rms_norm's roundings: bf16 rows, bf16 weights) — a
+    window's queries and a tree step writing its own k/v; k qwen3's 16 / 8 heads shape scaled down."""
+    from ssd.layers.kernels import rope_and_cache
+    from ssd.layers.layernorm import rms_norm
+    from ssd.layers.qk_norm import QKNorm
+    branches, k, depth, attend_len, kv_heads, dim = 5, 3, 2, 192, 2, 16
+    q, k_cache, v_cache, limit, scratch_start = tree_case(4, kv_heads, branches, k, seed=8)
+    g = torch.Generator().manual_seed(9)
+    new_k, new_v = (3 * torch.randn(2, branches, kv_heads, dim, generator=g) for _ in range(2))
+    cos, sin = (torch.randn(2, branches, 1, dim // 2, generator=g) for _ in range(2))
+    norm = QKNorm(torch.randn(dim, generator=g).to(dtype), torch.randn(dim, generator=g).to(dtype), 1e-6)
+    q, k_cache, v_cache, new_k, new_v = (t.to(dtype) for t in (q, k_cache, v_cache, 3 * new_k, new_v))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    options = {"splits": splits, "rope": (cos, sin)}
+
+    window = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, qk_norm=norm,
+                             **options)
+    expected = fused_attention(rms_norm(q, norm.q_weight, norm.eps), k_cache, v_cache, limit, limit.amax(1) + 1, 0,
+                               attend_len, 0.3, **options)
+    torch.testing.assert_close(window, expected, **tol)
+
+    write_index = (scratch_start + torch.arange(branches) * k + depth).expand(2, branches)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    rope_and_cache(None, new_k, new_v, cos, sin, k_before, v_before, torch.arange(2)[:, None], write_index, norm)
+    args = (limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start, k, depth)
+    expected = fused_attention(rms_norm(q, norm.q_weight, norm.eps), k_before, v_before, *args, **options)
+    out = fused_attention(q, k_cache, v_cache, *args, new_kv=(new_k, new_v), qk_norm=norm, **options)
+    torch.testing.assert_close(out, expected, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(k_cache, k_before, rtol=1e-6, atol=1e-6)
+    else:   # Triton's interpreter truncates to bf16 where the GPU rounds: a step apart at most
+        torch.testing.assert_close(k_cache.float(), k_before.float(), rtol=1e-2, atol=0.07)
+    unnormed = fused_attention(q, k_cache, v_cache, *args, rope=(cos, sin), splits=splits)
+    assert not torch.allclose(unnormed.float(), expected.float(), atol=0.1)   # the norms matter in this case
+
+
+def test_qk_norm_without_rope_is_refused():
+    from ssd.layers.qk_norm import QKNorm
+    q, k_cache, v_cache = random_case(2, 3, 4, 2, 16)
+    limit = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    with pytest.raises(ValueError, match="needs rope"):
+        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.3,
+                        qk_norm=QKNorm(torch.ones(16), torch.ones(16), 1e-6))
+
+
 def test_new_kv_outside_a_tree_step_is_refused():
     q, k_cache, v_cache = random_case(2, 3, 4, 2, 16)
     limit = torch.tensor([[4, 5, 6], [7, 8, 9]])

@@ -24,11 +24,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions):
+def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions, qk_norm=None):
     """Rotate q/k and write k/v into the full caches at their true positions; one fused kernel
     when compiled. q [B,T,Hq,D] or None (the fused attention rotates it: returns None); k/v
     [B,T,Hkv,D]; caches [S,Hkv,L,D]; slots [B, 1] (a tensor, so a new slot offset never triggers a
-    recompile); positions [B,T] cache indices."""
+    recompile); positions [B,T] cache indices; qk_norm (q weight, k weight, eps): Qwen3's per-head
+    RMSNorm of q and k, before the rotation."""
+    if qk_norm is not None:
+        q_weight, k_weight, eps = qk_norm
+        q = rms_norm(q, q_weight, eps) if q is not None else None
+        k = rms_norm(k, k_weight, eps)
     q = apply_rotary(q, cos, sin) if q is not None else None
     k = apply_rotary(k, cos, sin)
     rows = slots.expand_as(positions)

@@ -13,6 +13,7 @@ from ssd.layers.fp8 import Fp8Rows, fp8_rows_wanted
 from ssd.layers.kernels import EAGER, Kernels
 from ssd.layers.layernorm import RMSNorm
 from ssd.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ssd.layers.qk_norm import QKNorm
 from ssd.layers.rotary import RotaryEmbedding
 from ssd.models.model_config import ModelArch
 
@@ -45,19 +46,20 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qk_norm = QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else None
         fused = self.kernels.fused_attention if fused_applies(self.kernels.fused_attention, ctx, seq) else None
-        # the fused kernel rotates q as it loads it, and in a tree step also writes k (rotated) and v to
-        # the step's scratch entries before reading them: no RoPE + KV-write kernel of their own
+        # the fused kernel normalises (Qwen3) and rotates q as it loads it, and in a tree step also writes
+        # k (normalised, rotated) and v to the step's scratch entries before reading them: no norm or
+        # RoPE + KV-write kernels of their own; elsewhere the norms run inside the RoPE + KV write
         new_kv = (k, v) if fused and ctx.tree is not None and self.kernels.tree_kv_in_attention else None
         rotated = None
         if new_kv is None:
             rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
-                                                  ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index)
+                                                  ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index, qk_norm)
         scale = self.head_dim ** -0.5
         if fused:
-            return cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv)
+            return cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv,
+                                    qk_norm=qk_norm)
         return cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
 
 
