@@ -44,6 +44,18 @@ def test_compiled_rope_and_cache_with_qwen3_norms_matches_eager():
         assert not torch.allclose(caches[2], caches[4], atol=0.1)
 
 
+def test_qk_rms_norm_equals_the_two_head_norms():
+    """One norm over the q heads then the k heads (a qkv output's first columns): each with its weight,
+    eager and compiled."""
+    from ssd.layers.layernorm import rms_norm
+    g = torch.Generator().manual_seed(3)
+    qk = 3 * torch.randn(2, 3, 4 + 2, 8, generator=g)
+    q_weight, k_weight = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    expected = torch.cat([rms_norm(qk[:, :, :4], q_weight, 1e-6), rms_norm(qk[:, :, 4:], k_weight, 1e-6)], 2)
+    for kernels in (EAGER, Kernels.compiled()):
+        torch.testing.assert_close(kernels.qk_rms_norm(qk, 4, q_weight, k_weight, 1e-6), expected)
+
+
 def test_compiled_grouped_attention_with_a_scratch_source_matches_eager():
     compiled = Kernels.compiled()
     g = torch.Generator().manual_seed(1)

@@ -42,11 +42,20 @@ def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions, qk_nor
     return q
 
 
+def qk_rms_norm(qk: torch.Tensor, q_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """Qwen3's q and k norms, one kernel when compiled: qk [B, T, Hq + Hkv, D] holds the q heads then
+    the k heads (as the qkv projection lays them out), normalised with q_weight / k_weight [D]."""
+    heads = torch.arange(qk.shape[-2], device=qk.device)[:, None]
+    return rms_norm(qk, torch.where(heads < q_heads, q_weight, k_weight), eps)
+
+
 @dataclass(frozen=True)
 class Kernels:
     rms_norm: Callable = rms_norm
     add_rms_norm: Callable = add_rms_norm
     rope_and_cache: Callable = rope_and_cache
+    qk_rms_norm: Callable = qk_rms_norm
     silu_and_mul: Callable = silu_and_mul
     grouped_attention: Callable = grouped_attention
     fused_attention: Callable | None = None  # ssd.layers.triton_attention.fused_attention, where it runs
@@ -77,7 +86,7 @@ class Kernels:
         fuse = lambda fn: torch.compile(fn)  # noqa: E731
         attention = load_fused_attention() if fused_attention else None
         silu = fuse(silu_and_mul)
-        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), silu,
+        return cls(fuse(rms_norm), fuse(add_rms_norm), fuse(rope_and_cache), fuse(qk_rms_norm), silu,
                    fuse(grouped_attention), attention, tree_kv_in_attention and attention is not None,
                    load_measured_linear(linear_algorithms, linear_tma) if measured_linear else F.linear,
                    load_norm_fusion(silu) if norm_fusion else None)

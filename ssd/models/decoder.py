@@ -49,9 +49,14 @@ class Attention(nn.Module):
         qk_norm = QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else None
         fused = self.kernels.fused_attention if fused_applies(self.kernels.fused_attention, ctx, seq) else None
         # the fused kernel normalises (Qwen3) and rotates q as it loads it, and in a tree step also writes
-        # k (normalised, rotated) and v to the step's scratch entries before reading them: no norm or
-        # RoPE + KV-write kernels of their own; elsewhere the norms run inside the RoPE + KV write
+        # k (rotated) and v to the step's scratch entries before reading them: no norm or RoPE + KV-write
+        # kernels of their own; elsewhere the norms run inside the RoPE + KV write
         new_kv = (k, v) if fused and ctx.tree is not None and self.kernels.tree_kv_in_attention else None
+        if new_kv is not None and qk_norm is not None:   # a tree step: both norms in one kernel before it
+            normed = self.kernels.qk_rms_norm(qkv[..., : (self.num_heads + self.num_kv_heads) * self.head_dim].view(
+                batch, seq, self.num_heads + self.num_kv_heads, self.head_dim), self.num_heads, *qk_norm)
+            q, k = normed.split([self.num_heads, self.num_kv_heads], dim=2)
+            new_kv, qk_norm = (k, v), None
         rotated = None
         if new_kv is None:
             rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
