@@ -170,51 +170,38 @@ def test_tree_step_writing_its_own_kv_equals_writing_them_before(splits, scratch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_qk_norm_inside_the_kernel_equals_normalising_before_it(dtype, splits):
-    """qk_norm: the kernel RMS-normalises q (and a tree step's new k) per head before rotating them,
-    as rope_and_cache's norms would (layernorm.rms_norm's roundings: bf16 rows, bf16 weights) — a
-    window's queries and a tree step writing its own k/v; k qwen3's 16 / 8 heads shape scaled down."""
-    from ssd.layers.kernels import rope_and_cache
+def test_q_norm_inside_the_kernel_equals_normalising_q_before_it(dtype, splits):
+    """q_norm: the kernel RMS-normalises each q head before rotating it, as layernorm.rms_norm would
+    (its roundings: bf16 rows times bf16 weights), and the norm matters."""
     from ssd.layers.layernorm import rms_norm
-    from ssd.layers.qk_norm import QKNorm
-    branches, k, depth, attend_len, kv_heads, dim = 5, 3, 2, 192, 2, 16
-    q, k_cache, v_cache, limit, scratch_start = tree_case(4, kv_heads, branches, k, seed=8)
+    q, k_cache, v_cache = random_case(3, 5, 4, 2, 16, seed=8)
     g = torch.Generator().manual_seed(9)
-    new_k, new_v = (3 * torch.randn(2, branches, kv_heads, dim, generator=g) for _ in range(2))
-    cos, sin = (torch.randn(2, branches, 1, dim // 2, generator=g) for _ in range(2))
-    norm = QKNorm(torch.randn(dim, generator=g).to(dtype), torch.randn(dim, generator=g).to(dtype), 1e-6)
-    q, k_cache, v_cache, new_k, new_v = (t.to(dtype) for t in (q, k_cache, v_cache, 3 * new_k, new_v))
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    cos, sin = (torch.randn(3, 5, 1, 8, generator=g) for _ in range(2))
+    weight = torch.randn(16, generator=g).to(dtype)
+    q, k_cache, v_cache = (t.to(dtype) for t in (3 * q, k_cache, v_cache))
+    limit = torch.tensor([[4], [60], [200]]) + torch.arange(5)
+    args = (k_cache, v_cache, limit, limit.amax(1) + 1, 0, 256, 0.3)
     options = {"splits": splits, "rope": (cos, sin)}
-
-    window = fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, attend_len, 0.3, qk_norm=norm,
-                             **options)
-    expected = fused_attention(rms_norm(q, norm.q_weight, norm.eps), k_cache, v_cache, limit, limit.amax(1) + 1, 0,
-                               attend_len, 0.3, **options)
-    torch.testing.assert_close(window, expected, **tol)
-
-    write_index = (scratch_start + torch.arange(branches) * k + depth).expand(2, branches)
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    rope_and_cache(None, new_k, new_v, cos, sin, k_before, v_before, torch.arange(2)[:, None], write_index, norm)
-    args = (limit, limit.amax(1) + 1, 0, attend_len, 0.3, scratch_start, k, depth)
-    expected = fused_attention(rms_norm(q, norm.q_weight, norm.eps), k_before, v_before, *args, **options)
-    out = fused_attention(q, k_cache, v_cache, *args, new_kv=(new_k, new_v), qk_norm=norm, **options)
+    out = fused_attention(q, *args, q_norm=(weight, 1e-6), **options)
+    expected = fused_attention(rms_norm(q, weight, 1e-6), *args, **options)
+    # Triton's interpreter truncates to bf16 where the GPU rounds
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(out, expected, **tol)
-    if dtype == torch.float32:
-        torch.testing.assert_close(k_cache, k_before, rtol=1e-6, atol=1e-6)
-    else:   # Triton's interpreter truncates to bf16 where the GPU rounds: a step apart at most
-        torch.testing.assert_close(k_cache.float(), k_before.float(), rtol=1e-2, atol=0.07)
-    unnormed = fused_attention(q, k_cache, v_cache, *args, rope=(cos, sin), splits=splits)
-    assert not torch.allclose(unnormed.float(), expected.float(), atol=0.1)   # the norms matter in this case
+    assert not torch.allclose(fused_attention(q, *args, **options).float(), expected.float(), atol=0.1)
 
 
-def test_qk_norm_without_rope_is_refused():
-    from ssd.layers.qk_norm import QKNorm
+def test_q_norm_without_rope_or_with_new_kv_is_refused():
+    """In a tree step writing its own k/v, k would need the norm too: both are normalised before."""
     q, k_cache, v_cache = random_case(2, 3, 4, 2, 16)
     limit = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    norm = (torch.ones(16), 1e-6)
     with pytest.raises(ValueError, match="needs rope"):
-        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.3,
-                        qk_norm=QKNorm(torch.ones(16), torch.ones(16), 1e-6))
+        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.3, q_norm=norm)
+    rope = (torch.ones(2, 3, 1, 8), torch.zeros(2, 3, 1, 8))
+    kv = (torch.zeros(2, 3, 2, 16), torch.zeros(2, 3, 2, 16))
+    with pytest.raises(ValueError, match="not with new_kv"):
+        fused_attention(q, k_cache, v_cache, limit, limit.amax(1) + 1, 0, 64, 0.3, 32, 2, 0, rope=rope, new_kv=kv,
+                        q_norm=norm)
 
 
 def test_new_kv_outside_a_tree_step_is_refused():

@@ -174,23 +174,23 @@ def fused_applies(fused, ctx: ForwardContext, seq: int) -> bool:
 
 
 def cached_attention(q: torch.Tensor, layer: int, ctx: ForwardContext, scale: float,
-                     grouped=grouped_attention, fused=None, rope=None, new_kv=None, qk_norm=None) -> torch.Tensor:
+                     grouped=grouped_attention, fused=None, rope=None, new_kv=None, q_norm=None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated, unless rope is given; this layer's k/v already written to the
     cache, unless new_kv is given) -> [B, T, Hq*D]. fused: the one-kernel attention
     (ssd.layers.triton_attention) where fused_applies; rope: (cos, sin) for that kernel to rotate q
     itself; new_kv: a tree step's (k not rotated, v) [B, T, Hkv, D] for that kernel to write to the
-    scratch (only where it applies); qk_norm: Qwen3's q/k norms for that kernel to apply to q (and
-    new_kv's k) first."""
+    scratch (only where it applies); q_norm: (weight, eps) of Qwen3's q norm, for that kernel to apply
+    to q first."""
     batch, seq = q.shape[:2]
     if fused_applies(fused, ctx, seq):
         tree = ctx.tree
         scratch = (tree.scratch_start, tree.branch_len, tree.depth) if tree else ()
         extra = {"new_kv": new_kv} if new_kv is not None else {}
-        if qk_norm is not None:
-            extra["qk_norm"] = qk_norm
+        if q_norm is not None:
+            extra["q_norm"] = q_norm
         return fused(q, ctx.k_caches[layer], ctx.v_caches[layer], ctx.key_limit, ctx.keys_end, ctx.first_slot,
                      ctx.attended_len, scale, *scratch, rope=rope, **extra)
-    if rope is not None or new_kv is not None or qk_norm is not None:
+    if rope is not None or new_kv is not None or q_norm is not None:
         raise ValueError("q must be normalised and rotated and k/v written before attention outside the fused kernel")
     rows = slice(ctx.first_slot, ctx.first_slot + batch)
     keys = ctx.k_caches[layer][rows, :, : ctx.attended_len]

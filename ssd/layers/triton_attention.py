@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ssd.layers.qk_norm import QKNorm
-
 LOG2_E = 1.4426950408889634
 # split the keys only while at most half the SMs would have a program (H200, measured: the 1B
 # draft's tree step at B=1 has 16 programs, 17.6 us unsplit vs 10.5 us in 8 splits; at B=16 it has
@@ -103,7 +101,7 @@ def _load_rotated(rows_ptr, ok, cos_ptr, sin_ptr, trig_rows, norm_ptr, norm_eps,
                   NORM: tl.constexpr):
     """Rows [R, HEAD_DIM] at rows_ptr + d with RoPE applied (non-interleaved halves, float32 as
     apply_rotary: x1 cos - x2 sin | x2 cos + x1 sin); trig_rows [R, 1]: each row's cos/sin offset.
-    NORM: each row first RMS-normalised with the weight at norm_ptr (Qwen3's per-head q/k norm)."""
+    NORM: each row first RMS-normalised with the weight at norm_ptr (Qwen3's q norm)."""
     d = tl.arange(0, HEAD_DIM)
     half = HEAD_DIM // 2
     x = tl.load(rows_ptr + d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -118,19 +116,17 @@ def _load_rotated(rows_ptr, ok, cos_ptr, sin_ptr, trig_rows, norm_ptr, norm_eps,
 
 
 @triton.jit
-def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, kw_ptr, norm_eps, skn_b, skn_t,
-                     skn_h, svn_b, svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries, scratch_start, depth,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BRANCH_LEN: tl.constexpr,
-                     QK_NORM: tl.constexpr):
+def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, skn_b, skn_t, skn_h, svn_b,
+                     svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries, scratch_start, depth, GROUP: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BRANCH_LEN: tl.constexpr):
     """This tree step's k (rotated) and v of the tile's tokens into their entries scratch_start +
     t*K + depth, before the tile reads its branches (what rope_and_cache writes otherwise — one
-    kernel per layer fewer; QK_NORM: and k's norm). A token two tiles share is written by both, with
-    the same values."""
+    kernel per layer fewer). A token two tiles share is written by both, with the same values."""
     t = (tile * BLOCK_M) // GROUP + tl.arange(0, BLOCK_M)
     ok = ((t <= (tile * BLOCK_M + BLOCK_M - 1) // GROUP) & (t < num_queries))[:, None]
     d = tl.arange(0, HEAD_DIM)
     k_rows = kn_ptr + b * skn_b + t[:, None] * skn_t + kv_head * skn_h
-    k = _load_rotated(k_rows, ok, cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, kw_ptr, norm_eps, HEAD_DIM, QK_NORM)
+    k = _load_rotated(k_rows, ok, cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, k_rows, 0.0, HEAD_DIM, False)
     v = tl.load(vn_ptr + b * svn_b + t[:, None] * svn_t + kv_head * svn_h + d[None, :], mask=ok, other=0.0)
     at = cache + (scratch_start + t[:, None] * BRANCH_LEN + depth) * sk_l + d[None, :]
     tl.store(k_ptr + at, k.to(k_ptr.dtype.element_ty), mask=ok)
@@ -139,14 +135,14 @@ def _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr, kw_ptr,
+def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr,
             sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
             skn_b, skn_t, skn_h, svn_b, svn_t, svn_h, first_slot, scratch_start, depth, num_queries, num_heads,
             num_splits, qk_scale, norm_eps,
             loop_lo, loop_hi, lo, hi, b, kv_head, tile, split,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr, ROTATE: tl.constexpr, WRITE_KV: tl.constexpr,
-            QK_NORM: tl.constexpr):
+            Q_NORM: tl.constexpr):
     """Committed keys lo..hi-1 (walked in blocks from loop_lo to loop_hi) plus, on the last split,
     the tree's scratch (BRANCH_LEN > 0), for one row tile of one sequence and KV head."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,9 +150,9 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_
     row_ok = t < num_queries
     d = tl.arange(0, HEAD_DIM)
     q_rows = q_ptr + b * sq_b + t[:, None] * sq_t + head[:, None] * sq_h
-    if ROTATE:  # RoPE (and QK_NORM: q's norm) on q here: no kernel of its own
+    if ROTATE:  # RoPE (and Q_NORM: Qwen3's q norm) on q here: no kernel of its own
         q = _load_rotated(q_rows, row_ok[:, None], cos_ptr, sin_ptr, b * sc_b + t[:, None] * sc_t, qw_ptr, norm_eps,
-                          HEAD_DIM, QK_NORM).to(q_ptr.dtype.element_ty)
+                          HEAD_DIM, Q_NORM).to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
     limit = tl.load(limit_ptr + b * sl_b + t, mask=row_ok, other=-1)       # last committed key seen
@@ -174,9 +170,9 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_
         m_i, l_i, acc = _online_block(q, k_block, v_block, visible, m_i, l_i, acc, qk_scale)
     if split == num_splits - 1:   # no iterations without a scratch (BRANCH_LEN = 0)
         if WRITE_KV:
-            _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, kw_ptr, norm_eps, skn_b,
-                             skn_t, skn_h, svn_b, svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries,
-                             scratch_start, depth, GROUP, HEAD_DIM, BLOCK_M, BRANCH_LEN, QK_NORM)
+            _write_branch_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, cache, sk_l, cos_ptr, sin_ptr, skn_b, skn_t, skn_h,
+                             svn_b, svn_t, svn_h, sc_b, sc_t, b, kv_head, tile, num_queries, scratch_start, depth,
+                             GROUP, HEAD_DIM, BLOCK_M, BRANCH_LEN)
         m_i, l_i, acc = _branch_entries(q, k_ptr, v_ptr, cache, sk_l, t, tile, num_queries, scratch_start, depth,
                                         m_i, l_i, acc, qk_scale, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]   # l_i = 0: a padded row, or a split with no keys
@@ -192,44 +188,44 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_
 # depth changes with every tree step: not specialised on (a value of 1 would compile a kernel of its own)
 @triton.jit(do_not_specialize=["depth"])
 def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr,
-                      qw_ptr, kw_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
+                      qw_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t,
                       skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
                       first_slot, scratch_start, depth, num_queries, num_heads, num_splits, chunk, attend_len,
                       qk_scale, norm_eps, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
-                      ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, QK_NORM: tl.constexpr):
+                      ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, Q_NORM: tl.constexpr):
     """On the GPU: a split walks only its chunk's keys below this sequence's keys_end (read on the
     device); a split past the last chunk (the scratch's own) walks none."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr, kw_ptr, sq_b,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr, sq_b,
             sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t,
             svn_h, first_slot, scratch_start, depth, num_queries, num_heads, num_splits,
             qk_scale, norm_eps, lo, hi, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV, QK_NORM)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV, Q_NORM)
 
 
 @triton.jit
 def _attention_kernel_interpreted(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, end_ptr, cos_ptr,
-                                  sin_ptr, kn_ptr, vn_ptr, qw_ptr, kw_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
+                                  sin_ptr, kn_ptr, vn_ptr, qw_ptr, sq_b, sq_t, sq_h, sk_s, sk_h, sk_l,
                                   so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t, svn_h,
                                   first_slot, scratch_start, depth,
                                   num_queries, num_heads, num_splits, chunk, attend_len, qk_scale, norm_eps,
                                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BRANCH_LEN: tl.constexpr, WRITE_STATS: tl.constexpr,
-                                  ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, QK_NORM: tl.constexpr,
+                                  ROTATE: tl.constexpr, WRITE_KV: tl.constexpr, Q_NORM: tl.constexpr,
                                   KEYS: tl.constexpr):
     """Triton's CPU interpreter (the tests) cannot loop to a runtime value: every split walks the
     whole bucket (a constant) and masks what is not its chunk — the same result."""
     b, kv_head, tile, split = tl.program_id(0), tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     lo = split * chunk
     hi = tl.minimum(tl.minimum(lo + chunk, tl.load(end_ptr + b)), attend_len)
-    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr, kw_ptr, sq_b,
+    _attend(q_ptr, k_ptr, v_ptr, o_ptr, ml_ptr, limit_ptr, cos_ptr, sin_ptr, kn_ptr, vn_ptr, qw_ptr, sq_b,
             sq_t, sq_h, sk_s, sk_h, sk_l, so_s, so_b, so_t, so_h, sl_b, sc_b, sc_t, skn_b, skn_t, skn_h, svn_b, svn_t,
             svn_h, first_slot, scratch_start, depth, num_queries, num_heads, num_splits,
             qk_scale, norm_eps, 0, KEYS, lo, hi, b, kv_head, tile, split,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV, QK_NORM)
+            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BRANCH_LEN, WRITE_STATS, ROTATE, WRITE_KV, Q_NORM)
 
 
 @triton.jit
@@ -301,7 +297,7 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                     scratch_split: bool = SCRATCH_SPLIT,
                     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    qk_norm: QKNorm | None = None) -> torch.Tensor:
+                    q_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] (rotated); caches [slots, Hkv, capacity, D] (this layer's k/v already written);
     limit [B, T]: query (b, t) sees committed positions 0..limit[b, t] of slot first_slot + b (and
     none at or past attend_len); keys_end [B] = limit.amax(1) + 1 (once per forward, not per layer).
@@ -312,14 +308,16 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tiling: default Tiling.default; rope: (cos, sin) [B, T, 1, D/2] float32 when q is not rotated
     yet (the kernel rotates it); new_kv: a tree step's own k (not rotated) and v [B, T, Hkv, D],
     which the kernel writes to entries scratch_start + t*K + depth (k rotated by rope) before it
-    reads them — the caches need not hold them yet; qk_norm: q (and new_kv's k) not normalised yet
-    (Qwen3's q/k norms, applied before the rotation: needs rope). Returns [B, T, Hq * D]."""
+    reads them — the caches need not hold them yet; q_norm (weight [D], eps): q not normalised yet
+    (Qwen3's q norm, applied before the rotation: needs rope; not in tree steps that write their own
+    k/v, whose k would need it too — there one kernel normalises both before this one, which measured
+    faster than both norms in here). Returns [B, T, Hq * D]."""
     if branch_len and not 0 <= depth < branch_len:
         raise ValueError(f"tree depth {depth} outside 0..{branch_len - 1}")
     if new_kv is not None and (not branch_len or rope is None):
         raise ValueError("new_kv is written by tree steps only, and needs rope to rotate k")
-    if qk_norm is not None and rope is None:
-        raise ValueError("qk_norm is applied where the kernel rotates q: it needs rope")
+    if q_norm is not None and (rope is None or new_kv is not None):
+        raise ValueError("q_norm is applied where the kernel rotates q (it needs rope), and not with new_kv")
     batch, queries, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -344,16 +342,17 @@ def fused_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     cos, sin = (t.contiguous() for t in rope) if rope is not None else (limit, limit)  # any pointer when unused
     # any pointer when unused; k and v strided as they come (views of the qkv output, a q/k-norm's output)
     k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in new_kv) if new_kv is not None else (q, q)
-    q_weight, k_weight, norm_eps = qk_norm if qk_norm is not None else (q, q, 0.0)   # any pointer when unused
+    q_weight, norm_eps = q_norm if q_norm is not None else (q, 0.0)   # any pointer when unused
     kernel[(batch, kv_heads, tiles * splits)](
-        q, k_cache, v_cache, part, stats, limit, keys_end, cos, sin, k_new, v_new, q_weight, k_weight,
+        q, k_cache, v_cache, part, stats, limit, keys_end, cos, sin, k_new, v_new, q_weight,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), limit.stride(0), cos.stride(0),
         cos.stride(1), k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1),
         v_new.stride(2), first_slot, scratch_start, depth,
         queries, heads, splits, chunk, attend_len,
-        scale * LOG2_E, float(norm_eps), GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BRANCH_LEN=branch_len,
-        WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None, QK_NORM=qk_norm is not None,
+        scale * LOG2_E, float(norm_eps), GROUP=group, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        BRANCH_LEN=branch_len, WRITE_STATS=splits > 1, ROTATE=rope is not None, WRITE_KV=new_kv is not None,
+        Q_NORM=q_norm is not None,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages, **extra)
     if splits > 1:
         rows_total = batch * queries * heads

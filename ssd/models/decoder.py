@@ -48,24 +48,28 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         qk_norm = QKNorm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else None
         fused = self.kernels.fused_attention if fused_applies(self.kernels.fused_attention, ctx, seq) else None
-        # the fused kernel normalises (Qwen3) and rotates q as it loads it, and in a tree step also writes
-        # k (rotated) and v to the step's scratch entries before reading them: no norm or RoPE + KV-write
-        # kernels of their own; elsewhere the norms run inside the RoPE + KV write
+        # the fused kernel rotates q as it loads it, and in a tree step also writes k (rotated) and v to
+        # the step's scratch entries before reading them: no RoPE + KV-write kernel of their own
         new_kv = (k, v) if fused and ctx.tree is not None and self.kernels.tree_kv_in_attention else None
-        if new_kv is not None and qk_norm is not None:   # a tree step: both norms in one kernel before it
-            normed = self.kernels.qk_rms_norm(qkv[..., : (self.num_heads + self.num_kv_heads) * self.head_dim].view(
-                batch, seq, self.num_heads + self.num_kv_heads, self.head_dim), self.num_heads, *qk_norm)
-            q, k = normed.split([self.num_heads, self.num_kv_heads], dim=2)
+        if new_kv is not None and qk_norm is not None:   # Qwen3's q and k norms: one kernel before it
+            q, k = self.normed_qk(qkv, qk_norm)
             new_kv, qk_norm = (k, v), None
         rotated = None
-        if new_kv is None:
+        if new_kv is None:   # with Qwen3's norms inside (k's; q's too where the fused kernel does not rotate q)
             rotated = self.kernels.rope_and_cache(None if fused else q, k, v, *rope, ctx.k_caches[self.layer],
                                                   ctx.v_caches[self.layer], ctx.slot_rows, ctx.write_index, qk_norm)
         scale = self.head_dim ** -0.5
-        if fused:
-            return cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv,
-                                    qk_norm=qk_norm)
+        if fused:   # q's norm (Qwen3) in the kernel too, where it was not applied before
+            q_norm = (qk_norm.q_weight, qk_norm.eps) if qk_norm is not None else None
+            return cached_attention(q, self.layer, ctx, scale, fused=fused, rope=rope, new_kv=new_kv, q_norm=q_norm)
         return cached_attention(rotated, self.layer, ctx, scale, self.kernels.grouped_attention)
+
+    def normed_qk(self, qkv: torch.Tensor, qk_norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, T, Hq, D] and k [B, T, Hkv, D] of qkv, normalised by one kernel (Kernels.qk_rms_norm)."""
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[..., : heads * self.head_dim].unflatten(-1, (heads, self.head_dim))
+        normed = self.kernels.qk_rms_norm(qk, self.num_heads, *qk_norm)
+        return normed.split([self.num_heads, self.num_kv_heads], dim=2)
 
 
 class MLP(nn.Module):
