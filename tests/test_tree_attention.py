@@ -43,12 +43,15 @@ def use_fused_attention(runner: ModelRunner, tree_kv_in_attention: bool = False)
 
 
 @pytest.mark.parametrize("fused,head,family", [(False, None, "llama"), (True, None, "llama"), ("kv", None, "llama"),
-                                               (False, RESTRICTED, "llama"), ("kv", None, "qwen3")],
-                         ids=["matmul", "fused", "fused-writes-kv", "restricted-head", "fused-writes-kv-qwen3"])
+                                               (False, RESTRICTED, "llama"), (True, None, "qwen3"),
+                                               ("kv", None, "qwen3")],
+                         ids=["matmul", "fused", "fused-writes-kv", "restricted-head", "fused-qwen3",
+                              "fused-writes-kv-qwen3"])
 def test_tree_branches_match_independent_decoding(tiny_checkpoints, fused, head, family):
     """Also wires the fused kernel end to end: each tree query's prefix limit and scratch mask (and,
-    "kv", the kernel writing the tree steps' k/v itself — for qwen3 normalising q and k first); and a
-    restricted head's greedy tree steps (argmax over its kept logits) against full -inf-filled rows."""
+    "kv", the kernel writing the tree steps' k/v itself; qwen3: its q/k norms in the kernel, the RoPE +
+    KV write or one kernel of their own); and a restricted head's greedy tree steps (argmax over its
+    kept logits) against full -inf-filled rows."""
     if fused:
         pytest.importorskip("triton")
     k, shape = 3, TreeShape(3, (2, 1, 0, 2), (1, 2, 1, 0))
