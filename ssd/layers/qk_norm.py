@@ -1,5 +1,6 @@
-"""Qwen3's per-head q / k RMSNorm as arguments: the kernels that rotate q and k apply it on the way
-(the RoPE + KV write, the fused attention), so it costs no kernel of its own."""
+"""Qwen3's per-head q / k RMSNorm, handed to the kernels that rotate q and k so that they apply it on
+the way (the RoPE + KV write; the fused attention for q) instead of two norm kernels a layer. A tree
+step whose attention writes its own k/v normalises both in one kernel first (Kernels.qk_rms_norm)."""
 from __future__ import annotations
 
 from typing import NamedTuple
