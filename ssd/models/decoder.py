@@ -33,8 +33,9 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(arch.hidden_size, [q_size, kv_size, kv_size], arch.qkv_bias, tp,
                                              kernels.linear)
         self.o_proj = RowParallelLinear(q_size, arch.hidden_size, False, tp, kernels.linear)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, kernels) if arch.qk_norm else None
+        # Qwen3: weights only, never called — the norms run inside other kernels (ssd.layers.qk_norm)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
         return self.o_proj(self.attend(self.qkv_proj(x), rope, ctx))
