@@ -13,13 +13,8 @@ out=${1:?output dir}; part=${2:?part}
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # kernel choices and compiled kernels of earlier runs (KERNEL_CACHE_IN, COMPILE_CACHE_IN; see caches.sh)
 source "$(dirname "$0")/caches.sh"
-ab() {  # ab NAME FAMILY TARGET_SIZE DRAFT_SIZE BATCH NUMSEQS OUTPUT_LEN
-  local name=$1 family=$2 size=$3 draft=$4 batch=$5 numseqs=$6 len=$7
-  timeout 300 python bench/bench.py --device cuda --"$family" --size "$size" --draft "$draft" --spec --k 6 \
-    --gpus 1 --colocate --ab ar,sync --profile code --random --b "$batch" --numseqs "$numseqs" \
-    --output_len "$len" --warmup 1 --json "$out/$name.json" > "$out/$name.log" 2>&1
-  grep -E "simulated|decode tok|acceptance|draft round|verify|ratio|Error" "$out/$name.log" | sed "s/^/[$name] /"
-}
+source "$(dirname "$0")/bench_ab.sh"   # ab (DRAFT_FLAGS: draft options, e.g. "--draft-quant fp8 --draft-vocab 32768")
+colocated=(--gpus 1 --colocate --ab ar,sync)
 case $part in
   draft) for preset in llama-3.2-1b qwen3-0.6b; do
            timeout 200 python bench/draft_round_bench.py --preset $preset --k 6 --f 3 --batches 1 2 4 8 16 \
@@ -134,8 +129,9 @@ case $part in
              --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} ${KERNELS:+--kernels} \
              ${FP8_ROWS:+--fp8-rows $FP8_ROWS} --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
            grep -E "batch|Error|error|fp8 rows at|fp8 rows matmul" "$out/round_fp8fused.log" | cut -c1-600 ;;
-  llama) ab ab_profile_llama8b_b1 llama 8 1 1 2 128; ab ab_profile_llama8b_b16 llama 8 1 16 16 64 ;;
-  qwen) ab ab_profile_qwen32b_b1 qwen 32 0.6 1 2 128; ab ab_profile_qwen32b_b16 qwen 32 0.6 16 16 64 ;;
+  # BATCHES (default "1 16"): one sync-vs-AR run per batch size, each bounded by AB_TIMEOUT_S (280 s)
+  llama) for b in ${BATCHES:-1 16}; do ab ab_profile_llama8b_b$b 8 1 llama $b $(( b == 1 ? 2 : b )) $(( b == 1 ? 128 : 64 )) "${colocated[@]}"; done ;;
+  qwen) for b in ${BATCHES:-1 16}; do ab ab_profile_qwen32b_b$b 32 0.6 qwen $b $(( b == 1 ? 2 : b )) $(( b == 1 ? 128 : 64 )) "${colocated[@]}"; done ;;
   coordinator) python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
                for seqs in ${SEQS:-1 16}; do  # SEQS: the batch limits to run
                  PYTHONPATH=/tmp/site:$PYTHONPATH timeout 240 python bench/coordinator_bench.py --model llama-3.1-8b \
