@@ -8,16 +8,23 @@ compute garbage. GPU; random weights at a target's shapes (default qwen3-32b's q
 
 Each (input kind, rows, tiling) runs REPEATS times: the largest error relative to the reference's
 largest value (the engine rejects above TmaTiling.tolerance, 2e-2) and whether the repeats were bitwise
-equal.
+equal. --time-rows adds each tiling's microseconds (weights cycled past L2).
+
+Found with it (H100, Triton 3.6): while the kernel summed x's squares from the pipelined tile the MMA
+reads, qwen3-32b's qkv at 56 / 64 rows with 64x128 tiles of 3 and 4 stages came out ~7 % off and
+different every run; the kernel now sums them from a load of their own (every check agrees; the 1B
+draft's fused products +0.0-0.2 us). results/fused_norm_agreement_h100_race.json, _variants.json.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
@@ -80,6 +87,22 @@ def check(h: torch.Tensor, weight: torch.Tensor, gated: bool, repeats: int) -> l
     return results
 
 
+def timed(rows: int, n: int, hidden: int, gated: bool, device) -> list[dict]:
+    """Microseconds per product of each tiling, weights cycled past L2 as a model's layers are."""
+    from draft_kernel_sweep import graph_us, rotating   # noqa: E402  (this directory is on sys.path)
+    weight = rotating(lambda: torch.randn(n, hidden, device=device, dtype=torch.bfloat16) * 0.02, 2 * n * hidden)
+    h = inputs("normal", rows, hidden, device, torch.bfloat16)
+    results = []
+    for tiling in NORM_TMA_CANDIDATES:
+        try:
+            us = graph_us(lambda t=tiling: tma_norm_linear(h, EPS, weight(), t, gated=gated), 20)
+        except Exception as exc:
+            log.debug("%s failed: %s", tiling, exc)
+            continue
+        results.append({"tiling": tiling.label, "rows": rows, "us": us})
+    return results
+
+
 def fused_products(presets: list[str]):
     """(preset, name, N, K, gated) of each preset's products with a norm in front: qkv, gate/up."""
     for preset in presets:
@@ -94,6 +117,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["normal", "small", "same_rows", "padded", "outliers"])
     parser.add_argument("--rows", nargs="+", type=int, default=[r for r in ROWS if r <= MAX_ROWS])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--time-rows", nargs="*", type=int, default=[], help="also time each tiling at these rows")
     parser.add_argument("--device", default="cuda",
                         help="cpu: a smoke run under TRITON_INTERPRET=1, in float32 (the interpreter's bf16 dot is not the GPU's)")
     parser.add_argument("--out", type=writable_file, required=True)
@@ -101,20 +125,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows_out = []
+    rows_out, times = [], []
     for preset, name, n, hidden, gated in fused_products(args.presets):
         weight = (torch.randn(n, hidden, device=device) * 0.02).to(dtype)
-        for kind in args.kinds:
-            for m in args.rows:
-                for result in check(inputs(kind, m, hidden, device, dtype), weight, gated, args.repeats):
-                    rows_out.append({"preset": preset, "weight": name, "shape": [n, hidden], "kind": kind, "rows": m, **result})
-                    if result.get("rejected") or result.get("repeats_equal") is False:
-                        log.warning("%s %s rows=%d %s: %s", name, kind, m, result["tiling"], result)
+        for kind, m in itertools.product(args.kinds, args.rows):
+            for result in check(inputs(kind, m, hidden, device, dtype), weight, gated, args.repeats):
+                rows_out.append({"preset": preset, "weight": name, "shape": [n, hidden], "kind": kind, "rows": m, **result})
+                if result.get("rejected") or result.get("repeats_equal") is False:
+                    log.warning("%s %s rows=%d %s: %s", name, kind, m, result["tiling"], result)
+        for m in args.time_rows:
+            for result in timed(m, n, hidden, gated, device):
+                times.append({"preset": preset, "weight": name, **result})
+                log.info("%s %s %s", preset, name, result)
         these = [r for r in rows_out if (r["preset"], r["weight"]) == (preset, name)]
         log.info("%s %s %s: %d checks, %d rejected, %d not repeatable", preset, name, (n, hidden), len(these),
                  sum(bool(r.get("rejected")) for r in these), sum(r.get("repeats_equal") is False for r in these))
     write_json(args.out, {"schema": "ssd-fused-norm-agreement/1", "presets": args.presets, "eps": EPS,
-                          "repeats": args.repeats, "env": collect_env(), "rows": rows_out})
+                          "repeats": args.repeats, "env": collect_env(), "rows": rows_out, "times": times})
 
 
 if __name__ == "__main__":

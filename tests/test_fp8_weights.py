@@ -1,6 +1,8 @@
 """fp8 weights (ssd.layers.fp8): the quantization's error bound, the few-row kernel with fp8 weights
 (Triton's CPU interpreter) against the dequantized product, a quantized model runner, and
 speculative decoding with an fp8 draft staying exact (test_spec_sync / test_spec_async add more)."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,17 @@ def test_fp8_activation_tilings_may_differ_by_fp8_rounding_the_others_by_bf16():
     assert fastest_agreeing({widen: off_by(0.3)}, reference, torch.empty(1)) is None
     assert fastest_agreeing({fp8: off_by(0.3)}, reference, torch.empty(1)) == fp8
     assert fastest_agreeing({fp8: off_by(0.6)}, reference, torch.empty(1)) is None
+
+
+def test_a_product_that_is_wrong_on_a_later_run_is_not_taken():
+    """A kernel that races can agree once: each candidate is checked on several runs."""
+    pytest.importorskip("triton")
+    from ssd.layers.triton_linear import TmaTiling, fastest_agreeing
+    reference = torch.linspace(-10, 10, 64)
+    steady, flaky = TmaTiling(64, 64, 2), TmaTiling(64, 64, 3)
+    runs = itertools.chain([reference], itertools.repeat(reference + 1.0))   # right the first time only
+    assert fastest_agreeing({flaky: lambda w: next(runs)}, reference, torch.empty(1)) is None
+    assert fastest_agreeing({steady: lambda w: reference}, reference, torch.empty(1)) == steady
 
 
 def test_cpu_product_adds_the_bias_after_the_scale():

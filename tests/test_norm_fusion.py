@@ -38,6 +38,16 @@ def test_norm_linear_is_the_product_of_the_normed_rows(rows, bias):
     torch.testing.assert_close(out, F.linear(rms_norm(x, g, EPS), weight, b), rtol=1e-4, atol=1e-4)
 
 
+def test_norm_linear_reads_rows_of_a_wider_tensor():
+    """x a column slice (row stride > K, as TMA takes it without a copy): the norm's own load of x
+    (its squares) walks the same rows as the product's."""
+    wide, weight, g, _ = operands(21, 128, 256 + 64, 5)
+    x = wide[:, :256]
+    weight, g = weight[:, :256], g[:256]
+    out = tma_norm_linear(x, EPS, weight * g, TILING)
+    torch.testing.assert_close(out, F.linear(rms_norm(x, g, EPS), weight), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1, 21, 64])
 def test_gated_norm_linear_is_silu_of_gate_times_up(rows):
     x, weight, g, _ = operands(rows, 2 * 128, 192, rows)      # [gate; up], 128 columns each

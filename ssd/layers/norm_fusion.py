@@ -52,13 +52,15 @@ FP8_NORM_TMA_CANDIDATES = tuple(TmaTiling(64, block_k, stages, operands="f16")
 
 
 @triton.jit
-def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, M, N, eps, K: tl.constexpr,
+def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, x_ptr, sx_m, M, N, eps, K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                             GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr = False,
                             OPERANDS: tl.constexpr = 0):
     """Program p: y[:, p*BLOCK_N : (p+1)*BLOCK_N] = (x / rms(x)) W^T (+ b), as (W x^T)^T / rms(x) (the
-    weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0;
-    the x tile feeds the MMA from shared memory, its squares are summed beside it). GATED: W is
+    weight tile on the MMA's M side, both operands by TMA, x's rows past M as zeros: their sums are 0).
+    The squares of x are summed from a load of their own (x_ptr, row stride sx_m), not from the tile the
+    MMA reads: with both reading one pipelined tile, Triton 3.6 on an H100 raced (qwen3-32b's qkv, 64-row
+    tiles, 3-4 stages: ~7 % off, different every run; bench/fused_norm_agreement.py). GATED: W is
     [Wg; Wu] (2N rows) and y = silu(x Wg^T / rms) * x Wu^T / rms, the gate and up tiles of the same
     columns streamed side by side. HAS_SCALE: W is fp8 with one scale per row, multiplied as weight_dot's
     OPERANDS say (as in _tma_matmul_kernel)."""
@@ -66,15 +68,16 @@ def _tma_norm_matmul_kernel(x_desc, w_desc, b_ptr, y_ptr, scale_ptr, M, N, eps, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([0, k0])
-        xf = x.to(tl.float32)
+        xf = tl.load(x_ptr + rm[:, None] * sx_m + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=rm[:, None] < M,
+                     other=0.0).to(tl.float32)
         sum_sq += tl.sum(xf * xf, axis=1)
         acc = weight_dot(w_desc.load([n0, k0]), x, acc, OPERANDS)
         if GATED:
             acc_up = weight_dot(w_desc.load([N + n0, k0]), x, acc_up, OPERANDS)
     inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
-    rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rn)[:, None]
@@ -104,7 +107,8 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
     block_m = tma_block_rows(rows)
     _tma_norm_matmul_kernel[(n // tiling.block_n,)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
-        bias if bias is not None else y, y, scale if scale is not None else y, rows, n, eps, K=k, BLOCK_M=block_m,
+        bias if bias is not None else y, y, scale if scale is not None else y, x2, x2.stride(0), rows, n, eps, K=k,
+        BLOCK_M=block_m,
         BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         OPERANDS=tiling.operand_mode(scale is not None), num_warps=tiling.num_warps)
