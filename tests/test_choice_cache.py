@@ -96,6 +96,15 @@ def test_setup_digest_follows_scope_and_kernel_source(tmp_path):
     assert digest != setup_digest(cpu, "scope", (str(source),))
 
 
+def test_the_linear_choices_outlive_a_change_to_the_fused_norm_kernels(cache_file):
+    """An A/B of a fused-norm change recalls the same linear choices in both arms (measured afresh,
+    they differ by noise): the linear's setup does not hash norm_fusion.py; the fused norm's does."""
+    def hashed(caches):
+        return {path.rsplit("/", 1)[-1] for path in caches.sources}
+    assert "norm_fusion.py" not in hashed(MeasuredLinear()._disk)
+    assert {"norm_fusion.py", "triton_linear.py"} <= hashed(NormFusion(silu_and_mul)._disk)
+
+
 def test_processes_sharing_the_file_keep_each_others_choices(tmp_path):
     path = tmp_path / "choices.json"
     one, two = ChoiceCache.open(path, "setup"), ChoiceCache.open(path, "setup")   # opened before either wrote

@@ -136,7 +136,7 @@ class NormFusion:
     def __post_init__(self):
         if self.kernel_cache:
             tilings = (self.norm_tilings, self.residual_tilings, self.fp8_norm_tilings, self.fp8_residual_tilings)
-            self._disk = DeviceChoiceCaches(f"norm fusion {tilings}", KERNEL_SOURCES)
+            self._disk = DeviceChoiceCaches(f"norm fusion {tilings}", (*KERNEL_SOURCES, __file__))
 
     def runs_on(self, device: torch.device) -> bool:
         """Whether the fused kernels run on this device (fold_gains is worth it there)."""

@@ -435,9 +435,9 @@ class MeasuredLinear:
         return best
 
 
-# the files whose source a stored choice depends on (ssd.layers.choice_cache.setup_digest)
-KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name))
-                       for name in ("triton_linear.py", "norm_fusion.py", "cublaslt.py", "fp8.py"))
+# the files whose source a stored choice depends on (ssd.layers.choice_cache.setup_digest): a change
+# elsewhere (e.g. the fused norm kernels, which add norm_fusion.py to theirs) keeps these choices
+KERNEL_SOURCES = tuple(str(Path(__file__).with_name(name)) for name in ("triton_linear.py", "cublaslt.py", "fp8.py"))
 UNUSABLE = object()   # a stored choice this process cannot use (another format, an algorithm gone)
 
 
