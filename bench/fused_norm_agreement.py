@@ -5,6 +5,7 @@ a tiling that is wrong only on some inputs, or only some of the time, would pass
 compute garbage. GPU; random weights at a target's shapes (default qwen3-32b's qkv and gate/up).
 
     python bench/fused_norm_agreement.py --presets qwen3-32b llama-3.1-8b --out agreement.json
+    python bench/fused_norm_agreement.py --presets llama-3.2-1b qwen3-0.6b --weights bf16 fp8 --out drafts.json
 
 Each (input kind, rows, tiling) runs REPEATS times: the largest error relative to the reference's
 largest value (the engine rejects above TmaTiling.tolerance, 2e-2) and whether the repeats were bitwise
@@ -33,7 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 from ssd.benchmark.results import collect_env  # noqa: E402
 from ssd.cli_types import writable_file  # noqa: E402
 from ssd.json_files import write_json  # noqa: E402
-from ssd.layers.norm_fusion import NORM_TMA_CANDIDATES, tma_norm_linear  # noqa: E402
+from ssd.layers.fp8 import quantize_weight  # noqa: E402
+from ssd.layers.norm_fusion import FP8_NORM_TMA_CANDIDATES, NORM_TMA_CANDIDATES, tma_norm_linear  # noqa: E402
 from ssd.layers.triton_linear import MAX_ROWS  # noqa: E402
 from ssd.models.presets import preset_arch  # noqa: E402
 
@@ -70,13 +72,24 @@ def reference(h: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tenso
     return y.float()
 
 
-def check(h: torch.Tensor, weight: torch.Tensor, gated: bool, repeats: int) -> list[dict]:
-    ref = reference(h, weight, gated)
+def as_stored(weight: torch.Tensor, kind: str):
+    """(weight as the kernel takes it, its per-row scales or None, the tilings the engine tries, the weight
+    the reference multiplies): bf16 as is; fp8 quantized per row (ssd.layers.fp8), dequantized for the
+    reference."""
+    if kind == "bf16":
+        return weight, None, NORM_TMA_CANDIDATES, weight
+    quantized, scale = quantize_weight(weight.float())
+    return quantized, scale, FP8_NORM_TMA_CANDIDATES, (quantized.float() * scale[:, None]).to(weight.dtype)
+
+
+def check(h: torch.Tensor, stored, gated: bool, repeats: int) -> list[dict]:
+    weight, scale, tilings, dequantized = stored
+    ref = reference(h, dequantized, gated)
     largest = ref.abs().max().item()
     results = []
-    for tiling in NORM_TMA_CANDIDATES:
+    for tiling in tilings:
         try:
-            outs = [tma_norm_linear(h, EPS, weight, tiling, gated=gated) for _ in range(repeats)]
+            outs = [tma_norm_linear(h, EPS, weight, tiling, gated=gated, scale=scale) for _ in range(repeats)]
         except Exception as exc:   # e.g. shared memory: not a candidate at this shape
             results.append({"tiling": tiling.label, "error": type(exc).__name__})
             continue
@@ -87,15 +100,19 @@ def check(h: torch.Tensor, weight: torch.Tensor, gated: bool, repeats: int) -> l
     return results
 
 
-def timed(rows: int, n: int, hidden: int, gated: bool, device) -> list[dict]:
+def timed(rows: int, n: int, hidden: int, gated: bool, weights: str, device) -> list[dict]:
     """Microseconds per product of each tiling, weights cycled past L2 as a model's layers are."""
     from draft_kernel_sweep import graph_us, rotating   # noqa: E402  (this directory is on sys.path)
-    weight = rotating(lambda: torch.randn(n, hidden, device=device, dtype=torch.bfloat16) * 0.02, 2 * n * hidden)
+    stored = rotating(lambda: as_stored(torch.randn(n, hidden, device=device, dtype=torch.bfloat16) * 0.02, weights),
+                      n * hidden * (2 if weights == "bf16" else 1))
     h = inputs("normal", rows, hidden, device, torch.bfloat16)
+    def product(tiling):
+        weight, scale, _, _ = stored()   # the next copy
+        return tma_norm_linear(h, EPS, weight, tiling, gated=gated, scale=scale)
     results = []
-    for tiling in NORM_TMA_CANDIDATES:
+    for tiling in stored()[2]:
         try:
-            us = graph_us(lambda t=tiling: tma_norm_linear(h, EPS, weight(), t, gated=gated), 20)
+            us = graph_us(lambda t=tiling: product(t), 20)
         except Exception as exc:
             log.debug("%s failed: %s", tiling, exc)
             continue
@@ -117,6 +134,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["normal", "small", "same_rows", "padded", "outliers"])
     parser.add_argument("--rows", nargs="+", type=int, default=[r for r in ROWS if r <= MAX_ROWS])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--weights", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
+                        help="fp8: quantized per row, the engine's fp8 tilings (f16 operands; GPU only)")
     parser.add_argument("--time-rows", nargs="*", type=int, default=[], help="also time each tiling at these rows")
     parser.add_argument("--device", default="cuda",
                         help="cpu: a smoke run under TRITON_INTERPRET=1, in float32 (the interpreter's bf16 dot is not the GPU's)")
@@ -126,20 +145,22 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows_out, times = [], []
-    for preset, name, n, hidden, gated in fused_products(args.presets):
-        weight = (torch.randn(n, hidden, device=device) * 0.02).to(dtype)
+    for (preset, name, n, hidden, gated), weights in itertools.product(fused_products(args.presets), args.weights):
+        stored = as_stored((torch.randn(n, hidden, device=device) * 0.02).to(dtype), weights)
+        case = {"preset": preset, "weight": name, "shape": [n, hidden], "weights": weights}
         for kind, m in itertools.product(args.kinds, args.rows):
-            for result in check(inputs(kind, m, hidden, device, dtype), weight, gated, args.repeats):
-                rows_out.append({"preset": preset, "weight": name, "shape": [n, hidden], "kind": kind, "rows": m, **result})
+            for result in check(inputs(kind, m, hidden, device, dtype), stored, gated, args.repeats):
+                rows_out.append({**case, "kind": kind, "rows": m, **result})
                 if result.get("rejected") or result.get("repeats_equal") is False:
-                    log.warning("%s %s rows=%d %s: %s", name, kind, m, result["tiling"], result)
+                    log.warning("%s %s %s rows=%d %s: %s", name, weights, kind, m, result["tiling"], result)
         for m in args.time_rows:
-            for result in timed(m, n, hidden, gated, device):
-                times.append({"preset": preset, "weight": name, **result})
-                log.info("%s %s %s", preset, name, result)
-        these = [r for r in rows_out if (r["preset"], r["weight"]) == (preset, name)]
-        log.info("%s %s %s: %d checks, %d rejected, %d not repeatable", preset, name, (n, hidden), len(these),
-                 sum(bool(r.get("rejected")) for r in these), sum(r.get("repeats_equal") is False for r in these))
+            for result in timed(m, n, hidden, gated, weights, device):
+                times.append({**case, **result})
+                log.info("%s %s %s %s", preset, name, weights, result)
+        these = [r for r in rows_out if all(r[key] == value for key, value in case.items())]
+        log.info("%s %s %s %s: %d checks, %d rejected, %d not repeatable", preset, name, weights, (n, hidden),
+                 len(these), sum(bool(r.get("rejected")) for r in these),
+                 sum(r.get("repeats_equal") is False for r in these))
     write_json(args.out, {"schema": "ssd-fused-norm-agreement/1", "presets": args.presets, "eps": EPS,
                           "repeats": args.repeats, "env": collect_env(), "rows": rows_out, "times": times})
 
