@@ -53,6 +53,7 @@ def _fp8_rows_matmul_kernel(x_desc, w_desc, y_ptr, x_scale_ptr, w_scale_ptr, M, 
 
 @dataclass(frozen=True)
 class Fp8MatmulTiling:
+    repeatable = True   # (not a field) no atomics: the same bits every run (triton_linear.agrees)
     block_m: int
     block_n: int
     block_k: int
