@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion | prefill | fp8fused)
+#    qwen | coordinator | fusion | prefill | fp8fused | agreement)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -129,6 +129,13 @@ case $part in
              --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} ${KERNELS:+--kernels} \
              ${FP8_ROWS:+--fp8-rows $FP8_ROWS} --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
            grep -E "batch|Error|error|fp8 rows at|fp8 rows matmul" "$out/round_fp8fused.log" | cut -c1-600 ;;
+  agreement) # every fused norm tiling against the unfused chain, repeated: the targets' bf16 products, the drafts'
+           # bf16 and fp8 ones (a tiling that is off or differs run to run races; see the bench's docstring)
+           timeout 280 python bench/fused_norm_agreement.py --presets qwen3-32b llama-3.1-8b \
+             --out "$out/fused_norm_agreement_targets.json" > "$out/agreement_targets.log" 2>&1
+           timeout 280 python bench/fused_norm_agreement.py --presets llama-3.2-1b qwen3-0.6b --weights bf16 fp8 \
+             --out "$out/fused_norm_agreement_drafts.json" > "$out/agreement_drafts.log" 2>&1
+           grep -hE "checks|Error" "$out"/agreement_*.log | cut -c25- ;;
   # BATCHES (default "1 16"): one sync-vs-AR run per batch size, each bounded by AB_TIMEOUT_S (280 s)
   llama) for b in ${BATCHES:-1 16}; do ab ab_profile_llama8b_b$b 8 1 llama $b $(( b == 1 ? 2 : b )) $(( b == 1 ? 128 : 64 )) "${colocated[@]}"; done ;;
   qwen) for b in ${BATCHES:-1 16}; do ab ab_profile_qwen32b_b$b 32 0.6 qwen $b $(( b == 1 ? 2 : b )) $(( b == 1 ? 128 : 64 )) "${colocated[@]}"; done ;;
