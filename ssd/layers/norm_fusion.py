@@ -108,8 +108,7 @@ def tma_norm_linear(x: torch.Tensor, eps: float, weight: torch.Tensor, tiling: T
     _tma_norm_matmul_kernel[(n // tiling.block_n,)](
         tma_descriptor(x2, [block_m, tiling.block_k]), tma_descriptor(weight, [tiling.block_n, tiling.block_k]),
         bias if bias is not None else y, y, scale if scale is not None else y, x2, x2.stride(0), rows, n, eps, K=k,
-        BLOCK_M=block_m,
-        BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
+        BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, STAGES=tiling.stages, GATED=gated,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         OPERANDS=tiling.operand_mode(scale is not None), num_warps=tiling.num_warps)
     return y.view(*lead, n)
