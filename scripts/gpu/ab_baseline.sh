@@ -16,6 +16,9 @@ head=$PWD
 run() {  # run NAME DIR
   local argv=("${@:3}"); argv=("${argv[@]//\{out\}/$out/$1.json}")
   (cd "$2" && PYTHONPATH=$PWD timeout "${RUN_S:-250}" "${argv[@]}" > "$out/$1.log" 2>&1)
+  local status=$?
   grep -E "batch|Error|error" "$out/$1.log" | cut -c1-700 | sed "s/^/[$1] /"
+  # a fresh machine measures every kernel choice first (minutes): say so rather than print nothing
+  [ $status -ne 124 ] || echo "[$1] killed after RUN_S=${RUN_S:-250} s (measuring kernel choices? raise RUN_S)"
 }
 for i in $(seq "$repeats"); do run "head_$i" "$head" "$@"; run "base_$i" "$base" "$@"; done
