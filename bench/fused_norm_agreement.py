@@ -106,6 +106,7 @@ def timed(rows: int, n: int, hidden: int, gated: bool, weights: str, device) -> 
     stored = rotating(lambda: as_stored(torch.randn(n, hidden, device=device, dtype=torch.bfloat16) * 0.02, weights),
                       n * hidden * (2 if weights == "bf16" else 1))
     h = inputs("normal", rows, hidden, device, torch.bfloat16)
+
     def product(tiling):
         weight, scale, _, _ = stored()   # the next copy
         return tma_norm_linear(h, EPS, weight, tiling, gated=gated, scale=scale)
