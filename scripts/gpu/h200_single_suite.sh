@@ -4,7 +4,7 @@
 # co-located): async needs the draft on its own GPU (nvidia-h200-x2).
 # Usage: scripts/gpu/h200_single_suite.sh OUT_DIR PART
 #   (PART: draft | kernels | lt | attention | round | fp8 | vocab | stages | autotune | treekv | profile | outcome | llama |
-#    qwen | coordinator | fusion | prefill | fp8fused | agreement)
+#    qwen | coordinator | fusion | prefill | fp8fused | agreement | gputests)
 # (coordinator needs pyzmq: carry .whl/ with its wheel, see ../shared/GPU.md)
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
 # so that the result files name their commit (env.git_commit).
@@ -129,6 +129,11 @@ case $part in
              --warmup 3 --iters 20 --quant ${QUANTS:-none fp8 fp8:lm_head} --vocab ${VOCAB:-none} ${KERNELS:+--kernels} \
              ${FP8_ROWS:+--fp8-rows $FP8_ROWS} --out "$out/draft_round_llama1b_fp8fused.json" > "$out/round_fp8fused.log" 2>&1
            grep -E "batch|Error|error|fp8 rows at|fp8 rows matmul" "$out/round_fp8fused.log" | cut -c1-600 ;;
+  gputests) # the tests that need the compiled kernels (the tests' conftest runs Triton's interpreter unless
+           # TRITON_INTERPRET=0; the rest of those files run CPU tensors through it)
+           TRITON_INTERPRET=0 timeout 280 python -m pytest -q tests/test_norm_fusion.py -k on_the_gpu \
+             > "$out/gpu_tests.log" 2>&1
+           tail -3 "$out/gpu_tests.log" ;;
   agreement) # every fused norm tiling against the unfused chain, repeated: the targets' bf16 products, the drafts'
            # bf16 and fp8 ones (a tiling that is off or differs run to run races; see the bench's docstring)
            timeout 280 python bench/fused_norm_agreement.py --presets qwen3-32b llama-3.1-8b \
