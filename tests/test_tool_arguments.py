@@ -257,3 +257,38 @@ def test_coordinator_bench_refuses_bad_arguments(extra, message, capsys):
 def test_coordinator_bench_accepts_a_speculative_run():
     args = bench_script("coordinator_bench").parse_args(["--tiny", "--draft", "self", "--k", "2", "--async"])
     assert args.async_spec and args.k == 2
+
+
+# ---------------------------------------------------------------- bench/activation_range.py
+
+def test_activation_range_reads_each_decoder_layers_input(checkpoints, tmp_path):
+    """Its maxima are those of the inputs each decoder layer receives (hooks, read independently)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    script, path = bench_script("activation_range"), checkpoints["plain"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompts = [tokenizer.encode("w5 w9 w3 w12 w7"), tokenizer.encode("w4 w4 w30")]
+    seen = {}
+
+    def keep(index):
+        def hook(module, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"])[0].abs()
+            before = seen.get(index, (0.0, 0.0))
+            seen[index] = (max(before[0], h.max().item()), max(before[1], h[1:].max().item()))
+        return hook
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    layers = script.layer_input_maxima(model, prompts)
+    for handle in handles:
+        handle.remove()
+    assert len(layers) == len(model.model.layers) == len(seen)
+    for layer in layers:
+        assert (layer["max_abs"], layer["max_abs_after_first"]) == pytest.approx(seen[layer["layer"]])
+        assert layer["max_abs"] >= layer["max_abs_after_first"] > 0
+    out = tmp_path / "range.json"
+    script.main(["--models", str(path), "--numseqs", "2", "--out", str(out)])
+    result = json.loads(out.read_text())["models"][0]
+    assert result["count"] == 2 and len(result["layers"]) == len(model.model.layers)
+
+
+def test_activation_range_refuses_an_unknown_model(capsys):
+    assert "bogus: no such checkpoint directory, nor unknown offline model 'bogus'" in refusal(
+        bench_script("activation_range").main, ["--models", "bogus", "--out", "x.json"], capsys)
