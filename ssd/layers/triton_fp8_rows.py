@@ -7,7 +7,7 @@ add + RMSNorm + quantization 4.3 where add + RMSNorm take 2.8). Here a program h
 registers (8192 SiLU-mul outputs: 32 float32 per thread at 8 warps) and reads it from memory once.
 The engine times both ways per shape at graph warm-up and runs the faster (measured_producers): on an
 H200 at 336 rows SiLU-mul + quantization 9.3 -> 6.9 us (this one wins at every row count seen), add +
-RMSNorm + quantization 4.1 -> 3.8 us (Inductor's wins at fewer rows) (README, session 18).
+RMSNorm + quantization 4.1 -> 3.8 us (Inductor's wins at fewer rows) (docs/MEASUREMENTS.md, session 18).
 
 Same arithmetic as the torch functions, bf16 roundings included: x + residual, the normed row times
 the gain, SiLU(gate) and its product with up are each rounded to the input's dtype before the row's

@@ -7,7 +7,7 @@ few microseconds of fixed cost weigh most. This kernel gives each program a narr
 W over the whole K (or over 1/SPLIT_K of it, then a small kernel sums the parts) and pipelines its
 loads deeply. Measured on
 an H200 it wins some shapes only (the 1B LM head at 7 rows: 122.7 vs 128.9 us) and a draft round
-gains ~1 % (results/draft_kernel_sweep_h200.json, README "2026-12-03 (afternoon)").
+gains ~1 % (results/draft_kernel_sweep_h200.json, docs/MEASUREMENTS.md "2026-12-03 (afternoon)").
 
 On Hopper a second kernel loads both operands by TMA and puts the weight on the MMA's M side
 (`tma_linear`): at the 1B draft's 21-row tree products it streams weights faster than cuBLAS (H200:
