@@ -96,6 +96,18 @@ def test_setup_digest_follows_scope_and_kernel_source(tmp_path):
     assert digest != setup_digest(cpu, "scope", (str(source),))
 
 
+def test_setup_digest_ignores_comments_docstrings_and_layout(tmp_path):
+    """Prose edits keep the stored choices; a changed constant or expression does not."""
+    source, cpu = tmp_path / "kernel.py", torch.device("cpu")
+    source.write_text('"""Kernels."""\ndef f(x):\n    """Doubles."""\n    return x * 2  # fast\n')
+    digest = setup_digest(cpu, "scope", (str(source),))
+    source.write_text('"""Kernels, better told."""\n\n\ndef f(x):\n    """Twice x."""\n    return (x\n            * 2)\n')
+    assert setup_digest(cpu, "scope", (str(source),)) == digest
+    for code in ('def f(x):\n    return x * 3\n', 'def f(x):\n    "Doubles."\n    return x * 2\nY = "text"\n'):
+        source.write_text(code)
+        assert setup_digest(cpu, "scope", (str(source),)) != digest
+
+
 def test_the_linear_choices_outlive_a_change_to_the_fused_norm_kernels(cache_file):
     """An A/B of a fused-norm change recalls the same linear choices in both arms (measured afresh,
     they differ by noise): the linear's setup does not hash norm_fusion.py; the fused norm's does."""

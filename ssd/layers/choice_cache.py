@@ -3,7 +3,8 @@
 MeasuredLinear and NormFusion time their candidates for every new shape, which costs minutes per
 engine on a fresh machine (Triton compiles each tiling it times). A ChoiceCache keeps what they chose
 in a JSON file, per setup: the GPU (name, compute capability), the torch / Triton / ssd versions, the
-source of the kernels and the candidate lists — a changed kernel, list or library starts afresh.
+code of the kernels' source files (their syntax trees without docstrings: editing a comment, a docstring
+or the layout keeps the choices) and the candidate lists — a changed kernel, list or library starts afresh.
 $SSD_KERNEL_CACHE names the file (default ~/.cache/ssd/kernel_choices.json; `off`: nothing is kept).
 
 Several processes (tensor-parallel ranks, the draft worker) may share the file: each write merges
@@ -12,6 +13,7 @@ an entry lost to a race is measured again next time.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -51,8 +53,20 @@ def setup_digest(device: torch.device, scope: str, sources: tuple[str, ...]) -> 
     digest = hashlib.sha256(f"{gpu}|torch {torch.__version__}|triton {triton.__version__}|ssd {__version__}|{scope}"
                             .encode())
     for source in sources:
-        digest.update(Path(source).read_bytes())
+        digest.update(source_code(source).encode())
     return digest.hexdigest()[:20]
+
+
+def source_code(path: str) -> str:
+    """A Python file's code as its syntax tree without docstrings (comments and positions are not in it)."""
+    tree = ast.parse(Path(path).read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def key_text(key: tuple) -> str:
