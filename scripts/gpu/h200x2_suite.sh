@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The measurements behind README "Measured results" (log: docs/MEASUREMENTS.md) on two H200 (random
-# weights at real shapes; speculative arms replay the shipped "code" acceptance profile: SIMULATED acceptance, real costs).
+# weights at real shapes; speculative arms replay the shipped "code" acceptance profile: SIMULATED
+# acceptance, real costs).
 # SSD_PROFILE and DRAFT_FLAGS: see bench_ab.sh; DRAFT_FLAGS="--draft-quant fp8 --draft-vocab 32768" is the
 # fastest 1B draft round measured on one H200 (README "Where things stand").
 # The lent machine's copy has no .git: prefix the command with SSD_GIT_COMMIT=<sha of what was sent>
