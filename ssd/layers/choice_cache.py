@@ -58,7 +58,8 @@ def setup_digest(device: torch.device, scope: str, sources: tuple[str, ...]) -> 
 
 
 def source_code(path: str) -> str:
-    """A Python file's code as its syntax tree without docstrings (comments and positions are not in it)."""
+    """A Python file's code as its syntax tree without docstrings (comments and positions are not in it).
+    ast.dump's form may change with the Python version: another Python measures afresh."""
     tree = ast.parse(Path(path).read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
