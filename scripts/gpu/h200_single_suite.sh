@@ -39,7 +39,9 @@ case $part in
   lt)      # cuBLASLt's algorithms among MeasuredLinear's candidates: their GPU tests (and the kernel-choice
            # cache's), each algorithm timed at the 1B draft's shapes, then the draft round without and with
            # them (PRESETS: the drafts)
-           timeout 150 python -m pytest -q tests/test_cublaslt.py tests/test_choice_cache.py > "$out/lt_tests.log" 2>&1
+           # (compiled kernels: TRITON_INTERPRET=0, the GPU-only tests alone; see gputests)
+           TRITON_INTERPRET=0 timeout 150 python -m pytest -q tests/test_cublaslt.py tests/test_choice_cache.py \
+             -k "on_a_gpu or in_a_graph" > "$out/lt_tests.log" 2>&1
            tail -2 "$out/lt_tests.log"
            timeout 180 python bench/draft_kernel_sweep.py --parts lt --out "$out/lt_gemm_sweep.json" \
              > "$out/lt_sweep.log" 2>&1
