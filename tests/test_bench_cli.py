@@ -225,6 +225,22 @@ def test_options_of_a_mode_that_does_not_run_are_reported(caplog):
     assert not caplog.text
 
 
+def test_input_len_without_random_prompts_is_reported_as_ignored(caplog):
+    with caplog.at_level("WARNING"):
+        config = parse_args(CPU + ["--input_len", "512"])
+    assert "--input_len sets the length of --random prompts; the embedded prompts keep" in caplog.text
+    assert config.input_len == 512
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        parse_args(CPU + ["--gsm", "--input_len", "512"])
+    assert "the gsm prompts keep their own lengths" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert parse_args(CPU + ["--random", "--input_len", "512"]).input_len == 512
+        assert parse_args(CPU + ["--random"]).input_len == 128
+    assert not caplog.text
+
+
 def test_the_prefill_budget_reaches_the_engine_arguments():
     from ssd.benchmark.runner import llm_kwargs
     config = parse_args(CPU + ["--max-prefill-tokens", "4096"])

@@ -117,9 +117,9 @@ def small_llm(tmp_path_factory):
         yield llm
 
 
-def fit_refusal(llm, prompt: list[int]) -> str:
+def fit_refusal(llm, prompt: list[int], random_prompts: bool = True) -> str:
     with pytest.raises(BenchmarkSetupError) as refused:
-        check_prompts_fit(llm, [prompt], [SamplingParams(max_tokens=10)])
+        check_prompts_fit(llm, [prompt], [SamplingParams(max_tokens=10)], random_prompts)
     return str(refused.value)
 
 
@@ -130,6 +130,12 @@ def test_an_empty_prompt_gets_no_length_hint(small_llm):
 def test_a_too_long_prompt_gets_the_length_hint(small_llm):
     message = fit_refusal(small_llm, [5] * 60)
     assert "max_model_len is 64" in message and "(shorten --input_len / --output_len" in message
+
+
+def test_a_too_long_dataset_prompt_is_not_told_to_shorten_input_len(small_llm):
+    """--input_len only sizes --random prompts: a text dataset's too-long prompt gets the hints that apply."""
+    message = fit_refusal(small_llm, [5] * 60, random_prompts=False)
+    assert "--input_len" not in message and "(shorten --output_len, pick shorter prompts" in message
 
 
 # ---------------------------------------------------------------- JSON files of models and options

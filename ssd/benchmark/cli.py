@@ -36,6 +36,7 @@ DEFAULT_AB_ARMS = "sync,async"
 
 # (numseqs, output_len, warmup) when not given: reference-sized on GPU, minutes-sized on CPU.
 DEVICE_DEFAULTS = {"cuda": (128, 512, 1), "cpu": (4, 32, 0)}
+DEFAULT_INPUT_LEN = 128   # --random prompts
 
 # flags that only the async arm reads, with their defaults
 ASYNC_ONLY_FLAGS = {"f": 3, "flh": None, "flm": None, "fanout": "uniform", "backup": "jit", "x": None}
@@ -252,8 +253,9 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
                        help="Batch size: prompts per generate() call and max concurrent sequences (default 1).")
     group.add_argument("--numseqs", type=at_least(1), default=None,
                        help="Prompts per dataset (first N). Default 128 on CUDA, 4 on CPU.")
-    group.add_argument("--input_len", type=at_least(1), default=128,
-                       help="Prompt length in tokens for --random prompts (default 128).")
+    group.add_argument("--input_len", type=at_least(1), default=None,
+                       help=f"Prompt length in tokens for --random prompts (default {DEFAULT_INPUT_LEN}; text "
+                            "datasets keep their prompts' own lengths).")
     group.add_argument("--output_len", type=at_least(1), default=None,
                        help="Generated tokens per prompt (EOS ignored). Default 512 on CUDA, 32 on CPU.")
     group.add_argument("--temp", type=float, default=0.0, help="Target temperature (default 0: greedy).")
@@ -324,7 +326,7 @@ def _assemble(ns: argparse.Namespace, device: str, family: str, target: ModelRef
         target=target, draft=draft, family=family, device=device, gpus=ns.gpus,
         arms=_make_arms(arm_names, ns.gpus, device, ns.colocate), ab=ns.ab is not None,
         k=ns.k, f=ns.f, flh=flh, flm=flm, fanout=ns.fanout, backup=ns.backup, x=ns.x,
-        batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=ns.input_len,
+        batch_size=ns.b, numseqs=_or(ns.numseqs, numseqs), input_len=_or(ns.input_len, DEFAULT_INPUT_LEN),
         output_len=_or(ns.output_len, output_len), temp=ns.temp, dtemp=ns.dtemp,
         draft_quant=ns.draft_quant, draft_vocab=ns.draft_vocab,
         draft_vocab_ranking=ns.draft_vocab_ranking, eager=ns.eager,
@@ -453,6 +455,10 @@ def _warn_unused_options(ns: argparse.Namespace, arm_names: tuple[str, ...]) -> 
             log.warning("%s: options of async speculation; no async arm runs, so they are ignored", " ".join(given))
     if ns.colocate and not any(name == "sync" for name in arm_names):
         log.warning("--colocate places a sync draft; no sync arm runs, so it is ignored")
+    datasets = _selected_datasets(ns)
+    if ns.input_len is not None and "random" not in datasets:
+        log.warning("--input_len sets the length of --random prompts; the %s prompts keep their own lengths, so "
+                    "it is ignored", ", ".join(datasets) or "embedded")
     flag_modes = (("--spec", ns.spec, {"sync", "async"}), ("--async", ns.async_spec, {"async"}))
     ignored = [flag for flag, given, modes in flag_modes if given and not modes & set(arm_names)]
     if ns.ab is not None and ignored:

@@ -77,7 +77,7 @@ def _run_with_llms(config: BenchConfig, target: str, prompts: list[Prompt], para
     llm = build_llm(config, layout, target, draft)
     prompts = engine_prompts(prompts, llm)
     try:
-        check_prompts_fit(llm, prompts, params)
+        check_prompts_fit(llm, prompts, params, "random" in config.datasets)
         arms = {arm.name: llm for arm in config.arms}
         warm_up(arms, prompts, params, batches[0], config.warmup)
         return run_schedule(arms, prompts, params, batches)
@@ -128,13 +128,15 @@ def engine_prompts(prompts: list[Prompt], llm: Any) -> list[Prompt]:
     return [[t % vocab for t in p] if not isinstance(p, str) else p for p in prompts]
 
 
-def check_prompts_fit(llm: Any, prompts: list[Prompt], params: list) -> None:
-    """Before anything is timed: each prompt plus its output must fit the engine's max_model_len."""
+def check_prompts_fit(llm: Any, prompts: list[Prompt], params: list, random_prompts: bool = True) -> None:
+    """Before anything is timed: each prompt plus its output must fit the engine's max_model_len.
+    random_prompts: --input_len made them (a text dataset's prompts have their own lengths)."""
     try:
         llm.make_sequences(prompts, params)
     except ValueError as problem:
         # Only a prompt too long for max_model_len is cured by these flags (the engine names max_model_len then).
-        hint = (" (shorten --input_len / --output_len, or raise --max_model_len within the models' context)"
+        shorten = "--input_len / --output_len" if random_prompts else "--output_len, pick shorter prompts"
+        hint = (f" (shorten {shorten}, or raise --max_model_len within the models' context)"
                 if "max_model_len" in str(problem) else "")
         raise BenchmarkSetupError(f"{problem}{hint}") from problem
 
