@@ -134,7 +134,7 @@ case $part in
   gputests) # the tests that need the compiled kernels (the tests' conftest runs Triton's interpreter unless
            # TRITON_INTERPRET=0; the rest of those files run CPU tensors through it)
            TRITON_INTERPRET=0 timeout 280 python -m pytest -q tests/test_norm_fusion.py tests/test_choice_cache.py \
-             -k "on_the_gpu or on_a_gpu" \
+             tests/test_cublaslt.py -k "on_the_gpu or on_a_gpu or in_a_graph" \
              > "$out/gpu_tests.log" 2>&1
            tail -3 "$out/gpu_tests.log" ;;
   agreement) # every fused norm tiling against the unfused chain, repeated: the targets' bf16 products, the drafts'
