@@ -5,6 +5,7 @@ answered by the `fast` (n-gram) backup, with the median host wall time of each; 
 the answer kernel writes what the PyTorch ops compute. GPU, random weights.
 
     python bench/outcome_profile.py --preset llama-3.2-1b --batches 1 16 > outcome_profile.txt
+    (--quant fp8 --vocab 32768: the draft as the async runs use it, whose kernel choices a run may have stored)
 """
 from __future__ import annotations
 
@@ -123,6 +124,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--quant", choices=("fp8",), default=None, help="the draft's weights in fp8 (default bf16)")
+    parser.add_argument("--vocab", type=int, default=None, metavar="N",
+                        help="the draft's LM head over only N tokens (default: all)")
     parser.add_argument("--launch-costs", action="store_true",
                         help="also time the answer's host-side pieces one by one (launches unsynchronised)")
     parser.add_argument("--python-profile", type=int, default=0, metavar="N",
@@ -131,7 +135,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    draft = build_draft(args.preset, 6, 3, max(args.batches), args.context + 256, False, "cuda")
+    draft = build_draft(args.preset, 6, 3, max(args.batches), args.context + 256, False, "cuda",
+                        quant=args.quant, vocab=args.vocab)
     for batch in args.batches:
         lengths = prefill(draft, batch, args.context, 32000).cuda()
         draft.speculate(lengths * 0 + 5, lengths * 0 + 6, lengths, int(lengths.max()), False)
